@@ -1,0 +1,707 @@
+//! Service configuration: a TOML file plus `MODELWATCH_<SECTION>__<KEY>`
+//! environment overrides. Every field documents its default; unknown keys and
+//! bad values fail at load time naming the key and what was expected.
+//!
+//! The loader takes the environment as a map, so tests never touch the real
+//! process environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::model::Severity;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka connection and topics.
+    pub kafka: KafkaConfig,
+    /// ClickHouse connection.
+    pub clickhouse: ClickHouseConfig,
+    /// Windowing and join timing.
+    pub windows: WindowsConfig,
+    /// Drift statistics and reference profiles.
+    pub drift: DriftSettings,
+    /// Limits that keep bad input from exhausting memory.
+    pub limits: LimitsConfig,
+    /// Per-model overrides, keyed by model id.
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Alert rules.
+    pub alerts: AlertsConfig,
+}
+
+/// Input encoding of the Kafka messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// Sniff each message: `{` JSON, `0x00` Confluent Avro, `C3 01` single-object Avro, else raw Avro.
+    #[default]
+    Auto,
+    /// JSON objects with the schema's field names.
+    Json,
+    /// Raw Avro binary datums written with `schemas/*.avsc`.
+    Avro,
+    /// Confluent wire format: `0x00`, 4-byte schema id, Avro datum.
+    ConfluentAvro,
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma separated. Default `127.0.0.1:9092`.
+    pub brokers: String,
+    /// Consumer group id. Default `modelwatch`.
+    pub group_id: String,
+    /// Prediction events topic. Default `predictions`.
+    pub predictions_topic: String,
+    /// Ground-truth events topic. Default `ground-truth`.
+    pub ground_truth_topic: String,
+    /// Outbound alerts topic (Avro AlertEvent). Default `model-alerts`.
+    pub alerts_topic: String,
+    /// Where undecodable / invalid messages go. Default `modelwatch-dead-letter`.
+    pub dead_letter_topic: String,
+    /// Message encoding. Default `auto`.
+    pub format: Format,
+    /// Extra librdkafka properties passed through to every client (e.g. `security.protocol`).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "modelwatch".into(),
+            predictions_topic: "predictions".into(),
+            ground_truth_topic: "ground-truth".into(),
+            alerts_topic: "model-alerts".into(),
+            dead_letter_topic: "modelwatch-dead-letter".into(),
+            format: Format::Auto,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// A secret string: never printed by `Debug` or `Display`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    /// The secret value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("\"***\"")
+        }
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
+/// `[clickhouse]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// HTTP interface URL. Default `http://127.0.0.1:8123`.
+    pub url: String,
+    /// Database, created by `migrate`. Default `modelwatch`.
+    pub database: String,
+    /// User. Default `default`.
+    pub user: String,
+    /// Password (or `MODELWATCH_CLICKHOUSE__PASSWORD`); never logged. Default empty.
+    pub password: Secret,
+    /// Rows per insert batch. Default 10000.
+    pub batch_rows: usize,
+    /// Attempts for a transient insert error before giving up. Default 8.
+    pub max_retries: u32,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            url: "http://127.0.0.1:8123".into(),
+            database: "modelwatch".into(),
+            user: "default".into(),
+            password: Secret::default(),
+            batch_rows: 10_000,
+            max_retries: 8,
+        }
+    }
+}
+
+/// `[windows]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowsConfig {
+    /// Tumbling window sizes. Default `["5m"]`.
+    #[serde(with = "humantime_serde_vec")]
+    pub sizes: Vec<Duration>,
+    /// How far behind the newest event time the watermark trails. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// After this long without input the watermark follows the wall clock. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long a prediction waits for its label. Default `24h`.
+    #[serde(with = "humantime_serde")]
+    pub label_horizon: Duration,
+    /// How long a label waits for its prediction. Default `10m`.
+    #[serde(with = "humantime_serde")]
+    pub early_label_ttl: Duration,
+}
+
+impl Default for WindowsConfig {
+    fn default() -> Self {
+        WindowsConfig {
+            sizes: vec![Duration::from_secs(300)],
+            allowed_lateness: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            label_horizon: Duration::from_secs(24 * 3600),
+            early_label_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+mod humantime_serde_vec {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|d| humantime::format_duration(*d).to_string()))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let items = match OneOrMany::deserialize(d)? {
+            // An environment override gives one string: "5m,1h".
+            OneOrMany::One(s) => s.split(',').map(|x| x.trim().to_string()).collect(),
+            OneOrMany::Many(v) => v,
+        };
+        items
+            .iter()
+            .map(|s| {
+                humantime::parse_duration(s).map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "invalid duration {s:?} ({e}): expected e.g. \"5m\" or \"1h\""
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// `[drift]`: how drift is measured against the reference profile.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriftSettings {
+    /// Equal-frequency bins from the reference quantiles for numeric features. Default 10.
+    pub bins: usize,
+    /// Without an imported reference, the first N events of a version become its reference. Default 1000.
+    pub reference_size: usize,
+    /// PSI at or above which a feature counts as drifted. Default 0.2.
+    pub psi_threshold: f64,
+    /// Jensen-Shannon distance at or above which a feature counts as drifted. Default 0.1.
+    pub js_threshold: f64,
+    /// Fewer window samples than this and no drift decision is made. Default 30.
+    pub min_samples: u64,
+}
+
+impl Default for DriftSettings {
+    fn default() -> Self {
+        DriftSettings {
+            bins: 10,
+            reference_size: 1000,
+            psi_threshold: 0.2,
+            js_threshold: 0.1,
+            min_samples: 30,
+        }
+    }
+}
+
+/// `[limits]`: cardinality caps; the excess folds into `__other__`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Distinct values per segment key. Default 50.
+    pub max_segment_values: usize,
+    /// Distinct models. Default 1000.
+    pub max_models: usize,
+    /// Distinct versions per model. Default 20.
+    pub max_versions_per_model: usize,
+    /// Distinct categories per categorical feature in a reference profile. Default 200.
+    pub max_categories: usize,
+    /// Most pending predictions kept waiting for labels; beyond it the oldest expire early. Default 10000000.
+    pub max_pending: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_segment_values: 50,
+            max_models: 1000,
+            max_versions_per_model: 20,
+            max_categories: 200,
+            max_pending: 10_000_000,
+        }
+    }
+}
+
+/// Task type of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Binary classification (`score`, labels 0/1 or false/true).
+    Binary,
+    /// Multiclass classification (`predicted_label`, `class_probabilities`).
+    Multiclass,
+    /// Regression (`predicted_value`, `actual_value`).
+    Regression,
+}
+
+/// `[models.<model_id>]`: overrides of what is inferred from events.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Task type; inferred from the events when absent.
+    pub task: Option<TaskKind>,
+    /// Positive class label for binary classifiers. Default `1` (also matches `true`).
+    pub positive_label: Option<String>,
+    /// Score threshold for the predicted class when no `predicted_label` is sent. Default 0.5.
+    pub threshold: Option<f64>,
+    /// Business baselines per metric, e.g. `accuracy = 0.92`.
+    pub baseline: BTreeMap<String, f64>,
+}
+
+/// Comparison operator of a threshold rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Operator {
+    /// value > threshold
+    #[serde(rename = ">")]
+    Gt,
+    /// value >= threshold
+    #[serde(rename = ">=")]
+    Ge,
+    /// value < threshold
+    #[serde(rename = "<")]
+    Lt,
+    /// value <= threshold
+    #[serde(rename = "<=")]
+    Le,
+}
+
+impl Operator {
+    /// True when `value <op> threshold`.
+    pub fn holds(self, value: f64, threshold: f64) -> bool {
+        match self {
+            Operator::Gt => value > threshold,
+            Operator::Ge => value >= threshold,
+            Operator::Lt => value < threshold,
+            Operator::Le => value <= threshold,
+        }
+    }
+    /// The symbol.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operator::Gt => ">",
+            Operator::Ge => ">=",
+            Operator::Lt => "<",
+            Operator::Le => "<=",
+        }
+    }
+}
+
+/// `[alerts]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Built-in rules (feature drift, prediction drift, accuracy drop, label coverage, missing values). Default true.
+    pub default_rules: bool,
+    /// User rules, `[[alerts.rules]]`.
+    pub rules: Vec<RuleConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            default_rules: true,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// One threshold rule, `[[alerts.rules]]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique rule name.
+    pub name: String,
+    /// Metric name (README, "Metrics").
+    pub metric: String,
+    /// Model id or `*` (default).
+    #[serde(default = "star")]
+    pub model: String,
+    /// Feature or `*`; absent means model-level rows (feature `''`).
+    #[serde(default)]
+    pub feature: Option<String>,
+    /// Segment (`''` all traffic, `key=value`, or `*`). Default `''`.
+    #[serde(default)]
+    pub segment: String,
+    /// Comparison operator.
+    pub operator: Operator,
+    /// Threshold.
+    pub threshold: f64,
+    /// Severity. Default `warning`.
+    #[serde(default)]
+    pub severity: Severity,
+    /// Rows with fewer samples do not fire. Default 1.
+    #[serde(default = "one")]
+    pub min_samples: u64,
+}
+
+fn star() -> String {
+    "*".into()
+}
+fn one() -> u64 {
+    1
+}
+
+/// Builds the configuration from an optional TOML file and an environment map
+/// (only `MODELWATCH_*` entries are read).
+pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Config> {
+    let mut root: toml::Table = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            text.parse()
+                .with_context(|| format!("config file {} is not valid TOML", path.display()))?
+        }
+        None => toml::Table::new(),
+    };
+    let mut keys: Vec<_> = env
+        .keys()
+        .filter(|k| k.starts_with("MODELWATCH_"))
+        .collect();
+    keys.sort();
+    for key in keys {
+        apply_env_override(&mut root, key, &env[key])?;
+    }
+    let cfg: Config = Config::deserialize(toml::Value::Table(root))
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {}", e.to_string().trim()))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `MODELWATCH_KAFKA__BROKERS=x` sets `kafka.brokers = "x"`. The value is
+/// parsed as a TOML value when it is one (numbers, booleans, arrays), else
+/// taken as a string.
+fn apply_env_override(root: &mut toml::Table, key: &str, raw: &str) -> Result<()> {
+    let path: Vec<String> = key["MODELWATCH_".len()..]
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if path.iter().any(String::is_empty) {
+        bail!("environment variable {key}: expected MODELWATCH_<SECTION>__<KEY>");
+    }
+    let value = match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
+        Err(_) => toml::Value::String(raw.into()),
+    };
+    // Keys that are strings in the schema stay strings even if they look numeric.
+    let value = match (&value, path.last().map(String::as_str)) {
+        (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_), Some(k))
+            if STRING_KEYS.contains(&k) =>
+        {
+            toml::Value::String(raw.into())
+        }
+        _ => value,
+    };
+    let mut table = root;
+    for part in &path[..path.len() - 1] {
+        let entry = table
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => bail!("environment variable {key}: {part} is not a section"),
+        };
+    }
+    table.insert(path[path.len() - 1].clone(), value);
+    Ok(())
+}
+
+const STRING_KEYS: &[&str] = &[
+    "brokers",
+    "group_id",
+    "password",
+    "user",
+    "database",
+    "url",
+    "predictions_topic",
+    "ground_truth_topic",
+    "alerts_topic",
+    "dead_letter_topic",
+];
+
+impl Config {
+    /// Checks values serde cannot: ranges, non-empty names, URLs.
+    pub fn validate(&self) -> Result<()> {
+        let k = &self.kafka;
+        for (name, v) in [
+            ("kafka.brokers", &k.brokers),
+            ("kafka.group_id", &k.group_id),
+            ("kafka.predictions_topic", &k.predictions_topic),
+            ("kafka.ground_truth_topic", &k.ground_truth_topic),
+            ("kafka.alerts_topic", &k.alerts_topic),
+            ("kafka.dead_letter_topic", &k.dead_letter_topic),
+            ("clickhouse.database", &self.clickhouse.database),
+        ] {
+            if v.trim().is_empty() {
+                bail!("invalid configuration: {name} is empty, expected a non-empty string");
+            }
+        }
+        if k.predictions_topic == k.ground_truth_topic {
+            bail!("invalid configuration: kafka.ground_truth_topic must differ from kafka.predictions_topic");
+        }
+        if !(self.clickhouse.url.starts_with("http://")
+            || self.clickhouse.url.starts_with("https://"))
+        {
+            bail!(
+                "invalid configuration: clickhouse.url = {:?}, expected an http:// or https:// URL",
+                self.clickhouse.url
+            );
+        }
+        if !self
+            .clickhouse
+            .database
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            bail!(
+                "invalid configuration: clickhouse.database = {:?}, expected letters, digits and _",
+                self.clickhouse.database
+            );
+        }
+        if self.clickhouse.batch_rows == 0 {
+            bail!("invalid configuration: clickhouse.batch_rows must be at least 1");
+        }
+        let w = &self.windows;
+        if w.sizes.is_empty() {
+            bail!("invalid configuration: windows.sizes is empty, expected at least one size such as \"5m\"");
+        }
+        for s in &w.sizes {
+            if s.as_secs() == 0 || s.subsec_nanos() != 0 || s.as_secs() > 7 * 86400 {
+                bail!(
+                    "invalid configuration: windows.sizes contains {}, expected whole seconds between 1s and 7d",
+                    humantime::format_duration(*s)
+                );
+            }
+        }
+        if w.label_horizon.is_zero() {
+            bail!("invalid configuration: windows.label_horizon must be positive");
+        }
+        if w.idle_timeout.is_zero() {
+            bail!("invalid configuration: windows.idle_timeout must be positive");
+        }
+        let d = &self.drift;
+        if !(2..=1000).contains(&d.bins) {
+            bail!(
+                "invalid configuration: drift.bins = {}, expected 2..=1000",
+                d.bins
+            );
+        }
+        if d.reference_size < 10 {
+            bail!(
+                "invalid configuration: drift.reference_size = {}, expected at least 10",
+                d.reference_size
+            );
+        }
+        for (name, v) in [
+            ("drift.psi_threshold", d.psi_threshold),
+            ("drift.js_threshold", d.js_threshold),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("invalid configuration: {name} = {v}, expected a positive number");
+            }
+        }
+        let l = &self.limits;
+        for (name, v) in [
+            ("limits.max_segment_values", l.max_segment_values),
+            ("limits.max_models", l.max_models),
+            ("limits.max_versions_per_model", l.max_versions_per_model),
+            ("limits.max_categories", l.max_categories),
+            ("limits.max_pending", l.max_pending),
+        ] {
+            if v == 0 {
+                bail!("invalid configuration: {name} must be at least 1");
+            }
+        }
+        for (model, m) in &self.models {
+            if let Some(t) = m.threshold {
+                if !(0.0..=1.0).contains(&t) {
+                    bail!("invalid configuration: models.{model}.threshold = {t}, expected 0..=1");
+                }
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for r in &self.alerts.rules {
+            if r.name.is_empty() {
+                bail!("invalid configuration: alerts.rules: a rule has an empty name");
+            }
+            if !names.insert(&r.name) {
+                bail!(
+                    "invalid configuration: alerts.rules: duplicate rule name {:?}",
+                    r.name
+                );
+            }
+            if !crate::metrics::names::is_known(&r.metric) {
+                bail!(
+                    "invalid configuration: alerts.rules.{}.metric = {:?}, expected one of: {}",
+                    r.name,
+                    r.metric,
+                    crate::metrics::names::ALL.join(", ")
+                );
+            }
+            if !r.threshold.is_finite() {
+                bail!(
+                    "invalid configuration: alerts.rules.{}.threshold must be a finite number",
+                    r.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Window sizes in milliseconds.
+    pub fn window_sizes_ms(&self) -> Vec<i64> {
+        self.windows
+            .sizes
+            .iter()
+            .map(|d| d.as_millis() as i64)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = load(None, &env(&[])).unwrap();
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.kafka.predictions_topic, "predictions");
+        assert_eq!(c.kafka.ground_truth_topic, "ground-truth");
+        assert_eq!(c.kafka.alerts_topic, "model-alerts");
+        assert_eq!(c.kafka.dead_letter_topic, "modelwatch-dead-letter");
+        assert_eq!(c.clickhouse.url, "http://127.0.0.1:8123");
+        assert_eq!(c.windows.sizes, vec![Duration::from_secs(300)]);
+        assert_eq!(c.windows.label_horizon, Duration::from_secs(86400));
+        assert_eq!(c.windows.early_label_ttl, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn file_then_env_override() {
+        let f = write(
+            "[kafka]\nbrokers = \"a:1\"\nformat = \"json\"\n[kafka.properties]\n\"security.protocol\" = \"plaintext\"\n[windows]\nsizes = [\"1m\", \"1h\"]\n",
+        );
+        let c = load(
+            Some(f.path()),
+            &env(&[
+                ("MODELWATCH_KAFKA__BROKERS", "b:2"),
+                ("MODELWATCH_CLICKHOUSE__PASSWORD", "12345"),
+                ("MODELWATCH_DRIFT__BINS", "20"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "b:2");
+        assert_eq!(c.kafka.format, Format::Json);
+        assert_eq!(c.kafka.properties["security.protocol"], "plaintext");
+        assert_eq!(
+            c.windows.sizes,
+            vec![Duration::from_secs(60), Duration::from_secs(3600)]
+        );
+        assert_eq!(c.clickhouse.password.expose(), "12345");
+        assert_eq!(c.drift.bins, 20);
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let f = write("[kafka]\nbrokerz = \"a:1\"\n");
+        let err = load(Some(f.path()), &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("brokerz"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key_and_expectation() {
+        let f = write("[windows]\nlabel_horizon = \"soon\"\n");
+        let err = format!("{:#}", load(Some(f.path()), &env(&[])).unwrap_err());
+        assert!(
+            err.contains("label_horizon") || err.contains("soon"),
+            "{err}"
+        );
+        let err = load(None, &env(&[("MODELWATCH_DRIFT__BINS", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("drift.bins") && err.contains("2..=1000"),
+            "{err}"
+        );
+        let err = load(None, &env(&[("MODELWATCH_KAFKA__FORMAT", "xml")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("xml") && err.contains("confluent-avro"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn password_is_never_printed() {
+        let c = load(
+            None,
+            &env(&[("MODELWATCH_CLICKHOUSE__PASSWORD", "hunter2")]),
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!toml::to_string(&c).unwrap().contains("hunter2"));
+    }
+}

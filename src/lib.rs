@@ -1,0 +1,37 @@
+//! modelwatch: real-time monitoring of machine-learning models in production.
+//!
+//! Data flows left to right, one module per stage:
+//!
+//! ```text
+//! predictions ─┐
+//!              ├─> ingest ─> join ─> metrics ─> alerting ─> sinks (ClickHouse, alerts topic)
+//! ground-truth ┘  (decode,   (by request id,  (pure accumulators
+//!                  DLQ)       TTL, windows)    per window)
+//! ```
+//!
+//! - [`config`]: TOML file + `MODELWATCH_<SECTION>__<KEY>` overrides, validated at startup.
+//! - [`model`]: event types shared by every stage (prediction, ground truth, alert).
+//! - [`ingest`]: Kafka consumption ([`ingest::consumer`]) and pure byte decoding ([`ingest::decode`]).
+//! - [`join`]: pure keyed join state with expiry ([`join::state`]) and event-time windows ([`join::window`]).
+//! - [`metrics`]: pure, mergeable statistics: drift, integrity, performance; the per-window aggregator.
+//! - [`alerting`]: pure rule evaluation producing [`model::AlertEvent`]s.
+//! - [`sinks`]: ClickHouse writer and migrations, Kafka alert / dead-letter producers.
+//! - [`app`]: wires the stages together; offsets are committed after their output is durable.
+//! - [`generate`]: synthetic traffic (used by `modelwatch generate` and `modelwatch demo`).
+//! - [`demo`]: the one-command demo on embedded defaults.
+//! - [`telemetry`]: tracing setup and the service's own counters.
+//!
+//! `metrics`, `join` and `alerting` do no I/O and never read the clock: time is
+//! an argument, which is what makes them testable and benchmarkable alone.
+
+pub mod alerting;
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod generate;
+pub mod ingest;
+pub mod join;
+pub mod metrics;
+pub mod model;
+pub mod sinks;
+pub mod telemetry;

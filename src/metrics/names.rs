@@ -1,0 +1,60 @@
+//! Metric names written to `window_metrics.metric`: the public contract.
+
+/// Every metric name the service writes.
+pub const ALL: &[&str] = &[
+    // volume and labels
+    "prediction_count",
+    "label_count",
+    "label_coverage",
+    "unlabeled_count",
+    "orphan_label_count",
+    "duplicate_count",
+    // integrity
+    "missing_rate",
+    "nan_rate",
+    "out_of_range_rate",
+    "new_category_rate",
+    "type_mismatch_rate",
+    "unknown_feature_count",
+    // drift
+    "psi",
+    "js_distance",
+    "kl_divergence",
+    "hellinger",
+    "wasserstein",
+    "wasserstein_normed",
+    "ks_statistic",
+    "chi2_statistic",
+    "drift_detected",
+    "drifted_feature_count",
+    "drifted_feature_share",
+    // classification
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "fpr",
+    "specificity",
+    "roc_auc",
+    "log_loss",
+    "brier",
+    "estimated_accuracy",
+    // regression
+    "mse",
+    "rmse",
+    "mae",
+    "r2",
+    "median_abs_error",
+    "mean_error",
+    // system
+    "latency_p50",
+    "latency_p95",
+    "latency_p99",
+    "label_delay_p50",
+    "label_delay_p95",
+];
+
+/// True for a metric name in [`ALL`].
+pub fn is_known(name: &str) -> bool {
+    ALL.contains(&name)
+}

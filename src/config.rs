@@ -33,6 +33,39 @@ pub struct Config {
     pub models: BTreeMap<String, ModelConfig>,
     /// Alert rules.
     pub alerts: AlertsConfig,
+    /// The service process itself.
+    pub service: ServiceConfig,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[service]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// How often due windows are written and offsets committed. Default `1s`.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Log format, `text` or `json`; the level comes from `RUST_LOG` (default info). Default `text`.
+    pub log_format: LogFormat,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            flush_interval: Duration::from_secs(1),
+            log_format: LogFormat::Text,
+        }
+    }
 }
 
 /// Input encoding of the Kafka messages.
@@ -165,6 +198,10 @@ pub struct WindowsConfig {
     /// How long a label waits for its prediction. Default `10m`.
     #[serde(with = "humantime_serde")]
     pub early_label_ttl: Duration,
+    /// Least event time between two revisions of a window's performance rows
+    /// while labels arrive. Default `1m`.
+    #[serde(with = "humantime_serde")]
+    pub revision_interval: Duration,
 }
 
 impl Default for WindowsConfig {
@@ -175,6 +212,7 @@ impl Default for WindowsConfig {
             idle_timeout: Duration::from_secs(30),
             label_horizon: Duration::from_secs(24 * 3600),
             early_label_ttl: Duration::from_secs(600),
+            revision_interval: Duration::from_secs(60),
         }
     }
 }
@@ -523,6 +561,9 @@ impl Config {
         }
         if w.label_horizon.is_zero() {
             bail!("invalid configuration: windows.label_horizon must be positive");
+        }
+        if self.service.flush_interval.is_zero() {
+            bail!("invalid configuration: service.flush_interval must be positive");
         }
         if w.idle_timeout.is_zero() {
             bail!("invalid configuration: windows.idle_timeout must be positive");

@@ -1,1 +1,333 @@
-//! TODO
+//! `modelwatch demo`: the whole service on embedded defaults. An in-process
+//! Kafka cluster (rdkafka's MockCluster), synthetic traffic from two model
+//! versions whose features drift and whose accuracy drops part-way, the
+//! local ClickHouse; progress while it runs, then a summary read back from
+//! ClickHouse with the SQL to explore further.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Deserialize;
+
+use crate::app::{now_ms, Service};
+use crate::config::Config;
+use crate::generate::{produce, DriftScenario, Generator, ProduceOptions, Scenario};
+use crate::ingest::decode::encode_json;
+use crate::sinks::clickhouse::ClickHouseSink;
+use crate::telemetry::Counters;
+
+/// Options of the demo.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Predictions per model version.
+    pub events: u64,
+    /// Event-time rate (predictions per second).
+    pub rate: f64,
+    /// Random seed.
+    pub seed: u64,
+}
+
+/// The model id the demo generates.
+pub const DEMO_MODEL: &str = "fraud-detector";
+
+/// The accuracy the demo's model has before it degrades: the business
+/// baseline the demo configures (`[models.fraud-detector] baseline.accuracy`).
+pub const DEMO_BASELINE_ACCURACY: f64 = 0.85;
+
+/// Malformed messages the demo injects to show the dead-letter topic.
+const BAD_MESSAGES: &[&[u8]] = &[
+    b"{\"request_id\": \"\", \"model_id\": \"m\"}",
+    b"not json, not avro",
+    b"{\"request_id\":\"x\",\"model_id\":\"fraud-detector\",\"model_version\":\"v1\",\"timestamp\":\"yesterday\",\"score\":0.5}",
+];
+
+/// Runs the demo.
+pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
+    let sink = ClickHouseSink::new(&cfg.clickhouse);
+    if let Err(e) = sink.ping().await {
+        anyhow::bail!(
+            "ClickHouse is not reachable at {} ({e}).\n  Start a local one with: deploy/clickhouse-start.sh\n  or point the demo at yours: MODELWATCH_CLICKHOUSE__URL=http://host:8123",
+            cfg.clickhouse.url
+        );
+    }
+    let cluster = MockCluster::new(1).context("cannot start the in-process Kafka cluster")?;
+    let partitions = 4;
+    for topic in [&cfg.kafka.predictions_topic, &cfg.kafka.ground_truth_topic] {
+        cluster
+            .create_topic(topic, partitions, 1)
+            .with_context(|| format!("cannot create topic {topic}"))?;
+    }
+    for topic in [&cfg.kafka.alerts_topic, &cfg.kafka.dead_letter_topic] {
+        cluster
+            .create_topic(topic, 1, 1)
+            .with_context(|| format!("cannot create topic {topic}"))?;
+    }
+    cfg.kafka.brokers = cluster.bootstrap_servers();
+    cfg.kafka.group_id = format!("modelwatch-demo-{}", std::process::id());
+    cfg.models
+        .entry(DEMO_MODEL.to_string())
+        .or_default()
+        .baseline
+        .entry("accuracy".to_string())
+        .or_insert(DEMO_BASELINE_ACCURACY);
+    let window = cfg.windows.sizes[0];
+
+    let duration_ms = (opts.events as f64 / opts.rate * 1000.0) as i64;
+    let scenario = Scenario {
+        seed: opts.seed,
+        start_ms: now_ms() - duration_ms,
+        events_per_second: opts.rate,
+        count: opts.events,
+        versions: vec!["v1".into(), "v2".into()],
+        model_id: DEMO_MODEL.into(),
+        drift: DriftScenario::Sudden,
+        drift_at: 0.5,
+        accuracy_drop: true,
+        ..Scenario::default()
+    };
+    println!("modelwatch demo");
+    println!(
+        "  kafka: in-process cluster at {} ({partitions} partitions per input topic)",
+        cfg.kafka.brokers
+    );
+    println!("  clickhouse: {} database {}", cfg.clickhouse.url, cfg.clickhouse.database);
+    println!(
+        "  traffic: {} predictions per version (v1 champion, v2 challenger) over {} of event time, windows of {}",
+        opts.events,
+        humantime::format_duration(Duration::from_secs((duration_ms / 1000) as u64)),
+        humantime::format_duration(window)
+    );
+    println!("  drift: 5 features shift and accuracy drops halfway through\n");
+
+    let mut service = Service::start(cfg.clone()).await?;
+    let counters = service.counters();
+    let produce_opts = ProduceOptions {
+        brokers: cfg.kafka.brokers.clone(),
+        predictions_topic: cfg.kafka.predictions_topic.clone(),
+        ground_truth_topic: cfg.kafka.ground_truth_topic.clone(),
+        rate_limit: None,
+        properties: Default::default(),
+    };
+    let bad_topic = cfg.kafka.predictions_topic.clone();
+    let brokers = cfg.kafka.brokers.clone();
+    let producer_done = Arc::new(AtomicBool::new(false));
+    let expected = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let producer_task = {
+        let done = producer_done.clone();
+        let expected = expected.clone();
+        tokio::spawn(async move {
+            let mut sent_progress = |_n: u64| {};
+            let summary = produce(
+                Generator::new(scenario),
+                &produce_opts,
+                &|ev| encode_json(ev),
+                &mut sent_progress,
+            )
+            .await?;
+            let bad = send_bad_messages(&brokers, &bad_topic).await?;
+            expected.store(summary.predictions + summary.labels + bad, Ordering::SeqCst);
+            done.store(true, Ordering::SeqCst);
+            anyhow::Ok(summary)
+        })
+    };
+
+    let started = Instant::now();
+    let watch = {
+        let counters = counters.clone();
+        let expected = expected.clone();
+        async move {
+            let mut last_print = Instant::now() - Duration::from_secs(10);
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let consumed = Counters::get(&counters.predictions_consumed_total)
+                    + Counters::get(&counters.labels_consumed_total);
+                let target = expected.load(Ordering::SeqCst);
+                if last_print.elapsed() >= Duration::from_secs(1) {
+                    last_print = Instant::now();
+                    let total = if target == u64::MAX {
+                        "…".to_string()
+                    } else {
+                        target.to_string()
+                    };
+                    println!(
+                        "  [{:>5.1}s] consumed {consumed}/{total}  rows written {}  alerts {}  dead-lettered {}",
+                        started.elapsed().as_secs_f64(),
+                        Counters::get(&counters.rows_written_total),
+                        Counters::get(&counters.alerts_published_total),
+                        Counters::get(&counters.dead_lettered_total),
+                    );
+                }
+                if consumed >= target {
+                    break;
+                }
+            }
+        }
+    };
+    service.run_until(watch).await?;
+    let summary = producer_task
+        .await
+        .context("the traffic generator panicked")??;
+    // The stream is finite: close every window now.
+    service.flush(now_ms(), true).await?;
+    let p = service.progress();
+    println!(
+        "\ndone in {:.1}s: {} predictions and {} labels consumed ({} matched), {} messages dead-lettered",
+        started.elapsed().as_secs_f64(),
+        p.core.predictions,
+        p.core.labels,
+        p.core.matched,
+        p.dead_lettered
+    );
+    let _ = summary;
+    print_summary(&sink, &cfg).await?;
+    drop(cluster);
+    Ok(())
+}
+
+async fn send_bad_messages(brokers: &str, topic: &str) -> Result<u64> {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("cannot create a producer")?;
+    for (i, payload) in BAD_MESSAGES.iter().enumerate() {
+        let key = format!("bad-{i}");
+        producer
+            .send(
+                FutureRecord::to(topic).key(key.as_bytes()).payload(*payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .context("cannot send a malformed message")?;
+    }
+    Ok(BAD_MESSAGES.len() as u64)
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct Count {
+    n: u64,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct DriftedFeature {
+    feature: String,
+    windows: u64,
+    max_psi: f64,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct AccuracyRow {
+    window_start: u32,
+    model_version: String,
+    value: f64,
+    samples: u64,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct AlertRow {
+    rule: String,
+    severity: String,
+    n: u64,
+}
+
+async fn print_summary(sink: &ClickHouseSink, cfg: &Config) -> Result<()> {
+    let db = &cfg.clickhouse.database;
+    let c = sink.client();
+    let windows = c
+        .query(&format!(
+            "SELECT toUInt64(uniqExact(window_start)) AS n FROM {db}.window_metrics FINAL WHERE model_id = ?"
+        ))
+        .bind(DEMO_MODEL)
+        .fetch_one::<Count>()
+        .await
+        .context("summary query failed")?;
+    let rows = c
+        .query(&format!(
+            "SELECT count() AS n FROM {db}.window_metrics FINAL WHERE model_id = ?"
+        ))
+        .bind(DEMO_MODEL)
+        .fetch_one::<Count>()
+        .await
+        .context("summary query failed")?;
+    println!("\nClickHouse now holds {} rows over {} windows for {DEMO_MODEL}.", rows.n, windows.n);
+
+    let drifted = c
+        .query(&format!(
+            "SELECT feature, toUInt64(countIf(metric = 'drift_detected' AND value = 1)) AS windows, \
+             maxIf(value, metric = 'psi') AS max_psi \
+             FROM {db}.window_metrics FINAL \
+             WHERE model_id = ? AND segment = '' AND model_version = 'v1' AND feature != '' \
+             GROUP BY feature HAVING windows > 0 ORDER BY max_psi DESC LIMIT 10"
+        ))
+        .bind(DEMO_MODEL)
+        .fetch_all::<DriftedFeature>()
+        .await
+        .context("summary query failed")?;
+    println!("\nDrifted features (v1, all traffic):");
+    if drifted.is_empty() {
+        println!("  none");
+    }
+    for d in &drifted {
+        println!(
+            "  {:<16} drifted in {:>2} windows, max PSI {:.3}",
+            d.feature, d.windows, d.max_psi
+        );
+    }
+
+    let acc = c
+        .query(&format!(
+            "SELECT window_start, model_version, value, samples FROM {db}.window_metrics FINAL \
+             WHERE model_id = ? AND segment = '' AND metric = 'accuracy' AND feature = '' \
+             ORDER BY window_start, model_version"
+        ))
+        .bind(DEMO_MODEL)
+        .fetch_all::<AccuracyRow>()
+        .await
+        .context("summary query failed")?;
+    println!("\nAccuracy per window (labels joined so far):");
+    for a in &acc {
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(a.window_start as u64);
+        println!(
+            "  {} {}  {:.3}  ({} labels)",
+            humantime::format_rfc3339_seconds(t),
+            a.model_version,
+            a.value,
+            a.samples
+        );
+    }
+
+    let alerts = c
+        .query(&format!(
+            "SELECT rule, severity, count() AS n FROM {db}.alerts FINAL \
+             WHERE model_id = ? AND status = 'firing' GROUP BY rule, severity ORDER BY rule"
+        ))
+        .bind(DEMO_MODEL)
+        .fetch_all::<AlertRow>()
+        .await
+        .context("summary query failed")?;
+    println!("\nAlerts fired (also published to topic {}):", cfg.kafka.alerts_topic);
+    if alerts.is_empty() {
+        println!("  none");
+    }
+    for a in &alerts {
+        println!("  {:<26} {:<8} {}", a.rule, a.severity, a.n);
+    }
+    println!(
+        "\nExplore with clickhouse-client (or any SQL client on {}):",
+        cfg.clickhouse.url
+    );
+    println!(
+        "  SELECT window_start, model_version, value FROM {db}.window_metrics FINAL\n    WHERE model_id = '{DEMO_MODEL}' AND metric = 'accuracy' AND segment = '' ORDER BY window_start;"
+    );
+    println!(
+        "  SELECT window_start, feature, value FROM {db}.window_metrics FINAL\n    WHERE model_id = '{DEMO_MODEL}' AND metric = 'psi' AND segment = '' AND model_version = 'v1' ORDER BY window_start, value DESC;"
+    );
+    println!(
+        "  SELECT fired_at, rule, status, severity, feature, message FROM {db}.alerts FINAL ORDER BY fired_at;"
+    );
+    Ok(())
+}

@@ -1,3 +1,290 @@
-fn main() {
-    println!("modelwatch");
+//! The `modelwatch` binary: CLI, telemetry init, config load, run until shutdown.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use modelwatch::config::{self, Config, LogFormat};
+use modelwatch::generate::{DriftScenario, Generator, ProduceOptions, Scenario};
+use modelwatch::ingest::decode;
+use modelwatch::model::InputEvent;
+use modelwatch::sinks::clickhouse::ClickHouseSink;
+use modelwatch::{alerting, app, demo, pipeline, telemetry};
+
+/// Real-time monitoring of machine-learning models in production.
+#[derive(Parser, Debug)]
+#[command(name = "modelwatch", version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML). Every key can also be set with
+    /// MODELWATCH_<SECTION>__<KEY>, e.g. MODELWATCH_KAFKA__BROKERS.
+    #[arg(long, short, global = true, env = "MODELWATCH_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the service: consume, join, compute, write, alert.
+    Run,
+    /// Everything on embedded defaults: an in-process Kafka cluster, synthetic
+    /// traffic that drifts and degrades, the local ClickHouse.
+    Demo(DemoArgs),
+    /// Produce synthetic events into a real broker.
+    Generate(GenerateArgs),
+    /// Create or upgrade the ClickHouse database and tables.
+    Migrate,
+    /// Reference profiles.
+    Reference {
+        #[command(subcommand)]
+        command: ReferenceCommand,
+    },
+    /// Validate the configuration and print what the alert rules watch.
+    CheckConfig,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Predictions to generate (per model version).
+    #[arg(long, default_value_t = 60_000)]
+    events: u64,
+    /// Event-time rate of the synthetic traffic (predictions per second).
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Random seed.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum WireFormat {
+    Json,
+    Avro,
+    ConfluentAvro,
+    SingleObject,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// Bootstrap brokers (default: kafka.brokers of the configuration).
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Predictions to generate (per model version).
+    #[arg(long, default_value_t = 100_000)]
+    count: u64,
+    /// Messages per wall-clock second (0 = as fast as possible).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Event-time rate (predictions per second of event time).
+    #[arg(long, default_value_t = 50.0)]
+    event_rate: f64,
+    /// Model id.
+    #[arg(long, default_value = "fraud-detector")]
+    model: String,
+    /// Model versions scoring every request (champion first).
+    #[arg(long, value_delimiter = ',', default_value = "v1,v2")]
+    versions: Vec<String>,
+    /// Drift scenario: none, sudden, gradual.
+    #[arg(long, default_value = "sudden")]
+    drift: String,
+    /// Where in the stream the drift starts (0..1).
+    #[arg(long, default_value_t = 0.5)]
+    drift_at: f64,
+    /// Payload encoding.
+    #[arg(long, value_enum, default_value_t = WireFormat::Json)]
+    format: WireFormat,
+    /// Random seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Event time of the first prediction, ms since the epoch (default: so that the stream ends now).
+    #[arg(long)]
+    start_ms: Option<i64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ReferenceCommand {
+    /// Build a version's reference profile from a JSON Lines file of
+    /// PredictionEvents and store it in ClickHouse.
+    Import {
+        /// Model id.
+        #[arg(long)]
+        model: String,
+        /// Model version.
+        #[arg(long)]
+        version: String,
+        /// JSON Lines file of PredictionEvents.
+        file: PathBuf,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config> {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    config::load(path.map(PathBuf::as_path), &env)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match load_config(cli.config.as_ref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(cfg.service.log_format == LogFormat::Json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command, cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command, cfg: Config) -> Result<()> {
+    match command {
+        Command::Run => app::run(cfg).await,
+        Command::Demo(a) => {
+            demo::run(
+                cfg,
+                demo::DemoOptions {
+                    events: a.events,
+                    rate: a.rate,
+                    seed: a.seed,
+                },
+            )
+            .await
+        }
+        Command::Generate(a) => generate(cfg, a).await,
+        Command::Migrate => {
+            let sink = ClickHouseSink::new(&cfg.clickhouse);
+            sink.migrate()
+                .await
+                .map_err(|e| anyhow::anyhow!("migration against {} failed: {e}", cfg.clickhouse.url))?;
+            println!(
+                "database {} at {} is up to date",
+                cfg.clickhouse.database, cfg.clickhouse.url
+            );
+            Ok(())
+        }
+        Command::Reference {
+            command: ReferenceCommand::Import { model, version, file },
+        } => {
+            let drift = pipeline::drift_config(&cfg);
+            let profile = app::build_reference_from_file(&file, &model, &version, &drift)?;
+            let json = serde_json::to_string(&profile).context("cannot serialize the profile")?;
+            let sink = ClickHouseSink::new(&cfg.clickhouse);
+            sink.migrate()
+                .await
+                .map_err(|e| anyhow::anyhow!("migration against {} failed: {e}", cfg.clickhouse.url))?;
+            sink.save_reference(&model, &version, profile.sample_count, &json)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot store the profile: {e}"))?;
+            println!(
+                "reference profile of {model} {version}: {} events, {} features stored; running services load it at their next start",
+                profile.sample_count,
+                profile.feature_names().count()
+            );
+            Ok(())
+        }
+        Command::CheckConfig => {
+            println!("configuration is valid");
+            println!(
+                "kafka: brokers={} topics: predictions={} ground-truth={} alerts={} dead-letter={} format={:?}",
+                cfg.kafka.brokers,
+                cfg.kafka.predictions_topic,
+                cfg.kafka.ground_truth_topic,
+                cfg.kafka.alerts_topic,
+                cfg.kafka.dead_letter_topic,
+                cfg.kafka.format
+            );
+            println!(
+                "clickhouse: url={} database={} user={}",
+                cfg.clickhouse.url, cfg.clickhouse.database, cfg.clickhouse.user
+            );
+            println!(
+                "windows: sizes={} lateness={} idle_timeout={} label_horizon={} early_label_ttl={}",
+                cfg.windows
+                    .sizes
+                    .iter()
+                    .map(|d| humantime::format_duration(*d).to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                humantime::format_duration(cfg.windows.allowed_lateness),
+                humantime::format_duration(cfg.windows.idle_timeout),
+                humantime::format_duration(cfg.windows.label_horizon),
+                humantime::format_duration(cfg.windows.early_label_ttl)
+            );
+            let rules = alerting::compile(&cfg);
+            println!("alert rules ({}):", rules.len());
+            for r in rules {
+                println!("  {}", r.describe());
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn generate(cfg: Config, a: GenerateArgs) -> Result<()> {
+    let drift: DriftScenario = a
+        .drift
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--drift: {e}"))?;
+    let duration_ms = (a.count as f64 / a.event_rate.max(1e-9) * 1000.0) as i64;
+    let start_ms = a.start_ms.unwrap_or_else(|| app::now_ms() - duration_ms);
+    let scenario = Scenario {
+        seed: a.seed,
+        start_ms,
+        events_per_second: a.event_rate,
+        count: a.count,
+        versions: a.versions.clone(),
+        model_id: a.model.clone(),
+        drift,
+        drift_at: a.drift_at,
+        ..Scenario::default()
+    };
+    let opts = ProduceOptions {
+        brokers: a.brokers.unwrap_or_else(|| cfg.kafka.brokers.clone()),
+        predictions_topic: cfg.kafka.predictions_topic.clone(),
+        ground_truth_topic: cfg.kafka.ground_truth_topic.clone(),
+        rate_limit: (a.rate > 0.0).then_some(a.rate),
+        properties: cfg.kafka.properties.clone(),
+    };
+    let format = a.format;
+    let encode = move |ev: &InputEvent| -> Vec<u8> {
+        match format {
+            WireFormat::Json => decode::encode_json(ev),
+            WireFormat::Avro => decode::encode_avro(ev),
+            WireFormat::ConfluentAvro => decode::encode_confluent(ev, 1),
+            WireFormat::SingleObject => decode::encode_single_object(ev),
+        }
+    };
+    eprintln!(
+        "producing {} predictions per version ({}) of {} to {} ...",
+        a.count,
+        a.versions.join(","),
+        a.model,
+        opts.brokers
+    );
+    let mut progress = |n: u64| eprintln!("  {n} messages sent");
+    let summary = modelwatch::generate::produce(Generator::new(scenario), &opts, &encode, &mut progress).await?;
+    println!(
+        "sent {} predictions and {} labels in {:.1}s ({:.0} msg/s)",
+        summary.predictions,
+        summary.labels,
+        summary.elapsed.as_secs_f64(),
+        (summary.predictions + summary.labels) as f64 / summary.elapsed.as_secs_f64().max(1e-9)
+    );
+    Ok(())
 }

@@ -1,0 +1,636 @@
+//! The per-window aggregator: routes each prediction to the accumulators of
+//! its windows (one per configured size) and segments, routes each join
+//! result to the accumulators of its prediction's window, and turns windows
+//! into rows when the watermark passes them.
+//!
+//! Pure: no I/O, no clock. Time is the watermark passed to [`Aggregator::advance`].
+//!
+//! Lifecycle of a window of size `s` starting at `t`:
+//! - open while `watermark < t + s`: predictions update its data accumulators;
+//! - closed when `watermark >= t + s`: volume, integrity, drift and latency
+//!   rows are emitted once (revision 0), together with the first revision of
+//!   the performance rows;
+//! - while `watermark < t + s + label_horizon`: labels keep revising the
+//!   performance rows; a new revision is emitted at most every
+//!   `revision_interval` of event time (revision = labels + expirations seen);
+//! - then the last revision is emitted and the window is dropped.
+//!
+//! Cardinality caps keep bad input from exhausting memory: beyond
+//! `max_models` models, `max_versions_per_model` versions or
+//! `max_segment_values` values per segment key, the excess folds into
+//! `__other__`.
+
+use std::sync::Arc;
+
+use ahash::{AHashMap, AHashSet};
+
+use crate::join::{window_start, Joined};
+use crate::metrics::{
+    DataAccumulator, DriftConfig, MetricValue, OutcomeAccumulator, ReferenceBuilder,
+    ReferenceProfile, Resolved, Task,
+};
+use crate::model::{PredictionEvent, PredictionOutcome};
+
+/// The name that absorbs values beyond a cardinality cap.
+pub const OTHER: &str = "__other__";
+
+/// Settings of the aggregator.
+#[derive(Debug, Clone)]
+pub struct AggregatorConfig {
+    /// Tumbling window sizes in ms.
+    pub window_sizes_ms: Vec<i64>,
+    /// How long performance rows of a window keep being revised after it closes.
+    pub label_horizon_ms: i64,
+    /// Least event time between two revisions of a window's performance rows.
+    pub revision_interval_ms: i64,
+    /// Drift statistics settings.
+    pub drift: DriftConfig,
+    /// Events of a version that become its reference when none was imported.
+    pub reference_size: usize,
+    /// Distinct values per segment key.
+    pub max_segment_values: usize,
+    /// Distinct models.
+    pub max_models: usize,
+    /// Distinct versions per model.
+    pub max_versions_per_model: usize,
+    /// Task per model id, overriding what is inferred from events.
+    pub tasks: AHashMap<String, Task>,
+}
+
+/// What the join keeps per pending prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingRecord {
+    /// Interned (model, version).
+    pub version: u32,
+    /// Interned segments, `''` (all traffic) first.
+    pub segments: Box<[u32]>,
+    /// The fields performance metrics need.
+    pub outcome: PredictionOutcome,
+    /// The prediction arrived after its window closed: its label is not counted.
+    pub late: bool,
+}
+
+/// One row for `window_metrics`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowRow {
+    /// Model id (`''` for rows about the input as a whole, like orphan labels).
+    pub model_id: Arc<str>,
+    /// Model version.
+    pub model_version: Arc<str>,
+    /// `''` or `key=value`.
+    pub segment: Arc<str>,
+    /// Window start, ms.
+    pub window_start_ms: i64,
+    /// Window size, ms.
+    pub window_ms: i64,
+    /// The metric value.
+    pub value: MetricValue,
+    /// Row version for ReplacingMergeTree.
+    pub revision: u64,
+}
+
+/// A version first seen, or seen again, for the metadata store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionSeen {
+    /// Model id.
+    pub model_id: Arc<str>,
+    /// Model version.
+    pub model_version: Arc<str>,
+    /// Task name (`binary`, `multiclass`, `regression`, or `unknown`).
+    pub task: &'static str,
+    /// First event time seen.
+    pub first_seen_ms: i64,
+    /// Latest event time seen.
+    pub last_seen_ms: i64,
+    /// Number of features in its reference profile (0 before it has one).
+    pub reference_features: usize,
+}
+
+/// What [`Aggregator::advance`] produced.
+#[derive(Debug, Default)]
+pub struct Emitted {
+    /// Window rows.
+    pub rows: Vec<WindowRow>,
+    /// Reference profiles built from the first events of a version, to persist.
+    pub references: Vec<(Arc<str>, Arc<str>, Arc<ReferenceProfile>)>,
+    /// Versions seen since the last call.
+    pub versions: Vec<VersionSeen>,
+    /// Windows whose data rows were emitted by this call: (size ms, start ms).
+    pub closed_windows: Vec<(i64, i64)>,
+}
+
+impl Emitted {
+    /// True when nothing was produced.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.references.is_empty() && self.versions.is_empty()
+    }
+}
+
+struct VersionState {
+    model_id: Arc<str>,
+    version: Arc<str>,
+    task: Option<Task>,
+    profile: Option<Arc<ReferenceProfile>>,
+    builder: Option<ReferenceBuilder>,
+    first_seen_ms: i64,
+    last_seen_ms: i64,
+    dirty: bool,
+}
+
+struct Cell {
+    /// The profile the data accumulator was created against.
+    profile: Option<Arc<ReferenceProfile>>,
+    data: DataAccumulator,
+    outcome: OutcomeAccumulator,
+    duplicates: u64,
+    outcome_written: Option<u64>,
+}
+
+struct WindowState {
+    size_ms: i64,
+    start_ms: i64,
+    data_closed: bool,
+    last_revision_at: i64,
+    cells: AHashMap<(u32, u32), Cell>,
+    orphans: u64,
+    orphans_written: Option<u64>,
+}
+
+impl WindowState {
+    fn end(&self) -> i64 {
+        self.start_ms + self.size_ms
+    }
+}
+
+/// Counters of what the aggregator saw, for telemetry.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AggregatorStats {
+    /// Predictions that arrived after their window closed.
+    pub late_predictions: u64,
+    /// Labels whose prediction was late.
+    pub late_labels: u64,
+    /// Values folded into `__other__` by a cardinality cap.
+    pub capped: u64,
+}
+
+/// The per-window aggregator. See the module docs.
+pub struct Aggregator {
+    cfg: AggregatorConfig,
+    versions: Vec<VersionState>,
+    version_index: AHashMap<(Arc<str>, Arc<str>), u32>,
+    versions_per_model: AHashMap<Arc<str>, usize>,
+    segment_names: Vec<Arc<str>>,
+    segment_index: AHashMap<Arc<str>, u32>,
+    segment_values: AHashMap<String, AHashSet<String>>,
+    windows: AHashMap<(i64, i64), WindowState>,
+    /// Closed-for-data windows, so late events are recognised after the
+    /// window state is gone too: everything before this start is closed.
+    closed_before: AHashMap<i64, i64>,
+    pending_references: Vec<(Arc<str>, Arc<str>, Arc<ReferenceProfile>)>,
+    resolved: Resolved,
+    bare: Resolved,
+    segment_scratch: Vec<u32>,
+    stats: AggregatorStats,
+}
+
+impl Aggregator {
+    /// An empty aggregator.
+    pub fn new(cfg: AggregatorConfig) -> Self {
+        let empty: Arc<str> = Arc::from("");
+        let mut segment_index = AHashMap::new();
+        segment_index.insert(empty.clone(), 0);
+        Aggregator {
+            cfg,
+            versions: Vec::new(),
+            version_index: AHashMap::new(),
+            versions_per_model: AHashMap::new(),
+            segment_names: vec![empty],
+            segment_index,
+            segment_values: AHashMap::new(),
+            windows: AHashMap::new(),
+            closed_before: AHashMap::new(),
+            pending_references: Vec::new(),
+            resolved: Resolved::default(),
+            bare: Resolved::default(),
+            segment_scratch: Vec::new(),
+            stats: AggregatorStats::default(),
+        }
+    }
+
+    /// Counters of late and capped input.
+    pub fn stats(&self) -> AggregatorStats {
+        self.stats
+    }
+
+    /// Open windows (including closed ones still collecting labels).
+    pub fn window_count(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Installs a reference profile for a version (imported or loaded from
+    /// ClickHouse). Windows opened from now on compare with it.
+    pub fn set_reference(&mut self, model_id: &str, version: &str, profile: ReferenceProfile) {
+        let v = self.intern_version(model_id, version, i64::MIN);
+        let st = &mut self.versions[v as usize];
+        st.profile = Some(Arc::new(profile));
+        st.builder = None;
+    }
+
+    /// True when the version has a reference profile.
+    pub fn has_reference(&self, model_id: &str, version: &str) -> bool {
+        self.version_index
+            .get(&(Arc::from(model_id), Arc::from(version)))
+            .is_some_and(|&v| self.versions[v as usize].profile.is_some())
+    }
+
+    fn intern_version(&mut self, model_id: &str, version: &str, ts: i64) -> u32 {
+        // Fast path: already known (allocates only the lookup key).
+        let key = (Arc::<str>::from(model_id), Arc::<str>::from(version));
+        if let Some(&v) = self.version_index.get(&key) {
+            return v;
+        }
+        let (mut model, mut ver) = key;
+        if !self.versions_per_model.contains_key(&model)
+            && self.versions_per_model.len() >= self.cfg.max_models
+        {
+            self.stats.capped += 1;
+            model = Arc::from(OTHER);
+        }
+        let n = self.versions_per_model.get(&model).copied().unwrap_or(0);
+        let exists = self.version_index.contains_key(&(model.clone(), ver.clone()));
+        if !exists && n >= self.cfg.max_versions_per_model {
+            self.stats.capped += 1;
+            ver = Arc::from(OTHER);
+        }
+        if let Some(&v) = self.version_index.get(&(model.clone(), ver.clone())) {
+            // Remember the original key too, so the next lookup is fast.
+            self.version_index
+                .insert((Arc::from(model_id), Arc::from(version)), v);
+            return v;
+        }
+        let id = self.versions.len() as u32;
+        *self.versions_per_model.entry(model.clone()).or_insert(0) += 1;
+        let task = self.cfg.tasks.get(&*model).cloned();
+        self.versions.push(VersionState {
+            model_id: model.clone(),
+            version: ver.clone(),
+            task,
+            profile: None,
+            builder: Some(ReferenceBuilder::new(&self.cfg.drift)),
+            first_seen_ms: ts,
+            last_seen_ms: ts,
+            dirty: ts != i64::MIN,
+        });
+        self.version_index.insert((model, ver), id);
+        self.version_index
+            .insert((Arc::from(model_id), Arc::from(version)), id);
+        id
+    }
+
+    fn intern_segments(&mut self, ev: &PredictionEvent) {
+        self.segment_scratch.clear();
+        self.segment_scratch.push(0);
+        for (key, value) in ev.segments.iter() {
+            let values = self.segment_values.entry(key.to_string()).or_default();
+            let value = if values.contains(value) {
+                value.as_str()
+            } else if values.len() < self.cfg.max_segment_values {
+                values.insert(value.clone());
+                value.as_str()
+            } else {
+                self.stats.capped += 1;
+                OTHER
+            };
+            let name = format!("{key}={value}");
+            let id = match self.segment_index.get(name.as_str()) {
+                Some(&id) => id,
+                None => {
+                    let id = self.segment_names.len() as u32;
+                    let name: Arc<str> = Arc::from(name);
+                    self.segment_names.push(name.clone());
+                    self.segment_index.insert(name, id);
+                    id
+                }
+            };
+            if !self.segment_scratch.contains(&id) {
+                self.segment_scratch.push(id);
+            }
+        }
+    }
+
+    fn is_closed(&self, size_ms: i64, start_ms: i64) -> bool {
+        self.closed_before
+            .get(&size_ms)
+            .is_some_and(|&before| start_ms < before)
+    }
+
+    /// Adds a prediction to the data accumulators of its windows and returns
+    /// the record the join keeps until its label comes.
+    pub fn observe_prediction(&mut self, ev: &PredictionEvent) -> PendingRecord {
+        let v = self.intern_version(&ev.model_id, &ev.model_version, ev.timestamp);
+        self.intern_segments(ev);
+        let cfg_reference_size = self.cfg.reference_size as u64;
+        let st = &mut self.versions[v as usize];
+        st.first_seen_ms = if st.first_seen_ms == i64::MIN {
+            ev.timestamp
+        } else {
+            st.first_seen_ms.min(ev.timestamp)
+        };
+        st.last_seen_ms = st.last_seen_ms.max(ev.timestamp);
+        st.dirty = true;
+        if st.task.is_none() {
+            st.task = Task::infer(ev);
+        }
+        // Reference bootstrap: the first N events of a version become its reference.
+        if let Some(b) = st.builder.as_mut() {
+            b.observe(ev);
+            if b.len() >= cfg_reference_size {
+                let profile = Arc::new(b.build());
+                st.builder = None;
+                st.profile = Some(profile.clone());
+                self.pending_references
+                    .push((st.model_id.clone(), st.version.clone(), profile));
+            }
+        }
+        let profile = st.profile.clone();
+        match &profile {
+            Some(p) => p.resolve(ev, &mut self.resolved),
+            None => Resolved::without_profile(ev, &mut self.resolved),
+        }
+        let mut bare_ready = profile.is_none();
+        let mut late = false;
+        for i in 0..self.cfg.window_sizes_ms.len() {
+            let size = self.cfg.window_sizes_ms[i];
+            let start = window_start(ev.timestamp, size);
+            if self.is_closed(size, start) {
+                late = true;
+                continue;
+            }
+            let w = self
+                .windows
+                .entry((size, start))
+                .or_insert_with(|| WindowState {
+                    size_ms: size,
+                    start_ms: start,
+                    data_closed: false,
+                    last_revision_at: i64::MIN,
+                    cells: AHashMap::new(),
+                    orphans: 0,
+                    orphans_written: None,
+                });
+            if w.data_closed {
+                late = true;
+                continue;
+            }
+            for &seg in &self.segment_scratch {
+                let cell = w.cells.entry((v, seg)).or_insert_with(|| Cell {
+                    data: DataAccumulator::new(profile.as_deref()),
+                    profile: profile.clone(),
+                    outcome: OutcomeAccumulator::new(),
+                    duplicates: 0,
+                    outcome_written: None,
+                });
+                let same_profile = match (&cell.profile, &profile) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if same_profile {
+                    cell.data.observe(&self.resolved);
+                } else {
+                    // The cell predates (or postdates) the version's profile:
+                    // feed it what it can hold.
+                    match &cell.profile {
+                        Some(p) => {
+                            p.resolve(ev, &mut self.bare);
+                            cell.data.observe(&self.bare);
+                            bare_ready = false;
+                        }
+                        None => {
+                            if !bare_ready {
+                                Resolved::without_profile(ev, &mut self.bare);
+                                bare_ready = true;
+                            }
+                            cell.data.observe(&self.bare);
+                        }
+                    }
+                }
+            }
+        }
+        if late {
+            self.stats.late_predictions += 1;
+        }
+        PendingRecord {
+            version: v,
+            segments: self.segment_scratch.clone().into_boxed_slice(),
+            outcome: PredictionOutcome::of(ev),
+            late,
+        }
+    }
+
+    /// Counts a duplicate prediction (same request id and model version).
+    pub fn observe_duplicate(&mut self, ev: &PredictionEvent) {
+        let v = self.intern_version(&ev.model_id, &ev.model_version, ev.timestamp);
+        let size = self.cfg.window_sizes_ms[0];
+        if let Some(w) = self.windows.get_mut(&(size, window_start(ev.timestamp, size))) {
+            if let Some(c) = w.cells.get_mut(&(v, 0)) {
+                c.duplicates += 1;
+            }
+        }
+    }
+
+    /// Applies a join result to the performance accumulators of the
+    /// prediction's windows (or counts an orphan label in the label's windows).
+    pub fn observe_joined(&mut self, j: Joined<PendingRecord>) {
+        match j {
+            Joined::Matched {
+                payload,
+                prediction_ts,
+                label,
+            } => {
+                if payload.late {
+                    self.stats.late_labels += 1;
+                    return;
+                }
+                let st = &self.versions[payload.version as usize];
+                let Some(task) = st.task.as_ref() else {
+                    return;
+                };
+                let delay = label.timestamp - prediction_ts;
+                for &size in &self.cfg.window_sizes_ms {
+                    let start = window_start(prediction_ts, size);
+                    if let Some(w) = self.windows.get_mut(&(size, start)) {
+                        for &seg in payload.segments.iter() {
+                            if let Some(c) = w.cells.get_mut(&(payload.version, seg)) {
+                                c.outcome
+                                    .observe_labeled(task, &payload.outcome, &label, delay);
+                            }
+                        }
+                    }
+                }
+            }
+            Joined::Expired {
+                payload,
+                prediction_ts,
+            } => {
+                if payload.late {
+                    return;
+                }
+                for &size in &self.cfg.window_sizes_ms {
+                    let start = window_start(prediction_ts, size);
+                    if let Some(w) = self.windows.get_mut(&(size, start)) {
+                        for &seg in payload.segments.iter() {
+                            if let Some(c) = w.cells.get_mut(&(payload.version, seg)) {
+                                c.outcome.observe_expired();
+                            }
+                        }
+                    }
+                }
+            }
+            Joined::Orphan { label } => {
+                for &size in &self.cfg.window_sizes_ms {
+                    let start = window_start(label.timestamp, size);
+                    let w = self
+                        .windows
+                        .entry((size, start))
+                        .or_insert_with(|| WindowState {
+                            size_ms: size,
+                            start_ms: start,
+                            data_closed: false,
+                            last_revision_at: i64::MIN,
+                            cells: AHashMap::new(),
+                            orphans: 0,
+                            orphans_written: None,
+                        });
+                    w.orphans += 1;
+                }
+            }
+        }
+    }
+
+    /// Emits what the watermark makes due: data rows of windows that closed,
+    /// performance revisions, final revisions; new reference profiles and
+    /// version sightings. Drops windows past their label horizon.
+    pub fn advance(&mut self, watermark: i64, out: &mut Emitted) {
+        out.references.append(&mut self.pending_references);
+        for st in self.versions.iter_mut().filter(|s| s.dirty) {
+            st.dirty = false;
+            out.versions.push(VersionSeen {
+                model_id: st.model_id.clone(),
+                model_version: st.version.clone(),
+                task: st.task.as_ref().map_or("unknown", Task::name),
+                first_seen_ms: st.first_seen_ms,
+                last_seen_ms: st.last_seen_ms,
+                reference_features: st.profile.as_ref().map_or(0, |p| p.feature_names().count()),
+            });
+        }
+        let mut keys: Vec<(i64, i64)> = self
+            .windows
+            .values()
+            .filter(|w| w.end() <= watermark)
+            .map(|w| (w.size_ms, w.start_ms))
+            .collect();
+        keys.sort_unstable_by_key(|&(size, start)| (start + size, size));
+        let mut metrics = Vec::new();
+        for key in keys {
+            let Some(w) = self.windows.get_mut(&key) else {
+                continue;
+            };
+            let closing_now = !w.data_closed;
+            let final_now = w.end() + self.cfg.label_horizon_ms <= watermark;
+            let revise_now = closing_now
+                || final_now
+                || watermark - w.last_revision_at >= self.cfg.revision_interval_ms;
+            if closing_now {
+                w.data_closed = true;
+                let before = self.closed_before.entry(w.size_ms).or_insert(i64::MIN);
+                *before = (*before).max(w.start_ms + 1).max(w.start_ms);
+                out.closed_windows.push(key);
+            }
+            if !revise_now {
+                continue;
+            }
+            w.last_revision_at = watermark;
+            let mut cell_keys: Vec<(u32, u32)> = w.cells.keys().copied().collect();
+            cell_keys.sort_unstable();
+            for ck in cell_keys {
+                let cell = w.cells.get_mut(&ck).expect("key from map");
+                let st = &self.versions[ck.0 as usize];
+                let row = |value: MetricValue, revision: u64| WindowRow {
+                    model_id: st.model_id.clone(),
+                    model_version: st.version.clone(),
+                    segment: self.segment_names[ck.1 as usize].clone(),
+                    window_start_ms: w.start_ms,
+                    window_ms: w.size_ms,
+                    value,
+                    revision,
+                };
+                if closing_now {
+                    metrics.clear();
+                    cell.data
+                        .finish(cell.profile.as_deref(), &self.cfg.drift, &mut metrics);
+                    if ck.1 == 0 {
+                        metrics.push(MetricValue {
+                            metric: "duplicate_count",
+                            feature: String::new(),
+                            value: cell.duplicates as f64,
+                            samples: cell.data.count(),
+                            p_value: None,
+                        });
+                    }
+                    out.rows.extend(metrics.drain(..).map(|m| row(m, 0)));
+                }
+                let revision = cell.outcome.observations();
+                if cell.outcome_written != Some(revision) {
+                    cell.outcome_written = Some(revision);
+                    if let Some(task) = st.task.as_ref() {
+                        metrics.clear();
+                        cell.outcome.finish(task, cell.data.count(), &mut metrics);
+                        out.rows.extend(metrics.drain(..).map(|m| row(m, revision)));
+                    }
+                }
+                if closing_now {
+                    // Drift state is final: keep only the count for coverage.
+                    cell.data.release_drift_state();
+                }
+            }
+            if w.orphans_written != Some(w.orphans) && (w.orphans > 0 || closing_now) {
+                w.orphans_written = Some(w.orphans);
+                out.rows.push(WindowRow {
+                    model_id: Arc::from(""),
+                    model_version: Arc::from(""),
+                    segment: self.segment_names[0].clone(),
+                    window_start_ms: w.start_ms,
+                    window_ms: w.size_ms,
+                    value: MetricValue {
+                        metric: "orphan_label_count",
+                        feature: String::new(),
+                        value: w.orphans as f64,
+                        samples: w.orphans,
+                        p_value: None,
+                    },
+                    revision: w.orphans,
+                });
+            }
+            if final_now {
+                self.windows.remove(&key);
+            }
+        }
+    }
+
+    /// Closes every window regardless of the watermark (shutdown of a finite
+    /// run: e.g. the demo). Pending predictions are not expired.
+    pub fn flush_all(&mut self, out: &mut Emitted) {
+        let max_end = self.windows.values().map(WindowState::end).max();
+        if let Some(end) = max_end {
+            // Close data of every window; keep outcome windows (not final).
+            let wm = end;
+            let horizon = self.cfg.label_horizon_ms;
+            self.cfg.label_horizon_ms = i64::MAX / 4;
+            self.advance(wm, out);
+            self.cfg.label_horizon_ms = horizon;
+        } else {
+            self.advance(i64::MIN, out);
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The pure processing core: decoded events in, window rows and alerts out.
+//!
+//! join + aggregator + watermark + alert rules, with no I/O and no clock:
+//! the wall-clock time is an argument. [`crate::app`] feeds it from Kafka and
+//! writes what it emits; benches and tests drive it directly.
+
+use crate::alerting::{compile, AlertEngine};
+use crate::config::{Config, TaskKind};
+use crate::join::{window_start, JoinConfig, JoinState, Joined, LabelInsert, PredictionInsert, Watermark};
+use crate::metrics::aggregator::{Aggregator, AggregatorConfig, Emitted, PendingRecord};
+use crate::metrics::{DriftConfig, ReferenceProfile, Task};
+use crate::model::{AlertEvent, GroundTruthEvent, Label, PredictionEvent};
+
+/// Counters of the core, for telemetry and summaries.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CoreStats {
+    /// Predictions processed.
+    pub predictions: u64,
+    /// Labels processed.
+    pub labels: u64,
+    /// Prediction-label pairs joined.
+    pub matched: u64,
+    /// Predictions that expired without a label.
+    pub expired: u64,
+    /// Labels that never found a prediction.
+    pub orphans: u64,
+    /// Duplicate predictions (same request id, model and version).
+    pub duplicate_predictions: u64,
+    /// Duplicate labels (same request id).
+    pub duplicate_labels: u64,
+    /// Window rows emitted.
+    pub rows: u64,
+    /// Alert transitions emitted.
+    pub alerts: u64,
+    /// Windows closed.
+    pub windows_closed: u64,
+}
+
+/// What one [`Core::advance`] produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Rows, references and versions.
+    pub emitted: Emitted,
+    /// Alert transitions.
+    pub alerts: Vec<AlertEvent>,
+    /// The watermark the output is complete up to.
+    pub watermark: Option<i64>,
+}
+
+/// The processing core. See the module docs.
+pub struct Core {
+    join: JoinState<PendingRecord>,
+    agg: Aggregator,
+    watermark: Watermark,
+    engine: AlertEngine,
+    joined: Vec<Joined<PendingRecord>>,
+    stats: CoreStats,
+    largest_window_ms: i64,
+}
+
+/// The statistics settings derived from the configuration.
+pub fn drift_config(cfg: &Config) -> DriftConfig {
+    DriftConfig {
+        bins: cfg.drift.bins,
+        max_categories: cfg.limits.max_categories,
+        psi_threshold: cfg.drift.psi_threshold,
+        js_threshold: cfg.drift.js_threshold,
+        min_samples: cfg.drift.min_samples,
+        ..DriftConfig::default()
+    }
+}
+
+/// Task overrides from `[models.<id>]`.
+fn task_overrides(cfg: &Config) -> ahash::AHashMap<String, Task> {
+    cfg.models
+        .iter()
+        .filter_map(|(id, m)| {
+            let task = match m.task? {
+                TaskKind::Binary => Task::Binary {
+                    positive_label: m.positive_label.clone().unwrap_or_else(|| "1".into()),
+                    threshold: m.threshold.unwrap_or(0.5),
+                },
+                TaskKind::Multiclass => Task::Multiclass,
+                TaskKind::Regression => Task::Regression,
+            };
+            Some((id.clone(), task))
+        })
+        .collect()
+}
+
+impl Core {
+    /// A core for this configuration.
+    pub fn new(cfg: &Config) -> Self {
+        let ms = |d: std::time::Duration| d.as_millis() as i64;
+        let sizes = cfg.window_sizes_ms();
+        let largest_window_ms = sizes.iter().copied().max().unwrap_or(300_000);
+        Core {
+            join: JoinState::new(JoinConfig {
+                label_horizon_ms: ms(cfg.windows.label_horizon),
+                early_label_ttl_ms: ms(cfg.windows.early_label_ttl),
+                max_pending: cfg.limits.max_pending,
+            }),
+            agg: Aggregator::new(AggregatorConfig {
+                window_sizes_ms: sizes,
+                label_horizon_ms: ms(cfg.windows.label_horizon),
+                revision_interval_ms: ms(cfg.windows.revision_interval),
+                drift: drift_config(cfg),
+                reference_size: cfg.drift.reference_size,
+                max_segment_values: cfg.limits.max_segment_values,
+                max_models: cfg.limits.max_models,
+                max_versions_per_model: cfg.limits.max_versions_per_model,
+                tasks: task_overrides(cfg),
+            }),
+            watermark: Watermark::new(ms(cfg.windows.allowed_lateness), ms(cfg.windows.idle_timeout)),
+            engine: AlertEngine::new(compile(cfg)),
+            joined: Vec::new(),
+            stats: CoreStats::default(),
+            largest_window_ms,
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> CoreStats {
+        self.stats
+    }
+
+    /// The aggregator (for reference installation and inspection).
+    pub fn aggregator_mut(&mut self) -> &mut Aggregator {
+        &mut self.agg
+    }
+
+    /// The alert engine.
+    pub fn alert_engine(&self) -> &AlertEngine {
+        &self.engine
+    }
+
+    /// Predictions waiting for labels.
+    pub fn pending_predictions(&self) -> usize {
+        self.join.pending_predictions()
+    }
+
+    /// Installs a reference profile for a model version.
+    pub fn set_reference(&mut self, model_id: &str, version: &str, profile: ReferenceProfile) {
+        self.agg.set_reference(model_id, version, profile);
+    }
+
+    /// The event time by which the effect of an event at `ts` is in the
+    /// emitted rows (end of its largest window): used for offset commits.
+    pub fn due_time(&self, ts: i64) -> i64 {
+        window_start(ts, self.largest_window_ms) + self.largest_window_ms
+    }
+
+    /// Processes one prediction that arrived at wall-clock `wall_ms`.
+    pub fn on_prediction(&mut self, ev: &PredictionEvent, wall_ms: i64) {
+        self.stats.predictions += 1;
+        self.watermark.observe(ev.timestamp, wall_ms);
+        let record = self.agg.observe_prediction(ev);
+        let v = record.version;
+        match self
+            .join
+            .insert_prediction(&ev.request_id, v, ev.timestamp, record, &mut self.joined)
+        {
+            PredictionInsert::Duplicate => {
+                self.stats.duplicate_predictions += 1;
+                self.agg.observe_duplicate(ev);
+            }
+            PredictionInsert::Matched | PredictionInsert::Pending => {}
+        }
+        self.drain_joined();
+    }
+
+    /// Processes one label that arrived at wall-clock `wall_ms`.
+    pub fn on_label(&mut self, ev: &GroundTruthEvent, wall_ms: i64) {
+        self.stats.labels += 1;
+        self.watermark.observe(ev.timestamp, wall_ms);
+        if let LabelInsert::Duplicate =
+            self.join
+                .insert_label(&ev.request_id, Label::of(ev), &mut self.joined)
+        {
+            self.stats.duplicate_labels += 1;
+        }
+        self.drain_joined();
+    }
+
+    /// Records input without an event time (an undecodable message).
+    pub fn on_undecodable(&mut self, wall_ms: i64) {
+        self.watermark.touch(wall_ms);
+    }
+
+    fn drain_joined(&mut self) {
+        for j in self.joined.drain(..) {
+            match &j {
+                Joined::Matched { .. } => self.stats.matched += 1,
+                Joined::Expired { .. } => self.stats.expired += 1,
+                Joined::Orphan { .. } => self.stats.orphans += 1,
+            }
+            self.agg.observe_joined(j);
+        }
+    }
+
+    /// Moves the watermark to what wall-clock `wall_ms` allows, expires join
+    /// state, closes and revises windows, evaluates alert rules.
+    pub fn advance(&mut self, wall_ms: i64) -> Output {
+        let mut out = Output::default();
+        let Some(wm) = self.watermark.current(wall_ms) else {
+            return out;
+        };
+        self.join.expire(wm, &mut self.joined);
+        self.drain_joined();
+        self.agg.advance(wm, &mut out.emitted);
+        self.finish_output(&mut out, wall_ms);
+        out.watermark = Some(wm);
+        out
+    }
+
+    /// Closes every window now (end of a finite run), without expiring
+    /// pending predictions: their performance rows are as complete as the
+    /// labels seen.
+    pub fn flush(&mut self, wall_ms: i64) -> Output {
+        let mut out = Output::default();
+        self.agg.flush_all(&mut out.emitted);
+        self.finish_output(&mut out, wall_ms);
+        out.watermark = self.watermark.max_event_ms();
+        out
+    }
+
+    fn finish_output(&mut self, out: &mut Output, wall_ms: i64) {
+        self.engine
+            .evaluate(&out.emitted.rows, wall_ms, &mut out.alerts);
+        self.stats.rows += out.emitted.rows.len() as u64;
+        self.stats.alerts += out.alerts.len() as u64;
+        self.stats.windows_closed += out.emitted.closed_windows.len() as u64;
+    }
+}

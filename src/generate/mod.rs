@@ -793,7 +793,9 @@ impl Generator {
                 .gen_bool((self.scenario.accuracy_drop_share * ramp).min(1.0));
         let (positive, value) = if unrelated {
             let y2 = self.rng.gen_bool(p);
-            let z2 = self.normal() + self.normal() + self.normal();
+            // Same number of feature terms as the real target, so the same spread.
+            let terms = self.numeric.len().min(3);
+            let z2: f64 = (0..terms).map(|_| self.normal()).sum();
             let v = 100.0 + 20.0 * f64::from(u8::from(y2)) + 10.0 * z2 + 5.0 * self.normal();
             (y2, v)
         } else {

@@ -115,6 +115,7 @@ pub async fn produce(
 ) -> anyhow::Result<ProduceSummary> {
     let counter = Arc::new(DeliveryCounter::default());
     let producer = Arc::new(create_producer(opts, Arc::clone(&counter))?);
+    check_co_partitioned(Arc::clone(&producer), opts).await?;
     let started = Instant::now();
     let mut last_progress = started;
     let mut sent: u64 = 0;
@@ -131,9 +132,14 @@ pub async fn produce(
         send(&producer, topic, key, &payload, kind).await?;
         sent += 1;
         // Checking the clock every message would cost more than the send.
-        if sent.is_multiple_of(1024) && last_progress.elapsed() >= Duration::from_secs(1) {
-            last_progress = Instant::now();
-            progress(sent);
+        if sent.is_multiple_of(1024) {
+            if last_progress.elapsed() >= Duration::from_secs(1) {
+                last_progress = Instant::now();
+                progress(sent);
+            }
+            // The loop never waits while the queue has room: let other tasks
+            // on this runtime (the demo's pipeline) run.
+            tokio::task::yield_now().await;
         }
     }
 
@@ -196,6 +202,47 @@ fn create_producer(
     config
         .create_with_context(CountingContext(counter))
         .with_context(|| format!("failed to create a Kafka producer for {}", opts.brokers))
+}
+
+/// Fails when both topics exist with different partition counts: a label
+/// would then land in another partition than its prediction (DESIGN.md).
+/// Topics that do not exist yet are left to the broker's auto-creation.
+async fn check_co_partitioned(
+    producer: Arc<ThreadedProducer<CountingContext>>,
+    opts: &ProduceOptions,
+) -> anyhow::Result<()> {
+    // Bounded by the delivery timeout the caller chose, at most 10 s.
+    let timeout = opts
+        .properties
+        .get("message.timeout.ms")
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(Duration::from_secs(10), Duration::from_millis)
+        .min(Duration::from_secs(10));
+    let metadata =
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
+            .await
+            .context("metadata task failed")?
+            .with_context(|| format!("cannot fetch topic metadata from {}", opts.brokers))?;
+    let partitions = |name: &str| {
+        metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .filter(|&n| n > 0)
+    };
+    let topics = (&opts.predictions_topic, &opts.ground_truth_topic);
+    if let (Some(p), Some(g)) = (partitions(topics.0), partitions(topics.1)) {
+        if p != g {
+            bail!(
+                "topics {} ({p} partitions) and {} ({g} partitions) must have the same \
+                 partition count so a label lands in its prediction's partition",
+                topics.0,
+                topics.1
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Enqueues one message, waiting while librdkafka's local queue is full.

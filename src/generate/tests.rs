@@ -430,6 +430,22 @@ mod kafka {
         out
     }
 
+    /// Messages stored in `topic` (sum of the partitions' high watermarks).
+    fn message_count(brokers: &str, topic: &str, partitions: i32) -> i64 {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .expect("consumer");
+        (0..partitions)
+            .map(|p| {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(5))
+                    .expect("watermarks");
+                high - low
+            })
+            .sum()
+    }
+
     #[tokio::test]
     async fn produce_writes_every_event_keyed_and_co_partitioned() {
         let cluster = MockCluster::new(1).expect("mock cluster");
@@ -536,6 +552,27 @@ mod kafka {
     }
 
     #[tokio::test]
+    async fn produce_refuses_topics_with_different_partition_counts() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("predictions", 4, 1).expect("topic");
+        cluster.create_topic("ground-truth", 2, 1).expect("topic");
+        let opts = ProduceOptions {
+            brokers: cluster.bootstrap_servers(),
+            ..ProduceOptions::default()
+        };
+        let err = produce(
+            Generator::new(scenario(5)),
+            &opts,
+            &json_encode,
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("same partition count"), "{err:#}");
+        assert_eq!(message_count(&opts.brokers, "predictions", 4), 0);
+    }
+
+    #[tokio::test]
     async fn produce_reports_an_unreachable_broker() {
         let opts = ProduceOptions {
             // A closed loopback port: nothing listens on port 1.
@@ -551,6 +588,9 @@ mod kafka {
         )
         .await
         .unwrap_err();
-        assert!(err.to_string().contains("not delivered"), "{err:#}");
+        assert!(
+            err.to_string().contains("cannot fetch topic metadata"),
+            "{err:#}"
+        );
     }
 }

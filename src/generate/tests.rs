@@ -339,6 +339,46 @@ fn accuracy_drops_by_at_least_ten_points_after_drift_at() {
 }
 
 #[test]
+fn accuracy_drop_scales_with_its_share_and_degrades_the_regression_model() {
+    let s = Scenario {
+        versions: vec!["v1".to_owned()],
+        accuracy_drop: true,
+        accuracy_drop_share: 0.25,
+        label_fraction: 1.0,
+        regression_model: Some("loss-amount".to_owned()),
+        ..scenario(40_000)
+    };
+    let seed = s.seed;
+    let events: Vec<InputEvent> = Generator::new(s).collect();
+    let before = accuracy(&events, "v1", 0..20_000, seed);
+    let after = accuracy(&events, "v1", 20_000..40_000, seed);
+    // About 0.21 * share: a 5-point drop.
+    assert!(
+        (before - after - 0.0525).abs() < 0.02,
+        "{before} -> {after}"
+    );
+
+    let truth: HashMap<&str, f64> = labels(&events)
+        .filter_map(|g| Some((g.request_id.as_str(), g.actual_value?)))
+        .collect();
+    let mae = |range: std::ops::Range<u64>| {
+        let errors: Vec<f64> = predictions(&events)
+            .filter(|p| p.model_id == "loss-amount")
+            .filter(|p| range.contains(&request_index(&p.request_id, seed)))
+            .filter_map(|p| Some((p.predicted_value? - truth.get(p.request_id.as_str())?).abs()))
+            .collect();
+        errors.iter().sum::<f64>() / errors.len() as f64
+    };
+    let (mae_before, mae_after) = (mae(0..20_000), mae(20_000..40_000));
+    // |N(0, 5^2 + 6^2)| has mean sqrt(61 * 2 / pi) = 6.23.
+    assert!((mae_before - 6.23).abs() < 0.2, "mae before {mae_before}");
+    assert!(
+        mae_after > mae_before * 1.3,
+        "mae {mae_before} -> {mae_after}"
+    );
+}
+
+#[test]
 fn drift_without_accuracy_drop_keeps_accuracy() {
     let s = Scenario {
         versions: vec!["v1".to_owned()],
@@ -428,6 +468,45 @@ mod kafka {
             }
         }
         out
+    }
+
+    /// Kafka's Java `murmur2` (seed 0x9747b28c), the hash of the Java
+    /// default partitioner, which `murmur2_random` reproduces.
+    fn murmur2(data: &[u8]) -> u32 {
+        const M: u32 = 0x5bd1_e995;
+        let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+        let mut chunks = data.chunks_exact(4);
+        for c in &mut chunks {
+            let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            k = k.wrapping_mul(M);
+            k ^= k >> 24;
+            k = k.wrapping_mul(M);
+            h = h.wrapping_mul(M) ^ k;
+        }
+        let rest = chunks.remainder();
+        if rest.len() >= 3 {
+            h ^= u32::from(rest[2]) << 16;
+        }
+        if rest.len() >= 2 {
+            h ^= u32::from(rest[1]) << 8;
+        }
+        if !rest.is_empty() {
+            h ^= u32::from(rest[0]);
+            h = h.wrapping_mul(M);
+        }
+        h ^= h >> 13;
+        h = h.wrapping_mul(M);
+        h ^= h >> 15;
+        h
+    }
+
+    #[test]
+    fn murmur2_matches_kafka_reference_values() {
+        // Values from Kafka's UtilsTest.testMurmur2.
+        assert_eq!(murmur2(b"21") as i32, -973932308);
+        assert_eq!(murmur2(b"foobar") as i32, -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string") as i32, -985981536);
+        assert_eq!(murmur2(b"") as i32, 275646681);
     }
 
     /// Messages stored in `topic` (sum of the partitions' high watermarks).

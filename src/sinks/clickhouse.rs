@@ -609,7 +609,10 @@ impl fmt::Debug for ClickHouseSink {
 impl ClickHouseSink {
     /// A sink for the configured server; connects lazily.
     pub fn new(cfg: &ClickHouseConfig) -> Self {
+        // No client-side LZ4: ClickHouse 18.16 answers `compress=1` queries
+        // with an empty body, which the client reads as "no rows".
         let mut admin = clickhouse::Client::default()
+            .with_compression(clickhouse::Compression::None)
             .with_url(cfg.url.trim_end_matches('/'))
             .with_user(cfg.user.clone());
         if !cfg.password.expose().is_empty() {

@@ -1,4 +1,4 @@
--- modelwatch ClickHouse schema (ClickHouse 18.16 and later).
+-- modelwatch ClickHouse schema (ClickHouse 18.16 and later: the core schema).
 -- Generated from src/sinks/clickhouse.rs by its unit tests; do not edit.
 -- The service creates it itself (`modelwatch migrate`, and at startup).
 

@@ -432,12 +432,21 @@ ORDER BY model_id, model_version",
 /// The core schema and the example queries as one SQL script
 /// (`deploy/clickhouse/schema.sql`, kept in sync by a unit test).
 pub fn schema_sql() -> String {
-    let mut out = String::from(
-        "-- modelwatch ClickHouse schema (ClickHouse 18.16 and later).\n\
+    schema_sql_with(
+        "ClickHouse 18.16 and later: the core schema",
+        SchemaOptions::default(),
+    )
+}
+
+/// The schema for `opts` and the example queries as one SQL script, headed
+/// by `title`.
+pub fn schema_sql_with(title: &str, opts: SchemaOptions) -> String {
+    let mut out = format!(
+        "-- modelwatch ClickHouse schema ({title}).\n\
          -- Generated from src/sinks/clickhouse.rs by its unit tests; do not edit.\n\
-         -- The service creates it itself (`modelwatch migrate`, and at startup).\n\n",
+         -- The service creates it itself (`modelwatch migrate`, and at startup).\n\n"
     );
-    for stmt in ddl("modelwatch") {
+    for stmt in ddl_with("modelwatch", opts) {
         out.push_str(&stmt);
         out.push_str(";\n\n");
     }
@@ -989,15 +998,12 @@ mod tests {
         }
     }
 
-    /// `deploy/clickhouse/schema.sql` is generated from this module; run with
-    /// `MODELWATCH_BLESS=1` to rewrite it after a schema change.
-    #[test]
-    fn schema_sql_file_is_in_sync() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clickhouse/schema.sql");
-        let want = schema_sql();
+    /// Compares a generated file with its committed copy; `MODELWATCH_BLESS=1`
+    /// rewrites the copy after a schema change.
+    fn assert_file_in_sync(relative: &str, want: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
         if std::env::var_os("MODELWATCH_BLESS").is_some() {
-            std::fs::write(&path, &want).unwrap();
+            std::fs::write(&path, want).unwrap();
         }
         let have = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
@@ -1005,6 +1011,22 @@ mod tests {
             "{} is out of date: run `MODELWATCH_BLESS=1 cargo test --lib sinks::clickhouse`",
             path.display()
         );
+    }
+
+    /// `deploy/clickhouse/schema.sql` (what 18.16 gets) and
+    /// `tests/chdb/schema-modern.sql` (what a current server with a retention
+    /// gets), both checked on a current engine by `tests/chdb/check_sql.py`.
+    #[test]
+    fn schema_sql_files_are_in_sync() {
+        assert_file_in_sync("deploy/clickhouse/schema.sql", &schema_sql());
+        let modern = schema_sql_with(
+            "current ClickHouse with LowCardinality and a 90-day TTL",
+            SchemaOptions {
+                features: ServerFeatures::from_version("24.1"),
+                retention_days: Some(90),
+            },
+        );
+        assert_file_in_sync("tests/chdb/schema-modern.sql", &modern);
     }
 
     #[test]

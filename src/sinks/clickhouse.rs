@@ -719,7 +719,9 @@ impl ClickHouseSink {
         };
         for stmt in ddl_with(&self.database, opts) {
             self.retry
-                .run("migrate", || self.attempt(self.admin.query(&stmt).execute()))
+                .run("migrate", || {
+                    self.attempt(self.admin.query(&stmt).execute())
+                })
                 .await?;
         }
         tracing::info!(database = %self.database, server_version = %version, low_cardinality = features.low_cardinality, ttl = features.ttl && self.retention_days.is_some(), "clickhouse schema ready");
@@ -907,7 +909,11 @@ mod tests {
             for _ in 0..50 {
                 let b = p.backoff(attempt);
                 let cap = p.backoff_cap(attempt);
-                assert!(b >= cap / 2 && b <= cap, "{b:?} outside [{:?}, {cap:?}]", cap / 2);
+                assert!(
+                    b >= cap / 2 && b <= cap,
+                    "{b:?} outside [{:?}, {cap:?}]",
+                    cap / 2
+                );
             }
         }
         assert_eq!(RetryPolicy::new(0).max_attempts, 1);

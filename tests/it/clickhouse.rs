@@ -45,7 +45,11 @@ fn metric(metric: &str, feature: &str, window_start: u32, value: f64, revision: 
         feature: feature.into(),
         value,
         samples: 100 + revision,
-        p_value: if metric == "ks_statistic" { Some(0.01) } else { None },
+        p_value: if metric == "ks_statistic" {
+            Some(0.01)
+        } else {
+            None
+        },
         revision,
     }
 }
@@ -74,7 +78,13 @@ async fn migrate_is_idempotent_and_creates_every_table() {
         .unwrap();
     assert_eq!(
         tables,
-        ["alerts", "model_versions", "models", "reference_profiles", "window_metrics"]
+        [
+            "alerts",
+            "model_versions",
+            "models",
+            "reference_profiles",
+            "window_metrics"
+        ]
     );
     let columns: Vec<(String, String)> = sink
         .client()
@@ -212,7 +222,9 @@ async fn alerts_round_trip_and_replays_are_not_duplicated() {
     sink.write_alerts(&[firing.clone(), resolved.clone()])
         .await
         .unwrap();
-    sink.write_alerts(std::slice::from_ref(&firing)).await.unwrap();
+    sink.write_alerts(std::slice::from_ref(&firing))
+        .await
+        .unwrap();
 
     let rows: Vec<AlertBack> = sink
         .client()
@@ -272,8 +284,18 @@ async fn model_versions_and_models_keep_the_latest_row() {
     assert_eq!(
         versions,
         vec![
-            ("v1".into(), 1_700_000_000, 1_700_000_900, "{\"version\":\"v1\"}".into()),
-            ("v2".into(), 1_700_000_600, 1_700_001_000, "{\"version\":\"v2\"}".into()),
+            (
+                "v1".into(),
+                1_700_000_000,
+                1_700_000_900,
+                "{\"version\":\"v1\"}".into()
+            ),
+            (
+                "v2".into(),
+                1_700_000_600,
+                1_700_001_000,
+                "{\"version\":\"v2\"}".into()
+            ),
         ]
     );
     let models: Vec<(String, String, String, u32, u32)> = sink
@@ -284,7 +306,13 @@ async fn model_versions_and_models_keep_the_latest_row() {
         .unwrap();
     assert_eq!(
         models,
-        vec![("fraud".into(), "binary".into(), "v2".into(), 1_700_000_000, 1_700_001_000)]
+        vec![(
+            "fraud".into(),
+            "binary".into(),
+            "v2".into(),
+            1_700_000_000,
+            1_700_001_000
+        )]
     );
 }
 

@@ -71,7 +71,7 @@ impl ClickHouseServer {
             .prefix("modelwatch-ch-")
             .tempdir()
             .map_err(|e| format!("tempdir: {e}"))?
-            .into_path();
+            .keep();
         let render = |template: &str, out: &str| -> Result<(), String> {
             let src = repo_root().join("deploy/clickhouse").join(template);
             let text = std::fs::read_to_string(&src)
@@ -92,7 +92,10 @@ impl ClickHouseServer {
         let stderr = stdout.try_clone().map_err(|e| format!("log file: {e}"))?;
         let mut child = Command::new(&program)
             .args(&args)
-            .arg(format!("--config-file={}", dir.join("config.xml").display()))
+            .arg(format!(
+                "--config-file={}",
+                dir.join("config.xml").display()
+            ))
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -196,8 +199,7 @@ pub fn ping(port: u16) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s
-        .write_all(b"GET /ping HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    if s.write_all(b"GET /ping HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
         .is_err()
     {
         return false;
@@ -205,4 +207,26 @@ pub fn ping(port: u16) -> bool {
     let mut body = String::new();
     let _ = s.read_to_string(&mut body);
     body.starts_with("HTTP/1.") && body.contains(" 200 ") && body.trim_end().ends_with("Ok.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_server_answers_ping_and_is_gone_after_drop() {
+        if std::env::var_os("MODELWATCH_TEST_CLICKHOUSE_URL").is_some() {
+            // An external server is not ours to stop; the other tests cover it.
+            return;
+        }
+        let server = ClickHouseServer::start();
+        let port = server.http_port();
+        assert!(ping(port));
+        assert!(server.url().ends_with(&format!(":{port}")));
+        let dir = server.dir.clone().expect("private server has a directory");
+        assert!(dir.join("config.xml").is_file());
+        drop(server);
+        assert!(!ping(port), "server still answering after drop");
+        assert!(!dir.exists(), "data directory left behind");
+    }
 }

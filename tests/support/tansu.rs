@@ -171,3 +171,45 @@ pub fn tansu_bin() -> PathBuf {
         _ => panic!("{} failed ({})", script.display(), out.status),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::ClientConfig;
+
+    use super::*;
+
+    #[test]
+    fn broker_serves_metadata_of_the_created_topics_and_stops_on_drop() {
+        let broker = TansuBroker::start(3);
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .set("group.id", "harness-check")
+            .create()
+            .expect("consumer");
+        let md = consumer
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata");
+        let mut topics: Vec<(String, usize)> = md
+            .topics()
+            .iter()
+            .map(|t| (t.name().to_string(), t.partitions().len()))
+            .collect();
+        topics.sort();
+        assert_eq!(
+            topics,
+            vec![
+                ("ground-truth".to_string(), 3),
+                ("model-alerts".to_string(), 1),
+                ("modelwatch-dead-letter".to_string(), 1),
+                ("predictions".to_string(), 3),
+            ]
+        );
+        drop(consumer);
+        let port = broker.port();
+        drop(broker);
+        assert!(!port_open(port), "broker still listening after drop");
+    }
+}

@@ -130,6 +130,11 @@ const TRANSIENT_CODES: &[u32] = &[
     999, // KEEPER_EXCEPTION
 ];
 
+/// `TABLE_ALREADY_EXISTS`: a concurrent `CREATE TABLE IF NOT EXISTS` won.
+const CODE_TABLE_ALREADY_EXISTS: u32 = 57;
+/// `DATABASE_ALREADY_EXISTS`: a concurrent `CREATE DATABASE IF NOT EXISTS` won.
+const CODE_DATABASE_ALREADY_EXISTS: u32 = 82;
+
 /// The ClickHouse error code in a server message (`Code: 60, e.displayText() = ...`).
 fn error_code(message: &str) -> Option<u32> {
     let rest = &message[message.find("Code: ")? + "Code: ".len()..];
@@ -156,6 +161,16 @@ fn classify(err: &clickhouse::error::Error, password: &str) -> SinkError {
         E::Network(_) | E::TimedOut => SinkError::Transient(text),
         E::BadResponse(body) if is_transient_message(body) => SinkError::Transient(text),
         _ => SinkError::Permanent(text),
+    }
+}
+
+/// The URL without any `user:password@` part, for logs and errors.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}***@{}", &url[..scheme_end + 3], &url[at + 1..])
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -241,9 +256,9 @@ impl RetryPolicy {
 /// What the connected server supports beyond the 18.16 core.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ServerFeatures {
-    /// `LowCardinality(String)` columns (19.1 and later).
+    /// `LowCardinality(String)` columns (used from 20.1 on).
     pub low_cardinality: bool,
-    /// Table `TTL` clauses (19.6 and later).
+    /// Table `TTL` clauses (used from 20.1 on).
     pub ttl: bool,
 }
 
@@ -253,9 +268,12 @@ impl ServerFeatures {
         let mut parts = version.trim().split('.').map(|p| p.parse::<u32>().ok());
         let major = parts.next().flatten().unwrap_or(0);
         let minor = parts.next().flatten().unwrap_or(0);
+        // LowCardinality appeared (experimental) in 18.12 and TTL in 19.6;
+        // both were settled by 20.1, the threshold used for both.
+        let modern = (major, minor) >= (20, 1);
         ServerFeatures {
-            low_cardinality: major >= 19,
-            ttl: major > 19 || (major == 19 && minor >= 6),
+            low_cardinality: modern,
+            ttl: modern,
         }
     }
 }
@@ -632,7 +650,7 @@ impl ClickHouseSink {
             client,
             admin,
             database: cfg.database.clone(),
-            url: cfg.url.clone(),
+            url: redact_url(&cfg.url),
             batch_rows: cfg.batch_rows.max(1),
             retry: RetryPolicy::new(cfg.max_retries),
             retention_days: None,
@@ -718,11 +736,23 @@ impl ClickHouseSink {
             retention_days: self.retention_days,
         };
         for stmt in ddl_with(&self.database, opts) {
-            self.retry
+            let done = self
+                .retry
                 .run("migrate", || {
                     self.attempt(self.admin.query(&stmt).execute())
                 })
-                .await?;
+                .await;
+            match done {
+                Ok(()) => {}
+                // Another instance migrating at the same moment can win the
+                // race between the existence check and the create.
+                Err(SinkError::Permanent(m))
+                    if matches!(
+                        error_code(&m),
+                        Some(CODE_TABLE_ALREADY_EXISTS | CODE_DATABASE_ALREADY_EXISTS)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
         }
         tracing::info!(database = %self.database, server_version = %version, low_cardinality = features.low_cardinality, ttl = features.ttl && self.retention_days.is_some(), "clickhouse schema ready");
         Ok(())
@@ -966,8 +996,12 @@ mod tests {
             ServerFeatures::from_version("18.16.1"),
             ServerFeatures::default()
         );
-        let f = ServerFeatures::from_version("19.3.4");
-        assert!(f.low_cardinality && !f.ttl);
+        assert_eq!(
+            ServerFeatures::from_version("19.17.4"),
+            ServerFeatures::default()
+        );
+        let f = ServerFeatures::from_version("20.1.2");
+        assert!(f.low_cardinality && f.ttl);
         let f = ServerFeatures::from_version("24.8.1.2684");
         assert!(f.low_cardinality && f.ttl);
         assert_eq!(
@@ -1058,6 +1092,15 @@ mod tests {
         assert_eq!(ms_to_datetime(-5), 0);
         assert_eq!(ms_to_datetime(1_700_000_000_999), 1_700_000_000);
         assert_eq!(ms_to_datetime(i64::MAX), u32::MAX);
+    }
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        assert_eq!(
+            redact_url("http://u:pw@127.0.0.1:8123"),
+            "http://***@127.0.0.1:8123"
+        );
+        assert_eq!(redact_url("http://127.0.0.1:8123"), "http://127.0.0.1:8123");
     }
 
     #[test]

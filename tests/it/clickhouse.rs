@@ -408,6 +408,12 @@ async fn a_wrong_password_is_permanent_and_never_shown() {
     let sink = ClickHouseSink::new(&cfg).with_retry_policy(fast_retry(5));
     let err = sink.migrate().await.unwrap_err();
     assert!(matches!(err, SinkError::Permanent(_)), "{err}");
+    // 18.16 says "Code: 193 ... Wrong password", newer servers "Code: 516 ... Authentication failed".
+    let text = err.to_string();
+    assert!(
+        text.contains("Code: 193") || text.contains("Code: 516"),
+        "{text}"
+    );
     let shown = format!("{err} {err:?} {sink:?}");
     assert!(!shown.contains("hunter2-secret"), "{shown}");
 }
@@ -431,4 +437,25 @@ async fn example_queries_run_on_this_server() {
             .unwrap_or_else(|e| panic!("{title}: {e}"));
     }
     sink.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_migrations_from_several_instances_all_succeed() {
+    let cfg = ClickHouseServer::shared().config(&unique_database("mw_race"));
+    let sinks: Vec<ClickHouseSink> = (0..4)
+        .map(|_| ClickHouseSink::new(&cfg).with_retry_policy(fast_retry(3)))
+        .collect();
+    let results = futures::future::join_all(sinks.iter().map(|s| s.migrate())).await;
+    for r in results {
+        r.expect("concurrent migrate");
+    }
+    let tables = count(
+        &sinks[0],
+        &format!(
+            "SELECT count() FROM system.tables WHERE database = '{}'",
+            sinks[0].database()
+        ),
+    )
+    .await;
+    assert_eq!(tables, 5);
 }

@@ -1,1 +1,7 @@
-//! Sinks.
+//! Sinks: where results leave the service. Each sink owns its I/O, batching
+//! and retries; none of them computes anything.
+//!
+//! - [`clickhouse`]: schema migrations, batched idempotent inserts of window
+//!   metrics, alerts, model versions and reference profiles.
+
+pub mod clickhouse;

@@ -1,0 +1,124 @@
+-- modelwatch ClickHouse schema (ClickHouse 18.16 and later: the core schema).
+-- Generated from src/sinks/clickhouse.rs by its unit tests; do not edit.
+-- The service creates it itself (`modelwatch migrate`, and at startup).
+
+CREATE DATABASE IF NOT EXISTS modelwatch;
+
+CREATE TABLE IF NOT EXISTS modelwatch.window_metrics (
+    model_id String,
+    model_version String,
+    segment String,
+    window_start DateTime,
+    window_seconds UInt32,
+    metric String,
+    feature String,
+    value Float64,
+    samples UInt64,
+    p_value Nullable(Float64),
+    revision UInt64
+) ENGINE = ReplacingMergeTree(revision)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (model_id, model_version, segment, window_seconds, metric, feature, window_start);
+
+CREATE TABLE IF NOT EXISTS modelwatch.alerts (
+    alert_id String,
+    rule String,
+    status String,
+    severity String,
+    model_id String,
+    model_version String,
+    segment String,
+    feature Nullable(String),
+    metric String,
+    value Float64,
+    threshold Float64,
+    baseline Nullable(Float64),
+    p_value Nullable(Float64),
+    window_start DateTime,
+    window_end DateTime,
+    fired_at DateTime,
+    window_start_ms Int64,
+    window_end_ms Int64,
+    fired_at_ms UInt64,
+    message String
+) ENGINE = ReplacingMergeTree(fired_at_ms)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (model_id, alert_id, status, window_start);
+
+CREATE TABLE IF NOT EXISTS modelwatch.models (
+    model_id String,
+    task String,
+    latest_version String,
+    first_seen DateTime,
+    last_seen DateTime,
+    metadata String
+) ENGINE = ReplacingMergeTree(last_seen)
+ORDER BY model_id;
+
+CREATE TABLE IF NOT EXISTS modelwatch.model_versions (
+    model_id String,
+    model_version String,
+    task String,
+    first_seen DateTime,
+    last_seen DateTime,
+    metadata String
+) ENGINE = ReplacingMergeTree(last_seen)
+ORDER BY (model_id, model_version);
+
+CREATE TABLE IF NOT EXISTS modelwatch.reference_profiles (
+    model_id String,
+    model_version String,
+    created_at DateTime,
+    revision UInt64,
+    sample_count UInt64,
+    profile String
+) ENGINE = ReplacingMergeTree(revision)
+ORDER BY (model_id, model_version);
+
+-- Example queries
+
+-- latest value of every metric per window (FINAL keeps the newest revision)
+SELECT model_id, model_version, segment, window_start, window_seconds, metric, feature, value, samples, p_value
+FROM modelwatch.window_metrics FINAL
+ORDER BY model_id, model_version, window_start, metric, feature
+LIMIT 100;
+
+-- accuracy per window and version without FINAL (argMax over revisions)
+SELECT model_id, model_version, window_start, argMax(value, revision) AS accuracy, argMax(samples, revision) AS labeled
+FROM modelwatch.window_metrics
+WHERE metric = 'accuracy' AND segment = '' AND feature = ''
+GROUP BY model_id, model_version, window_start
+ORDER BY model_id, model_version, window_start;
+
+-- features that drifted (PSI at or above 0.2) in the last day
+SELECT model_id, model_version, feature, window_start, value AS psi
+FROM modelwatch.window_metrics FINAL
+WHERE metric = 'psi' AND value >= 0.2 AND window_start >= now() - INTERVAL 1 DAY
+ORDER BY psi DESC
+LIMIT 50;
+
+-- accuracy by segment, last 24 hours, weighted by labeled samples
+SELECT model_id, segment, sum(value * samples) / sum(samples) AS accuracy, sum(samples) AS labeled
+FROM modelwatch.window_metrics FINAL
+WHERE metric = 'accuracy' AND window_start >= now() - INTERVAL 1 DAY AND samples > 0
+GROUP BY model_id, segment
+ORDER BY model_id, segment;
+
+-- alerts currently firing (latest status per alert id)
+SELECT alert_id, argMax(status, fired_at_ms) AS last_status, any(rule) AS rule, any(model_id) AS model, any(metric) AS metric, max(value) AS worst_value, max(fired_at) AS last_fired
+FROM modelwatch.alerts FINAL
+GROUP BY alert_id
+HAVING last_status = 'firing'
+ORDER BY last_fired DESC;
+
+-- model versions and when they were seen
+SELECT model_id, model_version, task, first_seen, last_seen
+FROM modelwatch.model_versions FINAL
+ORDER BY model_id, first_seen;
+
+-- latest reference profile per model version
+SELECT model_id, model_version, argMax(sample_count, revision) AS samples, max(created_at) AS created
+FROM modelwatch.reference_profiles
+GROUP BY model_id, model_version
+ORDER BY model_id, model_version;
+

@@ -1,0 +1,72 @@
+//! The integration-test binary: one module per area, all against real
+//! servers started by `tests/support` on loopback.
+//!
+//! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
+//! - `example_config`: `deploy/modelwatch.example.toml` stays valid and
+//!   documents the real defaults.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod clickhouse;
+
+mod example_config {
+    use std::collections::HashMap;
+
+    use modelwatch::config::{self, Config};
+
+    use crate::support::repo_root;
+
+    fn example_text() -> String {
+        std::fs::read_to_string(repo_root().join("deploy/modelwatch.example.toml"))
+            .expect("read deploy/modelwatch.example.toml")
+    }
+
+    fn load_text(text: &str) -> Config {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        config::load(Some(f.path()), &HashMap::new()).expect("example config loads")
+    }
+
+    #[test]
+    fn example_config_sets_every_key_to_its_default() {
+        let text = example_text();
+        let loaded = load_text(&text);
+        assert_eq!(
+            toml::to_string(&loaded).unwrap(),
+            toml::to_string(&Config::default()).unwrap()
+        );
+        // Every key of every section appears in the file.
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        for (section, table) in defaults.as_table().unwrap() {
+            let Some(table) = table.as_table() else {
+                continue;
+            };
+            for key in table.keys() {
+                // Plain keys, sub-tables, and arrays of tables (shown as examples).
+                let written = text.lines().any(|l| {
+                    l.starts_with(&format!("{key} ="))
+                        || l == format!("[{section}.{key}]")
+                        || l == format!("#> [[{section}.{key}]]")
+                });
+                assert!(written, "[{section}] {key} missing from the example");
+            }
+        }
+    }
+
+    #[test]
+    fn example_sections_are_valid_when_uncommented() {
+        let text: String = example_text()
+            .lines()
+            .map(|l| l.strip_prefix("#> ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cfg = load_text(&text);
+        let fraud = &cfg.models["fraud"];
+        assert_eq!(fraud.threshold, Some(0.5));
+        assert_eq!(fraud.baseline["accuracy"], 0.92);
+        assert_eq!(cfg.alerts.rules.len(), 1);
+        assert_eq!(cfg.alerts.rules[0].threshold, 0.85);
+        assert_eq!(cfg.kafka.properties["security.protocol"], "plaintext");
+    }
+}

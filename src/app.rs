@@ -114,6 +114,7 @@ pub struct Service {
     pending: Pending,
     counters: Arc<Counters>,
     last_error_log: Option<Instant>,
+    last_input: Instant,
 }
 
 impl Service {
@@ -146,6 +147,7 @@ impl Service {
             pending: Pending::default(),
             counters: Arc::new(Counters::default()),
             last_error_log: None,
+            last_input: Instant::now(),
             cfg,
         })
     }
@@ -198,6 +200,7 @@ impl Service {
                 }
                 m = self.consumer.recv() => match m {
                     Ok(msg) => {
+                        self.last_input = Instant::now();
                         let topic = msg.topic().to_string();
                         self.handle(&topic, msg.partition(), msg.offset(), msg.key(), msg.payload(), now_ms());
                     }
@@ -207,6 +210,40 @@ impl Service {
         }
         tracing::info!("shutting down: writing what is due and committing offsets");
         self.flush(now_ms(), false).await
+    }
+
+    /// Consumes until the input has been idle for `windows.idle_timeout`
+    /// (after at least one message) or `shutdown` resolves; then closes every
+    /// window, writes and commits. For replays and backfills of a finite stream.
+    pub async fn run_until_idle(&mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let idle = self.cfg.windows.idle_timeout;
+        let counters = self.counters.clone();
+        let started = Instant::now();
+        // The idle check reads the shared counters: no borrow of `self` needed.
+        let idle_or_shutdown = async move {
+            let mut last_seen = 0;
+            let mut since = Instant::now();
+            let poll = async {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let seen = Counters::get(&counters.predictions_consumed_total)
+                        + Counters::get(&counters.labels_consumed_total);
+                    if seen != last_seen {
+                        last_seen = seen;
+                        since = Instant::now();
+                    } else if seen > 0 && since.elapsed() >= idle && started.elapsed() >= idle {
+                        tracing::info!(consumed = seen, "input idle: closing every window and exiting");
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = poll => {},
+                _ = shutdown => {},
+            }
+        };
+        self.run_until(idle_or_shutdown).await?;
+        self.flush(now_ms(), true).await
     }
 
     fn log_consumer_error(&mut self, e: &rdkafka::error::KafkaError) {
@@ -393,10 +430,15 @@ pub async fn load_references(sink: &ClickHouseSink, core: &mut Core) -> Result<u
     Ok(n)
 }
 
-/// `modelwatch run`: the service until SIGINT / SIGTERM.
-pub async fn run(cfg: Config) -> Result<()> {
+/// `modelwatch run`: the service until SIGINT / SIGTERM (or, with
+/// `exit_when_idle`, until the input has been idle for `windows.idle_timeout`).
+pub async fn run(cfg: Config, exit_when_idle: bool) -> Result<()> {
     let mut service = Service::start(cfg).await?;
-    service.run_until(shutdown_signal()).await
+    if exit_when_idle {
+        service.run_until_idle(shutdown_signal()).await
+    } else {
+        service.run_until(shutdown_signal()).await
+    }
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.

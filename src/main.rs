@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the service: consume, join, compute, write, alert.
-    Run,
+    Run(RunArgs),
     /// Everything on embedded defaults: an in-process Kafka cluster, synthetic
     /// traffic that drifts and degrades, the local ClickHouse.
     Demo(DemoArgs),
@@ -45,6 +45,14 @@ enum Command {
     },
     /// Validate the configuration and print what the alert rules watch.
     CheckConfig,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Exit once the input has been idle for windows.idle_timeout, after
+    /// closing every window (replays and backfills of a finite stream).
+    #[arg(long)]
+    exit_when_idle: bool,
 }
 
 #[derive(Args, Debug)]
@@ -154,7 +162,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command, cfg: Config) -> Result<()> {
     match command {
-        Command::Run => app::run(cfg).await,
+        Command::Run(a) => app::run(cfg, a.exit_when_idle).await,
         Command::Demo(a) => {
             demo::run(
                 cfg,

@@ -3,5 +3,7 @@
 //!
 //! - [`clickhouse`]: schema migrations, batched idempotent inserts of window
 //!   metrics, alerts, model versions and reference profiles.
+//! - [`kafka`]: the alerts topic (Avro AlertEvent) and the dead-letter topic.
 
 pub mod clickhouse;
+pub mod kafka;

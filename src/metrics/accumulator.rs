@@ -1,0 +1,598 @@
+//! [`DataAccumulator`]: the data side of one (model, version, segment,
+//! window): prediction volume, per-feature integrity counters and drift cell
+//! counts against the reference profile, prediction drift, inference latency,
+//! and confidence-based performance estimates from scores. Observing is
+//! counter increments on a pre-[`Resolved`] event; everything is computed in
+//! [`DataAccumulator::finish`].
+
+use hdrhistogram::Histogram;
+
+use super::drift::{self, BinnedStats};
+use super::integrity::IntegrityCounts;
+use super::reference::{FeatureKind, FeatureProfile, ReferenceProfile, Resolved, Slot, SlotState};
+use super::{push_finite, DriftConfig, MetricValue, Task, PREDICTION_FEATURE};
+
+/// Latencies above this (µs, about 12 days) are recorded as this.
+const MAX_LATENCY_US: u64 = 1 << 40;
+/// Equal-width score bins for the confidence-based estimates.
+const CBPE_BINS: usize = 100;
+
+/// A latency / delay histogram: 2 significant digits, resized on demand.
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    // Constant arguments: cannot fail.
+    Histogram::new(2).expect("2 significant digits is a valid histogram precision")
+}
+
+/// Data-side state of one feature (or of the prediction).
+#[derive(Debug, Clone, PartialEq)]
+struct FeatureState {
+    integrity: IntegrityCounts,
+    /// Numeric: counts per reference cell; categorical: counts per bin.
+    cells: Vec<u64>,
+    numeric: bool,
+    /// Reference min / max (numeric).
+    lo: f64,
+    hi: f64,
+    /// `sum(lo - v)` over values below the reference minimum.
+    below_gap: f64,
+    /// `sum(v - hi)` over values above the reference maximum.
+    above_gap: f64,
+}
+
+impl FeatureState {
+    fn new(p: &FeatureProfile) -> Self {
+        let (cells, numeric, lo, hi) = match &p.kind {
+            FeatureKind::Numeric(n) => (
+                n.cells.len(),
+                true,
+                n.grid.first().copied().unwrap_or(0.0),
+                n.grid.last().copied().unwrap_or(0.0),
+            ),
+            FeatureKind::Categorical(c) => (c.counts.len(), false, 0.0, 0.0),
+        };
+        FeatureState {
+            integrity: IntegrityCounts::default(),
+            cells: vec![0; cells],
+            numeric,
+            lo,
+            hi,
+            below_gap: 0.0,
+            above_gap: 0.0,
+        }
+    }
+
+    #[inline]
+    fn observe(&mut self, s: &Slot) {
+        self.integrity.seen += 1;
+        match s.state {
+            SlotState::Missing => self.integrity.missing += 1,
+            SlotState::NonFinite => self.integrity.non_finite += 1,
+            SlotState::Mismatch => self.integrity.mismatch += 1,
+            SlotState::Value => {
+                let last = self.cells.len().saturating_sub(1);
+                let cell = s.cell as usize;
+                if let Some(c) = self.cells.get_mut(cell) {
+                    *c += 1;
+                }
+                if self.numeric {
+                    if last > 0 && cell == 0 {
+                        self.integrity.out_of_range += 1;
+                        self.below_gap += self.lo - s.value;
+                    } else if last > 0 && cell == last {
+                        self.integrity.out_of_range += 1;
+                        self.above_gap += s.value - self.hi;
+                    }
+                } else if cell == last {
+                    self.integrity.new_category += 1;
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, o: &FeatureState) {
+        if self.cells.len() != o.cells.len() || self.numeric != o.numeric {
+            // Built against another profile: nothing comparable to add.
+            return;
+        }
+        self.integrity.merge(&o.integrity);
+        for (a, b) in self.cells.iter_mut().zip(&o.cells) {
+            *a += b;
+        }
+        self.below_gap += o.below_gap;
+        self.above_gap += o.above_gap;
+    }
+
+    /// Integrity rates and drift statistics; returns the drift test's
+    /// `(p_value, effect_large, samples)` when a decision can be made.
+    fn finish(
+        &self,
+        p: &FeatureProfile,
+        cfg: &DriftConfig,
+        scratch: &mut Scratch,
+        out: &mut Vec<MetricValue>,
+    ) -> Option<(f64, bool)> {
+        let name = p.name.as_str();
+        self.integrity.finish(name, self.numeric, out);
+        let n = self.integrity.valid();
+        if n == 0 {
+            return None;
+        }
+        let test = match &p.kind {
+            FeatureKind::Numeric(np) if self.numeric && np.cells.len() == self.cells.len() => {
+                scratch.ref_bins.clear();
+                scratch.ref_bins.resize(np.bin_count(), 0);
+                scratch.cur_bins.clear();
+                scratch.cur_bins.resize(np.bin_count(), 0);
+                for (i, (&r, &c)) in np.cells.iter().zip(&self.cells).enumerate() {
+                    let b = np.cell_bin.get(i).copied().unwrap_or(0) as usize;
+                    scratch.ref_bins[b] += r;
+                    scratch.cur_bins[b] += c;
+                }
+                let stats = binned(scratch, cfg)?;
+                emit_binned(out, name, &stats, n);
+                if let Some(w) = drift::wasserstein(
+                    &np.grid,
+                    &np.cells,
+                    &self.cells,
+                    self.below_gap,
+                    self.above_gap,
+                ) {
+                    push_finite(out, "wasserstein", name, w, n, None);
+                    if np.std > 0.0 {
+                        push_finite(out, "wasserstein_normed", name, w / np.std, n, None);
+                    }
+                }
+                let d = drift::ks_statistic(&np.cells, &self.cells)?;
+                let pv = drift::ks_p_value(d, np.cells.iter().sum(), n);
+                push_finite(out, "ks_statistic", name, d, n, Some(pv));
+                (pv, stats)
+            }
+            FeatureKind::Categorical(cp)
+                if !self.numeric && cp.counts.len() == self.cells.len() =>
+            {
+                scratch.ref_bins.clear();
+                scratch.ref_bins.extend_from_slice(&cp.counts);
+                scratch.cur_bins.clear();
+                scratch.cur_bins.extend_from_slice(&self.cells);
+                let stats = binned(scratch, cfg)?;
+                emit_binned(out, name, &stats, n);
+                let (chi2, pv, _) = drift::chi2_contingency(&cp.counts, &self.cells)?;
+                push_finite(out, "chi2_statistic", name, chi2, n, Some(pv));
+                (pv, stats)
+            }
+            _ => return None,
+        };
+        if n < cfg.min_samples || !test.0.is_finite() {
+            return None;
+        }
+        let large = test.1.psi >= cfg.psi_threshold || test.1.js_distance >= cfg.js_threshold;
+        Some((test.0, large))
+    }
+}
+
+/// Reused buffers of `finish`.
+#[derive(Default)]
+struct Scratch {
+    ref_bins: Vec<u64>,
+    cur_bins: Vec<u64>,
+    e: Vec<f64>,
+    a: Vec<f64>,
+}
+
+fn binned(s: &mut Scratch, cfg: &DriftConfig) -> Option<BinnedStats> {
+    if !drift::smoothed(&s.ref_bins, cfg.smoothing, &mut s.e)
+        || !drift::smoothed(&s.cur_bins, cfg.smoothing, &mut s.a)
+    {
+        return None;
+    }
+    Some(drift::binned_stats(&s.e, &s.a))
+}
+
+fn emit_binned(out: &mut Vec<MetricValue>, name: &str, s: &BinnedStats, n: u64) {
+    push_finite(out, "psi", name, s.psi, n, None);
+    push_finite(out, "js_distance", name, s.js_distance, n, None);
+    push_finite(out, "kl_divergence", name, s.kl_divergence, n, None);
+    push_finite(out, "hellinger", name, s.hellinger, n, None);
+}
+
+/// Data side of one (model, version, segment, window): volume, integrity,
+/// drift, latency.
+#[derive(Debug, Clone)]
+pub struct DataAccumulator {
+    count: u64,
+    /// Events resolved against a profile.
+    resolved: u64,
+    features: Vec<FeatureState>,
+    prediction: Option<FeatureState>,
+    /// Inference latency, µs.
+    latency: Histogram<u64>,
+    /// Most features absent from the profile in one event.
+    unknown_max: u32,
+    /// `(count, sum of scores)` per equal-width score bin (allocated at the first score).
+    scores: Vec<(u64, f64)>,
+}
+
+impl DataAccumulator {
+    /// An empty accumulator shaped for `profile` (features and prediction).
+    pub fn new(profile: Option<&ReferenceProfile>) -> Self {
+        DataAccumulator {
+            count: 0,
+            resolved: 0,
+            features: profile
+                .map(|p| p.features.iter().map(FeatureState::new).collect())
+                .unwrap_or_default(),
+            prediction: profile
+                .and_then(|p| p.prediction.as_ref())
+                .map(|(_, f)| FeatureState::new(f)),
+            latency: new_histogram(),
+            unknown_max: 0,
+            scores: Vec::new(),
+        }
+    }
+
+    /// Adds one resolved event.
+    #[inline]
+    pub fn observe(&mut self, r: &Resolved) {
+        self.count += 1;
+        if let Some(ms) = r.latency_ms {
+            if ms.is_finite() && ms >= 0.0 {
+                let us = ((ms * 1000.0).round() as u64).min(MAX_LATENCY_US);
+                // Cannot fail: auto-resize is on and the value is capped.
+                let _ = self.latency.record(us);
+            }
+        }
+        if let Some(s) = r.score.filter(|s| s.is_finite()) {
+            if self.scores.is_empty() {
+                self.scores = vec![(0, 0.0); CBPE_BINS];
+            }
+            let s = s.clamp(0.0, 1.0);
+            let b = ((s * CBPE_BINS as f64) as usize).min(CBPE_BINS - 1);
+            self.scores[b].0 += 1;
+            self.scores[b].1 += s;
+        }
+        if r.resolved {
+            self.resolved += 1;
+            self.unknown_max = self.unknown_max.max(r.unknown_features);
+            for (f, s) in self.features.iter_mut().zip(&r.features) {
+                f.observe(s);
+            }
+            if let Some(p) = &mut self.prediction {
+                p.observe(&r.prediction);
+            }
+        }
+    }
+
+    /// Adds `other`'s state (another partition or instance of the same key).
+    pub fn merge(&mut self, other: &Self) {
+        self.count += other.count;
+        self.resolved += other.resolved;
+        self.unknown_max = self.unknown_max.max(other.unknown_max);
+        // With auto-resize on, adding cannot run out of range.
+        let _ = self.latency.add(&other.latency);
+        if self.features.is_empty() {
+            self.features = other.features.clone();
+        } else {
+            for (a, b) in self.features.iter_mut().zip(&other.features) {
+                a.merge(b);
+            }
+        }
+        match (&mut self.prediction, &other.prediction) {
+            (Some(a), Some(b)) => a.merge(b),
+            (None, Some(b)) => self.prediction = Some(b.clone()),
+            _ => {}
+        }
+        if !other.scores.is_empty() {
+            if self.scores.is_empty() {
+                self.scores = vec![(0, 0.0); CBPE_BINS];
+            }
+            for (a, b) in self.scores.iter_mut().zip(&other.scores) {
+                a.0 += b.0;
+                a.1 += b.1;
+            }
+        }
+    }
+
+    /// Number of events observed.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Computes the window's values: `prediction_count`; per feature the
+    /// integrity rates and drift statistics (and for `__prediction__`);
+    /// `drift_detected` per feature; `drifted_feature_count` /
+    /// `drifted_feature_share` and `unknown_feature_count` at model level;
+    /// `latency_p50|p95|p99` (ms).
+    pub fn finish(
+        &self,
+        profile: Option<&ReferenceProfile>,
+        cfg: &DriftConfig,
+        out: &mut Vec<MetricValue>,
+    ) {
+        out.push(MetricValue::model(
+            "prediction_count",
+            self.count as f64,
+            self.count,
+        ));
+        if !self.latency.is_empty() {
+            let n = self.latency.len();
+            for (metric, q) in [
+                ("latency_p50", 0.5),
+                ("latency_p95", 0.95),
+                ("latency_p99", 0.99),
+            ] {
+                let us = self.latency.value_at_quantile(q);
+                let v = self.latency.median_equivalent(us) as f64 / 1000.0;
+                push_finite(out, metric, "", v, n, None);
+            }
+        }
+        let Some(profile) = profile else { return };
+        if self.resolved == 0 {
+            return;
+        }
+        push_finite(
+            out,
+            "unknown_feature_count",
+            "",
+            self.unknown_max as f64,
+            self.resolved,
+            None,
+        );
+        let mut scratch = Scratch::default();
+        // (feature, valid values, raw p-value, large effect)
+        let mut tests: Vec<(String, u64, f64, bool)> = Vec::new();
+        for (state, fp) in self.features.iter().zip(&profile.features) {
+            if let Some((p, large)) = state.finish(fp, cfg, &mut scratch, out) {
+                tests.push((fp.name.clone(), state.integrity.valid(), p, large));
+            }
+        }
+        let raw: Vec<f64> = tests.iter().map(|t| t.2).collect();
+        let adjusted = drift::benjamini_hochberg(&raw);
+        let mut drifted = 0u64;
+        for ((name, n, _, large), adj) in tests.iter().zip(&adjusted) {
+            let detected = *large && *adj < cfg.p_value_threshold;
+            drifted += detected as u64;
+            push_finite(
+                out,
+                "drift_detected",
+                name,
+                detected as u8 as f64,
+                *n,
+                Some(*adj),
+            );
+        }
+        if !tests.is_empty() {
+            out.push(MetricValue::model(
+                "drifted_feature_count",
+                drifted as f64,
+                self.resolved,
+            ));
+            out.push(MetricValue::model(
+                "drifted_feature_share",
+                drifted as f64 / tests.len() as f64,
+                self.resolved,
+            ));
+        }
+        if let (Some(state), Some((_, fp))) = (&self.prediction, &profile.prediction) {
+            let mut pred = Vec::new();
+            if let Some((p, large)) = state.finish(fp, cfg, &mut scratch, &mut pred) {
+                let detected = large && p < cfg.p_value_threshold;
+                push_finite(
+                    &mut pred,
+                    "drift_detected",
+                    PREDICTION_FEATURE,
+                    detected as u8 as f64,
+                    state.integrity.valid(),
+                    Some(p),
+                );
+            }
+            // Only drift rows for the prediction: its integrity is the model's own output.
+            out.extend(pred.into_iter().filter(|v| {
+                !matches!(
+                    v.metric,
+                    "missing_rate"
+                        | "type_mismatch_rate"
+                        | "nan_rate"
+                        | "out_of_range_rate"
+                        | "new_category_rate"
+                )
+            }));
+        }
+    }
+
+    /// Confidence-based performance estimation (NannyML's CBPE) from the
+    /// window's scores, before labels arrive: `estimated_accuracy`,
+    /// `estimated_precision`, `estimated_recall`, `estimated_f1`, assuming
+    /// calibrated scores. Binary tasks only; the threshold is rounded to the
+    /// nearest 0.01 (scores are kept in 100 equal-width bins).
+    pub fn finish_estimated(&self, task: &Task, out: &mut Vec<MetricValue>) {
+        let Task::Binary { threshold, .. } = task else {
+            return;
+        };
+        if self.scores.is_empty() {
+            return;
+        }
+        let cut = (threshold * CBPE_BINS as f64)
+            .round()
+            .clamp(0.0, CBPE_BINS as f64) as usize;
+        let (mut tp, mut fp, mut fn_, mut tn) = (0.0, 0.0, 0.0, 0.0);
+        let mut n = 0u64;
+        for (i, &(c, s)) in self.scores.iter().enumerate() {
+            n += c;
+            if i >= cut {
+                tp += s;
+                fp += c as f64 - s;
+            } else {
+                fn_ += s;
+                tn += c as f64 - s;
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        push_finite(out, "estimated_accuracy", "", (tp + tn) / n as f64, n, None);
+        if tp + fp > 0.0 {
+            push_finite(out, "estimated_precision", "", tp / (tp + fp), n, None);
+        }
+        if tp + fn_ > 0.0 {
+            push_finite(out, "estimated_recall", "", tp / (tp + fn_), n, None);
+        }
+        if 2.0 * tp + fp + fn_ > 0.0 {
+            push_finite(
+                out,
+                "estimated_f1",
+                "",
+                2.0 * tp / (2.0 * tp + fp + fn_),
+                n,
+                None,
+            );
+        }
+    }
+
+    /// Approximate heap bytes held (for the memory budget).
+    pub fn approx_bytes(&self) -> usize {
+        let feature =
+            |f: &FeatureState| std::mem::size_of::<FeatureState>() + f.cells.capacity() * 8;
+        std::mem::size_of::<Self>()
+            + self.features.iter().map(feature).sum::<usize>()
+            + self.prediction.as_ref().map_or(0, feature)
+            + self.latency.distinct_values() * 8
+            + self.scores.capacity() * 16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ReferenceBuilder;
+    use crate::model::{Entries, FeatureValue, PredictionEvent};
+
+    fn ev(x: Option<f64>, c: Option<&str>, score: f64) -> PredictionEvent {
+        let mut f = Vec::new();
+        if let Some(x) = x {
+            f.push(("x".to_owned(), FeatureValue::Double(x)));
+        }
+        if let Some(c) = c {
+            f.push(("c".to_owned(), FeatureValue::String(c.to_owned())));
+        }
+        PredictionEvent {
+            features: Entries(f),
+            score: Some(score),
+            latency_ms: Some(2.0),
+            ..Default::default()
+        }
+    }
+
+    fn get<'a>(out: &'a [MetricValue], metric: &str, feature: &str) -> Option<&'a MetricValue> {
+        out.iter()
+            .find(|v| v.metric == metric && v.feature == feature)
+    }
+
+    fn profile() -> ReferenceProfile {
+        let mut b = ReferenceBuilder::new(&DriftConfig::default());
+        for i in 0..1000 {
+            let c = ["a", "b", "c", "d"][i % 4];
+            b.observe(&ev(Some(i as f64), Some(c), (i % 100) as f64 / 100.0));
+        }
+        b.build()
+    }
+
+    #[test]
+    fn stationary_window_has_no_drift_and_shifted_window_does() {
+        let p = profile();
+        let cfg = DriftConfig::default();
+        let mut r = Resolved::default();
+        let mut same = DataAccumulator::new(Some(&p));
+        let mut shifted = DataAccumulator::new(Some(&p));
+        for i in 0..1000 {
+            let c = ["a", "b", "c", "d"][i % 4];
+            p.resolve(
+                &ev(Some(i as f64 + 0.5), Some(c), (i % 100) as f64 / 100.0),
+                &mut r,
+            );
+            same.observe(&r);
+            p.resolve(&ev(Some(i as f64 + 600.0), Some("e"), 0.9), &mut r);
+            shifted.observe(&r);
+        }
+        let mut out = Vec::new();
+        same.finish(Some(&p), &cfg, &mut out);
+        assert_eq!(get(&out, "prediction_count", "").unwrap().value, 1000.0);
+        assert!(get(&out, "psi", "x").unwrap().value < 0.01);
+        assert_eq!(get(&out, "drift_detected", "x").unwrap().value, 0.0);
+        assert_eq!(get(&out, "drift_detected", "c").unwrap().value, 0.0);
+        assert_eq!(get(&out, "drifted_feature_count", "").unwrap().value, 0.0);
+        assert!(get(&out, "wasserstein", "x").unwrap().value < 1.0);
+        // only 999.5 is above the reference max 999
+        assert_eq!(get(&out, "out_of_range_rate", "x").unwrap().value, 0.001);
+        assert!((get(&out, "latency_p50", "").unwrap().value - 2.0).abs() < 0.02);
+        out.clear();
+        shifted.finish(Some(&p), &cfg, &mut out);
+        assert!(get(&out, "psi", "x").unwrap().value > 1.0);
+        assert_eq!(get(&out, "drift_detected", "x").unwrap().value, 1.0);
+        assert_eq!(get(&out, "drift_detected", "c").unwrap().value, 1.0);
+        assert_eq!(get(&out, "new_category_rate", "c").unwrap().value, 1.0);
+        // 600 of the shifted values (1000..=1599) are above the reference max (999)
+        assert_eq!(get(&out, "out_of_range_rate", "x").unwrap().value, 0.6);
+        // shift of 600: exact on the out-of-range part, interpolated inside
+        let w = get(&out, "wasserstein", "x").unwrap().value;
+        assert!((w - 600.0).abs() / 600.0 < 0.01, "{w}");
+        assert!((get(&out, "ks_statistic", "x").unwrap().value - 0.6).abs() < 0.005);
+        assert_eq!(get(&out, "drifted_feature_count", "").unwrap().value, 2.0);
+        assert_eq!(get(&out, "drifted_feature_share", "").unwrap().value, 1.0);
+        assert_eq!(
+            get(&out, "drift_detected", PREDICTION_FEATURE)
+                .unwrap()
+                .value,
+            1.0
+        );
+        assert!(get(&out, "missing_rate", PREDICTION_FEATURE).is_none());
+    }
+
+    #[test]
+    fn missing_and_unresolved_events_are_counted_apart() {
+        let p = profile();
+        let mut r = Resolved::default();
+        let mut acc = DataAccumulator::new(Some(&p));
+        p.resolve(&ev(None, Some("a"), 0.2), &mut r);
+        acc.observe(&r);
+        p.resolve(&ev(Some(f64::NAN), Some("a"), 0.2), &mut r);
+        acc.observe(&r);
+        Resolved::without_profile(&ev(Some(1.0), Some("a"), 0.2), &mut r);
+        acc.observe(&r);
+        let mut out = Vec::new();
+        acc.finish(Some(&p), &DriftConfig::default(), &mut out);
+        assert_eq!(get(&out, "prediction_count", "").unwrap().value, 3.0);
+        assert_eq!(get(&out, "missing_rate", "x").unwrap().value, 0.5);
+        assert_eq!(get(&out, "nan_rate", "x").unwrap().value, 0.5);
+        assert_eq!(get(&out, "missing_rate", "c").unwrap().value, 0.0);
+        assert!(get(&out, "psi", "x").is_none(), "no valid values");
+        assert!(
+            get(&out, "drift_detected", "c").is_none(),
+            "below min_samples"
+        );
+        assert!(out.iter().all(|v| v.value.is_finite()));
+    }
+
+    #[test]
+    fn estimated_performance_from_calibrated_scores() {
+        let mut acc = DataAccumulator::new(None);
+        let mut r = Resolved::default();
+        for s in [0.9, 0.8, 0.3, 0.1] {
+            Resolved::without_profile(&ev(None, None, s), &mut r);
+            acc.observe(&r);
+        }
+        let mut out = Vec::new();
+        acc.finish_estimated(
+            &Task::Binary {
+                positive_label: "1".into(),
+                threshold: 0.5,
+            },
+            &mut out,
+        );
+        // E[TP] = 1.7, E[FP] = 0.3, E[FN] = 0.4, E[TN] = 1.6
+        let v = |m: &str| get(&out, m, "").unwrap().value;
+        assert!((v("estimated_accuracy") - 3.3 / 4.0).abs() < 1e-12);
+        assert!((v("estimated_precision") - 1.7 / 2.0).abs() < 1e-12);
+        assert!((v("estimated_recall") - 1.7 / 2.1).abs() < 1e-12);
+        assert!((v("estimated_f1") - 3.4 / 4.1).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,1 @@
+//! Oracle tests: our statistics against scipy / scikit-learn fixtures.

@@ -1,0 +1,802 @@
+//! Reference profiles: what "normal" looks like for one (model, version), and
+//! the one-time resolution of an event against it.
+//!
+//! [`ReferenceBuilder`] collects reference events (an imported file or the
+//! first N production events) and [`ReferenceBuilder::build`] computes exact
+//! quantiles and category frequencies into a [`ReferenceProfile`], which is
+//! serialisable (stored as JSON). [`ReferenceProfile::resolve`] maps each
+//! feature value of an event to its bin index once ([`Resolved`]), so the same
+//! event updates several accumulators (one per segment) with plain counter
+//! increments and no allocation. The binning conventions are in the
+//! [module docs](super).
+
+use std::collections::HashMap;
+
+use ahash::RandomState;
+use serde::{Deserialize, Serialize};
+
+use super::quantile::quantile_sorted;
+use super::DriftConfig;
+use crate::model::{FeatureValue, PredictionEvent};
+
+type FastMap<K, V> = HashMap<K, V, RandomState>;
+
+/// Reference distribution of one numeric feature on a fine quantile grid.
+///
+/// Cells: `0` holds values below the grid minimum; for the `i`-th distinct
+/// grid value `g_i`, cell `2i + 1` holds values equal to `g_i` and cell
+/// `2i + 2` values strictly between `g_i` and `g_(i+1)` (for the last grid
+/// value: above the maximum). So there are `2 * grid.len() + 1` cells.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NumericProfile {
+    /// Distinct reference quantiles at `j / G`, ascending (first = min, last = max).
+    pub grid: Vec<f64>,
+    /// Distinct coarse cut points (reference quantiles at `i / bins`), ascending.
+    pub cuts: Vec<f64>,
+    /// Reference counts per cell.
+    pub cells: Vec<u64>,
+    /// Mean of the finite reference values.
+    pub mean: f64,
+    /// Population standard deviation (ddof 0) of the finite reference values.
+    pub std: f64,
+    /// Coarse bin of each cell (derived from `grid` and `cuts`).
+    #[serde(skip)]
+    pub(crate) cell_bin: Vec<u16>,
+}
+
+impl NumericProfile {
+    fn from_sorted(sorted: &[f64], bins: usize, grid_size: usize) -> Self {
+        let per_bin = grid_size.div_ceil(bins).max(1);
+        let g = bins * per_bin;
+        let mut full = Vec::with_capacity(g + 1);
+        for j in 0..=g {
+            if let Some(q) = quantile_sorted(sorted, j as f64 / g as f64) {
+                full.push(q);
+            }
+        }
+        let mut cuts: Vec<f64> = if full.is_empty() {
+            Vec::new()
+        } else {
+            (1..bins).map(|i| full[i * per_bin]).collect()
+        };
+        cuts.dedup();
+        full.dedup();
+        let n = sorted.len() as f64;
+        let (mean, std) = if sorted.is_empty() {
+            (0.0, 0.0)
+        } else {
+            let mean = sorted.iter().sum::<f64>() / n;
+            let var = sorted.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n;
+            (mean, var.sqrt())
+        };
+        let mut p = NumericProfile {
+            cells: vec![0; 2 * full.len() + 1],
+            grid: full,
+            cuts,
+            mean,
+            std,
+            cell_bin: Vec::new(),
+        };
+        for &v in sorted {
+            let c = p.cell(v) as usize;
+            p.cells[c] += 1;
+        }
+        p.index();
+        p
+    }
+
+    /// The cell of a finite value.
+    #[inline]
+    pub fn cell(&self, v: f64) -> u32 {
+        let k = self.grid.partition_point(|&g| g <= v);
+        if k == 0 {
+            0
+        } else if v == self.grid[k - 1] {
+            (2 * k - 1) as u32
+        } else {
+            (2 * k) as u32
+        }
+    }
+
+    /// Number of coarse drift bins.
+    pub fn bin_count(&self) -> usize {
+        self.cuts.len() + 1
+    }
+
+    /// True for the cells outside `[min, max]` of the reference.
+    #[inline]
+    pub fn out_of_range(&self, cell: u32) -> bool {
+        !self.grid.is_empty() && (cell == 0 || cell as usize == 2 * self.grid.len())
+    }
+
+    fn index(&mut self) {
+        let mut cell_bin = Vec::with_capacity(self.cells.len());
+        cell_bin.push(0u16);
+        for &g in &self.grid {
+            let b = self.cuts.partition_point(|&c| c <= g) as u16;
+            cell_bin.push(b);
+            cell_bin.push(b);
+        }
+        self.cell_bin = cell_bin;
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let sorted = |v: &[f64]| v.windows(2).all(|w| w[0] < w[1]);
+        if !self.grid.iter().chain(&self.cuts).all(|v| v.is_finite())
+            || !sorted(&self.grid)
+            || !sorted(&self.cuts)
+        {
+            return Err("numeric grid / cuts must be finite and strictly ascending".into());
+        }
+        if self.cells.len() != 2 * self.grid.len() + 1 {
+            return Err("numeric cells must have 2 * grid + 1 entries".into());
+        }
+        if self.cuts.len() >= u16::MAX as usize {
+            return Err("too many cut points".into());
+        }
+        Ok(())
+    }
+}
+
+/// Reference distribution of one categorical feature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CategoricalProfile {
+    /// Kept categories, most frequent first.
+    pub categories: Vec<String>,
+    /// Reference counts per category, plus a last entry for every other value.
+    pub counts: Vec<u64>,
+    /// Category → index (derived from `categories`).
+    #[serde(skip)]
+    pub(crate) index: FastMap<Box<str>, u32>,
+}
+
+impl CategoricalProfile {
+    fn from_counts(counts: &FastMap<String, u64>, max_categories: usize) -> Self {
+        let mut all: Vec<(&String, u64)> = counts.iter().map(|(k, &v)| (k, v)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let kept = all.len().min(max_categories.max(1));
+        let other: u64 = all[kept..].iter().map(|(_, c)| c).sum();
+        let mut p = CategoricalProfile {
+            categories: all[..kept].iter().map(|(k, _)| (*k).clone()).collect(),
+            counts: all[..kept]
+                .iter()
+                .map(|(_, c)| *c)
+                .chain(std::iter::once(other))
+                .collect(),
+            index: FastMap::default(),
+        };
+        p.reindex();
+        p
+    }
+
+    fn reindex(&mut self) {
+        self.index = self
+            .categories
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (Box::from(c.as_str()), i as u32))
+            .collect();
+    }
+
+    /// The bin of a category (the last bin for unknown categories).
+    #[inline]
+    pub fn bin(&self, v: &str) -> u32 {
+        self.index
+            .get(v)
+            .copied()
+            .unwrap_or(self.categories.len() as u32)
+    }
+
+    /// The "other / unseen" bin.
+    pub fn other_bin(&self) -> u32 {
+        self.categories.len() as u32
+    }
+}
+
+/// How a feature is binned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum FeatureKind {
+    /// Numbers (long / double).
+    Numeric(NumericProfile),
+    /// Strings and booleans.
+    Categorical(CategoricalProfile),
+}
+
+/// Reference profile of one feature (or of the prediction).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureProfile {
+    /// Feature name (`__prediction__` for the prediction).
+    pub name: String,
+    /// Reference values that were null or absent.
+    pub missing: u64,
+    /// Binning and reference distribution.
+    pub kind: FeatureKind,
+}
+
+impl FeatureProfile {
+    /// Number of reference values binned (finite numbers / categories).
+    pub fn binned_count(&self) -> u64 {
+        match &self.kind {
+            FeatureKind::Numeric(n) => n.cells.iter().sum(),
+            FeatureKind::Categorical(c) => c.counts.iter().sum(),
+        }
+    }
+
+    fn validate(&mut self) -> Result<(), String> {
+        match &mut self.kind {
+            FeatureKind::Numeric(n) => {
+                n.validate().map_err(|e| format!("{}: {e}", self.name))?;
+                n.index();
+            }
+            FeatureKind::Categorical(c) => {
+                if c.counts.len() != c.categories.len() + 1 {
+                    return Err(format!(
+                        "{}: counts must have categories + 1 entries",
+                        self.name
+                    ));
+                }
+                c.reindex();
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn resolve_value(&self, v: &FeatureValue) -> Slot {
+        match (&self.kind, v) {
+            (_, FeatureValue::Null) => Slot::MISSING,
+            (FeatureKind::Numeric(n), FeatureValue::Long(x)) => Slot::numeric(n, *x as f64),
+            (FeatureKind::Numeric(n), FeatureValue::Double(x)) => Slot::numeric(n, *x),
+            (FeatureKind::Categorical(c), FeatureValue::String(s)) => Slot::category(c.bin(s)),
+            (FeatureKind::Categorical(c), FeatureValue::Bool(b)) => {
+                Slot::category(c.bin(if *b { "true" } else { "false" }))
+            }
+            _ => Slot::MISMATCH,
+        }
+    }
+}
+
+/// Which prediction field the `__prediction__` profile describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PredictionSource {
+    /// `score` (binary classifiers).
+    Score,
+    /// `predicted_value` (regression).
+    PredictedValue,
+    /// `predicted_label` (multiclass).
+    PredictedLabel,
+}
+
+/// Reference profile of one (model, version); serialised as JSON for storage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ProfileData")]
+pub struct ReferenceProfile {
+    /// Number of reference events.
+    pub sample_count: u64,
+    /// Coarse numeric bins requested at build time.
+    pub bins: usize,
+    /// Per-feature profiles, in order of first appearance.
+    pub features: Vec<FeatureProfile>,
+    /// The prediction's profile and its source field, when predictions carried one.
+    pub prediction: Option<(PredictionSource, FeatureProfile)>,
+    #[serde(skip)]
+    index: FastMap<Box<str>, u32>,
+}
+
+/// The stored form of a profile, validated into a [`ReferenceProfile`].
+#[derive(Deserialize)]
+struct ProfileData {
+    sample_count: u64,
+    bins: usize,
+    features: Vec<FeatureProfile>,
+    prediction: Option<(PredictionSource, FeatureProfile)>,
+}
+
+impl TryFrom<ProfileData> for ReferenceProfile {
+    type Error = String;
+    fn try_from(d: ProfileData) -> Result<Self, String> {
+        let mut p = ReferenceProfile {
+            sample_count: d.sample_count,
+            bins: d.bins,
+            features: d.features,
+            prediction: d.prediction,
+            index: FastMap::default(),
+        };
+        for f in &mut p.features {
+            f.validate()?;
+        }
+        if let Some((_, f)) = &mut p.prediction {
+            f.validate()?;
+        }
+        p.reindex();
+        Ok(p)
+    }
+}
+
+impl ReferenceProfile {
+    fn reindex(&mut self) {
+        self.index = self
+            .features
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (Box::from(f.name.as_str()), i as u32))
+            .collect();
+    }
+
+    /// Feature names, in profile order.
+    pub fn feature_names(&self) -> impl Iterator<Item = &str> {
+        self.features.iter().map(|f| f.name.as_str())
+    }
+
+    /// Resolves an event against this profile into `out` (cleared first):
+    /// per feature its cell / category bin or why it has none, the
+    /// prediction's bin, latency and score. Does not allocate once `out` has
+    /// grown to the profile's size.
+    pub fn resolve(&self, ev: &PredictionEvent, out: &mut Resolved) {
+        Resolved::without_profile(ev, out);
+        out.resolved = true;
+        out.features.resize(self.features.len(), Slot::MISSING);
+        let mut unknown = 0u32;
+        for (pos, (name, value)) in ev.features.0.iter().enumerate() {
+            // Events usually list features in the reference's order: try that first.
+            let idx = match self.features.get(pos) {
+                Some(f) if f.name == *name => Some(pos),
+                _ => self.index.get(name.as_str()).map(|&i| i as usize),
+            };
+            match idx {
+                Some(i) => out.features[i] = self.features[i].resolve_value(value),
+                None => unknown += 1,
+            }
+        }
+        out.unknown_features = unknown;
+        if let Some((source, f)) = &self.prediction {
+            let number = |v: Option<f64>| {
+                v.map_or(Slot::MISSING, |v| f.resolve_value(&FeatureValue::Double(v)))
+            };
+            out.prediction = match source {
+                PredictionSource::Score => number(ev.score),
+                PredictionSource::PredictedValue => number(ev.predicted_value),
+                PredictionSource::PredictedLabel => match (&f.kind, &ev.predicted_label) {
+                    (_, None) => Slot::MISSING,
+                    (FeatureKind::Categorical(c), Some(l)) => Slot::category(c.bin(l)),
+                    (FeatureKind::Numeric(_), Some(_)) => Slot::MISMATCH,
+                },
+            };
+        }
+    }
+}
+
+/// Why a feature has no bin, or its bin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum SlotState {
+    /// Null or absent.
+    #[default]
+    Missing,
+    /// NaN or infinite number.
+    NonFinite,
+    /// A value of the wrong type for the profile (string for a numeric feature, ...).
+    Mismatch,
+    /// Binned: `cell` is valid.
+    Value,
+}
+
+/// One resolved feature value.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub(crate) struct Slot {
+    pub(crate) state: SlotState,
+    /// Numeric cell or categorical bin.
+    pub(crate) cell: u32,
+    /// The numeric value (for the out-of-range Wasserstein tails).
+    pub(crate) value: f64,
+}
+
+impl Slot {
+    const MISSING: Slot = Slot {
+        state: SlotState::Missing,
+        cell: 0,
+        value: 0.0,
+    };
+    const MISMATCH: Slot = Slot {
+        state: SlotState::Mismatch,
+        cell: 0,
+        value: 0.0,
+    };
+
+    #[inline]
+    fn numeric(p: &NumericProfile, v: f64) -> Slot {
+        if v.is_finite() {
+            Slot {
+                state: SlotState::Value,
+                cell: p.cell(v),
+                value: v,
+            }
+        } else {
+            Slot {
+                state: SlotState::NonFinite,
+                cell: 0,
+                value: 0.0,
+            }
+        }
+    }
+
+    #[inline]
+    fn category(bin: u32) -> Slot {
+        Slot {
+            state: SlotState::Value,
+            cell: bin,
+            value: 0.0,
+        }
+    }
+}
+
+/// Scratch produced by [`ReferenceProfile::resolve`]; reuse one across events.
+#[derive(Debug, Clone, Default)]
+pub struct Resolved {
+    /// One slot per profile feature (empty without a profile).
+    pub(crate) features: Vec<Slot>,
+    /// The prediction's slot.
+    pub(crate) prediction: Slot,
+    /// Inference latency (ms).
+    pub(crate) latency_ms: Option<f64>,
+    /// Positive-class probability.
+    pub(crate) score: Option<f64>,
+    /// Features of the event absent from the profile.
+    pub(crate) unknown_features: u32,
+    /// True when resolved against a profile.
+    pub(crate) resolved: bool,
+}
+
+impl Resolved {
+    /// Resolves an event when there is no profile yet: only the count,
+    /// latency and score are kept.
+    pub fn without_profile(ev: &PredictionEvent, out: &mut Resolved) {
+        out.features.clear();
+        out.prediction = Slot::MISSING;
+        out.latency_ms = ev.latency_ms;
+        out.score = ev.score;
+        out.unknown_features = 0;
+        out.resolved = false;
+    }
+}
+
+/// Per-feature state of a [`ReferenceBuilder`].
+#[derive(Debug, Clone, Default)]
+struct BuilderFeature {
+    name: String,
+    numbers: Vec<f64>,
+    non_finite: u64,
+    categories: FastMap<String, u64>,
+    categorical: u64,
+}
+
+impl BuilderFeature {
+    fn observe(&mut self, v: &FeatureValue) {
+        match v {
+            FeatureValue::Null => {}
+            FeatureValue::Long(x) => self.numbers.push(*x as f64),
+            FeatureValue::Double(x) if x.is_finite() => self.numbers.push(*x),
+            FeatureValue::Double(_) => self.non_finite += 1,
+            FeatureValue::Bool(b) => self.category(if *b { "true" } else { "false" }),
+            FeatureValue::String(s) => self.category(s),
+        }
+    }
+
+    fn category(&mut self, s: &str) {
+        self.categorical += 1;
+        match self.categories.get_mut(s) {
+            Some(c) => *c += 1,
+            None => {
+                self.categories.insert(s.to_owned(), 1);
+            }
+        }
+    }
+
+    /// The profile: numeric when numbers are at least as frequent as categories.
+    fn build(&self, total: u64, cfg: &DriftConfig) -> FeatureProfile {
+        let numeric_n = self.numbers.len() as u64 + self.non_finite;
+        let kind = if numeric_n >= self.categorical {
+            let mut sorted = self.numbers.clone();
+            sorted.sort_by(f64::total_cmp);
+            FeatureKind::Numeric(NumericProfile::from_sorted(
+                &sorted,
+                cfg.bins.max(1),
+                cfg.quantile_grid.max(cfg.bins),
+            ))
+        } else {
+            FeatureKind::Categorical(CategoricalProfile::from_counts(
+                &self.categories,
+                cfg.max_categories,
+            ))
+        };
+        let present = self.numbers.len() as u64 + self.non_finite + self.categorical;
+        FeatureProfile {
+            name: self.name.clone(),
+            missing: total.saturating_sub(present),
+            kind,
+        }
+    }
+}
+
+/// Collects reference events and builds a [`ReferenceProfile`] from exact
+/// quantiles. Keeps every value: meant for reference-sized samples.
+#[derive(Debug, Clone)]
+pub struct ReferenceBuilder {
+    cfg: DriftConfig,
+    count: u64,
+    features: Vec<BuilderFeature>,
+    index: FastMap<String, usize>,
+    scores: BuilderFeature,
+    values: BuilderFeature,
+    labels: BuilderFeature,
+}
+
+impl ReferenceBuilder {
+    /// An empty builder using `cfg`'s bins, grid and category cap.
+    pub fn new(cfg: &DriftConfig) -> Self {
+        let named = |n: &str| BuilderFeature {
+            name: n.to_owned(),
+            ..Default::default()
+        };
+        ReferenceBuilder {
+            cfg: cfg.clone(),
+            count: 0,
+            features: Vec::new(),
+            index: FastMap::default(),
+            scores: named(super::PREDICTION_FEATURE),
+            values: named(super::PREDICTION_FEATURE),
+            labels: named(super::PREDICTION_FEATURE),
+        }
+    }
+
+    /// Adds one reference event.
+    pub fn observe(&mut self, ev: &PredictionEvent) {
+        self.count += 1;
+        for (name, value) in ev.features.iter() {
+            let i = match self.index.get(name) {
+                Some(&i) => i,
+                None => {
+                    self.features.push(BuilderFeature {
+                        name: name.to_owned(),
+                        ..Default::default()
+                    });
+                    self.index.insert(name.to_owned(), self.features.len() - 1);
+                    self.features.len() - 1
+                }
+            };
+            self.features[i].observe(value);
+        }
+        if let Some(s) = ev.score {
+            self.scores.observe(&FeatureValue::Double(s));
+        }
+        if let Some(v) = ev.predicted_value {
+            self.values.observe(&FeatureValue::Double(v));
+        }
+        if let Some(l) = &ev.predicted_label {
+            self.labels.category(l);
+        }
+    }
+
+    /// Number of events observed.
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    /// True before the first event.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The profile: exact quantiles and category counts of the observed values.
+    pub fn build(&self) -> ReferenceProfile {
+        let features = self
+            .features
+            .iter()
+            .map(|f| f.build(self.count, &self.cfg))
+            .collect();
+        let pred_n = |f: &BuilderFeature| f.numbers.len() as u64 + f.non_finite + f.categorical;
+        let prediction = if pred_n(&self.scores) > 0 {
+            Some((
+                PredictionSource::Score,
+                self.scores.build(self.count, &self.cfg),
+            ))
+        } else if pred_n(&self.values) > 0 {
+            Some((
+                PredictionSource::PredictedValue,
+                self.values.build(self.count, &self.cfg),
+            ))
+        } else if pred_n(&self.labels) > 0 {
+            Some((
+                PredictionSource::PredictedLabel,
+                self.labels.build(self.count, &self.cfg),
+            ))
+        } else {
+            None
+        };
+        let mut p = ReferenceProfile {
+            sample_count: self.count,
+            bins: self.cfg.bins,
+            features,
+            prediction,
+            index: FastMap::default(),
+        };
+        p.reindex();
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Entries;
+
+    pub(crate) fn event(features: Vec<(&str, FeatureValue)>) -> PredictionEvent {
+        PredictionEvent {
+            features: Entries(
+                features
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    fn numeric(p: &ReferenceProfile, i: usize) -> &NumericProfile {
+        match &p.features[i].kind {
+            FeatureKind::Numeric(n) => n,
+            FeatureKind::Categorical(_) => panic!("expected numeric"),
+        }
+    }
+
+    #[test]
+    fn numeric_profile_uses_numpy_quantiles_and_right_closed_cuts() {
+        let cfg = DriftConfig {
+            bins: 4,
+            quantile_grid: 4,
+            ..Default::default()
+        };
+        let mut b = ReferenceBuilder::new(&cfg);
+        for v in [1.0, 2.0, 3.0, 4.0, 5.0] {
+            b.observe(&event(vec![("x", FeatureValue::Double(v))]));
+        }
+        let p = b.build();
+        let n = numeric(&p, 0);
+        // np.quantile([1,2,3,4,5], [0,.25,.5,.75,1]) = [1,2,3,4,5]
+        assert_eq!(n.grid, vec![1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(n.cuts, vec![2.0, 3.0, 4.0]);
+        // every reference value sits exactly on a grid point
+        assert_eq!(n.cells, vec![0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0]);
+        assert_eq!(n.cell(0.5), 0);
+        assert_eq!(n.cell(2.0), 3);
+        assert_eq!(n.cell(2.5), 4);
+        assert_eq!(n.cell(9.0), 10);
+        assert!(n.out_of_range(0) && n.out_of_range(10) && !n.out_of_range(9));
+        // bins: searchsorted(cuts, v, 'right'): 1 -> 0, 2 -> 1, 2.5 -> 1, 5 -> 3, 9 -> 3
+        assert_eq!(n.cell_bin[n.cell(1.0) as usize], 0);
+        assert_eq!(n.cell_bin[n.cell(2.0) as usize], 1);
+        assert_eq!(n.cell_bin[n.cell(2.5) as usize], 1);
+        assert_eq!(n.cell_bin[n.cell(5.0) as usize], 3);
+        assert_eq!(n.cell_bin[n.cell(9.0) as usize], 3);
+        assert_eq!(n.mean, 3.0);
+        assert!((n.std - 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn ties_are_deduplicated() {
+        let cfg = DriftConfig::default();
+        let mut b = ReferenceBuilder::new(&cfg);
+        for i in 0..100 {
+            b.observe(&event(vec![("x", FeatureValue::Long(i % 3))]));
+        }
+        let p = b.build();
+        let n = numeric(&p, 0);
+        // 34 zeros, 33 ones, 33 twos: the cuts at .1 ... .9 are 0, 1 or 2
+        assert_eq!(n.cuts, vec![0.0, 1.0, 2.0]);
+        assert_eq!(n.bin_count(), 4);
+        // the grid also holds values interpolated between ties (numpy "linear")
+        assert!(n.grid.windows(2).all(|w| w[0] < w[1]));
+        let at = |v: f64| n.cells[n.cell(v) as usize];
+        assert_eq!((at(0.0), at(1.0), at(2.0)), (34, 33, 33));
+        assert_eq!(n.cells.iter().sum::<u64>(), 100);
+    }
+
+    #[test]
+    fn categorical_profile_caps_categories_and_resolves_unseen() {
+        let cfg = DriftConfig {
+            max_categories: 2,
+            ..Default::default()
+        };
+        let mut b = ReferenceBuilder::new(&cfg);
+        for c in ["a", "a", "a", "b", "b", "c"] {
+            b.observe(&event(vec![("c", FeatureValue::String(c.into()))]));
+        }
+        b.observe(&event(vec![("c", FeatureValue::Null)]));
+        let p = b.build();
+        let FeatureKind::Categorical(c) = &p.features[0].kind else {
+            panic!("expected categorical")
+        };
+        assert_eq!(c.categories, vec!["a", "b"]);
+        assert_eq!(c.counts, vec![3, 2, 1]);
+        assert_eq!(p.features[0].missing, 1);
+        assert_eq!(c.bin("b"), 1);
+        assert_eq!(c.bin("zzz"), 2);
+    }
+
+    #[test]
+    fn resolve_handles_order_missing_types_and_unknown_features() {
+        let cfg = DriftConfig::default();
+        let mut b = ReferenceBuilder::new(&cfg);
+        for i in 0..50 {
+            let mut e = event(vec![
+                ("x", FeatureValue::Double(i as f64)),
+                (
+                    "c",
+                    FeatureValue::String(if i % 2 == 0 { "a" } else { "b" }.into()),
+                ),
+            ]);
+            e.score = Some(i as f64 / 50.0);
+            b.observe(&e);
+        }
+        let p = b.build();
+        assert_eq!(p.feature_names().collect::<Vec<_>>(), vec!["x", "c"]);
+        let mut r = Resolved::default();
+        let mut e = event(vec![
+            ("c", FeatureValue::Bool(true)),
+            ("new", FeatureValue::Long(1)),
+            ("x", FeatureValue::String("oops".into())),
+        ]);
+        e.score = Some(0.99);
+        e.latency_ms = Some(3.0);
+        p.resolve(&e, &mut r);
+        assert!(r.resolved);
+        assert_eq!(r.features[0].state, SlotState::Mismatch);
+        assert_eq!(r.features[1].state, SlotState::Value);
+        assert_eq!(r.features[1].cell, 2, "'true' is unseen: other bin");
+        assert_eq!(r.unknown_features, 1);
+        assert_eq!(r.prediction.state, SlotState::Value);
+        assert_eq!(r.latency_ms, Some(3.0));
+        p.resolve(&event(vec![("x", FeatureValue::Double(f64::NAN))]), &mut r);
+        assert_eq!(r.features[0].state, SlotState::NonFinite);
+        assert_eq!(r.features[1].state, SlotState::Missing);
+        assert_eq!(r.prediction.state, SlotState::Missing);
+    }
+
+    #[test]
+    fn profile_round_trips_through_json_and_rejects_corruption() {
+        let cfg = DriftConfig::default();
+        let mut b = ReferenceBuilder::new(&cfg);
+        for i in 0..40 {
+            let mut e = event(vec![
+                ("x", FeatureValue::Double((i * 7 % 13) as f64)),
+                ("c", FeatureValue::String(format!("k{}", i % 4))),
+            ]);
+            e.predicted_label = Some(format!("l{}", i % 3));
+            b.observe(&e);
+        }
+        let p = b.build();
+        let json = serde_json::to_string(&p).unwrap();
+        let back: ReferenceProfile = serde_json::from_str(&json).unwrap();
+        // serde_json without its `float_roundtrip` feature may parse a float
+        // one ulp off: compare grids within 1e-15, the rest exactly.
+        let (a, b) = (numeric(&back, 0), numeric(&p, 0));
+        assert_eq!(a.grid.len(), b.grid.len());
+        for (x, y) in a.grid.iter().zip(&b.grid) {
+            assert!((x - y).abs() <= 1e-15 * y.abs().max(1.0));
+        }
+        assert_eq!(
+            (&a.cells, &a.cuts, &a.cell_bin),
+            (&b.cells, &b.cuts, &b.cell_bin)
+        );
+        assert_eq!(back.features[1], p.features[1]);
+        assert_eq!(back.prediction, p.prediction);
+        assert_eq!(back.feature_names().collect::<Vec<_>>(), vec!["x", "c"]);
+        assert_eq!(
+            back.prediction.as_ref().unwrap().0,
+            PredictionSource::PredictedLabel
+        );
+        let bad = json.replacen("\"cells\":[", "\"cells\":[1,", 1);
+        assert!(serde_json::from_str::<ReferenceProfile>(&bad).is_err());
+    }
+}

@@ -1,6 +1,8 @@
 //! Ingestion: Kafka consumption ([`consumer`]), pure payload decoding and
-//! validation ([`decode`]), and the commit bookkeeping ([`offsets`]).
+//! validation ([`decode`], with the Avro codec in `avro`), and the commit
+//! bookkeeping ([`offsets`]).
 
+mod avro;
 pub mod consumer;
 pub mod decode;
 pub mod offsets;

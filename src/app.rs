@@ -101,20 +101,25 @@ pub struct Progress {
     pub pending_predictions: usize,
 }
 
-/// The running service: one consumer, the core, the sinks.
+/// The running service: one consumer, the processing state, the sinks.
 pub struct Service {
-    cfg: Config,
     consumer: InputConsumer,
-    decoder: Decoder,
-    core: Core,
     sink: ClickHouseSink,
     alerts: AlertPublisher,
     dlq: DeadLetterQueue,
+    last_error_log: Option<Instant>,
+    p: Processing,
+}
+
+/// Everything a consumed message touches (split from [`Service`] so a
+/// message borrowed from the consumer can be processed in place).
+struct Processing {
+    cfg: Config,
+    decoder: Decoder,
+    core: Core,
     offsets: OffsetTracker,
     pending: Pending,
     counters: Arc<Counters>,
-    last_error_log: Option<Instant>,
-    last_input: Instant,
 }
 
 impl Service {
@@ -137,44 +142,45 @@ impl Service {
         let producer = producer(&cfg.kafka)?;
         let consumer = input_consumer(&cfg.kafka)?;
         Ok(Service {
-            decoder: Decoder::new(cfg.kafka.format),
             alerts: AlertPublisher::new(producer.clone(), &cfg.kafka.alerts_topic),
             dlq: DeadLetterQueue::new(producer, &cfg.kafka.dead_letter_topic),
             consumer,
-            core,
             sink,
-            offsets: OffsetTracker::new(),
-            pending: Pending::default(),
-            counters: Arc::new(Counters::default()),
             last_error_log: None,
-            last_input: Instant::now(),
-            cfg,
+            p: Processing {
+                decoder: Decoder::new(cfg.kafka.format),
+                core,
+                offsets: OffsetTracker::new(),
+                pending: Pending::default(),
+                counters: Arc::new(Counters::default()),
+                cfg,
+            },
         })
     }
 
     /// The service's counters (shared).
     pub fn counters(&self) -> Arc<Counters> {
-        self.counters.clone()
+        self.p.counters.clone()
     }
 
     /// What has been done so far.
     pub fn progress(&self) -> Progress {
-        let c = &self.counters;
+        let c = &self.p.counters;
         Progress {
-            core: self.core.stats(),
+            core: self.p.core.stats(),
             consumed: Counters::get(&c.predictions_consumed_total)
                 + Counters::get(&c.labels_consumed_total),
             dead_lettered: Counters::get(&c.dead_lettered_total),
             rows_written: Counters::get(&c.rows_written_total),
             alerts_published: Counters::get(&c.alerts_published_total),
-            pending_predictions: self.core.pending_predictions(),
+            pending_predictions: self.p.core.pending_predictions(),
         }
     }
 
     /// Consumes until `shutdown` resolves, flushing every `flush_interval`;
     /// then writes what is due and commits.
     pub async fn run_until(&mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let mut tick = tokio::time::interval(self.cfg.service.flush_interval);
+        let mut tick = tokio::time::interval(self.p.cfg.service.flush_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut report = tokio::time::interval(Duration::from_secs(10));
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -200,9 +206,7 @@ impl Service {
                 }
                 m = self.consumer.recv() => match m {
                     Ok(msg) => {
-                        self.last_input = Instant::now();
-                        let topic = msg.topic().to_string();
-                        self.handle(&topic, msg.partition(), msg.offset(), msg.key(), msg.payload(), now_ms());
+                        self.p.handle(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.payload(), now_ms());
                     }
                     Err(e) => self.log_consumer_error(&e),
                 },
@@ -216,8 +220,8 @@ impl Service {
     /// (after at least one message) or `shutdown` resolves; then closes every
     /// window, writes and commits. For replays and backfills of a finite stream.
     pub async fn run_until_idle(&mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let idle = self.cfg.windows.idle_timeout;
-        let counters = self.counters.clone();
+        let idle = self.p.cfg.windows.idle_timeout;
+        let counters = self.p.counters.clone();
         let started = Instant::now();
         // The idle check reads the shared counters: no borrow of `self` needed.
         let idle_or_shutdown = async move {
@@ -257,8 +261,51 @@ impl Service {
         }
     }
 
-    /// Decodes and processes one message.
+    /// Decodes and processes one message (as if consumed from `topic`).
     pub fn handle(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        wall_ms: i64,
+    ) {
+        self.p.handle(topic, partition, offset, key, payload, wall_ms)
+    }
+
+    /// Advances the core (or, with `close_all`, closes every window) and
+    /// writes everything pending; commits offsets when it all succeeded.
+    pub async fn flush(&mut self, wall_ms: i64, close_all: bool) -> Result<()> {
+        let out = if close_all {
+            self.p.core.flush(wall_ms)
+        } else {
+            self.p.core.advance(wall_ms)
+        };
+        self.p.pending.add(out);
+        match self.write_pending().await {
+            Ok(()) => {}
+            Err(WriteError::Permanent(e)) => return Err(e),
+            Err(WriteError::Transient(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "write failed, will retry at the next flush");
+                return Ok(());
+            }
+        }
+        let moved = match self.p.pending.watermark {
+            Some(wm) => self.p.offsets.advance(if close_all { i64::MAX } else { wm }),
+            // Only undecodable input so far: it is durable in the dead-letter topic.
+            None => self.p.offsets.advance(i64::MIN),
+        };
+        if !moved.is_empty() {
+            commit(&self.consumer, &moved)?;
+            Counters::add(&self.p.counters.commits_total, 1);
+        }
+        Ok(())
+    }
+}
+
+impl Processing {
+    fn handle(
         &mut self,
         topic: &str,
         partition: i32,
@@ -303,40 +350,11 @@ impl Service {
         }
     }
 
-    /// Advances the core (or, with `close_all`, closes every window) and
-    /// writes everything pending; commits offsets when it all succeeded.
-    pub async fn flush(&mut self, wall_ms: i64, close_all: bool) -> Result<()> {
-        let out = if close_all {
-            self.core.flush(wall_ms)
-        } else {
-            self.core.advance(wall_ms)
-        };
-        self.pending.add(out);
-        match self.write_pending().await {
-            Ok(()) => {}
-            Err(WriteError::Permanent(e)) => return Err(e),
-            Err(WriteError::Transient(e)) => {
-                tracing::warn!(error = %format!("{e:#}"), "write failed, will retry at the next flush");
-                return Ok(());
-            }
-        }
-        if let Some(wm) = self.pending.watermark {
-            let durable = if close_all { i64::MAX } else { wm };
-            let moved = self.offsets.advance(durable);
-            if !moved.is_empty() {
-                commit(&self.consumer, &moved)?;
-                Counters::add(&self.counters.commits_total, 1);
-            }
-        } else if !self.pending.letters.is_empty() {
-            // Only undecodable input so far: still commit it.
-            let moved = self.offsets.advance(i64::MIN);
-            commit(&self.consumer, &moved)?;
-        }
-        Ok(())
-    }
+}
 
+impl Service {
     async fn write_pending(&mut self) -> Result<(), WriteError> {
-        let p = &mut self.pending;
+        let p = &mut self.p.pending;
         for (model, version, profile) in &p.references {
             let json = serde_json::to_string(&**profile)
                 .context("cannot serialize a reference profile")
@@ -360,7 +378,7 @@ impl Service {
                 .write_metrics(&p.rows)
                 .await
                 .map_err(WriteError::from_sink)?;
-            Counters::add(&self.counters.rows_written_total, p.rows.len() as u64);
+            Counters::add(&self.p.counters.rows_written_total, p.rows.len() as u64);
             p.rows.clear();
         }
         if !p.alerts.is_empty() {
@@ -375,7 +393,7 @@ impl Service {
             for a in &p.alerts {
                 tracing::warn!(alert_id = %a.alert_id, rule = %a.rule, status = a.status.as_str(), severity = a.severity.as_str(), model = %a.model_id, version = %a.model_version, "{}", a.message);
             }
-            Counters::add(&self.counters.alerts_published_total, p.alerts.len() as u64);
+            Counters::add(&self.p.counters.alerts_published_total, p.alerts.len() as u64);
             p.alerts.clear();
         }
         if !p.letters.is_empty() {
@@ -386,7 +404,7 @@ impl Service {
             for l in &p.letters {
                 tracing::warn!(topic = %l.topic, partition = l.partition, offset = l.offset, kind = l.kind, reason = %l.reason, "message dead-lettered");
             }
-            Counters::add(&self.counters.dead_lettered_total, p.letters.len() as u64);
+            Counters::add(&self.p.counters.dead_lettered_total, p.letters.len() as u64);
             p.letters.clear();
         }
         Ok(())

@@ -16,6 +16,7 @@
 //! - [`metrics`]: pure, mergeable statistics: drift, integrity, performance; the per-window aggregator.
 //! - [`alerting`]: pure rule evaluation producing [`model::AlertEvent`]s.
 //! - [`sinks`]: ClickHouse writer and migrations, Kafka alert / dead-letter producers.
+//! - [`pipeline`]: the pure processing core (join + aggregator + watermark + rules), driven by `app`.
 //! - [`app`]: wires the stages together; offsets are committed after their output is durable.
 //! - [`generate`]: synthetic traffic (used by `modelwatch generate` and `modelwatch demo`).
 //! - [`demo`]: the one-command demo on embedded defaults.
@@ -33,5 +34,6 @@ pub mod ingest;
 pub mod join;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod sinks;
 pub mod telemetry;

@@ -370,7 +370,7 @@ fn message(rule: &Rule, row: &WindowRow) -> String {
     let p = row
         .value
         .p_value
-        .map(|p| format!(", p={p:.3g}"))
+        .map(|p| format!(", p={p:.3e}"))
         .unwrap_or_default();
     format!(
         "{what} is {} (threshold {} {}{baseline}) for model {} version {} on {segment}, window {} + {}s, {} samples{p}",

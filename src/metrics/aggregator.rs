@@ -143,6 +143,8 @@ struct Cell {
     data: DataAccumulator,
     outcome: OutcomeAccumulator,
     duplicates: u64,
+    /// Predictions of the window, kept when the data accumulator is freed at close.
+    predictions: u64,
     outcome_written: Option<u64>,
 }
 
@@ -159,6 +161,15 @@ struct WindowState {
 impl WindowState {
     fn end(&self) -> i64 {
         self.start_ms + self.size_ms
+    }
+}
+
+/// The task's name in the metadata store.
+pub fn task_name(t: &Task) -> &'static str {
+    match t {
+        Task::Binary { .. } => "binary",
+        Task::Multiclass => "multiclass",
+        Task::Regression => "regression",
     }
 }
 
@@ -388,6 +399,7 @@ impl Aggregator {
                     profile: profile.clone(),
                     outcome: OutcomeAccumulator::new(),
                     duplicates: 0,
+                    predictions: 0,
                     outcome_written: None,
                 });
                 let same_profile = match (&cell.profile, &profile) {
@@ -518,7 +530,7 @@ impl Aggregator {
             out.versions.push(VersionSeen {
                 model_id: st.model_id.clone(),
                 model_version: st.version.clone(),
-                task: st.task.as_ref().map_or("unknown", Task::name),
+                task: st.task.as_ref().map_or("unknown", task_name),
                 first_seen_ms: st.first_seen_ms,
                 last_seen_ms: st.last_seen_ms,
                 reference_features: st.profile.as_ref().map_or(0, |p| p.feature_names().count()),
@@ -585,13 +597,20 @@ impl Aggregator {
                     cell.outcome_written = Some(revision);
                     if let Some(task) = st.task.as_ref() {
                         metrics.clear();
-                        cell.outcome.finish(task, cell.data.count(), &mut metrics);
+                        let predictions = if cell.data.count() > 0 {
+                            cell.data.count()
+                        } else {
+                            cell.predictions
+                        };
+                        cell.outcome.finish(task, predictions, &mut metrics);
                         out.rows.extend(metrics.drain(..).map(|m| row(m, revision)));
                     }
                 }
                 if closing_now {
-                    // Drift state is final: keep only the count for coverage.
-                    cell.data.release_drift_state();
+                    // Drift state is final: keep only the count (for coverage)
+                    // and free the sketches of the window.
+                    cell.predictions = cell.data.count();
+                    cell.data = DataAccumulator::new(None);
                 }
             }
             if w.orphans_written != Some(w.orphans) && (w.orphans > 0 || closing_now) {

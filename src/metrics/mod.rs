@@ -81,6 +81,7 @@
 //! counted in `drifted_feature_count` / `drifted_feature_share`.
 
 pub mod accumulator;
+pub mod aggregator;
 pub mod drift;
 pub mod integrity;
 pub mod names;

@@ -29,6 +29,8 @@ struct FeatureState {
     integrity: IntegrityCounts,
     /// Numeric: counts per reference cell; categorical: counts per bin.
     cells: Vec<u64>,
+    /// Numeric: sum of the values inside each interior cell.
+    interior_sums: Vec<f64>,
     numeric: bool,
     /// Reference min / max (numeric).
     lo: f64,
@@ -41,18 +43,20 @@ struct FeatureState {
 
 impl FeatureState {
     fn new(p: &FeatureProfile) -> Self {
-        let (cells, numeric, lo, hi) = match &p.kind {
+        let (cells, interior, numeric, lo, hi) = match &p.kind {
             FeatureKind::Numeric(n) => (
                 n.cells.len(),
+                n.interior_sums.len(),
                 true,
                 n.grid.first().copied().unwrap_or(0.0),
                 n.grid.last().copied().unwrap_or(0.0),
             ),
-            FeatureKind::Categorical(c) => (c.counts.len(), false, 0.0, 0.0),
+            FeatureKind::Categorical(c) => (c.counts.len(), 0, false, 0.0, 0.0),
         };
         FeatureState {
             integrity: IntegrityCounts::default(),
             cells: vec![0; cells],
+            interior_sums: vec![0.0; interior],
             numeric,
             lo,
             hi,
@@ -81,6 +85,10 @@ impl FeatureState {
                     } else if last > 0 && cell == last {
                         self.integrity.out_of_range += 1;
                         self.above_gap += s.value - self.hi;
+                    } else if cell >= 2 && cell % 2 == 0 {
+                        if let Some(sum) = self.interior_sums.get_mut(cell / 2 - 1) {
+                            *sum += s.value;
+                        }
                     }
                 } else if cell == last {
                     self.integrity.new_category += 1;
@@ -96,6 +104,9 @@ impl FeatureState {
         }
         self.integrity.merge(&o.integrity);
         for (a, b) in self.cells.iter_mut().zip(&o.cells) {
+            *a += b;
+        }
+        for (a, b) in self.interior_sums.iter_mut().zip(&o.interior_sums) {
             *a += b;
         }
         self.below_gap += o.below_gap;
@@ -130,13 +141,19 @@ impl FeatureState {
                 }
                 let stats = binned(scratch, cfg)?;
                 emit_binned(out, name, &stats, n);
-                if let Some(w) = drift::wasserstein(
-                    &np.grid,
-                    &np.cells,
-                    &self.cells,
-                    self.below_gap,
-                    self.above_gap,
-                ) {
+                let reference = drift::GridSide {
+                    cells: &np.cells,
+                    interior_sums: &np.interior_sums,
+                    below_gap: 0.0,
+                    above_gap: 0.0,
+                };
+                let window = drift::GridSide {
+                    cells: &self.cells,
+                    interior_sums: &self.interior_sums,
+                    below_gap: self.below_gap,
+                    above_gap: self.above_gap,
+                };
+                if let Some(w) = drift::wasserstein(&np.grid, reference, window) {
                     push_finite(out, "wasserstein", name, w, n, None);
                     if np.std > 0.0 {
                         push_finite(out, "wasserstein_normed", name, w / np.std, n, None);

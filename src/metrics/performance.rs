@@ -465,8 +465,8 @@ impl OutcomeAccumulator {
             } => {
                 let actual = match (&label.actual_label, label.actual_value) {
                     (Some(l), _) => binary_class(l, positive_label),
-                    (None, Some(v)) if v == 1.0 => Some(true),
-                    (None, Some(v)) if v == 0.0 => Some(false),
+                    (None, Some(1.0)) => Some(true),
+                    (None, Some(0.0)) => Some(false),
                     _ => None,
                 };
                 let Some(actual) = actual else { return };

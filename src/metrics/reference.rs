@@ -35,6 +35,8 @@ pub struct NumericProfile {
     pub cuts: Vec<f64>,
     /// Reference counts per cell.
     pub cells: Vec<u64>,
+    /// Sum of the reference values inside each open interior cell `(grid[i], grid[i + 1])`.
+    pub interior_sums: Vec<f64>,
     /// Mean of the finite reference values.
     pub mean: f64,
     /// Population standard deviation (ddof 0) of the finite reference values.
@@ -71,6 +73,7 @@ impl NumericProfile {
         };
         let mut p = NumericProfile {
             cells: vec![0; 2 * full.len() + 1],
+            interior_sums: vec![0.0; full.len().saturating_sub(1)],
             grid: full,
             cuts,
             mean,
@@ -78,8 +81,11 @@ impl NumericProfile {
             cell_bin: Vec::new(),
         };
         for &v in sorted {
-            let c = p.cell(v) as usize;
-            p.cells[c] += 1;
+            let c = p.cell(v);
+            p.cells[c as usize] += 1;
+            if let Some(i) = p.interior(c) {
+                p.interior_sums[i] += v;
+            }
         }
         p.index();
         p
@@ -96,6 +102,13 @@ impl NumericProfile {
         } else {
             (2 * k) as u32
         }
+    }
+
+    /// The interior-cell index of a cell strictly between two grid values.
+    #[inline]
+    pub fn interior(&self, cell: u32) -> Option<usize> {
+        let c = cell as usize;
+        (c >= 2 && c % 2 == 0 && c < 2 * self.grid.len()).then(|| c / 2 - 1)
     }
 
     /// Number of coarse drift bins.
@@ -128,8 +141,10 @@ impl NumericProfile {
         {
             return Err("numeric grid / cuts must be finite and strictly ascending".into());
         }
-        if self.cells.len() != 2 * self.grid.len() + 1 {
-            return Err("numeric cells must have 2 * grid + 1 entries".into());
+        if self.cells.len() != 2 * self.grid.len() + 1
+            || self.interior_sums.len() != self.grid.len().saturating_sub(1)
+        {
+            return Err("numeric cells must have 2 * grid + 1 entries, sums grid - 1".into());
         }
         if self.cuts.len() >= u16::MAX as usize {
             return Err("too many cut points".into());

@@ -108,7 +108,7 @@ impl NumericProfile {
     #[inline]
     pub fn interior(&self, cell: u32) -> Option<usize> {
         let c = cell as usize;
-        (c >= 2 && c % 2 == 0 && c < 2 * self.grid.len()).then(|| c / 2 - 1)
+        (c >= 2 && c.is_multiple_of(2) && c < 2 * self.grid.len()).then(|| c / 2 - 1)
     }
 
     /// Number of coarse drift bins.

@@ -640,9 +640,14 @@ pub(crate) mod proptests {
         }
     }
 
-    /// Every value and p-value is finite.
+    /// Every value and p-value is finite and every metric name is in [`names::ALL`](crate::metrics::names::ALL).
     pub(crate) fn assert_finite(out: &[MetricValue]) {
         for v in out {
+            assert!(
+                crate::metrics::names::is_known(v.metric),
+                "unlisted metric {}",
+                v.metric
+            );
             assert!(v.value.is_finite(), "{v:?}");
             assert!(v.p_value.is_none_or(f64::is_finite), "{v:?}");
         }

@@ -29,6 +29,8 @@ struct FeatureState {
     integrity: IntegrityCounts,
     /// Numeric: counts per reference cell; categorical: counts per bin.
     cells: Vec<u64>,
+    /// Numeric: sum of the values inside each interior cell.
+    interior_sums: Vec<f64>,
     numeric: bool,
     /// Reference min / max (numeric).
     lo: f64,
@@ -41,18 +43,20 @@ struct FeatureState {
 
 impl FeatureState {
     fn new(p: &FeatureProfile) -> Self {
-        let (cells, numeric, lo, hi) = match &p.kind {
+        let (cells, interior, numeric, lo, hi) = match &p.kind {
             FeatureKind::Numeric(n) => (
                 n.cells.len(),
+                n.interior_sums.len(),
                 true,
                 n.grid.first().copied().unwrap_or(0.0),
                 n.grid.last().copied().unwrap_or(0.0),
             ),
-            FeatureKind::Categorical(c) => (c.counts.len(), false, 0.0, 0.0),
+            FeatureKind::Categorical(c) => (c.counts.len(), 0, false, 0.0, 0.0),
         };
         FeatureState {
             integrity: IntegrityCounts::default(),
             cells: vec![0; cells],
+            interior_sums: vec![0.0; interior],
             numeric,
             lo,
             hi,
@@ -81,6 +85,10 @@ impl FeatureState {
                     } else if last > 0 && cell == last {
                         self.integrity.out_of_range += 1;
                         self.above_gap += s.value - self.hi;
+                    } else if cell >= 2 && cell.is_multiple_of(2) {
+                        if let Some(sum) = self.interior_sums.get_mut(cell / 2 - 1) {
+                            *sum += s.value;
+                        }
                     }
                 } else if cell == last {
                     self.integrity.new_category += 1;
@@ -96,6 +104,9 @@ impl FeatureState {
         }
         self.integrity.merge(&o.integrity);
         for (a, b) in self.cells.iter_mut().zip(&o.cells) {
+            *a += b;
+        }
+        for (a, b) in self.interior_sums.iter_mut().zip(&o.interior_sums) {
             *a += b;
         }
         self.below_gap += o.below_gap;
@@ -130,13 +141,19 @@ impl FeatureState {
                 }
                 let stats = binned(scratch, cfg)?;
                 emit_binned(out, name, &stats, n);
-                if let Some(w) = drift::wasserstein(
-                    &np.grid,
-                    &np.cells,
-                    &self.cells,
-                    self.below_gap,
-                    self.above_gap,
-                ) {
+                let reference = drift::GridSide {
+                    cells: &np.cells,
+                    interior_sums: &np.interior_sums,
+                    below_gap: 0.0,
+                    above_gap: 0.0,
+                };
+                let window = drift::GridSide {
+                    cells: &self.cells,
+                    interior_sums: &self.interior_sums,
+                    below_gap: self.below_gap,
+                    above_gap: self.above_gap,
+                };
+                if let Some(w) = drift::wasserstein(&np.grid, reference, window) {
                     push_finite(out, "wasserstein", name, w, n, None);
                     if np.std > 0.0 {
                         push_finite(out, "wasserstein_normed", name, w / np.std, n, None);
@@ -594,5 +611,159 @@ mod tests {
         assert!((v("estimated_precision") - 1.7 / 2.0).abs() < 1e-12);
         assert!((v("estimated_recall") - 1.7 / 2.1).abs() < 1e-12);
         assert!((v("estimated_f1") - 3.4 / 4.1).abs() < 1e-12);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::metrics::ReferenceBuilder;
+    use crate::model::{Entries, FeatureValue, PredictionEvent};
+
+    /// Asserts two `finish()` outputs are the same rows with values within 1e-9.
+    pub(crate) fn assert_same(a: &[MetricValue], b: &[MetricValue]) {
+        assert_eq!(a.len(), b.len(), "{a:?}\n{b:?}");
+        for (x, y) in a.iter().zip(b) {
+            assert_eq!(
+                (x.metric, &x.feature, x.samples),
+                (y.metric, &y.feature, y.samples)
+            );
+            let close = |u: f64, v: f64| (u - v).abs() <= 1e-9 * u.abs().max(v.abs()).max(1e-3);
+            assert!(close(x.value, y.value), "{x:?} vs {y:?}");
+            match (x.p_value, y.p_value) {
+                (Some(p), Some(q)) => assert!(close(p, q), "{x:?} vs {y:?}"),
+                (None, None) => {}
+                _ => panic!("p-value presence differs: {x:?} vs {y:?}"),
+            }
+        }
+    }
+
+    /// Every value and p-value is finite and every metric name is in [`names::ALL`](crate::metrics::names::ALL).
+    pub(crate) fn assert_finite(out: &[MetricValue]) {
+        for v in out {
+            assert!(
+                crate::metrics::names::is_known(v.metric),
+                "unlisted metric {}",
+                v.metric
+            );
+            assert!(v.value.is_finite(), "{v:?}");
+            assert!(v.p_value.is_none_or(f64::is_finite), "{v:?}");
+        }
+    }
+
+    type Ev = (Option<f64>, Option<u8>, Option<f64>, Option<f64>);
+
+    fn event((x, c, score, latency): &Ev) -> PredictionEvent {
+        let mut f = Vec::new();
+        if let Some(x) = x {
+            f.push(("x".to_owned(), FeatureValue::Double(*x)));
+        }
+        match c {
+            Some(7) => f.push(("c".to_owned(), FeatureValue::Long(1))),
+            Some(c) => f.push(("c".to_owned(), FeatureValue::String(format!("k{c}")))),
+            None => f.push(("c".to_owned(), FeatureValue::Null)),
+        }
+        f.push(("extra".to_owned(), FeatureValue::Bool(true)));
+        PredictionEvent {
+            features: Entries(f),
+            score: *score,
+            latency_ms: *latency,
+            ..Default::default()
+        }
+    }
+
+    fn ev_strategy() -> impl Strategy<Value = Ev> {
+        (
+            prop::option::of(prop_oneof![
+                8 => -50.0..150.0f64,
+                1 => Just(f64::NAN),
+                1 => Just(25.0),
+            ]),
+            prop::option::of(0u8..8),
+            prop::option::of(0.0..1.0f64),
+            prop::option::of(0.0..500.0f64),
+        )
+    }
+
+    fn profile(reference: &[Ev]) -> ReferenceProfile {
+        let mut b = ReferenceBuilder::new(&DriftConfig::default());
+        for e in reference {
+            let mut ev = event(e);
+            ev.features.0.retain(|(k, _)| k != "extra");
+            b.observe(&ev);
+        }
+        b.build()
+    }
+
+    fn run(p: Option<&ReferenceProfile>, events: &[Ev]) -> DataAccumulator {
+        let mut acc = DataAccumulator::new(p);
+        let mut r = Resolved::default();
+        for e in events {
+            match p {
+                Some(p) => p.resolve(&event(e), &mut r),
+                None => Resolved::without_profile(&event(e), &mut r),
+            }
+            acc.observe(&r);
+        }
+        acc
+    }
+
+    fn finish(acc: &DataAccumulator, p: Option<&ReferenceProfile>) -> Vec<MetricValue> {
+        let mut out = Vec::new();
+        acc.finish(p, &DriftConfig::default(), &mut out);
+        acc.finish_estimated(
+            &Task::Binary {
+                positive_label: "1".into(),
+                threshold: 0.5,
+            },
+            &mut out,
+        );
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn merge_equals_observing_the_concatenation(
+            reference in prop::collection::vec(ev_strategy(), 0..120),
+            events in prop::collection::vec(ev_strategy(), 0..200),
+            split in 0usize..200,
+            with_profile in any::<bool>(),
+        ) {
+            let p = profile(&reference);
+            let p = with_profile.then_some(&p);
+            let k = split.min(events.len());
+            let whole = run(p, &events);
+            let mut a = run(p, &events[..k]);
+            a.merge(&run(p, &events[k..]));
+            let (x, y) = (finish(&whole, p), finish(&a, p));
+            assert_finite(&x);
+            assert_same(&x, &y);
+            prop_assert_eq!(a.count(), events.len() as u64);
+            // merging into an accumulator created without a profile keeps everything
+            let mut empty = DataAccumulator::new(None);
+            empty.merge(&whole);
+            assert_same(&finish(&empty, p), &x);
+        }
+
+        #[test]
+        fn degenerate_inputs_give_finite_values(
+            constant in -1e6..1e6f64,
+            n_ref in 0usize..50,
+            n_cur in 0usize..50,
+            category in 0u8..7,
+        ) {
+            // constant numeric feature and a single category on both sides
+            let reference: Vec<Ev> = (0..n_ref).map(|_| (Some(constant), Some(category), Some(1.0), None)).collect();
+            let p = profile(&reference);
+            let cur: Vec<Ev> = (0..n_cur).map(|i| (Some(constant + (i % 2) as f64), Some(category), Some(0.0), Some(0.0))).collect();
+            let acc = run(Some(&p), &cur);
+            let out = finish(&acc, Some(&p));
+            assert_finite(&out);
+            prop_assert!(out.iter().any(|v| v.metric == "prediction_count"));
+        }
     }
 }

@@ -136,54 +136,71 @@ fn kolmogorov_sf(lambda: f64) -> f64 {
     }
 }
 
-/// 1-Wasserstein distance between the reference and the window from cell
-/// counts on the reference grid: exact CDFs at every grid value, mass inside
-/// a cell spread uniformly, values outside the reference range exact.
-///
-/// `below_gap` is `sum(min - v)` over window values below the grid minimum,
-/// `above_gap` is `sum(v - max)` over those above the maximum. `None` when
-/// either side is empty.
-pub fn wasserstein(
-    grid: &[f64],
-    reference: &[u64],
-    current: &[u64],
-    below_gap: f64,
-    above_gap: f64,
-) -> Option<f64> {
+/// Counts and value sums of one side (reference or window) on the reference
+/// grid's cells, for [`wasserstein`].
+#[derive(Debug, Clone, Copy)]
+pub struct GridSide<'a> {
+    /// Counts per cell (`2 * grid.len() + 1`).
+    pub cells: &'a [u64],
+    /// Sum of the values inside each open interior cell `(grid[i], grid[i + 1])`.
+    pub interior_sums: &'a [f64],
+    /// `sum(min - v)` over values below the grid minimum.
+    pub below_gap: f64,
+    /// `sum(v - max)` over values above the grid maximum.
+    pub above_gap: f64,
+}
+
+/// 1-Wasserstein distance `integral |F_ref - F_cur| dx` from cell counts and
+/// per-cell value sums on the reference grid. The integral of each CDF over
+/// every cell is exact (from the counts and sums), so the result is exact
+/// except inside the few cells where the two CDFs cross, where the gap is
+/// modelled as one step with the exact signed integral. `None` when either side is
+/// empty or the shapes disagree.
+pub fn wasserstein(grid: &[f64], r: GridSide<'_>, c: GridSide<'_>) -> Option<f64> {
     let (n, m) = (
-        reference.iter().sum::<u64>() as f64,
-        current.iter().sum::<u64>() as f64,
+        r.cells.iter().sum::<u64>() as f64,
+        c.cells.iter().sum::<u64>() as f64,
     );
+    let cells = 2 * grid.len() + 1;
+    let interior = grid.len().saturating_sub(1);
     if n == 0.0
         || m == 0.0
-        || reference.len() != 2 * grid.len() + 1
-        || current.len() != reference.len()
+        || r.cells.len() != cells
+        || c.cells.len() != cells
+        || r.interior_sums.len() != interior
+        || c.interior_sums.len() != interior
     {
         return None;
     }
-    let mut w = (below_gap + above_gap) / m;
-    let (mut fr, mut fc) = (reference[0] as f64 / n, current[0] as f64 / m);
-    for i in 0..grid.len().saturating_sub(1) {
+    let mut w = (r.below_gap + r.above_gap) / n + (c.below_gap + c.above_gap) / m;
+    // Outside the grid one CDF is 0 (below) or 1 (above) for the reference
+    // only when it has no mass there, which holds for a profile's own cells.
+    let (mut fr, mut fc) = (r.cells[0] as f64 / n, c.cells[0] as f64 / m);
+    for i in 0..interior {
         // after the point mass at grid[i]
-        fr += reference[2 * i + 1] as f64 / n;
-        fc += current[2 * i + 1] as f64 / m;
+        fr += r.cells[2 * i + 1] as f64 / n;
+        fc += c.cells[2 * i + 1] as f64 / m;
+        let (a, b) = (grid[i], grid[i + 1]);
+        let width = b - a;
         let d0 = fr - fc;
-        fr += reference[2 * i + 2] as f64 / n;
-        fc += current[2 * i + 2] as f64 / m;
+        // integral over (a, b) of F = width * F(a) + sum(b - x_i) / n
+        let (kr, kc) = (r.cells[2 * i + 2] as f64, c.cells[2 * i + 2] as f64);
+        let tail_r = (kr * b - r.interior_sums[i]) / n;
+        let tail_c = (kc * b - c.interior_sums[i]) / m;
+        fr += kr / n;
+        fc += kc / m;
         let d1 = fr - fc;
-        let width = grid[i + 1] - grid[i];
-        w += width * abs_linear_integral(d0, d1);
+        let signed = width * d0 + tail_r - tail_c;
+        if d0 * d1 >= 0.0 {
+            w += signed.abs();
+        } else if width > 0.0 {
+            // The CDFs cross inside the cell: model the gap as a step from d0
+            // to d1 placed so that the signed integral is exact.
+            let t = ((signed / width - d1) / (d0 - d1)).clamp(0.0, 1.0);
+            w += width * (d0.abs() * t + d1.abs() * (1.0 - t));
+        }
     }
     Some(w)
-}
-
-/// `integral_0^1 |d0 + (d1 - d0) t| dt`.
-fn abs_linear_integral(d0: f64, d1: f64) -> f64 {
-    if d0 * d1 >= 0.0 {
-        (d0.abs() + d1.abs()) / 2.0
-    } else {
-        (d0 * d0 + d1 * d1) / (2.0 * (d0.abs() + d1.abs()))
-    }
 }
 
 /// Pearson chi-square of the 2 x k table (reference counts, window counts)
@@ -282,12 +299,30 @@ mod tests {
         let grid = [0.0, 1.0];
         let r = [0, 2, 0, 2, 0];
         let c = [0, 1, 0, 3, 0];
+        let (zero, sum) = ([0.0], [1.8]);
+        let side = |cells, interior_sums, above_gap| GridSide {
+            cells,
+            interior_sums,
+            below_gap: 0.0,
+            above_gap,
+        };
+        let side_r = side(&r[..], &zero[..], 0.0);
         assert_eq!(ks_statistic(&r, &c), Some(0.25));
         // scipy.stats.wasserstein_distance([0,0,1,1],[0,1,1,1]) = 0.25
-        assert_eq!(wasserstein(&grid, &r, &c, 0.0, 0.0), Some(0.25));
+        assert_eq!(
+            wasserstein(&grid, side_r, side(&c[..], &zero[..], 0.0)),
+            Some(0.25)
+        );
         // a window value at 3 (above max by 2) instead of one at 1: + 2 / 4
         let c2 = [0, 1, 0, 2, 1];
-        assert_eq!(wasserstein(&grid, &r, &c2, 0.0, 2.0), Some(0.75));
+        assert_eq!(
+            wasserstein(&grid, side_r, side(&c2[..], &zero[..], 2.0)),
+            Some(0.75)
+        );
+        // window [0, .9, .9, 1]: wasserstein_distance([0,0,1,1],[0,.9,.9,1]) = 0.25
+        let c3 = [0, 1, 2, 1, 0];
+        let w = wasserstein(&grid, side_r, side(&c3[..], &sum[..], 0.0)).unwrap();
+        assert!((w - 0.25).abs() < 1e-12, "{w}");
         assert_eq!(ks_statistic(&r, &[0; 5]), None);
     }
 

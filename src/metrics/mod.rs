@@ -60,14 +60,19 @@
 //! `1 / G`) of scipy's `ks_2samp`; its p-value is the asymptotic Kolmogorov
 //! distribution with Stephens' small-sample correction at `n_e = n m / (n +
 //! m)`. `wasserstein` is the 1-Wasserstein distance (scipy
-//! `wasserstein_distance`) integrated over the same grid, treating mass
-//! inside a grid cell as uniform and values outside the reference range
-//! exactly; `wasserstein_normed` divides it by the reference standard
-//! deviation (population, ddof 0). `chi2_statistic` is Pearson's chi-square
+//! `wasserstein_distance`) on the same grid: each side keeps the sum of its
+//! values inside every grid cell, so the integral of each CDF over a cell is
+//! exact; only in the few cells where the two CDFs cross is the gap modelled
+//! (one step with the exact signed integral); values outside the reference
+//! range are exact. `wasserstein_normed` divides it by the reference
+//! standard deviation (population, ddof 0). `chi2_statistic` is Pearson's chi-square
 //! of the 2 x k contingency table (reference counts, window counts) over the
 //! categorical bins that are non-empty in either (scipy `chi2_contingency`
 //! with `correction=False`), p-value from the chi-square distribution with
 //! `k' - 1` degrees of freedom.
+//!
+//! Per numeric feature and window the accumulator holds `2 G + 1` cell
+//! counts and `G` cell sums (about 4.8 KiB at the default `G = 200`).
 //!
 //! **Drift decision** (`drift_detected`, 0 / 1 per feature): a feature is
 //! drifted when the window has at least `min_samples` values, the effect is

@@ -465,8 +465,8 @@ impl OutcomeAccumulator {
             } => {
                 let actual = match (&label.actual_label, label.actual_value) {
                     (Some(l), _) => binary_class(l, positive_label),
-                    (None, Some(v)) if v == 1.0 => Some(true),
-                    (None, Some(v)) if v == 0.0 => Some(false),
+                    (None, Some(1.0)) => Some(true),
+                    (None, Some(0.0)) => Some(false),
                     _ => None,
                 };
                 let Some(actual) = actual else { return };
@@ -760,5 +760,128 @@ mod tests {
         out.clear();
         c.finish(&t, 1, &mut out);
         assert_eq!(get(&out, "r2"), Some(1.0));
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::metrics::accumulator::proptests::{assert_finite, assert_same};
+
+    /// (score / prediction, actual, class index, delay ms, expired)
+    type Ev = (f64, f64, u8, u8, i64, bool);
+
+    fn ev_strategy() -> impl Strategy<Value = Ev> {
+        (
+            0.0..1.0f64,
+            -100.0..100.0f64,
+            0u8..5,
+            0u8..5,
+            -10i64..100_000,
+            prop::bool::weighted(0.1),
+        )
+    }
+
+    fn tasks() -> [Task; 3] {
+        [
+            Task::Binary {
+                positive_label: "1".into(),
+                threshold: 0.5,
+            },
+            Task::Multiclass,
+            Task::Regression,
+        ]
+    }
+
+    fn run(task: &Task, events: &[Ev]) -> OutcomeAccumulator {
+        let mut acc = OutcomeAccumulator::new();
+        for &(s, y, a, p, delay, expired) in events {
+            if expired {
+                acc.observe_expired();
+                continue;
+            }
+            let (outcome, label) = match task {
+                Task::Binary { .. } => (
+                    PredictionOutcome {
+                        score: Some(s),
+                        predicted_label: None,
+                        predicted_value: None,
+                    },
+                    Label {
+                        actual_label: Some(if a % 2 == 0 { "1" } else { "0" }.into()),
+                        actual_value: None,
+                        timestamp: 0,
+                    },
+                ),
+                Task::Multiclass => (
+                    PredictionOutcome {
+                        score: None,
+                        predicted_label: Some(format!("c{p}").into()),
+                        predicted_value: None,
+                    },
+                    Label {
+                        actual_label: Some(format!("c{a}").into()),
+                        actual_value: None,
+                        timestamp: 0,
+                    },
+                ),
+                Task::Regression => (
+                    PredictionOutcome {
+                        score: None,
+                        predicted_label: None,
+                        predicted_value: Some(y + s * 10.0),
+                    },
+                    Label {
+                        actual_label: None,
+                        actual_value: Some(y),
+                        timestamp: 0,
+                    },
+                ),
+            };
+            acc.observe_labeled(task, &outcome, &label, delay);
+        }
+        acc
+    }
+
+    fn finish(acc: &OutcomeAccumulator, task: &Task, n: u64) -> Vec<MetricValue> {
+        let mut out = Vec::new();
+        acc.finish(task, n, &mut out);
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn merge_equals_observing_the_concatenation(
+            events in prop::collection::vec(ev_strategy(), 0..300),
+            split in 0usize..300,
+        ) {
+            let k = split.min(events.len());
+            for task in tasks() {
+                let whole = run(&task, &events);
+                let mut a = run(&task, &events[..k]);
+                a.merge(&run(&task, &events[k..]));
+                let n = events.len() as u64;
+                let (x, y) = (finish(&whole, &task, n), finish(&a, &task, n));
+                assert_finite(&x);
+                assert_same(&x, &y);
+                prop_assert_eq!(a.observations(), n);
+            }
+        }
+
+        #[test]
+        fn one_class_and_constant_targets_give_finite_values(
+            n in 0usize..40,
+            y in -5.0..5.0f64,
+        ) {
+            let events: Vec<Ev> = (0..n).map(|_| (0.7, y, 0, 0, 5, false)).collect();
+            for task in tasks() {
+                let out = finish(&run(&task, &events), &task, n as u64);
+                assert_finite(&out);
+            }
+        }
     }
 }

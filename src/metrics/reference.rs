@@ -21,6 +21,11 @@ use crate::model::{FeatureValue, PredictionEvent};
 
 type FastMap<K, V> = HashMap<K, V, RandomState>;
 
+/// Most coarse bins per numeric feature.
+const MAX_BINS: usize = 1000;
+/// Most reference quantiles in the fine grid.
+const MAX_GRID: usize = 10_000;
+
 /// Reference distribution of one numeric feature on a fine quantile grid.
 ///
 /// Cells: `0` holds values below the grid minimum; for the `i`-th distinct
@@ -35,6 +40,8 @@ pub struct NumericProfile {
     pub cuts: Vec<f64>,
     /// Reference counts per cell.
     pub cells: Vec<u64>,
+    /// Sum of the reference values inside each open interior cell `(grid[i], grid[i + 1])`.
+    pub interior_sums: Vec<f64>,
     /// Mean of the finite reference values.
     pub mean: f64,
     /// Population standard deviation (ddof 0) of the finite reference values.
@@ -71,6 +78,7 @@ impl NumericProfile {
         };
         let mut p = NumericProfile {
             cells: vec![0; 2 * full.len() + 1],
+            interior_sums: vec![0.0; full.len().saturating_sub(1)],
             grid: full,
             cuts,
             mean,
@@ -78,8 +86,11 @@ impl NumericProfile {
             cell_bin: Vec::new(),
         };
         for &v in sorted {
-            let c = p.cell(v) as usize;
-            p.cells[c] += 1;
+            let c = p.cell(v);
+            p.cells[c as usize] += 1;
+            if let Some(i) = p.interior(c) {
+                p.interior_sums[i] += v;
+            }
         }
         p.index();
         p
@@ -88,7 +99,7 @@ impl NumericProfile {
     /// The cell of a finite value.
     #[inline]
     pub fn cell(&self, v: f64) -> u32 {
-        let k = self.grid.partition_point(|&g| g <= v);
+        let k = count_le(&self.grid, v);
         if k == 0 {
             0
         } else if v == self.grid[k - 1] {
@@ -96,6 +107,13 @@ impl NumericProfile {
         } else {
             (2 * k) as u32
         }
+    }
+
+    /// The interior-cell index of a cell strictly between two grid values.
+    #[inline]
+    pub fn interior(&self, cell: u32) -> Option<usize> {
+        let c = cell as usize;
+        (c >= 2 && c.is_multiple_of(2) && c < 2 * self.grid.len()).then(|| c / 2 - 1)
     }
 
     /// Number of coarse drift bins.
@@ -128,14 +146,35 @@ impl NumericProfile {
         {
             return Err("numeric grid / cuts must be finite and strictly ascending".into());
         }
-        if self.cells.len() != 2 * self.grid.len() + 1 {
-            return Err("numeric cells must have 2 * grid + 1 entries".into());
+        if self.cells.len() != 2 * self.grid.len() + 1
+            || self.interior_sums.len() != self.grid.len().saturating_sub(1)
+        {
+            return Err("numeric cells must have 2 * grid + 1 entries, sums grid - 1".into());
         }
         if self.cuts.len() >= u16::MAX as usize {
             return Err("too many cut points".into());
         }
         Ok(())
     }
+}
+
+/// Number of elements `<= v` of an ascending slice: a branchless binary
+/// search (conditional moves instead of unpredictable branches; this is the
+/// hot loop of per-event resolution).
+#[inline]
+fn count_le(sorted: &[f64], v: f64) -> usize {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let mut base = 0usize;
+    let mut len = sorted.len();
+    while len > 1 {
+        let half = len / 2;
+        // Arithmetic select: the compiler keeps this branch-free.
+        base += half * usize::from(sorted[base + half] <= v);
+        len -= half;
+    }
+    base + (sorted[base] <= v) as usize
 }
 
 /// Reference distribution of one categorical feature.
@@ -499,10 +538,13 @@ impl BuilderFeature {
         let kind = if numeric_n >= self.categorical {
             let mut sorted = self.numbers.clone();
             sorted.sort_by(f64::total_cmp);
+            // Bounds keep bin indices in u16 and a hostile config from
+            // allocating gigabytes per window.
+            let bins = cfg.bins.clamp(1, MAX_BINS);
             FeatureKind::Numeric(NumericProfile::from_sorted(
                 &sorted,
-                cfg.bins.max(1),
-                cfg.quantile_grid.max(cfg.bins),
+                bins,
+                cfg.quantile_grid.clamp(bins, MAX_GRID),
             ))
         } else {
             FeatureKind::Categorical(CategoricalProfile::from_counts(
@@ -681,6 +723,16 @@ mod tests {
         assert_eq!(n.cell_bin[n.cell(9.0) as usize], 3);
         assert_eq!(n.mean, 3.0);
         assert!((n.std - 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn count_le_agrees_with_partition_point() {
+        let g: Vec<f64> = (0..37).map(|i| (i / 2) as f64).collect();
+        for v in [-1.0, 0.0, 0.5, 3.0, 17.5, 18.0, 100.0, f64::NAN] {
+            assert_eq!(count_le(&g, v), g.partition_point(|&x| x <= v), "{v}");
+        }
+        assert_eq!(count_le(&[], 1.0), 0);
+        assert_eq!(count_le(&[1.0], 1.0), 1);
     }
 
     #[test]

@@ -1361,7 +1361,8 @@ mod tests {
     #[test]
     fn non_finite_values_are_rejected_where_they_must_be_finite() {
         let base = oracle_prediction_min();
-        let cases: [(fn(&mut PredictionEvent), &str); 5] = [
+        type Edit = fn(&mut PredictionEvent);
+        let cases: [(Edit, &str); 5] = [
             (|p| p.predicted_value = Some(f64::NAN), "invalid event: predicted_value NaN is not finite"),
             (|p| p.score = Some(f64::NAN), "invalid event: score NaN out of range [0, 1]"),
             (|p| p.latency_ms = Some(f64::INFINITY), "invalid event: latency_ms inf is not finite"),

@@ -8,6 +8,10 @@
 //! Pure bytes in, values out: no Kafka, no I/O, no logging; every failure is a
 //! [`DecodeError`] whose text is the dead-letter reason. Never panics on input.
 //!
+//! `AlertEvent.status` is an Avro enum `AlertStatus {firing, resolved}` (a
+//! closed set by definition); `severity` is a string (`warning` | `critical`)
+//! so that a new level does not break existing readers.
+//!
 //! Confluent framing: the schema id is skipped, not looked up in a registry;
 //! the datum is read with our own schema, so producers must register a schema
 //! with the same fields in the same order (the `.avsc` in `schemas/`).
@@ -267,7 +271,7 @@ impl Decoder {
                 // or 5): if it is not JSON after all, give Avro a chance.
                 let res = decode_json(kind, payload);
                 match res {
-                    Err(e @ DecodeError::Json(_)) if payload[0] != b'{' => {
+                    Err(e @ DecodeError::Json(_)) if payload.first() != Some(&b'{') => {
                         decode_raw(kind, payload).map_err(|_| e)?
                     }
                     other => other?,

@@ -409,3 +409,163 @@ pub(crate) fn write_alert(a: &AlertEvent, out: &mut Vec<u8>) {
     w.long(a.fired_at);
     w.string(&a.message);
 }
+
+/// The Avro Parsing Canonical Form of a schema given as JSON (Avro
+/// specification, "Parsing Canonical Form for Schemas"): primitives in simple
+/// form, full names, only `name`, `type`, `fields`, `symbols`, `items`,
+/// `values`, `size`, in that order, no whitespace.
+///
+/// Written here because apache-avro 0.21 keeps a logical type's primitive as
+/// `{"type":"long"}` instead of `"long"`, which changes the fingerprint from
+/// the one Java and fastavro compute for the same schema.
+pub(crate) fn canonical_form(schema: &serde_json::Value) -> Result<String> {
+    let mut out = String::with_capacity(512);
+    pcf(schema, "", &mut out)?;
+    Ok(out)
+}
+
+const PRIMITIVES: [&str; 8] = [
+    "null", "boolean", "int", "long", "float", "double", "bytes", "string",
+];
+
+fn full_name(name: &str, namespace: &str) -> String {
+    if name.contains('.') || namespace.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{namespace}.{name}")
+    }
+}
+
+fn push_str(out: &mut String, s: &str) {
+    // serde_json escapes only what JSON requires and writes the rest as UTF-8,
+    // which is the [STRINGS] rule.
+    out.push_str(&serde_json::Value::from(s).to_string());
+}
+
+fn pcf(v: &serde_json::Value, ns: &str, out: &mut String) -> Result<()> {
+    use serde_json::Value as J;
+    match v {
+        J::String(s) if PRIMITIVES.contains(&s.as_str()) => push_str(out, s),
+        J::String(s) => push_str(out, &full_name(s, ns)),
+        J::Array(branches) => {
+            out.push('[');
+            for (i, b) in branches.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                pcf(b, ns, out)?;
+            }
+            out.push(']');
+        }
+        J::Object(m) => {
+            let ty = match m.get("type") {
+                Some(J::String(t)) => t.as_str(),
+                Some(nested) => return pcf(nested, ns, out),
+                None => return Err(AvroError("schema object without a type".into())),
+            };
+            let named = || -> Result<(String, String)> {
+                let name = m
+                    .get("name")
+                    .and_then(J::as_str)
+                    .ok_or_else(|| AvroError(format!("{ty} without a name")))?;
+                let own_ns = m.get("namespace").and_then(J::as_str).unwrap_or(ns);
+                let full = full_name(name, own_ns);
+                let inner_ns = full.rsplit_once('.').map_or("", |(n, _)| n).to_owned();
+                Ok((full, inner_ns))
+            };
+            match ty {
+                t if PRIMITIVES.contains(&t) => push_str(out, t),
+                "record" | "error" => {
+                    let (full, inner_ns) = named()?;
+                    out.push_str("{\"name\":");
+                    push_str(out, &full);
+                    out.push_str(",\"type\":\"record\",\"fields\":[");
+                    let fields = m
+                        .get("fields")
+                        .and_then(J::as_array)
+                        .ok_or_else(|| AvroError(format!("record {full} without fields")))?;
+                    for (i, f) in fields.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        let (Some(name), Some(t)) =
+                            (f.get("name").and_then(J::as_str), f.get("type"))
+                        else {
+                            return Err(AvroError(format!(
+                                "record {full}: field without name or type"
+                            )));
+                        };
+                        out.push_str("{\"name\":");
+                        push_str(out, name);
+                        out.push_str(",\"type\":");
+                        pcf(t, &inner_ns, out)?;
+                        out.push('}');
+                    }
+                    out.push_str("]}");
+                }
+                "enum" => {
+                    let (full, _) = named()?;
+                    out.push_str("{\"name\":");
+                    push_str(out, &full);
+                    out.push_str(",\"type\":\"enum\",\"symbols\":[");
+                    let symbols = m
+                        .get("symbols")
+                        .and_then(J::as_array)
+                        .ok_or_else(|| AvroError(format!("enum {full} without symbols")))?;
+                    for (i, s) in symbols.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        push_str(out, s.as_str().unwrap_or_default());
+                    }
+                    out.push_str("]}");
+                }
+                "fixed" => {
+                    let (full, _) = named()?;
+                    let size = m
+                        .get("size")
+                        .and_then(J::as_u64)
+                        .ok_or_else(|| AvroError(format!("fixed {full} without a size")))?;
+                    out.push_str("{\"name\":");
+                    push_str(out, &full);
+                    out.push_str(&format!(",\"type\":\"fixed\",\"size\":{size}}}"));
+                }
+                "array" | "map" => {
+                    let key = if ty == "array" { "items" } else { "values" };
+                    let inner = m
+                        .get(key)
+                        .ok_or_else(|| AvroError(format!("{ty} without {key}")))?;
+                    out.push_str(&format!("{{\"type\":\"{ty}\",\"{key}\":"));
+                    pcf(inner, ns, out)?;
+                    out.push('}');
+                }
+                // A reference to a named type written as {"type": "Name"}.
+                other => push_str(out, &full_name(other, ns)),
+            }
+        }
+        other => return Err(AvroError(format!("not a schema: {other}"))),
+    }
+    Ok(())
+}
+
+/// CRC-64-AVRO (the Rabin fingerprint of the Avro specification), as the 8
+/// little-endian bytes the single-object header carries.
+pub(crate) fn rabin_fingerprint(data: &[u8]) -> [u8; 8] {
+    const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
+    static TABLE: std::sync::LazyLock<[u64; 256]> = std::sync::LazyLock::new(|| {
+        let mut t = [0u64; 256];
+        for (i, slot) in t.iter_mut().enumerate() {
+            let mut fp = i as u64;
+            for _ in 0..8 {
+                fp = (fp >> 1) ^ (EMPTY & (fp & 1).wrapping_neg());
+            }
+            *slot = fp;
+        }
+        t
+    });
+    let mut fp = EMPTY;
+    for &b in data {
+        fp = (fp >> 8) ^ TABLE[((fp ^ u64::from(b)) & 0xff) as usize];
+    }
+    fp.to_le_bytes()
+}

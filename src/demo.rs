@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::app::{now_ms, Service};
 use crate::config::Config;
-use crate::generate::{produce, DriftScenario, Generator, ProduceOptions, Scenario};
+use crate::generate::{produce, DriftScenario, Generator, Pace, ProduceOptions, Scenario};
 use crate::ingest::decode::encode_json;
 use crate::sinks::clickhouse::ClickHouseSink;
 use crate::telemetry::Counters;
@@ -36,7 +36,10 @@ pub const DEMO_MODEL: &str = "fraud-detector";
 
 /// The accuracy the demo's model has before it degrades: the business
 /// baseline the demo configures (`[models.fraud-detector] baseline.accuracy`).
-pub const DEMO_BASELINE_ACCURACY: f64 = 0.85;
+pub const DEMO_BASELINE_ACCURACY: f64 = 0.9;
+
+/// The database the demo writes to (reset at every run) unless one is configured.
+pub const DEMO_DATABASE: &str = "modelwatch_demo";
 
 /// Malformed messages the demo injects to show the dead-letter topic.
 const BAD_MESSAGES: &[&[u8]] = &[
@@ -47,6 +50,11 @@ const BAD_MESSAGES: &[&[u8]] = &[
 
 /// Runs the demo.
 pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
+    // The demo starts from a clean database of its own, so a second run does
+    // not mix its windows with the first one's.
+    if cfg.clickhouse.database == crate::config::ClickHouseConfig::default().database {
+        cfg.clickhouse.database = DEMO_DATABASE.to_string();
+    }
     let sink = ClickHouseSink::new(&cfg.clickhouse);
     if let Err(e) = sink.ping().await {
         anyhow::bail!(
@@ -54,6 +62,11 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
             cfg.clickhouse.url
         );
     }
+    sink.client()
+        .query(&format!("DROP DATABASE IF EXISTS {}", cfg.clickhouse.database))
+        .execute()
+        .await
+        .with_context(|| format!("cannot reset database {}", cfg.clickhouse.database))?;
     let cluster = MockCluster::new(1).context("cannot start the in-process Kafka cluster")?;
     let partitions = 4;
     for topic in [&cfg.kafka.predictions_topic, &cfg.kafka.ground_truth_topic] {
@@ -111,6 +124,16 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
         ground_truth_topic: cfg.kafka.ground_truth_topic.clone(),
         rate_limit: None,
         properties: Default::default(),
+        pace: Some(Pace {
+            consumed: {
+                let c = counters.clone();
+                Arc::new(move || {
+                    Counters::get(&c.predictions_consumed_total)
+                        + Counters::get(&c.labels_consumed_total)
+                })
+            },
+            max_lead: 20_000,
+        }),
     };
     let bad_topic = cfg.kafka.predictions_topic.clone();
     let brokers = cfg.kafka.brokers.clone();
@@ -183,6 +206,8 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
         p.dead_lettered
     );
     let _ = summary;
+    // Stop the consumer before the in-process cluster goes away.
+    drop(service);
     print_summary(&sink, &cfg).await?;
     drop(cluster);
     Ok(())

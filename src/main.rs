@@ -143,7 +143,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(cfg.service.log_format == LogFormat::Json);
+    // The demo prints its own progress and summary: only errors go to the log.
+    let default_filter = match cli.command {
+        Command::Demo(_) => "error",
+        _ => "info",
+    };
+    telemetry::init(cfg.service.log_format == LogFormat::Json, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -268,6 +273,7 @@ async fn generate(cfg: Config, a: GenerateArgs) -> Result<()> {
         ground_truth_topic: cfg.kafka.ground_truth_topic.clone(),
         rate_limit: (a.rate > 0.0).then_some(a.rate),
         properties: cfg.kafka.properties.clone(),
+        pace: None,
     };
     let format = a.format;
     let encode = move |ev: &InputEvent| -> Vec<u8> {

@@ -54,7 +54,7 @@
 
 mod produce;
 
-pub use produce::{json_encode, produce, ProduceOptions, ProduceSummary};
+pub use produce::{json_encode, produce, Pace, ProduceOptions, ProduceSummary};
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, VecDeque};

@@ -31,6 +31,32 @@ pub struct ProduceOptions {
     pub rate_limit: Option<f64>,
     /// Extra librdkafka properties; they override the defaults set here.
     pub properties: BTreeMap<String, String>,
+    /// Keeps the producer at most this far ahead of a consumer; `None` = no limit.
+    pub pace: Option<Pace>,
+}
+
+/// Flow control for a producer that feeds a consumer in the same process
+/// (the demo): sending waits while `sent - consumed()` exceeds `max_lead`.
+/// An in-process MockCluster keeps only about 5 MB per partition, so a
+/// producer far ahead of its consumer would lose messages there.
+#[derive(Clone)]
+pub struct Pace {
+    /// Messages consumed so far.
+    pub consumed: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Largest allowed lead of the producer, in messages.
+    pub max_lead: u64,
+}
+
+impl std::fmt::Debug for Pace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pace").field("max_lead", &self.max_lead).finish()
+    }
+}
+
+impl PartialEq for Pace {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.consumed, &other.consumed) && self.max_lead == other.max_lead
+    }
 }
 
 impl Default for ProduceOptions {
@@ -41,6 +67,7 @@ impl Default for ProduceOptions {
             ground_truth_topic: "ground-truth".to_owned(),
             rate_limit: None,
             properties: BTreeMap::new(),
+            pace: None,
         }
     }
 }
@@ -140,6 +167,11 @@ pub async fn produce(
             // The loop never waits while the queue has room: let other tasks
             // on this runtime (the demo's pipeline) run.
             tokio::task::yield_now().await;
+            if let Some(pace) = &opts.pace {
+                while sent.saturating_sub((pace.consumed)()) > pace.max_lead {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
         }
     }
 

@@ -581,6 +581,10 @@ impl Aggregator {
                     metrics.clear();
                     cell.data
                         .finish(cell.profile.as_deref(), &self.cfg.drift, &mut metrics);
+                    // Performance estimated from the scores, before labels arrive.
+                    if let Some(task) = st.task.as_ref() {
+                        cell.data.finish_estimated(task, &mut metrics);
+                    }
                     if ck.1 == 0 {
                         metrics.push(MetricValue {
                             metric: "duplicate_count",

@@ -141,14 +141,8 @@ fn pipeline_benches(c: &mut Criterion) {
     let cfg = bench_config();
     let evs = events(100_000);
     let n = evs.len() as u64;
-    let json: Vec<(EventKind, Vec<u8>)> = evs
-        .iter()
-        .map(|e| (kind(e), encode_json(e)))
-        .collect();
-    let avro: Vec<(EventKind, Vec<u8>)> = evs
-        .iter()
-        .map(|e| (kind(e), encode_avro(e)))
-        .collect();
+    let json: Vec<(EventKind, Vec<u8>)> = evs.iter().map(|e| (kind(e), encode_json(e))).collect();
+    let avro: Vec<(EventKind, Vec<u8>)> = evs.iter().map(|e| (kind(e), encode_avro(e))).collect();
     let mut g = c.benchmark_group("pipeline");
     g.sample_size(10);
     g.throughput(Throughput::Elements(n));

@@ -159,12 +159,17 @@ impl Core {
     pub fn on_prediction(&mut self, ev: &PredictionEvent, wall_ms: i64) {
         self.stats.predictions += 1;
         self.watermark.observe(ev.timestamp, wall_ms);
-        let record = self.agg.observe_prediction(ev);
-        let v = record.version;
-        match self
-            .join
-            .insert_prediction(&ev.request_id, v, ev.timestamp, record, &mut self.joined)
-        {
+        let v = self.agg.version_id(ev);
+        let agg = &mut self.agg;
+        // A duplicate (same request id, model and version) is counted and
+        // left out of every metric: the aggregator only sees it if it is new.
+        match self.join.insert_prediction_with(
+            &ev.request_id,
+            v,
+            ev.timestamp,
+            || agg.observe_prediction(ev),
+            &mut self.joined,
+        ) {
             PredictionInsert::Duplicate => {
                 self.stats.duplicate_predictions += 1;
                 self.agg.observe_duplicate(ev);
@@ -235,5 +240,95 @@ impl Core {
         self.stats.rows += out.emitted.rows.len() as u64;
         self.stats.alerts += out.alerts.len() as u64;
         self.stats.windows_closed += out.emitted.closed_windows.len() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::Entries;
+
+    fn core() -> Core {
+        let mut cfg = crate::config::load(None, &HashMap::new()).unwrap();
+        cfg.windows.sizes = vec![Duration::from_secs(60)];
+        cfg.windows.allowed_lateness = Duration::from_secs(0);
+        cfg.windows.label_horizon = Duration::from_secs(600);
+        cfg.windows.early_label_ttl = Duration::from_secs(60);
+        Core::new(&cfg)
+    }
+
+    fn pred(id: &str, version: &str, ts: i64, score: f64) -> PredictionEvent {
+        PredictionEvent {
+            request_id: id.into(),
+            model_id: "m".into(),
+            model_version: version.into(),
+            timestamp: ts,
+            score: Some(score),
+            segments: Entries::default(),
+            ..Default::default()
+        }
+    }
+
+    fn label(id: &str, ts: i64, v: &str) -> GroundTruthEvent {
+        GroundTruthEvent {
+            request_id: id.into(),
+            timestamp: ts,
+            actual_label: Some(v.into()),
+            actual_value: None,
+        }
+    }
+
+    fn metric(out: &Output, version: &str, name: &str) -> Option<f64> {
+        out.emitted
+            .rows
+            .iter()
+            .filter(|r| {
+                &*r.model_version == version && r.value.metric == name && r.segment.is_empty()
+            })
+            .max_by_key(|r| r.revision)
+            .map(|r| r.value.value)
+    }
+
+    #[test]
+    fn joins_counts_and_expires_through_the_whole_core() {
+        let mut c = core();
+        c.on_label(&label("early", 500, "1"), 0);
+        c.on_prediction(&pred("early", "v1", 400, 0.8), 0);
+        c.on_prediction(&pred("a", "v1", 1_000, 0.9), 0);
+        c.on_prediction(&pred("a", "v2", 1_000, 0.2), 0);
+        c.on_prediction(&pred("a", "v1", 1_100, 0.9), 0); // duplicate
+        c.on_prediction(&pred("b", "v1", 2_000, 0.1), 0); // never labeled
+        c.on_label(&label("a", 30_000, "1"), 0);
+        c.on_label(&label("nobody", 30_000, "0"), 0); // orphan
+        let s = c.stats();
+        assert_eq!(
+            (s.predictions, s.labels, s.matched, s.duplicate_predictions),
+            (5, 3, 3, 1)
+        );
+        assert_eq!(c.pending_predictions(), 1);
+        // The stream goes on: the watermark passes the first window and the horizon.
+        c.on_prediction(&pred("late-stream", "v1", 700_000, 0.5), 0);
+        let out = c.advance(0);
+        assert_eq!(out.watermark, Some(700_000));
+        let s = c.stats();
+        assert_eq!((s.expired, s.orphans), (1, 1));
+        assert_eq!(metric(&out, "v1", "prediction_count"), Some(3.0));
+        assert_eq!(metric(&out, "v1", "label_count"), Some(2.0));
+        assert_eq!(metric(&out, "v1", "unlabeled_count"), Some(1.0));
+        assert_eq!(metric(&out, "v1", "duplicate_count"), Some(1.0));
+        assert_eq!(metric(&out, "v1", "accuracy"), Some(1.0));
+        assert_eq!(metric(&out, "v2", "accuracy"), Some(0.0));
+        assert_eq!(metric(&out, "", "orphan_label_count"), Some(1.0));
+    }
+
+    #[test]
+    fn due_time_is_the_end_of_the_largest_window() {
+        let c = core();
+        assert_eq!(c.due_time(0), 60_000);
+        assert_eq!(c.due_time(59_999), 60_000);
+        assert_eq!(c.due_time(60_000), 120_000);
     }
 }

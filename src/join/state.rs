@@ -152,11 +152,26 @@ impl<P> JoinState<P> {
         payload: P,
         out: &mut Vec<Joined<P>>,
     ) -> PredictionInsert {
+        self.insert_prediction_with(request_id, model, ts, || payload, out)
+    }
+
+    /// Like [`JoinState::insert_prediction`], but the payload is only made
+    /// (and the caller's side effects of making it only happen) when the
+    /// prediction is not a duplicate.
+    pub fn insert_prediction_with(
+        &mut self,
+        request_id: &str,
+        model: u32,
+        ts: i64,
+        payload: impl FnOnce() -> P,
+        out: &mut Vec<Joined<P>>,
+    ) -> PredictionInsert {
         if let Some(early) = self.early.get_mut(request_id) {
             if early.matched_models.contains(&model) {
                 return PredictionInsert::Duplicate;
             }
             early.matched_models.push(model);
+            let payload = payload();
             out.push(Joined::Matched {
                 payload,
                 prediction_ts: ts,
@@ -169,8 +184,11 @@ impl<P> JoinState<P> {
             if req.predictions.iter().any(|p| p.model == model) {
                 return PredictionInsert::Duplicate;
             }
-            req.predictions
-                .push(PendingPrediction { model, ts, payload });
+            req.predictions.push(PendingPrediction {
+                model,
+                ts,
+                payload: payload(),
+            });
             self.pending_predictions += 1;
             if expires_at > req.expires_at {
                 req.expires_at = expires_at;
@@ -193,7 +211,11 @@ impl<P> JoinState<P> {
         self.pending.insert(
             key,
             PendingRequest {
-                predictions: vec![PendingPrediction { model, ts, payload }],
+                predictions: vec![PendingPrediction {
+                    model,
+                    ts,
+                    payload: payload(),
+                }],
                 expires_at,
             },
         );

@@ -300,6 +300,11 @@ impl Aggregator {
         id
     }
 
+    /// The interned id of the event's (model, version), registering it when new.
+    pub fn version_id(&mut self, ev: &PredictionEvent) -> u32 {
+        self.intern_version(&ev.model_id, &ev.model_version, ev.timestamp)
+    }
+
     fn intern_segments(&mut self, ev: &PredictionEvent) {
         self.segment_scratch.clear();
         self.segment_scratch.push(0);
@@ -660,5 +665,237 @@ impl Aggregator {
         } else {
             self.advance(i64::MIN, out);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::model::{Entries, FeatureValue, Label};
+
+    const MIN: i64 = 60_000;
+
+    fn cfg() -> AggregatorConfig {
+        AggregatorConfig {
+            window_sizes_ms: vec![MIN],
+            label_horizon_ms: 10 * MIN,
+            revision_interval_ms: MIN,
+            drift: DriftConfig::default(),
+            reference_size: 10,
+            max_segment_values: 2,
+            max_models: 10,
+            max_versions_per_model: 10,
+            tasks: AHashMap::new(),
+        }
+    }
+
+    fn pred(ts: i64, x: f64, score: f64, country: &str) -> PredictionEvent {
+        PredictionEvent {
+            request_id: format!("r{ts}"),
+            model_id: "m".into(),
+            model_version: "v1".into(),
+            timestamp: ts,
+            features: Entries(vec![("x".into(), FeatureValue::Double(x))]),
+            score: Some(score),
+            segments: Entries(vec![("country".into(), country.into())]),
+            latency_ms: Some(5.0),
+            ..Default::default()
+        }
+    }
+
+    fn label(ts: i64, v: &str) -> Arc<Label> {
+        Arc::new(Label {
+            actual_label: Some(v.into()),
+            actual_value: None,
+            timestamp: ts,
+        })
+    }
+
+    fn find<'a>(
+        rows: &'a [WindowRow],
+        metric: &str,
+        segment: &str,
+        feature: &str,
+    ) -> Vec<&'a WindowRow> {
+        rows.iter()
+            .filter(|r| {
+                r.value.metric == metric && &*r.segment == segment && r.value.feature == feature
+            })
+            .collect()
+    }
+
+    fn value(rows: &[WindowRow], metric: &str, segment: &str) -> f64 {
+        let found = find(rows, metric, segment, "");
+        assert_eq!(found.len(), 1, "{metric} {segment}: {found:?}");
+        found[0].value.value
+    }
+
+    #[test]
+    fn a_window_closes_once_then_revises_its_performance_rows_until_the_horizon() {
+        let mut a = Aggregator::new(cfg());
+        let mut records = vec![];
+        for i in 0..4 {
+            let country = if i % 2 == 0 { "DE" } else { "US" };
+            let score = if i < 2 { 0.9 } else { 0.1 };
+            records.push((
+                i * 1000,
+                a.observe_prediction(&pred(i * 1000, i as f64, score, country)),
+            ));
+        }
+        // Two labels before the window closes: both correct.
+        for (ts, rec) in records.drain(..2) {
+            a.observe_joined(Joined::Matched {
+                payload: rec,
+                prediction_ts: ts,
+                label: label(ts + 10, "1"),
+            });
+        }
+        let mut out = Emitted::default();
+        a.advance(MIN - 1, &mut out);
+        assert!(out.rows.is_empty(), "window still open");
+        a.advance(MIN, &mut out);
+        assert_eq!(out.closed_windows, vec![(MIN, 0)]);
+        assert_eq!(value(&out.rows, "prediction_count", ""), 4.0);
+        assert_eq!(value(&out.rows, "prediction_count", "country=DE"), 2.0);
+        assert_eq!(value(&out.rows, "prediction_count", "country=US"), 2.0);
+        assert_eq!(value(&out.rows, "label_count", ""), 2.0);
+        assert_eq!(value(&out.rows, "label_coverage", ""), 0.5);
+        assert_eq!(value(&out.rows, "accuracy", ""), 1.0);
+        assert_eq!(find(&out.rows, "label_count", "", "")[0].revision, 2);
+        assert_eq!(find(&out.rows, "prediction_count", "", "")[0].revision, 0);
+        assert_eq!(value(&out.rows, "orphan_label_count", ""), 0.0);
+
+        // A late label revises the window: one wrong prediction (score 0.1, label 1).
+        let (ts, rec) = records.remove(0);
+        a.observe_joined(Joined::Matched {
+            payload: rec,
+            prediction_ts: ts,
+            label: label(ts + 5 * MIN, "1"),
+        });
+        let mut out = Emitted::default();
+        a.advance(MIN + 10, &mut out);
+        assert!(
+            out.rows.is_empty(),
+            "revisions wait for the revision interval"
+        );
+        a.advance(2 * MIN, &mut out);
+        assert_eq!(value(&out.rows, "label_count", ""), 3.0);
+        assert!((value(&out.rows, "accuracy", "") - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(find(&out.rows, "label_count", "", "")[0].revision, 3);
+        assert!(
+            find(&out.rows, "prediction_count", "", "").is_empty(),
+            "data rows are final"
+        );
+        // Nothing new: no rows.
+        let mut out = Emitted::default();
+        a.advance(3 * MIN, &mut out);
+        assert!(out.rows.is_empty(), "{:?}", out.rows);
+        // The last prediction expires unlabeled; at the horizon the window is final and dropped.
+        let (ts, rec) = records.remove(0);
+        a.observe_joined(Joined::Expired {
+            payload: rec,
+            prediction_ts: ts,
+        });
+        let mut out = Emitted::default();
+        a.advance(MIN + 10 * MIN, &mut out);
+        assert_eq!(value(&out.rows, "unlabeled_count", ""), 1.0);
+        assert_eq!(find(&out.rows, "label_count", "", "")[0].revision, 4);
+        assert_eq!(a.window_count(), 0);
+    }
+
+    #[test]
+    fn late_predictions_and_their_labels_are_counted_not_added() {
+        let mut a = Aggregator::new(cfg());
+        a.observe_prediction(&pred(1000, 1.0, 0.9, "DE"));
+        let mut out = Emitted::default();
+        a.advance(MIN, &mut out);
+        let rec = a.observe_prediction(&pred(2000, 1.0, 0.9, "DE"));
+        assert!(rec.late);
+        a.observe_joined(Joined::Matched {
+            payload: rec,
+            prediction_ts: 2000,
+            label: label(3000, "1"),
+        });
+        assert_eq!(a.stats().late_predictions, 1);
+        assert_eq!(a.stats().late_labels, 1);
+        let mut out = Emitted::default();
+        a.advance(3 * MIN, &mut out);
+        assert!(
+            find(&out.rows, "label_count", "", "").is_empty(),
+            "{:?}",
+            out.rows
+        );
+    }
+
+    #[test]
+    fn segment_values_beyond_the_cap_fold_into_other() {
+        let mut a = Aggregator::new(cfg());
+        for (i, c) in ["DE", "US", "FR", "BR"].iter().enumerate() {
+            a.observe_prediction(&pred(i as i64, 1.0, 0.5, c));
+        }
+        let mut out = Emitted::default();
+        a.advance(MIN, &mut out);
+        assert_eq!(value(&out.rows, "prediction_count", "country=DE"), 1.0);
+        assert_eq!(value(&out.rows, "prediction_count", "country=US"), 1.0);
+        assert_eq!(
+            value(&out.rows, "prediction_count", "country=__other__"),
+            2.0
+        );
+        assert_eq!(value(&out.rows, "prediction_count", ""), 4.0);
+        assert_eq!(a.stats().capped, 2);
+    }
+
+    #[test]
+    fn orphan_labels_count_in_the_label_window_under_an_empty_model() {
+        let mut a = Aggregator::new(cfg());
+        a.observe_prediction(&pred(0, 1.0, 0.5, "DE"));
+        a.observe_joined(Joined::Orphan {
+            label: label(MIN + 5, "1"),
+        });
+        a.observe_joined(Joined::Orphan {
+            label: label(MIN + 6, "0"),
+        });
+        let mut out = Emitted::default();
+        a.advance(2 * MIN, &mut out);
+        let orphans: Vec<_> = find(&out.rows, "orphan_label_count", "", "")
+            .into_iter()
+            .filter(|r| r.window_start_ms == MIN)
+            .collect();
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(orphans[0].value.value, 2.0);
+        assert_eq!(&*orphans[0].model_id, "");
+    }
+
+    #[test]
+    fn the_first_events_of_a_version_become_its_reference_and_drift_follows() {
+        let mut a = Aggregator::new(cfg());
+        for i in 0..10 {
+            a.observe_prediction(&pred(i, i as f64, 0.5, "DE"));
+        }
+        // Window 2: a shifted feature.
+        for i in 0..50 {
+            a.observe_prediction(&pred(2 * MIN + i, 100.0 + i as f64, 0.5, "DE"));
+        }
+        let mut out = Emitted::default();
+        a.advance(3 * MIN, &mut out);
+        assert_eq!(out.references.len(), 1);
+        assert_eq!(out.references[0].2.sample_count, 10);
+        assert!(a.has_reference("m", "v1"));
+        let psi = find(&out.rows, "psi", "", "x");
+        assert_eq!(
+            psi.len(),
+            1,
+            "drift only for the window opened after the reference"
+        );
+        assert_eq!(psi[0].window_start_ms, 2 * MIN);
+        assert!(psi[0].value.value > 1.0, "{}", psi[0].value.value);
+        assert_eq!(
+            find(&out.rows, "drift_detected", "", "x")[0].value.value,
+            1.0
+        );
+        assert_eq!(out.versions.len(), 1);
+        assert_eq!(out.versions[0].task, "binary");
     }
 }

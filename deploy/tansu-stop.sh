@@ -4,30 +4,5 @@
 # are gone afterwards.
 set -euo pipefail
 STATE_DIR="${MODELWATCH_STATE_DIR:-$HOME/.local/state/modelwatch}"
-PID_FILE="$STATE_DIR/tansu/tansu.pid"
-TIMEOUT="${MODELWATCH_TANSU_STOP_TIMEOUT:-10}"
-
-log() { echo "tansu-stop: $*" >&2; }
-
-if [ ! -f "$PID_FILE" ]; then
-  log "no PID file at $PID_FILE, nothing to stop"
-  exit 0
-fi
-PID="$(cat "$PID_FILE")"
-if ! [[ "$PID" =~ ^[0-9]+$ ]] || ! kill -0 "$PID" 2>/dev/null; then
-  log "process ${PID:-?} is not running"
-  rm -f "$PID_FILE"
-  exit 0
-fi
-kill -TERM "$PID"
-deadline=$((SECONDS + TIMEOUT))
-while kill -0 "$PID" 2>/dev/null; do
-  if [ "$SECONDS" -ge "$deadline" ]; then
-    log "pid $PID did not exit after ${TIMEOUT}s, sending SIGKILL"
-    kill -KILL "$PID" 2>/dev/null || true
-    break
-  fi
-  sleep 0.2
-done
-rm -f "$PID_FILE"
-log "stopped pid $PID"
+exec "$(dirname "$0")/stop-pid.sh" tansu-stop \
+  "$STATE_DIR/tansu/tansu.pid" "${MODELWATCH_TANSU_STOP_TIMEOUT:-10}"

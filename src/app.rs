@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use futures::FutureExt;
 use rdkafka::message::Message;
 
 use crate::config::Config;
@@ -27,6 +28,10 @@ use crate::pipeline::{Core, CoreStats, Output};
 use crate::sinks::clickhouse::{ClickHouseSink, MetricRow, SinkError, VersionRow};
 use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue};
 use crate::telemetry::Counters;
+
+/// Messages handled per wake-up of the consumer loop before it looks at its
+/// timers again.
+const MAX_DRAIN: usize = 4096;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
@@ -206,7 +211,18 @@ impl Service {
                 }
                 m = self.consumer.recv() => match m {
                     Ok(msg) => {
-                        self.p.handle(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.payload(), now_ms());
+                        let now = now_ms();
+                        self.p.handle(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.payload(), now);
+                        drop(msg);
+                        // Drain what is already buffered without going back
+                        // through the select (bounded, so flushes stay timely).
+                        for _ in 0..MAX_DRAIN {
+                            match self.consumer.recv().now_or_never() {
+                                Some(Ok(m)) => self.p.handle(m.topic(), m.partition(), m.offset(), m.key(), m.payload(), now),
+                                Some(Err(e)) => { self.log_consumer_error(&e); break; }
+                                None => break,
+                            }
+                        }
                     }
                     Err(e) => self.log_consumer_error(&e),
                 },

@@ -62,11 +62,14 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
             cfg.clickhouse.url
         );
     }
+    // Reset: make sure the database exists (18.16 rejects even DROP ... IF
+    // EXISTS when the request names a missing database), drop it;
+    // Service::start creates it anew.
+    sink.migrate()
+        .await
+        .map_err(|e| anyhow::anyhow!("ClickHouse migration failed: {e}"))?;
     sink.client()
-        .query(&format!(
-            "DROP DATABASE IF EXISTS {}",
-            cfg.clickhouse.database
-        ))
+        .query(&format!("DROP DATABASE {}", cfg.clickhouse.database))
         .execute()
         .await
         .with_context(|| format!("cannot reset database {}", cfg.clickhouse.database))?;

@@ -11,12 +11,14 @@
 //! can never be the first blocker, so it needs no entry. With in-order input
 //! the deque holds about one entry per open window.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 
 /// Safe commit positions per (topic, partition).
 #[derive(Debug, Default)]
 pub struct OffsetTracker {
-    parts: BTreeMap<(String, i32), PartitionOffsets>,
+    /// A handful of partitions per instance: a vector searched by `&str`
+    /// avoids allocating a key per message.
+    parts: Vec<(String, i32, PartitionOffsets)>,
 }
 
 #[derive(Debug, Default)]
@@ -36,13 +38,19 @@ impl OffsetTracker {
     /// Records message `offset` of `topic`/`partition` whose output is durable
     /// once rows up to event time `due_ms` are written (`None`: nothing to wait for).
     pub fn record(&mut self, topic: &str, partition: i32, offset: i64, due_ms: Option<i64>) {
-        let p = match self.parts.get_mut(&(topic.to_string(), partition)) {
-            Some(p) => p,
-            None => self
-                .parts
-                .entry((topic.to_string(), partition))
-                .or_default(),
+        let i = match self
+            .parts
+            .iter()
+            .position(|(t, p, _)| *p == partition && t == topic)
+        {
+            Some(i) => i,
+            None => {
+                self.parts
+                    .push((topic.to_string(), partition, PartitionOffsets::default()));
+                self.parts.len() - 1
+            }
         };
+        let p = &mut self.parts[i].2;
         p.next = p.next.max(offset + 1);
         if let Some(due) = due_ms {
             if p.blockers.back().is_none_or(|&(_, d)| due > d) {
@@ -55,7 +63,7 @@ impl OffsetTracker {
     /// whose commit position moved, with the new position.
     pub fn advance(&mut self, durable_ms: i64) -> Vec<(String, i32, i64)> {
         let mut moved = Vec::new();
-        for ((topic, partition), p) in self.parts.iter_mut() {
+        for (topic, partition, p) in self.parts.iter_mut() {
             while p
                 .blockers
                 .front()
@@ -74,7 +82,8 @@ impl OffsetTracker {
 
     /// Forgets a partition (revoked).
     pub fn remove(&mut self, topic: &str, partition: i32) {
-        self.parts.remove(&(topic.to_string(), partition));
+        self.parts
+            .retain(|(t, p, _)| !(*p == partition && t == topic));
     }
 }
 

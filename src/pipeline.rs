@@ -144,6 +144,16 @@ impl Core {
         self.join.pending_predictions()
     }
 
+    /// Approximate heap bytes of the window accumulators.
+    pub fn window_heap_bytes(&self) -> usize {
+        self.agg.approx_bytes()
+    }
+
+    /// Accumulator cells held (model, version, segment, window).
+    pub fn window_cells(&self) -> usize {
+        self.agg.cell_count()
+    }
+
     /// Installs a reference profile for a model version.
     pub fn set_reference(&mut self, model_id: &str, version: &str, profile: ReferenceProfile) {
         self.agg.set_reference(model_id, version, profile);

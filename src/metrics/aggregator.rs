@@ -238,6 +238,20 @@ impl Aggregator {
         self.windows.len()
     }
 
+    /// Accumulator cells (model, version, segment, window) held.
+    pub fn cell_count(&self) -> usize {
+        self.windows.values().map(|w| w.cells.len()).sum()
+    }
+
+    /// Approximate heap bytes of every accumulator cell.
+    pub fn approx_bytes(&self) -> usize {
+        self.windows
+            .values()
+            .flat_map(|w| w.cells.values())
+            .map(|c| c.data.approx_bytes() + c.outcome.approx_bytes())
+            .sum()
+    }
+
     /// Installs a reference profile for a version (imported or loaded from
     /// ClickHouse). Windows opened from now on compare with it.
     pub fn set_reference(&mut self, model_id: &str, version: &str, profile: ReferenceProfile) {

@@ -273,3 +273,430 @@ fn a_five_point_accuracy_drop_fires_within_two_windows() {
     assert_eq!(first.baseline, Some(baseline));
     assert!(first.message.contains("baseline"), "{}", first.message);
 }
+
+mod delivery {
+    //! The alerts topic and every webhook kind against real receivers.
+
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use modelwatch::alerting::notify::{
+        verify, ALERT_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER,
+    };
+    use modelwatch::config::{KafkaConfig, Secret, WebhookConfig, WebhookKind};
+    use modelwatch::ingest::decode::decode_alert;
+    use modelwatch::model::{AlertEvent, AlertStatus, Severity};
+    use modelwatch::sinks::kafka::{producer, AlertPublisher};
+    use modelwatch::sinks::webhook::{DeliveryRecord, Notifier};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    use serde_json::Value;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// One request as the receiver saw it.
+    #[derive(Debug, Clone)]
+    struct Received {
+        path: String,
+        headers: HashMap<String, String>,
+        body: Vec<u8>,
+    }
+
+    /// A minimal HTTP/1.1 receiver on 127.0.0.1: answers each request with
+    /// the next scripted status (the last one repeats), one request per
+    /// connection, and records what it got.
+    struct Receiver {
+        url: String,
+        got: Arc<Mutex<Vec<Received>>>,
+    }
+
+    impl Receiver {
+        async fn start(statuses: Vec<u16>) -> Receiver {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let url = format!("http://{}", listener.local_addr().expect("addr"));
+            let got = Arc::new(Mutex::new(Vec::new()));
+            let seen = got.clone();
+            tokio::spawn(async move {
+                let mut n = 0usize;
+                loop {
+                    let Ok((mut sock, _)) = listener.accept().await else {
+                        return;
+                    };
+                    let status = statuses[n.min(statuses.len() - 1)];
+                    n += 1;
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Headers, then Content-Length bytes of body.
+                    let (head_end, len) = loop {
+                        let Ok(k) = sock.read(&mut chunk).await else {
+                            return;
+                        };
+                        if k == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..k]);
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..i]).to_string();
+                            let len = head
+                                .lines()
+                                .find_map(|l| {
+                                    let (k, v) = l.split_once(':')?;
+                                    k.eq_ignore_ascii_case("content-length")
+                                        .then(|| v.trim().parse::<usize>().ok())?
+                                })
+                                .unwrap_or(0);
+                            break (i + 4, len);
+                        }
+                    };
+                    while buf.len() < head_end + len {
+                        let Ok(k) = sock.read(&mut chunk).await else {
+                            return;
+                        };
+                        if k == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..k]);
+                    }
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    let mut lines = head.lines();
+                    let path = lines
+                        .next()
+                        .and_then(|l| l.split(' ').nth(1))
+                        .unwrap_or_default()
+                        .to_string();
+                    let headers = lines
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                        .collect();
+                    seen.lock().unwrap().push(Received {
+                        path,
+                        headers,
+                        body: buf[head_end..].to_vec(),
+                    });
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                    );
+                    let _ = sock.write_all(reply.as_bytes()).await;
+                    let _ = sock.shutdown().await;
+                }
+            });
+            Receiver { url, got }
+        }
+
+        fn requests(&self) -> Vec<Received> {
+            self.got.lock().unwrap().clone()
+        }
+    }
+
+    fn alert(status: AlertStatus) -> AlertEvent {
+        AlertEvent {
+            alert_id: "0123456789abcdef0123456789abcdef".into(),
+            rule: "performance_drop_accuracy".into(),
+            status,
+            severity: Severity::Critical,
+            model_id: "fraud".into(),
+            model_version: "v1".into(),
+            segment: String::new(),
+            feature: None,
+            metric: "accuracy".into(),
+            value: 0.84,
+            threshold: 0.88,
+            baseline: Some(0.9),
+            p_value: None,
+            window_start: 1_704_067_200_000,
+            window_end: 1_704_067_500_000,
+            fired_at: 1_704_067_600_000,
+            message: "accuracy is 0.8400 (baseline 0.9000)".into(),
+        }
+    }
+
+    fn hook(name: &str, kind: WebhookKind, url: &str) -> WebhookConfig {
+        WebhookConfig {
+            name: name.into(),
+            kind,
+            url: Secret(url.into()),
+            url_env: None,
+            secret_env: None,
+            secret_file: None,
+            min_severity: Severity::Warning,
+            rules: Vec::new(),
+            send_resolved: true,
+            timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            jira_project: None,
+            jira_issue_type: None,
+            jira_user: None,
+        }
+    }
+
+    /// Waits (bounded) until the notifier has logged `n` outcomes.
+    async fn outcomes(n: &Notifier, want: usize) -> Vec<DeliveryRecord> {
+        let mut log = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while log.len() < want && Instant::now() < deadline {
+            log.extend(n.take_log());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        log
+    }
+
+    fn json(r: &Received) -> Value {
+        serde_json::from_slice(&r.body).expect("json body")
+    }
+
+    #[tokio::test]
+    async fn generic_webhook_is_signed_and_retried_after_a_500() {
+        let rx = Receiver::start(vec![500, 200]).await;
+        let mut cfg = hook("generic", WebhookKind::Generic, &rx.url);
+        cfg.secret_env = Some("HOOK_SECRET".into());
+        let env = HashMap::from([("HOOK_SECRET".to_string(), "s3cret".to_string())]);
+        let n = Notifier::start(&[cfg], 10, &env).expect("notifier");
+        n.enqueue(&[alert(AlertStatus::Firing)]);
+        let log = outcomes(&n, 1).await;
+        assert_eq!(log.len(), 1);
+        assert_eq!(
+            (log[0].outcome, log[0].attempts, log[0].http_status),
+            ("delivered", 2, 200)
+        );
+        let reqs = rx.requests();
+        assert_eq!(reqs.len(), 2, "one failed attempt, one retry");
+        let r = &reqs[1];
+        assert_eq!(r.body, reqs[0].body);
+        let ts: i64 = r.headers[TIMESTAMP_HEADER].parse().expect("timestamp");
+        assert!(verify(b"s3cret", ts, &r.body, &r.headers[SIGNATURE_HEADER]));
+        assert!(!verify(b"wrong", ts, &r.body, &r.headers[SIGNATURE_HEADER]));
+        assert_eq!(
+            r.headers[ALERT_ID_HEADER],
+            alert(AlertStatus::Firing).alert_id
+        );
+        let back: AlertEvent = serde_json::from_slice(&r.body).expect("AlertEvent JSON");
+        assert_eq!(back, alert(AlertStatus::Firing));
+        // The same alert again (no change) is not re-sent; its resolution is.
+        n.enqueue(&[alert(AlertStatus::Firing), alert(AlertStatus::Resolved)]);
+        let log = outcomes(&n, 1).await;
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].alert_status, "resolved");
+        assert_eq!(json(&rx.requests()[2])["status"], "resolved");
+        assert_eq!(
+            n.stats()
+                .retries_total
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_repeated_failures_and_on_client_errors() {
+        let failing = Receiver::start(vec![503]).await;
+        let rejecting = Receiver::start(vec![400]).await;
+        let n = Notifier::start(
+            &[
+                hook("failing", WebhookKind::Generic, &failing.url),
+                hook("rejecting", WebhookKind::Generic, &rejecting.url),
+            ],
+            10,
+            &HashMap::new(),
+        )
+        .expect("notifier");
+        n.enqueue(&[alert(AlertStatus::Firing)]);
+        let mut log = outcomes(&n, 2).await;
+        log.sort_by(|a, b| a.webhook.cmp(&b.webhook));
+        let got: Vec<_> = log
+            .iter()
+            .map(|r| (r.webhook.as_str(), r.outcome, r.attempts, r.http_status))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("failing", "failed", 3, 503),
+                ("rejecting", "failed", 1, 400)
+            ]
+        );
+        assert_eq!(failing.requests().len(), 3);
+        assert_eq!(rejecting.requests().len(), 1);
+        // An unreachable receiver: connection errors are retried, then given up.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let n = Notifier::start(
+            &[hook("down", WebhookKind::Slack, &closed)],
+            10,
+            &HashMap::new(),
+        )
+        .unwrap();
+        n.enqueue(&[alert(AlertStatus::Firing)]);
+        let log = outcomes(&n, 1).await;
+        assert_eq!(
+            (log[0].outcome, log[0].attempts, log[0].http_status),
+            ("failed", 3, 0)
+        );
+        assert!(
+            !log[0].error.contains(&closed),
+            "the URL stays out of errors: {}",
+            log[0].error
+        );
+    }
+
+    #[tokio::test]
+    async fn slack_pagerduty_and_jira_payloads() {
+        let slack = Receiver::start(vec![200]).await;
+        let pd = Receiver::start(vec![202]).await;
+        let jira = Receiver::start(vec![201]).await;
+        let mut pd_cfg = hook("pd", WebhookKind::Pagerduty, &pd.url);
+        pd_cfg.secret_env = Some("PD_KEY".into());
+        let mut jira_cfg = hook("jira", WebhookKind::Jira, &jira.url);
+        jira_cfg.secret_env = Some("JIRA_TOKEN".into());
+        jira_cfg.jira_project = Some("OPS".into());
+        jira_cfg.jira_user = Some("bot@example.org".into());
+        let env = HashMap::from([
+            ("PD_KEY".to_string(), "routing-123".to_string()),
+            ("JIRA_TOKEN".to_string(), "tok".to_string()),
+        ]);
+        let n = Notifier::start(
+            &[
+                hook("slack", WebhookKind::Slack, &slack.url),
+                pd_cfg,
+                jira_cfg,
+            ],
+            10,
+            &env,
+        )
+        .expect("notifier");
+        n.enqueue(&[alert(AlertStatus::Firing), alert(AlertStatus::Resolved)]);
+        // Slack and PagerDuty get both, Jira only the firing one.
+        let log = outcomes(&n, 5).await;
+        assert_eq!(log.len(), 5, "{log:?}");
+        assert!(log.iter().all(|r| r.outcome == "delivered"), "{log:?}");
+
+        let s = slack.requests();
+        assert_eq!(s.len(), 2);
+        let text = json(&s[0])["text"].as_str().unwrap().to_string();
+        assert!(
+            text.contains("[CRITICAL] firing performance_drop_accuracy"),
+            "{text}"
+        );
+        assert!(text.contains("accuracy is 0.8400"), "{text}");
+        assert!(json(&s[1])["text"].as_str().unwrap().contains("resolved"));
+
+        let p = pd.requests();
+        assert_eq!(p.len(), 2);
+        let (t, r) = (json(&p[0]), json(&p[1]));
+        assert_eq!(t["event_action"], "trigger");
+        assert_eq!(t["routing_key"], "routing-123");
+        assert_eq!(t["dedup_key"], alert(AlertStatus::Firing).alert_id);
+        assert_eq!(t["payload"]["severity"], "critical");
+        assert_eq!(t["payload"]["source"], "modelwatch/fraud");
+        assert_eq!(t["payload"]["custom_details"]["metric"], "accuracy");
+        assert!(t["payload"]["summary"].as_str().unwrap().len() <= 1024);
+        assert_eq!(r["event_action"], "resolve");
+        assert_eq!(r["dedup_key"], t["dedup_key"]);
+
+        let j = jira.requests();
+        assert_eq!(j.len(), 1);
+        assert_eq!(j[0].path, "/rest/api/2/issue");
+        // base64("bot@example.org:tok")
+        assert_eq!(
+            j[0].headers["authorization"],
+            "Basic Ym90QGV4YW1wbGUub3JnOnRvaw=="
+        );
+        let f = &json(&j[0])["fields"];
+        assert_eq!(f["project"]["key"], "OPS");
+        assert_eq!(f["issuetype"]["name"], "Bug");
+        assert!(f["description"]
+            .as_str()
+            .unwrap()
+            .contains(&alert(AlertStatus::Firing).alert_id));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_the_oldest_without_blocking() {
+        // The receiver never answers in time: the worker is stuck on the first alert.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let _hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let mut cfg = hook("slow", WebhookKind::Generic, &url);
+        cfg.timeout = Duration::from_secs(2);
+        cfg.max_attempts = 1;
+        let n = Notifier::start(&[cfg], 2, &HashMap::new()).unwrap();
+        let started = Instant::now();
+        for i in 0..6 {
+            let mut a = alert(AlertStatus::Firing);
+            a.alert_id = format!("id-{i}");
+            n.enqueue(&[a]);
+            if i == 0 {
+                // Let the worker take id-0 (bounded wait).
+                let deadline = Instant::now() + Duration::from_secs(1);
+                while n.queued() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "enqueue must not wait"
+        );
+        let dropped = n
+            .stats()
+            .dropped_total
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // id-0 is in flight; of id-1..id-5 the queue keeps the newest two.
+        assert_eq!(dropped, 3);
+        let log = n.take_log();
+        let ids: Vec<&str> = log
+            .iter()
+            .filter(|r| r.outcome == "dropped")
+            .map(|r| r.alert_id.as_str())
+            .collect();
+        assert_eq!(ids, vec!["id-1", "id-2", "id-3"]);
+    }
+
+    #[tokio::test]
+    async fn the_alerts_topic_decodes_with_the_avro_schema() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("model-alerts", 1, 1).expect("topic");
+        let kafka = KafkaConfig {
+            brokers: cluster.bootstrap_servers(),
+            ..KafkaConfig::default()
+        };
+        let publisher = AlertPublisher::new(producer(&kafka).expect("producer"), "model-alerts");
+        let sent = vec![alert(AlertStatus::Firing), alert(AlertStatus::Resolved)];
+        publisher.publish(&sent).await.expect("publish");
+
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "alerts-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset("model-alerts", 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&tpl).unwrap();
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < sent.len() && Instant::now() < deadline {
+            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                let m = m.expect("message");
+                assert_eq!(m.key(), Some(&b"fraud"[..]));
+                let status = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "status"))
+                    .and_then(|h| h.value.map(<[u8]>::to_vec));
+                let a = decode_alert(m.payload().unwrap_or_default()).expect("Avro AlertEvent");
+                assert_eq!(status.as_deref(), Some(a.status.as_str().as_bytes()));
+                got.push(a);
+            }
+        }
+        assert_eq!(got, sent);
+    }
+}

@@ -700,3 +700,105 @@ mod delivery {
         assert_eq!(got, sent);
     }
 }
+
+mod state {
+    //! Alert state and the delivery log through a real ClickHouse server.
+
+    use std::time::Duration;
+
+    use modelwatch::alerting::AlertEngine;
+    use modelwatch::model::{AlertEvent, AlertStatus, Severity};
+    use modelwatch::sinks::clickhouse::{ClickHouseSink, RetryPolicy};
+    use modelwatch::sinks::webhook::DeliveryRecord;
+
+    use crate::support::clickhouse::{unique_database, ClickHouseServer};
+
+    fn alert(id: &str, status: AlertStatus, window_start: i64, fired_at: i64) -> AlertEvent {
+        AlertEvent {
+            alert_id: id.into(),
+            rule: "feature_drift".into(),
+            status,
+            severity: Severity::Warning,
+            model_id: "fraud".into(),
+            model_version: "v1".into(),
+            segment: String::new(),
+            feature: Some("age".into()),
+            metric: "drift_detected".into(),
+            value: 1.0,
+            threshold: 1.0,
+            baseline: None,
+            p_value: Some(0.001),
+            window_start,
+            window_end: window_start + 300_000,
+            fired_at,
+            message: "m".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_engine_restores_from_the_alerts_table() {
+        let server = ClickHouseServer::shared();
+        let sink = ClickHouseSink::new(&server.config(&unique_database("mw_alerts")))
+            .with_retry_policy(RetryPolicy {
+                max_attempts: 3,
+                initial_backoff: Duration::from_millis(5),
+                max_backoff: Duration::from_millis(20),
+            });
+        sink.migrate().await.expect("migrate");
+        let t0 = 1_704_067_200_000;
+        sink.write_alerts(&[
+            // a: fired, then resolved; b: still firing (an old window); c: too old and resolved.
+            alert("a", AlertStatus::Firing, t0, t0 + 1),
+            alert("a", AlertStatus::Resolved, t0, t0 + 900_000),
+            alert("b", AlertStatus::Firing, t0 - 86_400_000 * 10, t0 + 2),
+            alert("c", AlertStatus::Firing, t0 - 86_400_000 * 10, t0 + 3),
+            alert("c", AlertStatus::Resolved, t0 - 86_400_000 * 10, t0 + 4),
+        ])
+        .await
+        .expect("write");
+        let loaded = sink.load_alerts(t0 - 86_400_000).await.expect("load");
+        let got: Vec<(&str, AlertStatus)> = loaded
+            .iter()
+            .map(|a| (a.alert_id.as_str(), a.status))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("b", AlertStatus::Firing), ("a", AlertStatus::Resolved)]
+        );
+        let a = loaded.iter().find(|a| a.alert_id == "a").unwrap();
+        assert_eq!(
+            (a.fired_at, a.window_end, a.feature.as_deref(), a.p_value),
+            (t0 + 900_000, t0 + 300_000, Some("age"), Some(0.001))
+        );
+        let cfg = modelwatch::config::load(None, &Default::default()).unwrap();
+        let mut engine = AlertEngine::from_config(&cfg);
+        assert_eq!(engine.restore(&loaded), 2);
+        assert_eq!(engine.firing(), 1);
+        assert_eq!(engine.active_alerts()[0].alert_id, "b");
+
+        sink.write_deliveries(&[DeliveryRecord {
+            webhook: "ops".into(),
+            kind: "generic",
+            alert_id: "a".into(),
+            alert_status: "firing",
+            outcome: "failed",
+            attempts: 5,
+            http_status: 503,
+            error: "HTTP 503".into(),
+            at_ms: t0 + 5,
+            duration_ms: 1234,
+        }])
+        .await
+        .expect("deliveries");
+        let rows: Vec<(String, String, u32, u16)> = sink
+            .client()
+            .query("SELECT webhook, outcome, attempts, http_status FROM webhook_deliveries FINAL")
+            .fetch_all()
+            .await
+            .expect("read deliveries");
+        assert_eq!(
+            rows,
+            vec![("ops".to_string(), "failed".to_string(), 5, 503)]
+        );
+    }
+}

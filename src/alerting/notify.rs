@@ -68,7 +68,7 @@ pub fn wants(cfg: &WebhookConfig, alert: &AlertEvent) -> bool {
     if alert.severity < cfg.min_severity {
         return false;
     }
-    if !cfg.rules.is_empty() && !cfg.rules.iter().any(|r| *r == alert.rule) {
+    if !cfg.rules.is_empty() && !cfg.rules.contains(&alert.rule) {
         return false;
     }
     match alert.status {

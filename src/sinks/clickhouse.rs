@@ -908,15 +908,31 @@ impl ClickHouseSink {
         // argMax over fired_at_ms rather than FINAL: the latest transition of
         // each id (firing, its updates, resolved), whether or not parts merged.
         let cols = [
-            "rule", "status", "severity", "model_id", "model_version", "segment", "feature",
-            "metric", "value", "threshold", "baseline", "p_value", "window_start", "window_end",
-            "fired_at", "window_start_ms", "window_end_ms",
+            "rule",
+            "status",
+            "severity",
+            "model_id",
+            "model_version",
+            "segment",
+            "feature",
+            "metric",
+            "value",
+            "threshold",
+            "baseline",
+            "p_value",
+            "window_start",
+            "window_end",
+            "fired_at",
+            "window_start_ms",
+            "window_end_ms",
         ];
         let mut select = String::from("SELECT alert_id");
         for c in cols {
             select.push_str(&format!(", argMax({c}, fired_at_ms) AS {c}_"));
         }
-        select.push_str(", max(fired_at_ms) AS fired_at_ms_, argMax(message, fired_at_ms) AS message_");
+        select.push_str(
+            ", max(fired_at_ms) AS fired_at_ms_, argMax(message, fired_at_ms) AS message_",
+        );
         let sql = format!(
             "{select} FROM {}.{ALERTS} GROUP BY alert_id \
              HAVING window_start_ms_ >= {since_ms} OR status_ = 'firing' \

@@ -89,19 +89,23 @@ fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
+/// Last (status, severity) sent per alert id, with insertion order for the bound.
+type SentIds = (HashMap<String, (AlertStatus, Severity)>, VecDeque<String>);
+
 /// Sends alerts to the configured webhooks in the background.
 pub struct Notifier {
     channels: Vec<(Arc<WebhookConfig>, Arc<Channel>)>,
     shared: Arc<Shared>,
     capacity: usize,
-    /// Last (status, severity) sent per alert id, with insertion order for the bound.
-    sent: Mutex<(HashMap<String, (AlertStatus, Severity)>, VecDeque<String>)>,
+    sent: Mutex<SentIds>,
 }
 
 impl std::fmt::Debug for Notifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let names: Vec<&str> = self.channels.iter().map(|(c, _)| c.name.as_str()).collect();
-        f.debug_struct("Notifier").field("webhooks", &names).finish()
+        f.debug_struct("Notifier")
+            .field("webhooks", &names)
+            .finish()
     }
 }
 
@@ -126,7 +130,9 @@ impl Notifier {
                 .connect_timeout(w.timeout)
                 .user_agent(concat!("modelwatch/", env!("CARGO_PKG_VERSION")))
                 .build()
-                .with_context(|| format!("alerts.webhooks.{}: cannot build an HTTP client", w.name))?;
+                .with_context(|| {
+                    format!("alerts.webhooks.{}: cannot build an HTTP client", w.name)
+                })?;
             let cfg = Arc::new(w.clone());
             let channel = Arc::new(Channel {
                 name: w.name.clone(),
@@ -198,7 +204,10 @@ impl Notifier {
                     }
                 };
                 if let Some(d) = dropped {
-                    self.shared.stats.dropped_total.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .stats
+                        .dropped_total
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(webhook = %ch.name, alert_id = %d.alert_id, capacity = self.capacity, "webhook queue full: oldest alert dropped");
                     self.shared.record(DeliveryRecord {
                         webhook: ch.name.clone(),
@@ -220,7 +229,11 @@ impl Notifier {
 
     /// Takes the delivery records collected since the last call.
     pub fn take_log(&self) -> Vec<DeliveryRecord> {
-        let mut log = self.shared.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut log = self
+            .shared
+            .log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         log.drain(..).collect()
     }
 
@@ -304,7 +317,11 @@ impl Worker {
 
     fn backoff(&self, attempt: u32) -> Duration {
         let factor = 1u32 << attempt.saturating_sub(1).min(16);
-        let cap = self.cfg.initial_backoff.saturating_mul(factor).min(MAX_BACKOFF);
+        let cap = self
+            .cfg
+            .initial_backoff
+            .saturating_mul(factor)
+            .min(MAX_BACKOFF);
         let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
         // Jitter in [cap / 2, cap]: receivers recovering from an outage are
         // not hit by every instance at once.
@@ -316,7 +333,11 @@ impl Worker {
         let secret = self.secret.as_ref().map(Secret::expose);
         let req = notify::request(&self.cfg, alert, secret, now_s);
         let url = format!("{}{}", self.url.trim_end_matches('/'), req.path);
-        let url = if req.path.is_empty() { self.url.clone() } else { url };
+        let url = if req.path.is_empty() {
+            self.url.clone()
+        } else {
+            url
+        };
         let mut builder = self.client.post(url).body(req.body);
         for (k, v) in &req.headers {
             builder = builder.header(*k, v);
@@ -358,16 +379,25 @@ impl Worker {
                 }
                 Attempt::Retry(_, e) => {
                     let pause = self.backoff(attempts);
-                    self.shared.stats.retries_total.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .stats
+                        .retries_total
+                        .fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(webhook = %self.cfg.name, alert_id = %alert.alert_id, attempt = attempts, backoff_ms = pause.as_millis() as u64, error = %e, "webhook delivery failed, retrying");
                     tokio::time::sleep(pause).await;
                 }
             }
         };
         if outcome == "delivered" {
-            self.shared.stats.delivered_total.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .delivered_total
+                .fetch_add(1, Ordering::Relaxed);
         } else {
-            self.shared.stats.failed_total.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .failed_total
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(webhook = %self.cfg.name, alert_id = %alert.alert_id, attempts, http_status, error = %error, "webhook delivery failed, giving up");
         }
         self.shared.record(DeliveryRecord {

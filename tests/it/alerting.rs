@@ -70,7 +70,7 @@ fn drive(cfg: &Config, scenario: Scenario) -> Run {
             }
         }
         n += 1;
-        if n % 500 == 0 {
+        if n.is_multiple_of(500) {
             let out = core.advance(now);
             collect(out, &mut run);
         }

@@ -27,6 +27,7 @@ use crate::model::{AlertEvent, InputEvent};
 use crate::pipeline::{Core, CoreStats, Output};
 use crate::sinks::clickhouse::{ClickHouseSink, MetricRow, SinkError, VersionRow};
 use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue};
+use crate::sinks::webhook::{DeliveryRecord, Notifier};
 use crate::telemetry::Counters;
 
 /// Messages handled per wake-up of the consumer loop before it looks at its
@@ -65,6 +66,7 @@ struct Pending {
     versions: Vec<VersionRow>,
     references: Vec<(Arc<str>, Arc<str>, Arc<ReferenceProfile>)>,
     letters: Vec<DeadLetter>,
+    deliveries: Vec<DeliveryRecord>,
     watermark: Option<i64>,
 }
 
@@ -112,6 +114,7 @@ pub struct Service {
     sink: ClickHouseSink,
     alerts: AlertPublisher,
     dlq: DeadLetterQueue,
+    notifier: Notifier,
     last_error_log: Option<Instant>,
     p: Processing,
 }
@@ -144,11 +147,23 @@ impl Service {
         let mut core = Core::new(&cfg);
         let loaded = load_references(&sink, &mut core).await?;
         tracing::info!(profiles = loaded, "reference profiles loaded");
+        let restored = restore_alerts(&sink, &mut core, &cfg).await?;
+        tracing::info!(
+            alerts = restored,
+            firing = core.alert_engine().firing(),
+            "alert state restored"
+        );
+        let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+        let notifier = Notifier::start(&cfg.alerts.webhooks, cfg.alerts.queue_capacity, &env)?;
+        if !notifier.is_empty() {
+            tracing::info!(webhooks = notifier.len(), "webhook notifier started");
+        }
         let producer = producer(&cfg.kafka)?;
         let consumer = input_consumer(&cfg.kafka)?;
         Ok(Service {
             alerts: AlertPublisher::new(producer.clone(), &cfg.kafka.alerts_topic),
             dlq: DeadLetterQueue::new(producer, &cfg.kafka.dead_letter_topic),
+            notifier,
             consumer,
             sink,
             last_error_log: None,
@@ -229,7 +244,28 @@ impl Service {
             }
         }
         tracing::info!("shutting down: writing what is due and committing offsets");
-        self.flush(now_ms(), false).await
+        self.flush(now_ms(), false).await?;
+        self.finish_notifications().await;
+        Ok(())
+    }
+
+    /// Gives queued webhook notifications a bounded time to go out, then
+    /// writes the last delivery records (best effort: the service is stopping).
+    async fn finish_notifications(&mut self) {
+        let left = self.notifier.drain(Duration::from_secs(5)).await;
+        if left > 0 {
+            tracing::warn!(
+                queued = left,
+                "webhook notifications still queued at shutdown"
+            );
+        }
+        self.p.pending.deliveries.extend(self.notifier.take_log());
+        if !self.p.pending.deliveries.is_empty() {
+            match self.sink.write_deliveries(&self.p.pending.deliveries).await {
+                Ok(()) => self.p.pending.deliveries.clear(),
+                Err(e) => tracing::warn!(error = %e, "cannot write the webhook delivery log"),
+            }
+        }
     }
 
     /// Consumes until the input has been idle for `windows.idle_timeout`
@@ -266,7 +302,9 @@ impl Service {
             }
         };
         self.run_until(idle_or_shutdown).await?;
-        self.flush(now_ms(), true).await
+        self.flush(now_ms(), true).await?;
+        self.finish_notifications().await;
+        Ok(())
     }
 
     fn log_consumer_error(&mut self, e: &rdkafka::error::KafkaError) {
@@ -412,6 +450,8 @@ impl Service {
                 .publish(&p.alerts)
                 .await
                 .map_err(WriteError::Transient)?;
+            // Webhooks: queued for their workers, never awaited here.
+            self.notifier.enqueue(&p.alerts);
             for a in &p.alerts {
                 tracing::warn!(alert_id = %a.alert_id, rule = %a.rule, status = a.status.as_str(), severity = a.severity.as_str(), model = %a.model_id, version = %a.model_version, "{}", a.message);
             }
@@ -420,6 +460,14 @@ impl Service {
                 p.alerts.len() as u64,
             );
             p.alerts.clear();
+        }
+        p.deliveries.extend(self.notifier.take_log());
+        if !p.deliveries.is_empty() {
+            self.sink
+                .write_deliveries(&p.deliveries)
+                .await
+                .map_err(WriteError::from_sink)?;
+            p.deliveries.clear();
         }
         if !p.letters.is_empty() {
             self.dlq
@@ -471,6 +519,19 @@ pub async fn load_references(sink: &ClickHouseSink, core: &mut Core) -> Result<u
         }
     }
     Ok(n)
+}
+
+/// Rebuilds the alert engine's state from the `alerts` table: alerts still
+/// firing, and those of windows within two label horizons (so a replay does
+/// not raise them again). Returns how many were restored.
+pub async fn restore_alerts(sink: &ClickHouseSink, core: &mut Core, cfg: &Config) -> Result<usize> {
+    let horizon = i64::try_from(cfg.windows.label_horizon.as_millis()).unwrap_or(i64::MAX / 4);
+    let since = now_ms().saturating_sub(horizon.saturating_mul(2));
+    let alerts = sink
+        .load_alerts(since)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot load the alert state: {e}"))?;
+    Ok(core.alert_engine_mut().restore(&alerts))
 }
 
 /// `modelwatch run`: the service until SIGINT / SIGTERM (or, with

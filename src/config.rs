@@ -375,48 +375,275 @@ impl Operator {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AlertsConfig {
-    /// Built-in rules (feature drift, prediction drift, accuracy drop, label coverage, missing values). Default true.
+    /// Built-in rules (README, "Alerts"): feature and prediction drift,
+    /// performance drop against `[models.<id>.baseline]`, label coverage drop,
+    /// missing-value spike, volume drop and spike, latency p99. Default true.
     pub default_rules: bool,
+    /// Names of built-in rules to switch off, e.g. `["volume_spike"]`. Default empty.
+    pub disabled_rules: Vec<String>,
+    /// Rate metrics fire only when their Wilson confidence interval clears the
+    /// threshold; drift metrics only when `drift_detected` says so. Default true.
+    pub statistical_gate: bool,
+    /// Confidence level of the gate's intervals. Default 0.95.
+    pub confidence: f64,
+    /// Consecutive clear windows before a firing alert resolves (rules may override). Default 2.
+    pub resolve_after: u32,
+    /// Allowed drop of a rate below its business baseline before the built-in
+    /// baseline rule warns (twice this: critical); error metrics use it as a
+    /// relative rise (x 10). Default 0.02.
+    pub baseline_tolerance: f64,
+    /// Alerts waiting per webhook; when full the oldest is dropped (counted, logged). Default 1000.
+    pub queue_capacity: usize,
     /// User rules, `[[alerts.rules]]`.
     pub rules: Vec<RuleConfig>,
+    /// Notification endpoints, `[[alerts.webhooks]]`.
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 impl Default for AlertsConfig {
     fn default() -> Self {
         AlertsConfig {
             default_rules: true,
+            disabled_rules: Vec::new(),
+            statistical_gate: true,
+            confidence: 0.95,
+            resolve_after: 2,
+            baseline_tolerance: 0.02,
+            queue_capacity: 1000,
             rules: Vec::new(),
+            webhooks: Vec::new(),
         }
     }
 }
 
-/// One threshold rule, `[[alerts.rules]]`.
+/// What a rule compares the window's value with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ConditionKind {
+    /// `value <op> threshold`.
+    #[default]
+    Threshold,
+    /// `change(value, baseline) <op> threshold`, baseline from the rule or `[models.<id>.baseline]`.
+    Baseline,
+    /// `change(value, previous window's value) <op> threshold`.
+    PreviousWindow,
+    /// `change(value, same window of version compare_version) <op> threshold`.
+    Version,
+}
+
+impl ConditionKind {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConditionKind::Threshold => "threshold",
+            ConditionKind::Baseline => "baseline",
+            ConditionKind::PreviousWindow => "previous_window",
+            ConditionKind::Version => "version",
+        }
+    }
+}
+
+/// How a change against a reference value is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// `value - reference`.
+    #[default]
+    Absolute,
+    /// `(value - reference) / |reference|`.
+    Relative,
+}
+
+/// One rule, `[[alerts.rules]]`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
-    /// Unique rule name.
+    /// Unique rule name; the name of a built-in rule replaces it.
     pub name: String,
     /// Metric name (README, "Metrics").
     pub metric: String,
     /// Model id or `*` (default).
     #[serde(default = "star")]
     pub model: String,
-    /// Feature or `*`; absent means model-level rows (feature `''`).
+    /// Model version or `*` (default).
+    #[serde(default = "star")]
+    pub version: String,
+    /// Feature or `*` (every real feature, not `__prediction__` / `__label__`);
+    /// absent means model-level rows (feature `''`).
     #[serde(default)]
     pub feature: Option<String>,
     /// Segment (`''` all traffic, `key=value`, or `*`). Default `''`.
     #[serde(default)]
     pub segment: String,
+    /// `threshold` (default), `baseline`, `previous_window` or `version`.
+    #[serde(default)]
+    pub condition: ConditionKind,
+    /// For change conditions: `absolute` (default) or `relative`.
+    #[serde(default)]
+    pub change: ChangeKind,
+    /// For `condition = "baseline"`: the baseline; default `[models.<id>.baseline].<metric>`.
+    #[serde(default)]
+    pub baseline: Option<f64>,
+    /// For `condition = "version"`: the version compared with (e.g. the champion).
+    #[serde(default)]
+    pub compare_version: Option<String>,
     /// Comparison operator.
     pub operator: Operator,
-    /// Threshold.
+    /// Threshold at which the rule fires with `severity`.
     pub threshold: f64,
-    /// Severity. Default `warning`.
+    /// Severity at `threshold`. Default `warning`.
     #[serde(default)]
     pub severity: Severity,
-    /// Rows with fewer samples do not fire. Default 1.
+    /// A stricter threshold at which the alert is `critical` (optional).
+    #[serde(default)]
+    pub critical_threshold: Option<f64>,
+    /// Consecutive breaching windows before firing. Default 1.
+    #[serde(default = "one_u32")]
+    pub for_windows: u32,
+    /// Consecutive clear windows before resolving. Default `alerts.resolve_after`.
+    #[serde(default)]
+    pub resolve_after: Option<u32>,
+    /// Rows with fewer samples neither fire nor clear. Default 1.
     #[serde(default = "one")]
     pub min_samples: u64,
+    /// After resolving, the series stays quiet for windows starting within this
+    /// much event time. Default `0s`.
+    #[serde(default, with = "humantime_serde")]
+    pub cooldown: Duration,
+    /// Evaluate a window only once the watermark is this far past its end
+    /// (for metrics that grow as labels arrive). Default `0s`.
+    #[serde(default, with = "humantime_serde")]
+    pub settle: Duration,
+    /// Apply the statistical gate (default `alerts.statistical_gate`).
+    #[serde(default)]
+    pub gate: Option<bool>,
+}
+
+/// Notification format of a webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookKind {
+    /// The AlertEvent as JSON, signed with HMAC-SHA256 when a secret is set.
+    Generic,
+    /// Slack incoming webhook (`{"text": ...}`); the URL is the secret.
+    Slack,
+    /// PagerDuty Events API v2; the secret is the routing key; dedup key = alert id.
+    Pagerduty,
+    /// Jira: creates an issue per firing alert; the secret is the API token.
+    Jira,
+}
+
+impl WebhookKind {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookKind::Generic => "generic",
+            WebhookKind::Slack => "slack",
+            WebhookKind::Pagerduty => "pagerduty",
+            WebhookKind::Jira => "jira",
+        }
+    }
+}
+
+/// One notification endpoint, `[[alerts.webhooks]]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Unique name (used in logs and the delivery log; the URL never is).
+    pub name: String,
+    /// `generic`, `slack`, `pagerduty` or `jira`.
+    pub kind: WebhookKind,
+    /// Endpoint URL (Jira: the base URL of the site). Or use `url_env`.
+    #[serde(default)]
+    pub url: Secret,
+    /// Environment variable holding the URL (Slack URLs are secrets).
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// Environment variable holding the secret (HMAC key, routing key, API token).
+    #[serde(default)]
+    pub secret_env: Option<String>,
+    /// File holding the secret (trailing whitespace trimmed).
+    #[serde(default)]
+    pub secret_file: Option<String>,
+    /// Least severity sent. Default `warning`.
+    #[serde(default)]
+    pub min_severity: Severity,
+    /// Only these rules (empty: every rule). Default empty.
+    #[serde(default)]
+    pub rules: Vec<String>,
+    /// Send resolutions too (Jira never does). Default true.
+    #[serde(default = "yes")]
+    pub send_resolved: bool,
+    /// Per-request timeout. Default `10s`.
+    #[serde(default = "ten_seconds", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts per alert, the first included; 5xx, 429, timeouts and
+    /// connection errors are retried. Default 5.
+    #[serde(default = "five")]
+    pub max_attempts: u32,
+    /// First retry backoff (doubles, with jitter, up to 60 s). Default `1s`.
+    #[serde(default = "one_second", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Jira project key.
+    #[serde(default)]
+    pub jira_project: Option<String>,
+    /// Jira issue type. Default `Bug`.
+    #[serde(default)]
+    pub jira_issue_type: Option<String>,
+    /// Jira user for basic auth (Jira Cloud: the account e-mail); absent: bearer token.
+    #[serde(default)]
+    pub jira_user: Option<String>,
+}
+
+impl WebhookConfig {
+    /// The endpoint URL and secret, from the config, `env` and files. Errors
+    /// name the webhook and the missing source, never the value.
+    pub fn resolve(&self, env: &HashMap<String, String>) -> Result<(String, Option<Secret>)> {
+        let url = match &self.url_env {
+            Some(var) => env.get(var).cloned().with_context(|| {
+                format!(
+                    "alerts.webhooks.{}: environment variable {var} (url_env) is not set",
+                    self.name
+                )
+            })?,
+            None => self.url.expose().to_owned(),
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!(
+                "alerts.webhooks.{}: the URL must start with http:// or https://",
+                self.name
+            );
+        }
+        let secret = match (&self.secret_env, &self.secret_file) {
+            (Some(var), _) => Some(env.get(var).cloned().with_context(|| {
+                format!(
+                    "alerts.webhooks.{}: environment variable {var} (secret_env) is not set",
+                    self.name
+                )
+            })?),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| {
+                        format!(
+                            "alerts.webhooks.{}: cannot read secret_file {path}",
+                            self.name
+                        )
+                    })?
+                    .trim_end()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let needs_secret = matches!(self.kind, WebhookKind::Pagerduty | WebhookKind::Jira);
+        if needs_secret && secret.as_deref().is_none_or(str::is_empty) {
+            bail!(
+                "alerts.webhooks.{}: a {} webhook needs secret_env or secret_file",
+                self.name,
+                self.kind.as_str()
+            );
+        }
+        Ok((url, secret.map(Secret)))
+    }
 }
 
 fn star() -> String {
@@ -424,6 +651,21 @@ fn star() -> String {
 }
 fn one() -> u64 {
     1
+}
+fn one_u32() -> u32 {
+    1
+}
+fn five() -> u32 {
+    5
+}
+fn yes() -> bool {
+    true
+}
+fn ten_seconds() -> Duration {
+    Duration::from_secs(10)
+}
+fn one_second() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// Builds the configuration from an optional TOML file and an environment map
@@ -608,8 +850,43 @@ impl Config {
                 }
             }
         }
+        self.validate_alerts()?;
+        Ok(())
+    }
+
+    /// Checks `[alerts]`: rule names, metrics, thresholds and what each
+    /// condition needs; webhook names, URLs and Jira settings.
+    fn validate_alerts(&self) -> Result<()> {
+        let a = &self.alerts;
+        if !(a.confidence > 0.5 && a.confidence < 1.0) {
+            bail!(
+                "invalid configuration: alerts.confidence = {}, expected a level between 0.5 and 1 (e.g. 0.95)",
+                a.confidence
+            );
+        }
+        if a.resolve_after == 0 {
+            bail!("invalid configuration: alerts.resolve_after must be at least 1");
+        }
+        if !(a.baseline_tolerance.is_finite() && a.baseline_tolerance >= 0.0) {
+            bail!(
+                "invalid configuration: alerts.baseline_tolerance = {}, expected a non-negative number",
+                a.baseline_tolerance
+            );
+        }
+        if a.queue_capacity == 0 {
+            bail!("invalid configuration: alerts.queue_capacity must be at least 1");
+        }
+        for name in &a.disabled_rules {
+            if !crate::alerting::BUILTIN_RULES.contains(&name.as_str()) {
+                bail!(
+                    "invalid configuration: alerts.disabled_rules: {name:?} is not a built-in rule, expected one of: {}",
+                    crate::alerting::BUILTIN_RULES.join(", ")
+                );
+            }
+        }
         let mut names = std::collections::HashSet::new();
-        for r in &self.alerts.rules {
+        for r in &a.rules {
+            let at = |what: &str| format!("invalid configuration: alerts.rules.{}: {what}", r.name);
             if r.name.is_empty() {
                 bail!("invalid configuration: alerts.rules: a rule has an empty name");
             }
@@ -621,17 +898,97 @@ impl Config {
             }
             if !crate::metrics::names::is_known(&r.metric) {
                 bail!(
-                    "invalid configuration: alerts.rules.{}.metric = {:?}, expected one of: {}",
-                    r.name,
+                    "{} = {:?}, expected one of: {}",
+                    at("metric"),
                     r.metric,
                     crate::metrics::names::ALL.join(", ")
                 );
             }
             if !r.threshold.is_finite() {
+                bail!("{}", at("threshold must be a finite number"));
+            }
+            if let Some(c) = r.critical_threshold {
+                if !c.is_finite() {
+                    bail!("{}", at("critical_threshold must be a finite number"));
+                }
+                // The critical threshold must be at least as strict as the warning one.
+                let stricter = match r.operator {
+                    Operator::Gt | Operator::Ge => c >= r.threshold,
+                    Operator::Lt | Operator::Le => c <= r.threshold,
+                };
+                if !stricter {
+                    bail!(
+                        "{}",
+                        at(&format!(
+                            "critical_threshold {c} must be at least as strict as threshold {} for operator {}",
+                            r.threshold,
+                            r.operator.as_str()
+                        ))
+                    );
+                }
+            }
+            if r.for_windows == 0 {
+                bail!("{}", at("for_windows must be at least 1"));
+            }
+            if r.resolve_after == Some(0) {
+                bail!("{}", at("resolve_after must be at least 1"));
+            }
+            match r.condition {
+                ConditionKind::Baseline => {
+                    let from_model = self
+                        .models
+                        .get(&r.model)
+                        .and_then(|m| m.baseline.get(&r.metric));
+                    if r.baseline.is_none() && from_model.is_none() {
+                        bail!(
+                            "{}",
+                            at(&format!(
+                                "condition \"baseline\" needs baseline = ... or models.{}.baseline.{}",
+                                r.model, r.metric
+                            ))
+                        );
+                    }
+                }
+                ConditionKind::Version => {
+                    if r.compare_version.as_deref().is_none_or(str::is_empty) {
+                        bail!("{}", at("condition \"version\" needs compare_version"));
+                    }
+                }
+                ConditionKind::Threshold | ConditionKind::PreviousWindow => {}
+            }
+            if let Some(b) = r.baseline {
+                if !b.is_finite() {
+                    bail!("{}", at("baseline must be a finite number"));
+                }
+            }
+        }
+        let mut hooks = std::collections::HashSet::new();
+        for w in &a.webhooks {
+            if w.name.is_empty() || !hooks.insert(&w.name) {
                 bail!(
-                    "invalid configuration: alerts.rules.{}.threshold must be a finite number",
-                    r.name
+                    "invalid configuration: alerts.webhooks: names must be unique and non-empty ({:?})",
+                    w.name
                 );
+            }
+            let at =
+                |what: &str| format!("invalid configuration: alerts.webhooks.{}: {what}", w.name);
+            if w.url_env.is_none() {
+                let u = w.url.expose();
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    bail!(
+                        "{}",
+                        at("url must be an http:// or https:// URL (or set url_env)")
+                    );
+                }
+            }
+            if w.max_attempts == 0 {
+                bail!("{}", at("max_attempts must be at least 1"));
+            }
+            if w.timeout.is_zero() {
+                bail!("{}", at("timeout must be positive"));
+            }
+            if w.kind == WebhookKind::Jira && w.jira_project.as_deref().is_none_or(str::is_empty) {
+                bail!("{}", at("a jira webhook needs jira_project"));
             }
         }
         Ok(())

@@ -248,9 +248,48 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
                 humantime::format_duration(cfg.windows.early_label_ttl)
             );
             let rules = alerting::compile(&cfg);
-            println!("alert rules ({}):", rules.len());
+            println!(
+                "alert rules ({}; statistical gate {} at {}% confidence):",
+                rules.len(),
+                if cfg.alerts.statistical_gate {
+                    "on"
+                } else {
+                    "off"
+                },
+                cfg.alerts.confidence * 100.0
+            );
             for r in rules {
                 println!("  {}", r.describe());
+            }
+            let env: HashMap<String, String> = std::env::vars().collect();
+            println!("webhooks ({}):", cfg.alerts.webhooks.len());
+            let mut missing = 0;
+            for w in &cfg.alerts.webhooks {
+                // Resolves URL and secret to check them; never prints either.
+                let state = match w.resolve(&env) {
+                    Ok(_) => "url and secret found".to_string(),
+                    Err(e) => {
+                        missing += 1;
+                        format!("NOT READY: {e:#}")
+                    }
+                };
+                let rules = if w.rules.is_empty() {
+                    "every rule".to_string()
+                } else {
+                    w.rules.join(", ")
+                };
+                println!(
+                    "  {} ({}): {} and above, {rules}, resolutions {}, timeout {}, {} attempts; {state}",
+                    w.name,
+                    w.kind.as_str(),
+                    w.min_severity.as_str(),
+                    if w.send_resolved { "sent" } else { "not sent" },
+                    humantime::format_duration(w.timeout),
+                    w.max_attempts
+                );
+            }
+            if missing > 0 {
+                anyhow::bail!("{missing} webhook(s) cannot be used: see above");
             }
             Ok(())
         }

@@ -4,7 +4,7 @@
 //! the wall-clock time is an argument. [`crate::app`] feeds it from Kafka and
 //! writes what it emits; benches and tests drive it directly.
 
-use crate::alerting::{compile, AlertEngine};
+use crate::alerting::AlertEngine;
 use crate::config::{Config, TaskKind};
 use crate::join::{
     window_start, JoinConfig, JoinState, Joined, LabelInsert, PredictionInsert, Watermark,
@@ -117,7 +117,7 @@ impl Core {
                 ms(cfg.windows.allowed_lateness),
                 ms(cfg.windows.idle_timeout),
             ),
-            engine: AlertEngine::new(compile(cfg)),
+            engine: AlertEngine::from_config(cfg),
             joined: Vec::new(),
             stats: CoreStats::default(),
             largest_window_ms,
@@ -137,6 +137,11 @@ impl Core {
     /// The alert engine.
     pub fn alert_engine(&self) -> &AlertEngine {
         &self.engine
+    }
+
+    /// The alert engine, to restore its state at startup.
+    pub fn alert_engine_mut(&mut self) -> &mut AlertEngine {
+        &mut self.engine
     }
 
     /// Predictions waiting for labels.
@@ -228,8 +233,8 @@ impl Core {
         self.join.expire(wm, &mut self.joined);
         self.drain_joined();
         self.agg.advance(wm, &mut out.emitted);
-        self.finish_output(&mut out, wall_ms);
         out.watermark = Some(wm);
+        self.finish_output(&mut out, wall_ms);
         out
     }
 
@@ -239,14 +244,16 @@ impl Core {
     pub fn flush(&mut self, wall_ms: i64) -> Output {
         let mut out = Output::default();
         self.agg.flush_all(&mut out.emitted);
-        self.finish_output(&mut out, wall_ms);
         out.watermark = self.watermark.max_event_ms();
+        self.finish_output(&mut out, wall_ms);
         out
     }
 
     fn finish_output(&mut self, out: &mut Output, wall_ms: i64) {
+        // Rules that wait for a window to settle judge it against the
+        // watermark (at a final flush: the newest event time, not "all done").
         self.engine
-            .evaluate(&out.emitted.rows, wall_ms, &mut out.alerts);
+            .evaluate(&out.emitted.rows, out.watermark, wall_ms, &mut out.alerts);
         self.stats.rows += out.emitted.rows.len() as u64;
         self.stats.alerts += out.alerts.len() as u64;
         self.stats.windows_closed += out.emitted.closed_windows.len() as u64;

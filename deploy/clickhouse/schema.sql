@@ -75,6 +75,22 @@ CREATE TABLE IF NOT EXISTS modelwatch.reference_profiles (
 ) ENGINE = ReplacingMergeTree(revision)
 ORDER BY (model_id, model_version);
 
+CREATE TABLE IF NOT EXISTS modelwatch.webhook_deliveries (
+    delivered_at DateTime,
+    delivered_at_ms UInt64,
+    webhook String,
+    kind String,
+    alert_id String,
+    alert_status String,
+    outcome String,
+    attempts UInt32,
+    http_status UInt16,
+    error String,
+    duration_ms UInt64
+) ENGINE = ReplacingMergeTree(delivered_at_ms)
+PARTITION BY toYYYYMM(delivered_at)
+ORDER BY (webhook, alert_id, alert_status, delivered_at_ms);
+
 -- Example queries
 
 -- latest value of every metric per window (FINAL keeps the newest revision)
@@ -110,6 +126,13 @@ FROM modelwatch.alerts FINAL
 GROUP BY alert_id
 HAVING last_status = 'firing'
 ORDER BY last_fired DESC;
+
+-- webhook deliveries that failed or were dropped in the last day
+SELECT delivered_at, webhook, kind, alert_id, alert_status, outcome, attempts, http_status, error
+FROM modelwatch.webhook_deliveries FINAL
+WHERE outcome != 'delivered' AND delivered_at >= now() - INTERVAL 1 DAY
+ORDER BY delivered_at DESC
+LIMIT 100;
 
 -- model versions and when they were seen
 SELECT model_id, model_version, task, first_seen, last_seen

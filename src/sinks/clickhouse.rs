@@ -25,7 +25,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ClickHouseConfig;
-use crate::model::AlertEvent;
+use crate::model::{AlertEvent, AlertStatus, Severity};
+use crate::sinks::webhook::DeliveryRecord;
 
 /// Table of per-window metric values (long format, one row per value).
 pub const WINDOW_METRICS: &str = "window_metrics";
@@ -37,6 +38,8 @@ pub const MODELS: &str = "models";
 pub const MODEL_VERSIONS: &str = "model_versions";
 /// Table of reference profiles, one row version per save.
 pub const REFERENCE_PROFILES: &str = "reference_profiles";
+/// Table of webhook delivery outcomes (one row per alert and webhook).
+pub const WEBHOOK_DELIVERIES: &str = "webhook_deliveries";
 
 /// Upper bound for one HTTP request (query or insert); a hung server counts
 /// as a transient error and the attempt is retried.
@@ -386,6 +389,24 @@ ORDER BY (model_id, model_version)"
 ) ENGINE = ReplacingMergeTree(revision)
 ORDER BY (model_id, model_version)"
         ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {database}.{WEBHOOK_DELIVERIES} (
+    delivered_at DateTime,
+    delivered_at_ms UInt64,
+    webhook String,
+    kind {lc},
+    alert_id String,
+    alert_status {lc},
+    outcome {lc},
+    attempts UInt32,
+    http_status UInt16,
+    error String,
+    duration_ms UInt64
+) ENGINE = ReplacingMergeTree(delivered_at_ms)
+PARTITION BY toYYYYMM(delivered_at)
+ORDER BY (webhook, alert_id, alert_status, delivered_at_ms){}",
+            ttl("delivered_at")
+        ),
     ]
 }
 
@@ -431,6 +452,14 @@ FROM modelwatch.alerts FINAL
 GROUP BY alert_id
 HAVING last_status = 'firing'
 ORDER BY last_fired DESC",
+    ),
+    (
+        "webhook deliveries that failed or were dropped in the last day",
+        "SELECT delivered_at, webhook, kind, alert_id, alert_status, outcome, attempts, http_status, error
+FROM modelwatch.webhook_deliveries FINAL
+WHERE outcome != 'delivered' AND delivered_at >= now() - INTERVAL 1 DAY
+ORDER BY delivered_at DESC
+LIMIT 100",
     ),
     (
         "model versions and when they were seen",
@@ -529,6 +558,74 @@ impl From<&AlertEvent> for AlertRow {
             window_end_ms: a.window_end,
             fired_at_ms: u64::try_from(a.fired_at).unwrap_or(0),
             message: a.message.clone(),
+        }
+    }
+}
+
+impl AlertRow {
+    fn into_event(self) -> Option<AlertEvent> {
+        let status = match self.status.as_str() {
+            "firing" => AlertStatus::Firing,
+            "resolved" => AlertStatus::Resolved,
+            _ => return None,
+        };
+        let severity = match self.severity.as_str() {
+            "warning" => Severity::Warning,
+            "critical" => Severity::Critical,
+            _ => return None,
+        };
+        Some(AlertEvent {
+            alert_id: self.alert_id,
+            rule: self.rule,
+            status,
+            severity,
+            model_id: self.model_id,
+            model_version: self.model_version,
+            segment: self.segment,
+            feature: self.feature,
+            metric: self.metric,
+            value: self.value,
+            threshold: self.threshold,
+            baseline: self.baseline,
+            p_value: self.p_value,
+            window_start: self.window_start_ms,
+            window_end: self.window_end_ms,
+            fired_at: i64::try_from(self.fired_at_ms).unwrap_or(i64::MAX),
+            message: self.message,
+        })
+    }
+}
+
+/// A row of `webhook_deliveries`.
+#[derive(Debug, Clone, Serialize, Deserialize, clickhouse::Row)]
+struct DeliveryRow {
+    delivered_at: u32,
+    delivered_at_ms: u64,
+    webhook: String,
+    kind: String,
+    alert_id: String,
+    alert_status: String,
+    outcome: String,
+    attempts: u32,
+    http_status: u16,
+    error: String,
+    duration_ms: u64,
+}
+
+impl From<&DeliveryRecord> for DeliveryRow {
+    fn from(d: &DeliveryRecord) -> Self {
+        DeliveryRow {
+            delivered_at: ms_to_datetime(d.at_ms),
+            delivered_at_ms: u64::try_from(d.at_ms).unwrap_or(0),
+            webhook: d.webhook.clone(),
+            kind: d.kind.to_owned(),
+            alert_id: d.alert_id.clone(),
+            alert_status: d.alert_status.to_owned(),
+            outcome: d.outcome.to_owned(),
+            attempts: d.attempts,
+            http_status: d.http_status,
+            error: d.error.clone(),
+            duration_ms: d.duration_ms,
         }
     }
 }
@@ -798,6 +895,59 @@ impl ClickHouseSink {
         self.insert_all(ALERTS, &rows).await
     }
 
+    /// Writes webhook delivery outcomes to `webhook_deliveries`.
+    pub async fn write_deliveries(&self, records: &[DeliveryRecord]) -> Result<(), SinkError> {
+        let rows: Vec<DeliveryRow> = records.iter().map(DeliveryRow::from).collect();
+        self.insert_all(WEBHOOK_DELIVERIES, &rows).await
+    }
+
+    /// The latest event of every alert whose window started at or after
+    /// `since_ms` (plus every alert still firing, however old), for
+    /// [`crate::alerting::AlertEngine::restore`] at startup.
+    pub async fn load_alerts(&self, since_ms: i64) -> Result<Vec<AlertEvent>, SinkError> {
+        // argMax over fired_at_ms rather than FINAL: the latest transition of
+        // each id (firing, its updates, resolved), whether or not parts merged.
+        let cols = [
+            "rule",
+            "status",
+            "severity",
+            "model_id",
+            "model_version",
+            "segment",
+            "feature",
+            "metric",
+            "value",
+            "threshold",
+            "baseline",
+            "p_value",
+            "window_start",
+            "window_end",
+            "fired_at",
+            "window_start_ms",
+            "window_end_ms",
+        ];
+        let mut select = String::from("SELECT alert_id");
+        for c in cols {
+            select.push_str(&format!(", argMax({c}, fired_at_ms) AS {c}_"));
+        }
+        select.push_str(
+            ", max(fired_at_ms) AS fired_at_ms_, argMax(message, fired_at_ms) AS message_",
+        );
+        let sql = format!(
+            "{select} FROM {}.{ALERTS} GROUP BY alert_id \
+             HAVING window_start_ms_ >= {since_ms} OR status_ = 'firing' \
+             ORDER BY window_start_ms_, alert_id",
+            self.database
+        );
+        let rows: Vec<AlertRow> = self
+            .retry
+            .run("load_alerts", || {
+                self.attempt(self.client.query(&sql).fetch_all::<AlertRow>())
+            })
+            .await?;
+        Ok(rows.into_iter().filter_map(AlertRow::into_event).collect())
+    }
+
     /// Writes model versions to `model_versions`, and one folded row per model to `models`.
     pub async fn write_versions(&self, rows: &[VersionRow]) -> Result<(), SinkError> {
         let versions: Vec<ModelVersionRow> = rows
@@ -1016,7 +1166,8 @@ mod tests {
         for banned in ["LowCardinality", "DateTime64", "Map(", "TTL", "JSON", "?"] {
             assert!(!all.contains(banned), "core schema uses {banned}");
         }
-        assert_eq!(ddl("modelwatch").len(), 6);
+        assert_eq!(ddl("modelwatch").len(), 7);
+        assert!(all.contains("CREATE TABLE IF NOT EXISTS modelwatch.webhook_deliveries"));
         let modern = ddl_with(
             "db",
             SchemaOptions {

@@ -1,6 +1,8 @@
 //! The integration-test binary: one module per area, all against real
 //! servers started by `tests/support` on loopback.
 //!
+//! - [`alerting`]: default rules on synthetic streams (false alarms, power),
+//!   the alerts topic, webhooks against real HTTP receivers.
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
 //! - `example_config`: `deploy/modelwatch.example.toml` stays valid and
 //!   documents the real defaults.
@@ -8,6 +10,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod alerting;
 mod clickhouse;
 
 mod example_config {

@@ -83,6 +83,7 @@ async fn migrate_is_idempotent_and_creates_every_table() {
             "model_versions",
             "models",
             "reference_profiles",
+            "webhook_deliveries",
             "window_metrics"
         ]
     );
@@ -457,5 +458,5 @@ async fn concurrent_migrations_from_several_instances_all_succeed() {
         ),
     )
     .await;
-    assert_eq!(tables, 5);
+    assert_eq!(tables, 6);
 }

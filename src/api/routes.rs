@@ -161,7 +161,7 @@ struct Latest {
     metric: String,
     value: f64,
     samples: u64,
-    window_start: u32,
+    latest_ws: u32,
 }
 
 #[derive(Debug, Deserialize, clickhouse::Row)]
@@ -203,7 +203,7 @@ async fn model_overview(
     .await?;
     let latest: Vec<Latest> = bind_model(c.query(&format!(
         "SELECT model_id, model_version, metric, argMax(value, window_start) AS value, \
-         argMax(samples, window_start) AS samples, toUInt32(max(window_start)) AS window_start \
+         argMax(samples, window_start) AS samples, toUInt32(max(window_start)) AS latest_ws \
          FROM window_metrics FINAL \
          WHERE segment = '' AND feature = '' AND window_seconds = ? AND model_id != '' AND model_id != ? \
          AND has(['prediction_count', 'accuracy', 'estimated_accuracy', 'label_coverage', 'drifted_feature_count', 'latency_p95'], metric){filter} \
@@ -225,7 +225,7 @@ async fn model_overview(
     for l in latest.iter().filter(|l| l.metric == "prediction_count") {
         newest.insert(
             (l.model_id.clone(), l.model_version.clone()),
-            l.window_start,
+            l.latest_ws,
         );
     }
     let since = newest.values().copied().min().unwrap_or(u32::MAX);
@@ -277,7 +277,7 @@ async fn model_overview(
             {
                 latest_values.insert(
                     l.metric.clone(),
-                    json!({ "value": l.value, "samples": l.samples, "window_start": l.window_start }),
+                    json!({ "value": l.value, "samples": l.samples, "window_start": l.latest_ws }),
                 );
             }
             let feats: Vec<&str> = drifted

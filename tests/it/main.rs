@@ -1,6 +1,7 @@
 //! The integration-test binary: one module per area, all against real
 //! servers started by `tests/support` on loopback.
 //!
+//! - [`api`]: the HTTP API, auth, `/metrics` and the Grafana queries against real servers.
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
 //! - `example_config`: `deploy/modelwatch.example.toml` stays valid and
 //!   documents the real defaults.
@@ -8,6 +9,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod api;
 mod clickhouse;
 
 mod example_config {

@@ -223,10 +223,7 @@ async fn model_overview(
     // The newest window of each version (by its prediction count).
     let mut newest: BTreeMap<(String, String), u32> = BTreeMap::new();
     for l in latest.iter().filter(|l| l.metric == "prediction_count") {
-        newest.insert(
-            (l.model_id.clone(), l.model_version.clone()),
-            l.latest_ws,
-        );
+        newest.insert((l.model_id.clone(), l.model_version.clone()), l.latest_ws);
     }
     let since = newest.values().copied().min().unwrap_or(u32::MAX);
     let drifted: Vec<Drifted> = bind_model(

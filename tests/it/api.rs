@@ -69,6 +69,7 @@ async fn get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn row(
     version: &str,
     segment: &str,
@@ -137,8 +138,10 @@ fn alert(
 /// Writes the known rows into a fresh database; returns its config.
 async fn seeded() -> Config {
     let server = ClickHouseServer::shared();
-    let mut cfg = Config::default();
-    cfg.clickhouse = server.config(&unique_database("mw_api"));
+    let mut cfg = Config {
+        clickhouse: server.config(&unique_database("mw_api")),
+        ..Config::default()
+    };
     cfg.api.listen = "127.0.0.1:0".into();
     let sink = ClickHouseSink::new(&cfg.clickhouse);
     sink.migrate().await.expect("migrate");
@@ -589,8 +592,10 @@ async fn bad_parameters_get_400_with_the_reason() {
 #[tokio::test]
 async fn tokens_guard_the_api_and_the_dashboard() {
     let server = ClickHouseServer::shared();
-    let mut cfg = Config::default();
-    cfg.clickhouse = server.config(&unique_database("mw_auth"));
+    let mut cfg = Config {
+        clickhouse: server.config(&unique_database("mw_auth")),
+        ..Config::default()
+    };
     ClickHouseSink::new(&cfg.clickhouse)
         .migrate()
         .await

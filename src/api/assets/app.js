@@ -100,7 +100,8 @@ function heatmap(h) {
     });
   });
   if (h.windows.length) {
-    g += `<text x="${L}" y="${H - 6}">${esc(time(h.windows[0]))}</text><text x="${L + cw * h.windows.length}" y="${H - 6}" text-anchor="end">${esc(clock(h.windows[h.windows.length - 1]))}</text>`;
+    g += `<text x="${L}" y="${H - 6}">${esc(time(h.windows[0]))}</text>`;
+    if (h.windows.length > 3) g += `<text x="${L + cw * h.windows.length}" y="${H - 6}" text-anchor="end">${esc(clock(h.windows[h.windows.length - 1]))}</text>`;
   }
   return `<svg viewBox="0 0 ${W} ${H}" width="100%" style="max-width:${W * 1.3}px" data-chart="heatmap" data-features="${h.features.length}" data-drifted-cells="${drifted}">${g}</svg>
     <div class="legend"><span style="--c:${heatColor(0)}">${esc(h.metric)} 0</span><span style="--c:${heatColor(0.25)}">0.25</span><span style="--c:${heatColor(0.5)}">≥ 0.5</span><span style="--c:#a00">outlined: drift detected</span></div>`;

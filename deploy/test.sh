@@ -30,3 +30,5 @@ echo "== cargo test"
 cargo test --all-targets --locked
 echo "== chdb: the shipped SQL on a current ClickHouse engine"
 python3 tests/chdb/check_sql.py
+echo "== browser: the dashboard in headless Chromium (screenshots in target/browser-artifacts)"
+tests/browser/run.sh

@@ -10,6 +10,7 @@
 //! error stops the service with the reason.
 
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,7 +29,7 @@ use crate::pipeline::{Core, CoreStats, Output};
 use crate::sinks::clickhouse::{ClickHouseSink, MetricRow, SinkError, VersionRow};
 use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue};
 use crate::sinks::webhook::{DeliveryRecord, Notifier};
-use crate::telemetry::Counters;
+use crate::telemetry::{Counters, FlushReport, Telemetry};
 
 /// Messages handled per wake-up of the consumer loop before it looks at its
 /// timers again.
@@ -68,6 +69,8 @@ struct Pending {
     letters: Vec<DeadLetter>,
     deliveries: Vec<DeliveryRecord>,
     watermark: Option<i64>,
+    /// Ends (ms) of the windows whose rows are pending, for the close latency.
+    closed_ends: Vec<i64>,
 }
 
 impl Pending {
@@ -85,6 +88,12 @@ impl Pending {
                     serde_json::json!({ "reference_features": v.reference_features }).to_string(),
             }));
         self.references.extend(out.emitted.references);
+        self.closed_ends.extend(
+            out.emitted
+                .closed_windows
+                .iter()
+                .map(|(size, start)| start + size),
+        );
         if out.watermark.is_some() {
             self.watermark = out.watermark;
         }
@@ -116,7 +125,96 @@ pub struct Service {
     dlq: DeadLetterQueue,
     notifier: Notifier,
     last_error_log: Option<Instant>,
+    /// Consumer errors since the last flush (readiness).
+    kafka_errors: u64,
+    /// Messages consumed at the last flush (readiness).
+    consumed_at_flush: u64,
+    telemetry: Arc<Telemetry>,
+    lag: LagProbe,
     p: Processing,
+}
+
+/// High watermarks of the assigned partitions, fetched every few seconds
+/// by a thread of its own: asking the broker blocks, so the service loop
+/// never does it. Consumer lag = high watermark - position.
+struct LagProbe {
+    partitions: Arc<std::sync::Mutex<Vec<(String, i32)>>>,
+    highs: Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LagProbe {
+    fn start(cfg: &crate::config::KafkaConfig) -> LagProbe {
+        let probe = LagProbe {
+            partitions: Arc::default(),
+            highs: Arc::default(),
+            stop: Arc::default(),
+        };
+        let consumer: Option<rdkafka::consumer::BaseConsumer> =
+            crate::ingest::consumer::client_config(cfg).create().ok();
+        let (partitions, highs, stop) = (
+            probe.partitions.clone(),
+            probe.highs.clone(),
+            probe.stop.clone(),
+        );
+        if let Some(consumer) = consumer {
+            let spawned = std::thread::Builder::new()
+                .name("lag-probe".into())
+                .spawn(move || {
+                    use rdkafka::consumer::Consumer;
+                    while !stop.load(Ordering::Relaxed) {
+                        let list = partitions.lock().map(|p| p.clone()).unwrap_or_default();
+                        for (topic, partition) in list {
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            if let Ok((_, high)) =
+                                consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1))
+                            {
+                                if let Ok(mut h) = highs.lock() {
+                                    h.insert((topic, partition), high);
+                                }
+                            }
+                        }
+                        for _ in 0..50 {
+                            if stop.load(Ordering::Relaxed) {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the consumer lag probe");
+            }
+        }
+        probe
+    }
+
+    fn high(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.highs
+            .lock()
+            .ok()?
+            .get(&(topic.to_owned(), partition))
+            .copied()
+            .filter(|h| *h >= 0)
+    }
+
+    fn watch(&self, positions: &rdkafka::TopicPartitionList) {
+        if let Ok(mut p) = self.partitions.lock() {
+            *p = positions
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+        }
+    }
+}
+
+impl Drop for LagProbe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Everything a consumed message touches (split from [`Service`] so a
@@ -160,6 +258,7 @@ impl Service {
         }
         let producer = producer(&cfg.kafka)?;
         let consumer = input_consumer(&cfg.kafka)?;
+        let telemetry = Arc::new(Telemetry::for_config(&cfg));
         Ok(Service {
             alerts: AlertPublisher::new(producer.clone(), &cfg.kafka.alerts_topic),
             dlq: DeadLetterQueue::new(producer, &cfg.kafka.dead_letter_topic),
@@ -167,20 +266,29 @@ impl Service {
             consumer,
             sink,
             last_error_log: None,
+            kafka_errors: 0,
+            consumed_at_flush: 0,
+            lag: LagProbe::start(&cfg.kafka),
             p: Processing {
                 decoder: Decoder::new(cfg.kafka.format),
                 core,
                 offsets: OffsetTracker::new(),
                 pending: Pending::default(),
-                counters: Arc::new(Counters::default()),
+                counters: telemetry.counters.clone(),
                 cfg,
             },
+            telemetry,
         })
     }
 
     /// The service's counters (shared).
     pub fn counters(&self) -> Arc<Counters> {
         self.p.counters.clone()
+    }
+
+    /// The service's operational metrics and readiness (shared with the API).
+    pub fn telemetry(&self) -> Arc<Telemetry> {
+        self.telemetry.clone()
     }
 
     /// What has been done so far.
@@ -205,6 +313,32 @@ impl Service {
         let mut report = tokio::time::interval(Duration::from_secs(10));
         report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
+        self.telemetry
+            .readiness
+            .running
+            .store(true, Ordering::Relaxed);
+        self.telemetry
+            .readiness
+            .kafka_ok
+            .store(true, Ordering::Relaxed);
+        let result = self.run_loop(&mut tick, &mut report, shutdown).await;
+        self.telemetry
+            .readiness
+            .running
+            .store(false, Ordering::Relaxed);
+        result?;
+        tracing::info!("shutting down: writing what is due and committing offsets");
+        self.flush(now_ms(), false).await?;
+        self.finish_notifications().await;
+        Ok(())
+    }
+
+    async fn run_loop(
+        &mut self,
+        tick: &mut tokio::time::Interval,
+        report: &mut tokio::time::Interval,
+        mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<()> {
         loop {
             tokio::select! {
                 biased;
@@ -243,9 +377,6 @@ impl Service {
                 },
             }
         }
-        tracing::info!("shutting down: writing what is due and committing offsets");
-        self.flush(now_ms(), false).await?;
-        self.finish_notifications().await;
         Ok(())
     }
 
@@ -308,6 +439,7 @@ impl Service {
     }
 
     fn log_consumer_error(&mut self, e: &rdkafka::error::KafkaError) {
+        self.kafka_errors += 1;
         // Rate-limited: a broker outage would otherwise log in a tight loop.
         let due = self
             .last_error_log
@@ -341,7 +473,17 @@ impl Service {
             self.p.core.advance(wall_ms)
         };
         self.p.pending.add(out);
-        match self.write_pending().await {
+        let written = self.write_pending().await;
+        // Telemetry of this flush, whether or not the write went through.
+        let closed = std::mem::take(&mut self.p.pending.closed_ends);
+        let report = self.flush_report(wall_ms, if written.is_ok() { &closed } else { &[] });
+        if written.is_err() {
+            self.p.pending.closed_ends = closed;
+        }
+        self.telemetry.record_flush(&report);
+        let health = self.telemetry.service_rows(wall_ms, &report);
+        self.p.pending.rows.extend(health);
+        match written {
             Ok(()) => {}
             Err(WriteError::Permanent(e)) => return Err(e),
             Err(WriteError::Transient(e)) => {
@@ -358,10 +500,65 @@ impl Service {
             None => self.p.offsets.advance(i64::MIN),
         };
         if !moved.is_empty() {
-            commit(&self.consumer, &moved)?;
+            if let Err(e) = commit(&self.consumer, &moved) {
+                self.telemetry
+                    .readiness
+                    .kafka_ok
+                    .store(false, Ordering::Relaxed);
+                return Err(e);
+            }
             Counters::add(&self.p.counters.commits_total, 1);
         }
         Ok(())
+    }
+
+    /// What this flush saw, for telemetry: core counters, join state size,
+    /// watermark delay, window-close latencies, consumer lag; also updates
+    /// readiness (partitions assigned, Kafka answering).
+    fn flush_report(&mut self, wall_ms: i64, closed_ends: &[i64]) -> FlushReport {
+        use rdkafka::consumer::Consumer;
+        let mut lag = Vec::new();
+        let mut assigned = 0u64;
+        if let Ok(positions) = self.consumer.position() {
+            for e in positions.elements() {
+                assigned += 1;
+                let position = match e.offset() {
+                    rdkafka::Offset::Offset(o) => o,
+                    _ => continue,
+                };
+                if let Some(high) = self.lag.high(e.topic(), e.partition()) {
+                    lag.push((
+                        e.topic().to_owned(),
+                        e.partition(),
+                        (high - position).max(0),
+                    ));
+                }
+            }
+            self.lag.watch(&positions);
+        }
+        let r = &self.telemetry.readiness;
+        r.partitions_assigned.store(assigned, Ordering::Relaxed);
+        let consumed = Counters::get(&self.p.counters.predictions_consumed_total)
+            + Counters::get(&self.p.counters.labels_consumed_total);
+        // Kafka answers if nothing failed since the last flush or messages still flow.
+        let ok = self.kafka_errors == 0 || consumed > self.consumed_at_flush;
+        r.kafka_ok.store(ok, Ordering::Relaxed);
+        self.kafka_errors = 0;
+        self.consumed_at_flush = consumed;
+        FlushReport {
+            core: self.p.core.stats(),
+            pending_predictions: self.p.core.pending_predictions() as u64,
+            watermark_delay_s: self
+                .p
+                .pending
+                .watermark
+                .map(|wm| (wall_ms - wm) as f64 / 1000.0),
+            window_close_latencies_s: closed_ends
+                .iter()
+                .map(|end| ((wall_ms - end) as f64 / 1000.0).max(0.0))
+                .collect(),
+            lag,
+        }
     }
 }
 
@@ -426,26 +623,39 @@ impl Service {
             tracing::info!(model = %model, version = %version, samples = profile.sample_count, "reference profile built from the first events");
         }
         p.references.clear();
+        let t = &self.telemetry;
         if !p.versions.is_empty() {
-            self.sink
-                .write_versions(&p.versions)
-                .await
-                .map_err(WriteError::from_sink)?;
+            timed(
+                t,
+                "model_versions",
+                p.versions.len(),
+                self.sink.write_versions(&p.versions),
+            )
+            .await
+            .map_err(WriteError::from_sink)?;
             p.versions.clear();
         }
         if !p.rows.is_empty() {
-            self.sink
-                .write_metrics(&p.rows)
-                .await
-                .map_err(WriteError::from_sink)?;
+            timed(
+                t,
+                "window_metrics",
+                p.rows.len(),
+                self.sink.write_metrics(&p.rows),
+            )
+            .await
+            .map_err(WriteError::from_sink)?;
             Counters::add(&self.p.counters.rows_written_total, p.rows.len() as u64);
             p.rows.clear();
         }
         if !p.alerts.is_empty() {
-            self.sink
-                .write_alerts(&p.alerts)
-                .await
-                .map_err(WriteError::from_sink)?;
+            timed(
+                t,
+                "alerts",
+                p.alerts.len(),
+                self.sink.write_alerts(&p.alerts),
+            )
+            .await
+            .map_err(WriteError::from_sink)?;
             self.alerts
                 .publish(&p.alerts)
                 .await
@@ -453,6 +663,7 @@ impl Service {
             // Webhooks: queued for their workers, never awaited here.
             self.notifier.enqueue(&p.alerts);
             for a in &p.alerts {
+                t.record_alert(&a.rule, a.status.as_str(), a.severity.as_str());
                 tracing::warn!(alert_id = %a.alert_id, rule = %a.rule, status = a.status.as_str(), severity = a.severity.as_str(), model = %a.model_id, version = %a.model_version, "{}", a.message);
             }
             Counters::add(
@@ -461,7 +672,12 @@ impl Service {
             );
             p.alerts.clear();
         }
-        p.deliveries.extend(self.notifier.take_log());
+        let log = self.notifier.take_log();
+        for d in &log {
+            self.telemetry
+                .record_webhook(&d.webhook, d.outcome == "delivered");
+        }
+        p.deliveries.extend(log);
         if !p.deliveries.is_empty() {
             self.sink
                 .write_deliveries(&p.deliveries)
@@ -482,6 +698,29 @@ impl Service {
         }
         Ok(())
     }
+}
+
+/// Runs one ClickHouse write, recording its duration, rows or error kind.
+async fn timed(
+    t: &Telemetry,
+    table: &str,
+    rows: usize,
+    write: impl Future<Output = Result<(), SinkError>>,
+) -> Result<(), SinkError> {
+    let started = Instant::now();
+    let r = write.await;
+    match &r {
+        Ok(()) => t.record_insert(table, rows, started.elapsed().as_secs_f64()),
+        Err(e) => t.record_insert_error(
+            table,
+            if e.is_transient() {
+                "transient"
+            } else {
+                "permanent"
+            },
+        ),
+    }
+    r
 }
 
 enum WriteError {
@@ -537,12 +776,22 @@ pub async fn restore_alerts(sink: &ClickHouseSink, core: &mut Core, cfg: &Config
 /// `modelwatch run`: the service until SIGINT / SIGTERM (or, with
 /// `exit_when_idle`, until the input has been idle for `windows.idle_timeout`).
 pub async fn run(cfg: Config, exit_when_idle: bool) -> Result<()> {
-    let mut service = Service::start(cfg).await?;
-    if exit_when_idle {
+    let mut service = Service::start(cfg.clone()).await?;
+    let api = if cfg.api.enabled {
+        Some(crate::api::ApiServer::start(&cfg, service.telemetry()).await?)
+    } else {
+        None
+    };
+    let result = if exit_when_idle {
         service.run_until_idle(shutdown_signal()).await
     } else {
         service.run_until(shutdown_signal()).await
+    };
+    // The API stops last: /metrics and /readyz stay up while the service drains.
+    if let Some(api) = api {
+        api.stop().await;
     }
+    result
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.

@@ -35,6 +35,57 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// The service process itself.
     pub service: ServiceConfig,
+    /// The HTTP API, dashboard, `/metrics` and health endpoints.
+    pub api: ApiConfig,
+}
+
+/// `[api]`: the HTTP server of the API, the dashboard, `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Serve HTTP at all. Default true.
+    pub enabled: bool,
+    /// Listen address; loopback by default so nothing is exposed by accident. Default `127.0.0.1:8089`.
+    pub listen: String,
+    /// Bearer tokens accepted by the API and the dashboard (read-only); empty = no auth. Default empty.
+    #[serde(deserialize_with = "tokens_one_or_many")]
+    pub tokens: Vec<Secret>,
+    /// Serve `/healthz` and `/readyz` without a token. Default true.
+    pub open_health: bool,
+    /// Serve `/metrics` without a token. Default true.
+    pub open_metrics: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: true,
+            listen: "127.0.0.1:8089".into(),
+            tokens: Vec::new(),
+            open_health: true,
+            open_metrics: true,
+        }
+    }
+}
+
+/// Tokens as a TOML array or, from an environment override, one
+/// comma-separated string.
+fn tokens_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s.split(',').map(|x| x.trim().to_string()).collect(),
+        OneOrMany::Many(v) => v,
+    };
+    Ok(items
+        .into_iter()
+        .filter(|t| !t.is_empty())
+        .map(Secret)
+        .collect())
 }
 
 /// Log line format.
@@ -745,6 +796,8 @@ const STRING_KEYS: &[&str] = &[
     "ground_truth_topic",
     "alerts_topic",
     "dead_letter_topic",
+    "listen",
+    "tokens",
 ];
 
 impl Config {
@@ -784,6 +837,12 @@ impl Config {
             bail!(
                 "invalid configuration: clickhouse.database = {:?}, expected letters, digits and _",
                 self.clickhouse.database
+            );
+        }
+        if self.api.enabled && self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            bail!(
+                "invalid configuration: api.listen = {:?}, expected an address such as \"127.0.0.1:8089\"",
+                self.api.listen
             );
         }
         if self.clickhouse.batch_rows == 0 {

@@ -29,6 +29,9 @@ pub struct DemoOptions {
     pub rate: f64,
     /// Random seed.
     pub seed: u64,
+    /// Keep serving the dashboard after the summary until Ctrl-C (`false`
+    /// with `--exit`, for tests and CI).
+    pub serve: bool,
 }
 
 /// The model id the demo generates.
@@ -127,6 +130,13 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
 
     let mut service = Service::start(cfg.clone()).await?;
     let counters = service.counters();
+    let api = if cfg.api.enabled {
+        let api = crate::api::ApiServer::start(&cfg, service.telemetry()).await?;
+        println!("  dashboard: {} (live while the demo runs)\n", api.url());
+        Some(api)
+    } else {
+        None
+    };
     let produce_opts = ProduceOptions {
         brokers: cfg.kafka.brokers.clone(),
         predictions_topic: cfg.kafka.predictions_topic.clone(),
@@ -219,6 +229,17 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
     drop(service);
     print_summary(&sink, &cfg).await?;
     drop(cluster);
+    if let Some(api) = api {
+        if opts.serve {
+            println!(
+                "\nDashboard: {}  (drift heatmap, accuracy drop, alerts; API under /api, OpenAPI at /api/openapi.json)\nPress Ctrl-C to exit.",
+                api.url()
+            );
+            api.serve_until(crate::app::shutdown_signal()).await;
+        } else {
+            api.stop().await;
+        }
+    }
     Ok(())
 }
 

@@ -20,12 +20,14 @@
 //! - [`app`]: wires the stages together; offsets are committed after their output is durable.
 //! - [`generate`]: synthetic traffic (used by `modelwatch generate` and `modelwatch demo`).
 //! - [`demo`]: the one-command demo on embedded defaults.
-//! - [`telemetry`]: tracing setup and the service's own counters.
+//! - [`api`]: HTTP API, embedded dashboard, `/metrics`, `/healthz`, `/readyz` (reads ClickHouse + live telemetry).
+//! - [`telemetry`]: tracing setup, the service's own counters and the Prometheus registry.
 //!
 //! `metrics`, `join` and `alerting` do no I/O and never read the clock: time is
 //! an argument, which is what makes them testable and benchmarkable alone.
 
 pub mod alerting;
+pub mod api;
 pub mod app;
 pub mod config;
 pub mod demo;

@@ -66,6 +66,9 @@ struct DemoArgs {
     /// Random seed.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Exit after the summary instead of serving the dashboard until Ctrl-C.
+    #[arg(long)]
+    exit: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -178,6 +181,7 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
                     events: a.events,
                     rate: a.rate,
                     seed: a.seed,
+                    serve: !a.exit,
                 },
             )
             .await

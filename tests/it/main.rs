@@ -3,6 +3,7 @@
 //!
 //! - [`alerting`]: default rules on synthetic streams (false alarms, power),
 //!   the alerts topic, webhooks against real HTTP receivers.
+//! - [`api`]: the HTTP API, auth, `/metrics` and the Grafana queries against real servers.
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
 //! - `example_config`: `deploy/modelwatch.example.toml` stays valid and
 //!   documents the real defaults.
@@ -11,6 +12,7 @@
 mod support;
 
 mod alerting;
+mod api;
 mod clickhouse;
 
 mod example_config {

@@ -1,0 +1,1000 @@
+//! The REST handlers (`/api/...`) and the ClickHouse queries behind them.
+//!
+//! Every read of `window_metrics` uses `FINAL`, so a revised window is seen
+//! at its newest revision. Ranges are `[from, to)` on `window_start`. Values
+//! over several windows combine as [`super::merge`] documents. Errors map to
+//! HTTP statuses in one place ([`ApiError`]).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::merge::{merge, Merged};
+use super::params::{range, BadRequest, Params};
+use super::server::ApiState;
+use super::{OPENAPI_JSON, SERVICE_MODEL};
+use crate::metrics::names;
+use crate::sinks::clickhouse::SinkError;
+
+/// An error of a handler, mapped to its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: a bad parameter, with the reason.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404: nothing there.
+    #[error("{0}")]
+    NotFound(String),
+    /// 503: ClickHouse did not answer.
+    #[error("ClickHouse query failed: {0}")]
+    Upstream(String),
+}
+
+impl From<BadRequest> for ApiError {
+    fn from(e: BadRequest) -> Self {
+        ApiError::BadRequest(e.0)
+    }
+}
+
+impl From<clickhouse::error::Error> for ApiError {
+    fn from(e: clickhouse::error::Error) -> Self {
+        ApiError::Upstream(e.to_string())
+    }
+}
+
+impl From<SinkError> for ApiError {
+    fn from(e: SinkError) -> Self {
+        ApiError::Upstream(e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Upstream(m) => {
+                tracing::warn!(error = %m, "api query failed");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        };
+        (status, Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+type Q = Query<HashMap<String, String>>;
+
+/// The `/api/...` routes.
+pub fn api_routes() -> Router<ApiState> {
+    Router::new()
+        .route("/api/openapi.json", get(openapi))
+        .route("/api/config", get(ui_config))
+        .route("/api/models", get(models))
+        .route("/api/models/{model}", get(model))
+        .route("/api/models/{model}/timeseries", get(timeseries))
+        .route("/api/models/{model}/drift", get(drift))
+        .route("/api/models/{model}/heatmap", get(heatmap))
+        .route("/api/models/{model}/segments", get(segments))
+        .route("/api/models/{model}/compare", get(compare))
+        .route("/api/models/{model}/references", get(references))
+        .route(
+            "/api/models/{model}/versions/{version}/reference",
+            get(reference),
+        )
+        .route("/api/alerts", get(alerts))
+        .route("/api/service", get(service))
+}
+
+fn json_ok(v: impl Serialize) -> ApiResult {
+    Ok(Json(v).into_response())
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}
+
+async fn ui_config(State(s): State<ApiState>) -> ApiResult {
+    json_ok(json!({
+        "database": s.ch.database(),
+        "default_window_seconds": s.default_window_seconds,
+        "refresh_seconds": s.refresh_seconds,
+    }))
+}
+
+/// Service metric names (rows of model `__service__`).
+pub const SERVICE_METRICS: &[&str] = &[
+    "events_consumed_count",
+    "decode_failure_count",
+    "dead_letter_count",
+    "join_match_count",
+    "join_expiration_count",
+    "join_orphan_count",
+    "join_duplicate_count",
+    "window_closed_count",
+    "row_written_count",
+    "alert_count",
+    "clickhouse_retry_count",
+    "cpu_seconds",
+    "resident_memory_bytes",
+    "pending_predictions",
+    "watermark_delay_seconds",
+    "consumer_lag_messages",
+];
+
+fn check_metric(model: &str, metric: &str) -> Result<(), ApiError> {
+    let known = if model == SERVICE_MODEL {
+        SERVICE_METRICS.contains(&metric)
+    } else {
+        names::is_known(metric)
+    };
+    if known {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "unknown metric {metric:?}: see the metric list in the README (window_metrics.metric)"
+        )))
+    }
+}
+
+// ---------------------------------------------------------------- models
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct VersionMeta {
+    model_id: String,
+    model_version: String,
+    task: String,
+    first_seen: u32,
+    last_seen: u32,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct Latest {
+    model_id: String,
+    model_version: String,
+    metric: String,
+    value: f64,
+    samples: u64,
+    latest_ws: u32,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct OpenAlert {
+    model_id: String,
+    model_version: String,
+    severity: String,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct Drifted {
+    model_id: String,
+    model_version: String,
+    window_start: u32,
+    feature: String,
+}
+
+/// Health and metadata of every model (or of `only`).
+async fn model_overview(
+    s: &ApiState,
+    only: Option<&str>,
+    window: u32,
+) -> Result<Vec<Value>, ApiError> {
+    let c = s.ch.client();
+    let filter = if only.is_some() {
+        " AND model_id = ?"
+    } else {
+        ""
+    };
+    let bind_model = |q: clickhouse::query::Query| match only {
+        Some(m) => q.bind(m),
+        None => q,
+    };
+    let metas: Vec<VersionMeta> = bind_model(c.query(&format!(
+        "SELECT model_id, model_version, task, first_seen, last_seen FROM model_versions FINAL \
+         WHERE 1 = 1{filter} ORDER BY model_id, model_version"
+    )))
+    .fetch_all()
+    .await?;
+    let latest: Vec<Latest> = bind_model(c.query(&format!(
+        "SELECT model_id, model_version, metric, argMax(value, window_start) AS value, \
+         argMax(samples, window_start) AS samples, toUInt32(max(window_start)) AS latest_ws \
+         FROM window_metrics FINAL \
+         WHERE segment = '' AND feature = '' AND window_seconds = ? AND model_id != '' AND model_id != ? \
+         AND has(['prediction_count', 'accuracy', 'estimated_accuracy', 'label_coverage', 'drifted_feature_count', 'latency_p95'], metric){filter} \
+         GROUP BY model_id, model_version, metric ORDER BY model_id, model_version, metric"
+    ))
+    .bind(window)
+    .bind(SERVICE_MODEL))
+    .fetch_all()
+    .await?;
+    let open: Vec<OpenAlert> = bind_model(c.query(&format!(
+        "SELECT model_id, any(model_version) AS model_version, argMax(severity, fired_at_ms) AS severity \
+         FROM alerts FINAL WHERE 1 = 1{filter} GROUP BY model_id, alert_id \
+         HAVING argMax(status, fired_at_ms) = 'firing'"
+    )))
+    .fetch_all()
+    .await?;
+    // The newest window of each version (by its prediction count).
+    let mut newest: BTreeMap<(String, String), u32> = BTreeMap::new();
+    for l in latest.iter().filter(|l| l.metric == "prediction_count") {
+        newest.insert((l.model_id.clone(), l.model_version.clone()), l.latest_ws);
+    }
+    let since = newest.values().copied().min().unwrap_or(u32::MAX);
+    let drifted: Vec<Drifted> = bind_model(
+        c.query(&format!(
+            "SELECT model_id, model_version, toUInt32(window_start) AS window_start, feature \
+         FROM window_metrics FINAL WHERE metric = 'drift_detected' AND value = 1 AND segment = '' \
+         AND window_seconds = ? AND window_start >= toDateTime(?){filter} ORDER BY feature"
+        ))
+        .bind(window)
+        .bind(since),
+    )
+    .fetch_all()
+    .await?;
+
+    // Models: from the metadata store and from the metric rows.
+    let mut versions: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
+    for m in &metas {
+        versions.entry(m.model_id.clone()).or_default().insert(
+            m.model_version.clone(),
+            json!({ "model_version": m.model_version, "task": m.task,
+                    "first_seen": m.first_seen, "last_seen": m.last_seen }),
+        );
+    }
+    for l in &latest {
+        versions
+            .entry(l.model_id.clone())
+            .or_default()
+            .entry(l.model_version.clone())
+            .or_insert_with(|| {
+                json!({ "model_version": l.model_version, "task": null,
+                                       "first_seen": null, "last_seen": null })
+            });
+    }
+    let mut out = Vec::new();
+    for (model_id, vs) in versions {
+        if model_id.is_empty() || model_id == SERVICE_MODEL {
+            continue;
+        }
+        let mut vlist = Vec::new();
+        let mut drifted_all: BTreeSet<String> = BTreeSet::new();
+        for (version, mut meta) in vs {
+            let key = (model_id.clone(), version.clone());
+            let newest_ws = newest.get(&key).copied();
+            let mut latest_values = serde_json::Map::new();
+            for l in latest
+                .iter()
+                .filter(|l| l.model_id == model_id && l.model_version == version)
+            {
+                latest_values.insert(
+                    l.metric.clone(),
+                    json!({ "value": l.value, "samples": l.samples, "window_start": l.latest_ws }),
+                );
+            }
+            let feats: Vec<&str> = drifted
+                .iter()
+                .filter(|d| {
+                    d.model_id == model_id
+                        && d.model_version == version
+                        && Some(d.window_start) == newest_ws
+                })
+                .map(|d| d.feature.as_str())
+                .collect();
+            drifted_all.extend(feats.iter().map(|f| f.to_string()));
+            let open_v = open
+                .iter()
+                .filter(|a| a.model_id == model_id && a.model_version == version)
+                .count();
+            if let Value::Object(o) = &mut meta {
+                o.insert("latest_window".into(), json!(newest_ws));
+                o.insert("latest".into(), Value::Object(latest_values));
+                o.insert("drifted_features".into(), json!(feats));
+                o.insert("open_alerts".into(), json!(open_v));
+            }
+            vlist.push(meta);
+        }
+        let model_open: Vec<&OpenAlert> = open.iter().filter(|a| a.model_id == model_id).collect();
+        let critical = model_open.iter().any(|a| a.severity == "critical");
+        let status = if critical {
+            "critical"
+        } else if !model_open.is_empty() || !drifted_all.is_empty() {
+            "warning"
+        } else {
+            "ok"
+        };
+        out.push(json!({
+            "model_id": model_id,
+            "status": status,
+            "open_alerts": model_open.len(),
+            "drifted_features": drifted_all,
+            "versions": vlist,
+        }));
+    }
+    Ok(out)
+}
+
+async fn models(State(s): State<ApiState>, Query(q): Q) -> ApiResult {
+    let p = Params::new(q, &["window"])?;
+    let window = p.window("window")?.unwrap_or(s.default_window_seconds);
+    json_ok(json!({ "window_seconds": window, "models": model_overview(&s, None, window).await? }))
+}
+
+async fn model(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q) -> ApiResult {
+    let p = Params::new(q, &["window"])?;
+    let window = p.window("window")?.unwrap_or(s.default_window_seconds);
+    let mut all = model_overview(&s, Some(&model), window).await?;
+    match all.pop() {
+        Some(m) => json_ok(m),
+        None => Err(ApiError::NotFound(format!("no model {model:?}"))),
+    }
+}
+
+// ---------------------------------------------------------------- window rows
+
+/// One stored per-window value.
+#[derive(Debug, Clone, Deserialize, Serialize, clickhouse::Row)]
+pub struct Point {
+    /// Model version.
+    pub model_version: String,
+    /// Metric name.
+    pub metric: String,
+    /// Segment.
+    pub segment: String,
+    /// Feature.
+    pub feature: String,
+    /// Window start, unix seconds.
+    pub window_start: u32,
+    /// Value.
+    pub value: f64,
+    /// Samples behind the value.
+    pub samples: u64,
+    /// p-value, when the statistic has one.
+    pub p_value: Option<f64>,
+}
+
+/// Which rows of `window_metrics` to read.
+#[derive(Debug, Clone, Default)]
+struct Selection<'a> {
+    model: &'a str,
+    versions: Option<Vec<String>>,
+    metrics: Vec<String>,
+    /// `None`: every segment.
+    segment: Option<String>,
+    /// `None`: every feature; `Some("")`: model level.
+    feature: Option<String>,
+    /// Only per-feature rows (feature != '').
+    features_only: bool,
+    window: u32,
+    from: u32,
+    to: u32,
+}
+
+async fn points(s: &ApiState, sel: &Selection<'_>) -> Result<Vec<Point>, ApiError> {
+    let mut sql = String::from(
+        "SELECT model_version, metric, segment, feature, toUInt32(window_start) AS window_start, \
+         value, samples, p_value FROM window_metrics FINAL \
+         WHERE model_id = ? AND window_seconds = ? AND window_start >= toDateTime(?) \
+         AND window_start < toDateTime(?) AND has(?, metric)",
+    );
+    if sel.versions.is_some() {
+        sql.push_str(" AND has(?, model_version)");
+    }
+    if sel.segment.is_some() {
+        sql.push_str(" AND segment = ?");
+    }
+    if sel.feature.is_some() {
+        sql.push_str(" AND feature = ?");
+    }
+    if sel.features_only {
+        sql.push_str(" AND feature != ''");
+    }
+    sql.push_str(" ORDER BY model_version, metric, segment, feature, window_start LIMIT 2000000");
+    let mut q =
+        s.ch.client()
+            .query(&sql)
+            .bind(sel.model)
+            .bind(sel.window)
+            .bind(sel.from)
+            .bind(sel.to)
+            .bind(&sel.metrics);
+    if let Some(v) = &sel.versions {
+        q = q.bind(v);
+    }
+    if let Some(seg) = &sel.segment {
+        q = q.bind(seg.as_str());
+    }
+    if let Some(f) = &sel.feature {
+        q = q.bind(f.as_str());
+    }
+    Ok(q.fetch_all().await?)
+}
+
+async fn timeseries(
+    State(s): State<ApiState>,
+    Path(model): Path<String>,
+    Query(q): Q,
+) -> ApiResult {
+    let p = Params::new(
+        q,
+        &[
+            "metric", "version", "segment", "feature", "from", "to", "window",
+        ],
+    )?;
+    let metrics = p
+        .list("metric")
+        .ok_or_else(|| BadRequest("missing query parameter metric".into()))?;
+    for m in &metrics {
+        check_metric(&model, m)?;
+    }
+    let (from, to) = range(&p)?;
+    let window = p.window("window")?.unwrap_or(s.default_window_seconds);
+    let segment = p.str("segment").unwrap_or("").to_owned();
+    let feature = p.str("feature").unwrap_or("").to_owned();
+    let sel = Selection {
+        model: &model,
+        versions: p.list("version"),
+        metrics: metrics.clone(),
+        segment: Some(segment.clone()),
+        feature: Some(feature.clone()),
+        window,
+        from,
+        to,
+        ..Selection::default()
+    };
+    let rows = points(&s, &sel).await?;
+    let mut series: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+    for r in rows {
+        series
+            .entry((r.model_version.clone(), r.metric.clone()))
+            .or_default()
+            .push(json!({ "window_start": r.window_start, "value": r.value,
+                          "samples": r.samples, "p_value": r.p_value }));
+    }
+    let series: Vec<Value> = series
+        .into_iter()
+        .map(|((v, m), pts)| json!({ "model_version": v, "metric": m, "points": pts }))
+        .collect();
+    json_ok(json!({
+        "model_id": model, "segment": segment, "feature": feature,
+        "window_seconds": window, "from": from, "to": to, "series": series,
+    }))
+}
+
+fn merged_json(m: &Merged, single_p: Option<f64>) -> Value {
+    json!({
+        "value": m.value, "samples": m.samples, "windows": m.windows,
+        "min": m.min, "max": m.max, "merge": m.kind, "p_value": single_p,
+    })
+}
+
+/// The drift metrics reported per feature.
+const DRIFT_METRICS: &[&str] = &[
+    "psi",
+    "js_distance",
+    "kl_divergence",
+    "hellinger",
+    "wasserstein",
+    "wasserstein_normed",
+    "ks_statistic",
+    "chi2_statistic",
+    "drift_detected",
+    "missing_rate",
+    "out_of_range_rate",
+    "new_category_rate",
+];
+
+/// Merges rows grouped by `key` and metric.
+fn merge_by<K: Ord + Clone>(
+    rows: &[Point],
+    key: impl Fn(&Point) -> K,
+) -> BTreeMap<K, BTreeMap<String, (Merged, Option<f64>)>> {
+    let mut groups: BTreeMap<(K, String), Vec<&Point>> = BTreeMap::new();
+    for r in rows {
+        groups
+            .entry((key(r), r.metric.clone()))
+            .or_default()
+            .push(r);
+    }
+    let mut out: BTreeMap<K, BTreeMap<String, (Merged, Option<f64>)>> = BTreeMap::new();
+    for ((k, metric), pts) in groups {
+        if let Some(m) = merge(&metric, pts.iter().map(|p| (p.value, p.samples))) {
+            let single_p = if pts.len() == 1 { pts[0].p_value } else { None };
+            out.entry(k).or_default().insert(metric, (m, single_p));
+        }
+    }
+    out
+}
+
+fn version_param(p: &Params, name: &str) -> Result<String, ApiError> {
+    Ok(p.required(name)?.to_owned())
+}
+
+async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q) -> ApiResult {
+    let p = Params::new(
+        q,
+        &["version", "segment", "window_start", "from", "to", "window"],
+    )?;
+    let version = version_param(&p, "version")?;
+    let window = p.window("window")?.unwrap_or(s.default_window_seconds);
+    let (from, to) = match p.time("window_start")? {
+        Some(ws) => {
+            if p.non_empty("from").is_some() || p.non_empty("to").is_some() {
+                return Err(ApiError::BadRequest(
+                    "give either window_start or from / to, not both".into(),
+                ));
+            }
+            (ws, ws.saturating_add(1))
+        }
+        None => range(&p)?,
+    };
+    let segment = p.str("segment").unwrap_or("").to_owned();
+    let sel = Selection {
+        model: &model,
+        versions: Some(vec![version.clone()]),
+        metrics: DRIFT_METRICS.iter().map(|m| m.to_string()).collect(),
+        segment: Some(segment.clone()),
+        features_only: true,
+        window,
+        from,
+        to,
+        ..Selection::default()
+    };
+    let rows = points(&s, &sel).await?;
+    let windows: BTreeSet<u32> = rows.iter().map(|r| r.window_start).collect();
+    let merged = merge_by(&rows, |r| r.feature.clone());
+    let mut features: Vec<Value> = merged
+        .into_iter()
+        .map(|(feature, metrics)| {
+            let drift = metrics.get("drift_detected").map(|(m, _)| *m);
+            let samples = metrics.values().map(|(m, _)| m.samples).max().unwrap_or(0);
+            let ms: serde_json::Map<String, Value> = metrics
+                .iter()
+                .map(|(k, (m, pv))| (k.clone(), merged_json(m, *pv)))
+                .collect();
+            json!({
+                "feature": feature,
+                "samples": samples,
+                "windows": drift.map_or(0, |d| d.windows),
+                "drifted_windows": drift.map_or(0, |d| d.windows_at_one),
+                "metrics": ms,
+            })
+        })
+        .collect();
+    // Most drifted first.
+    let psi = |v: &Value| v["metrics"]["psi"]["value"].as_f64().unwrap_or(-1.0);
+    features.sort_by(|a, b| psi(b).total_cmp(&psi(a)));
+    json_ok(json!({
+        "model_id": model, "model_version": version, "segment": segment,
+        "window_seconds": window, "from": from, "to": to,
+        "windows": windows.len(),
+        "method": "per-window values combined: counts summed, other values samples-weighted means (exact for rates, an approximation for PSI / JS / KL / Hellinger / KS / Wasserstein / chi-square); drifted_windows counts windows with drift_detected = 1",
+        "features": features,
+    }))
+}
+
+async fn heatmap(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q) -> ApiResult {
+    let p = Params::new(q, &["version", "segment", "metric", "from", "to", "window"])?;
+    let version = version_param(&p, "version")?;
+    let metric = p.non_empty("metric").unwrap_or("psi").to_owned();
+    check_metric(&model, &metric)?;
+    let (from, to) = range(&p)?;
+    let window = p.window("window")?.unwrap_or(s.default_window_seconds);
+    let segment = p.str("segment").unwrap_or("").to_owned();
+    let sel = Selection {
+        model: &model,
+        versions: Some(vec![version.clone()]),
+        metrics: vec![metric.clone(), "drift_detected".into()],
+        segment: Some(segment.clone()),
+        features_only: true,
+        window,
+        from,
+        to,
+        ..Selection::default()
+    };
+    let rows = points(&s, &sel).await?;
+    let windows: Vec<u32> = rows
+        .iter()
+        .map(|r| r.window_start)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let col: HashMap<u32, usize> = windows.iter().enumerate().map(|(i, w)| (*w, i)).collect();
+    let mut values: BTreeMap<String, Vec<Option<f64>>> = BTreeMap::new();
+    let mut drifted: BTreeMap<String, Vec<Option<u8>>> = BTreeMap::new();
+    for r in &rows {
+        let Some(&i) = col.get(&r.window_start) else {
+            continue;
+        };
+        if r.metric == metric {
+            values
+                .entry(r.feature.clone())
+                .or_insert_with(|| vec![None; windows.len()])[i] = Some(r.value);
+        }
+        if r.metric == "drift_detected" {
+            drifted
+                .entry(r.feature.clone())
+                .or_insert_with(|| vec![None; windows.len()])[i] = Some(u8::from(r.value == 1.0));
+        }
+    }
+    let mut features: Vec<(String, f64)> = values
+        .iter()
+        .map(|(f, v)| {
+            (
+                f.clone(),
+                v.iter()
+                    .flatten()
+                    .copied()
+                    .fold(f64::NEG_INFINITY, f64::max),
+            )
+        })
+        .collect();
+    features.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let names: Vec<&String> = features.iter().map(|(f, _)| f).collect();
+    let vals: Vec<&Vec<Option<f64>>> = names.iter().map(|f| &values[*f]).collect();
+    let drift: Vec<Vec<Option<u8>>> = names
+        .iter()
+        .map(|f| {
+            drifted
+                .get(*f)
+                .cloned()
+                .unwrap_or_else(|| vec![None; windows.len()])
+        })
+        .collect();
+    json_ok(json!({
+        "model_id": model, "model_version": version, "segment": segment, "metric": metric,
+        "window_seconds": window, "windows": windows, "features": names,
+        "values": vals, "drift_detected": drift,
+    }))
+}
+
+async fn segments(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q) -> ApiResult {
+    let p = Params::new(q, &["version", "metric", "feature", "from", "to", "window"])?;
+    let version = version_param(&p, "version")?;
+    let metrics = p
+        .list("metric")
+        .unwrap_or_else(|| vec!["prediction_count".into(), "accuracy".into()]);
+    for m in &metrics {
+        check_metric(&model, m)?;
+    }
+    let (from, to) = range(&p)?;
+    let window = p.window("window")?.unwrap_or(s.default_window_seconds);
+    let feature = p.str("feature").unwrap_or("").to_owned();
+    let sel = Selection {
+        model: &model,
+        versions: Some(vec![version.clone()]),
+        metrics: metrics.clone(),
+        feature: Some(feature),
+        window,
+        from,
+        to,
+        ..Selection::default()
+    };
+    let rows = points(&s, &sel).await?;
+    let merged = merge_by(&rows, |r| r.segment.clone());
+    let segs: Vec<Value> = merged
+        .into_iter()
+        .map(|(seg, ms)| {
+            let m: serde_json::Map<String, Value> = ms
+                .iter()
+                .map(|(k, (m, pv))| (k.clone(), merged_json(m, *pv)))
+                .collect();
+            json!({ "segment": seg, "metrics": m })
+        })
+        .collect();
+    json_ok(json!({
+        "model_id": model, "model_version": version, "window_seconds": window,
+        "from": from, "to": to, "segments": segs,
+    }))
+}
+
+/// Model-level metrics compared between versions.
+const COMPARE_METRICS: &[&str] = &[
+    "prediction_count",
+    "label_count",
+    "label_coverage",
+    "accuracy",
+    "precision",
+    "recall",
+    "f1",
+    "roc_auc",
+    "log_loss",
+    "brier",
+    "estimated_accuracy",
+    "mse",
+    "rmse",
+    "mae",
+    "r2",
+    "latency_p50",
+    "latency_p95",
+    "latency_p99",
+    "drifted_feature_count",
+];
+
+async fn compare(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q) -> ApiResult {
+    let p = Params::new(q, &["a", "b", "segment", "from", "to", "window"])?;
+    let a = version_param(&p, "a")?;
+    let b = version_param(&p, "b")?;
+    if a == b {
+        return Err(ApiError::BadRequest(format!(
+            "a and b are the same version ({a:?}): name two versions to compare"
+        )));
+    }
+    let (from, to) = range(&p)?;
+    let window = p.window("window")?.unwrap_or(s.default_window_seconds);
+    let segment = p.str("segment").unwrap_or("").to_owned();
+    let base = Selection {
+        model: &model,
+        versions: Some(vec![a.clone(), b.clone()]),
+        segment: Some(segment.clone()),
+        window,
+        from,
+        to,
+        ..Selection::default()
+    };
+    let model_rows = points(
+        &s,
+        &Selection {
+            metrics: COMPARE_METRICS.iter().map(|m| m.to_string()).collect(),
+            feature: Some(String::new()),
+            ..base.clone()
+        },
+    )
+    .await?;
+    let drift_rows = points(
+        &s,
+        &Selection {
+            metrics: vec!["psi".into(), "drift_detected".into()],
+            features_only: true,
+            ..base
+        },
+    )
+    .await?;
+    let by_version = merge_by(&model_rows, |r| r.model_version.clone());
+    let side = |v: &str, metric: &str| {
+        by_version
+            .get(v)
+            .and_then(|m| m.get(metric))
+            .map(|(m, pv)| merged_json(m, *pv))
+    };
+    let metrics: Vec<Value> = COMPARE_METRICS
+        .iter()
+        .filter_map(|metric| {
+            let (ma, mb) = (side(&a, metric), side(&b, metric));
+            if ma.is_none() && mb.is_none() {
+                return None;
+            }
+            let diff = match (&ma, &mb) {
+                (Some(x), Some(y)) => y["value"]
+                    .as_f64()
+                    .zip(x["value"].as_f64())
+                    .map(|(y, x)| y - x),
+                _ => None,
+            };
+            Some(json!({ "metric": metric, "a": ma, "b": mb, "difference": diff }))
+        })
+        .collect();
+    let drift_merged = merge_by(&drift_rows, |r| {
+        (r.feature.clone(), r.model_version.clone())
+    });
+    let mut feats: BTreeMap<String, serde_json::Map<String, Value>> = BTreeMap::new();
+    for ((feature, version), ms) in &drift_merged {
+        let which = if *version == a { "a" } else { "b" };
+        let entry = feats.entry(feature.clone()).or_default();
+        if let Some((m, _)) = ms.get("psi") {
+            entry.insert(format!("{which}_psi"), json!(m.value));
+        }
+        if let Some((m, _)) = ms.get("drift_detected") {
+            entry.insert(format!("{which}_drifted_windows"), json!(m.windows_at_one));
+        }
+    }
+    let drift: Vec<Value> = feats
+        .into_iter()
+        .map(|(f, mut m)| {
+            m.insert("feature".into(), json!(f));
+            Value::Object(m)
+        })
+        .collect();
+    json_ok(json!({
+        "model_id": model, "a": a, "b": b, "segment": segment, "window_seconds": window,
+        "from": from, "to": to, "metrics": metrics, "drift": drift,
+    }))
+}
+
+// ---------------------------------------------------------------- references
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct RefSummary {
+    model_version: String,
+    samples: u64,
+    created_at: u32,
+}
+
+async fn references(State(s): State<ApiState>, Path(model): Path<String>) -> ApiResult {
+    let rows: Vec<RefSummary> =
+        s.ch.client()
+            .query(
+                "SELECT model_version, argMax(sample_count, revision) AS samples, \
+             toUInt32(max(created_at)) AS created_at FROM reference_profiles \
+             WHERE model_id = ? GROUP BY model_version ORDER BY model_version",
+            )
+            .bind(model.as_str())
+            .fetch_all()
+            .await?;
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|r| json!({ "model_version": r.model_version, "samples": r.samples, "created_at": r.created_at }))
+        .collect();
+    json_ok(json!({ "model_id": model, "references": list }))
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct RefFull {
+    samples: u64,
+    created_at: u32,
+    profile: String,
+}
+
+async fn reference(
+    State(s): State<ApiState>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult {
+    let rows: Vec<RefFull> = s
+        .ch
+        .client()
+        .query(
+            "SELECT argMax(sample_count, revision) AS samples, toUInt32(max(created_at)) AS created_at, \
+             argMax(profile, revision) AS profile FROM reference_profiles \
+             WHERE model_id = ? AND model_version = ? GROUP BY model_id, model_version",
+        )
+        .bind(model.as_str())
+        .bind(version.as_str())
+        .fetch_all()
+        .await?;
+    let Some(r) = rows.into_iter().next() else {
+        return Err(ApiError::NotFound(format!(
+            "no reference profile for model {model:?} version {version:?}"
+        )));
+    };
+    let profile: Value = serde_json::from_str(&r.profile)
+        .map_err(|e| ApiError::Upstream(format!("stored profile is not JSON: {e}")))?;
+    json_ok(json!({
+        "model_id": model, "model_version": version, "samples": r.samples,
+        "created_at": r.created_at, "profile": profile,
+    }))
+}
+
+// ---------------------------------------------------------------- alerts
+
+/// One row of the alert history.
+#[derive(Debug, Clone, Deserialize, Serialize, clickhouse::Row)]
+pub struct AlertItem {
+    /// Deterministic alert id.
+    pub alert_id: String,
+    /// Rule name.
+    pub rule: String,
+    /// `firing` or `resolved`.
+    pub status: String,
+    /// `warning` or `critical`.
+    pub severity: String,
+    /// Model id.
+    pub model_id: String,
+    /// Model version.
+    pub model_version: String,
+    /// Segment.
+    pub segment: String,
+    /// Feature, for feature rules.
+    pub feature: Option<String>,
+    /// Metric watched.
+    pub metric: String,
+    /// Value that fired.
+    pub value: f64,
+    /// Threshold.
+    pub threshold: f64,
+    /// Baseline, when the rule has one.
+    pub baseline: Option<f64>,
+    /// p-value, when the metric has one.
+    pub p_value: Option<f64>,
+    /// Window start, ms.
+    pub window_start_ms: i64,
+    /// Window end, ms.
+    pub window_end_ms: i64,
+    /// When the transition happened, ms.
+    pub fired_at_ms: u64,
+    /// Human-readable message.
+    pub message: String,
+}
+
+async fn alerts(State(s): State<ApiState>, Query(q): Q) -> ApiResult {
+    let p = Params::new(
+        q,
+        &[
+            "model", "version", "status", "severity", "rule", "feature", "from", "to", "limit",
+            "open",
+        ],
+    )?;
+    let status = p.one_of("status", &["firing", "resolved"])?;
+    let severity = p.one_of("severity", &["warning", "critical"])?;
+    let open = p.one_of("open", &["true", "false"])?.as_deref() == Some("true");
+    let (from, to) = range(&p)?;
+    let limit = p.uint("limit", 1, 10_000)?.unwrap_or(200);
+    let mut sql = String::from(
+        "SELECT alert_id, rule, status, severity, model_id, model_version, segment, feature, metric, \
+         value, threshold, baseline, p_value, window_start_ms, window_end_ms, fired_at_ms, message \
+         FROM alerts FINAL WHERE window_start >= toDateTime(?) AND window_start < toDateTime(?)",
+    );
+    let mut binds: Vec<String> = Vec::new();
+    for (param, column) in [
+        ("model", "model_id"),
+        ("version", "model_version"),
+        ("rule", "rule"),
+        ("feature", "feature"),
+    ] {
+        if let Some(v) = p.non_empty(param) {
+            sql.push_str(&format!(" AND {column} = ?"));
+            binds.push(v.to_owned());
+        }
+    }
+    for (v, column) in [(&status, "status"), (&severity, "severity")] {
+        if let Some(v) = v {
+            sql.push_str(&format!(" AND {column} = ?"));
+            binds.push(v.clone());
+        }
+    }
+    if open {
+        // Alerts whose latest transition is `firing`.
+        sql.push_str(
+            " AND status = 'firing' AND alert_id IN (SELECT alert_id FROM alerts FINAL \
+             GROUP BY alert_id HAVING argMax(status, fired_at_ms) = 'firing')",
+        );
+    }
+    sql.push_str(" ORDER BY fired_at_ms DESC, alert_id LIMIT ?");
+    let mut query = s.ch.client().query(&sql).bind(from).bind(to);
+    for b in &binds {
+        query = query.bind(b.as_str());
+    }
+    let rows: Vec<AlertItem> = query.bind(limit).fetch_all().await?;
+    json_ok(json!({ "count": rows.len(), "alerts": rows }))
+}
+
+// ---------------------------------------------------------------- service
+
+async fn service(State(s): State<ApiState>, Query(q): Q) -> ApiResult {
+    let p = Params::new(q, &["metric", "from", "to", "window"])?;
+    let metrics = p
+        .list("metric")
+        .unwrap_or_else(|| SERVICE_METRICS.iter().map(|m| m.to_string()).collect());
+    for m in &metrics {
+        check_metric(SERVICE_MODEL, m)?;
+    }
+    let (from, to) = range(&p)?;
+    let window = p.window("window")?.unwrap_or(s.default_window_seconds);
+    let sel = Selection {
+        model: SERVICE_MODEL,
+        metrics,
+        window,
+        from,
+        to,
+        ..Selection::default()
+    };
+    let rows = points(&s, &sel).await?;
+    let mut series: BTreeMap<(String, String, String), Vec<Value>> = BTreeMap::new();
+    for r in rows {
+        series
+            .entry((r.model_version.clone(), r.metric.clone(), r.feature.clone()))
+            .or_default()
+            .push(json!({ "window_start": r.window_start, "value": r.value }));
+    }
+    let series: Vec<Value> = series
+        .into_iter()
+        .map(|((instance, metric, feature), pts)| {
+            json!({ "instance": instance, "metric": metric, "label": feature, "points": pts })
+        })
+        .collect();
+    json_ok(json!({ "window_seconds": window, "from": from, "to": to, "series": series }))
+}

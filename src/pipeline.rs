@@ -154,8 +154,15 @@ impl Core {
     pub fn on_prediction(&mut self, ev: &PredictionEvent, wall_ms: i64) {
         self.stats.predictions += 1;
         self.watermark.observe(ev.timestamp, wall_ms);
-        let record = self.agg.observe_prediction(ev);
-        let v = record.version;
+        let v = self.agg.version_id(ev);
+        if self.join.has_prediction(&ev.request_id, v) {
+            // The first one is kept: a duplicate adds nothing to volume,
+            // integrity or drift either.
+            self.stats.duplicate_predictions += 1;
+            self.agg.observe_duplicate(ev);
+            return;
+        }
+        let record = self.agg.observe_prediction_of(v, ev);
         match self
             .join
             .insert_prediction(&ev.request_id, v, ev.timestamp, record, &mut self.joined)

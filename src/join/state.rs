@@ -143,6 +143,19 @@ impl<P> JoinState<P> {
         self.early.len()
     }
 
+    /// True when a prediction of `model` for `request_id` is known (pending,
+    /// or already completed by a label still held): inserting it again would
+    /// be a duplicate.
+    pub fn has_prediction(&self, request_id: &str, model: u32) -> bool {
+        self.pending
+            .get(request_id)
+            .is_some_and(|r| r.predictions.iter().any(|p| p.model == model))
+            || self
+                .early
+                .get(request_id)
+                .is_some_and(|e| e.matched_models.contains(&model))
+    }
+
     /// Adds a prediction of `model` (the caller's id for model + version).
     pub fn insert_prediction(
         &mut self,

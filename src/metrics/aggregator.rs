@@ -335,10 +335,22 @@ impl Aggregator {
             .is_some_and(|&before| start_ms < before)
     }
 
+    /// The id of the event's (model, version), registering it when new
+    /// (the id [`Joined`] payloads and the join use).
+    pub fn version_id(&mut self, ev: &PredictionEvent) -> u32 {
+        self.intern_version(&ev.model_id, &ev.model_version, ev.timestamp)
+    }
+
     /// Adds a prediction to the data accumulators of its windows and returns
     /// the record the join keeps until its label comes.
     pub fn observe_prediction(&mut self, ev: &PredictionEvent) -> PendingRecord {
-        let v = self.intern_version(&ev.model_id, &ev.model_version, ev.timestamp);
+        let v = self.version_id(ev);
+        self.observe_prediction_of(v, ev)
+    }
+
+    /// [`Aggregator::observe_prediction`] for an event whose version id
+    /// ([`Aggregator::version_id`]) is known.
+    pub fn observe_prediction_of(&mut self, v: u32, ev: &PredictionEvent) -> PendingRecord {
         self.intern_segments(ev);
         let cfg_reference_size = self.cfg.reference_size as u64;
         let st = &mut self.versions[v as usize];
@@ -648,10 +660,14 @@ impl Aggregator {
         if let Some(end) = max_end {
             // Close data of every window; keep outcome windows (not final).
             let wm = end;
-            let horizon = self.cfg.label_horizon_ms;
+            let (horizon, interval) = (self.cfg.label_horizon_ms, self.cfg.revision_interval_ms);
             self.cfg.label_horizon_ms = i64::MAX / 4;
+            // Every label seen so far is written now, even within the
+            // revision interval: the caller commits the input offsets next.
+            self.cfg.revision_interval_ms = i64::MIN / 4;
             self.advance(wm, out);
             self.cfg.label_horizon_ms = horizon;
+            self.cfg.revision_interval_ms = interval;
         } else {
             self.advance(i64::MIN, out);
         }

@@ -2,6 +2,7 @@
 //! servers started by `tests/support` on loopback.
 //!
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
+//! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
 //! - `example_config`: `deploy/modelwatch.example.toml` stays valid and
 //!   documents the real defaults.
 
@@ -9,6 +10,7 @@
 mod support;
 
 mod clickhouse;
+mod pipeline;
 
 mod example_config {
     use std::collections::HashMap;

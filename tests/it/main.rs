@@ -3,6 +3,7 @@
 //!
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
+//! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
 //! - `example_config`: `deploy/modelwatch.example.toml` stays valid and
 //!   documents the real defaults.
 
@@ -10,6 +11,7 @@
 mod support;
 
 mod clickhouse;
+mod e2e;
 mod pipeline;
 
 mod example_config {

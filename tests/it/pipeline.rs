@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use modelwatch::app::{build_reference_from_file, now_ms, Service};
 use modelwatch::config::Config;
-use modelwatch::model::{Entries, FeatureValue, GroundTruthEvent, PredictionEvent};
+use modelwatch::ingest::decode::encode_json;
+use modelwatch::model::{Entries, FeatureValue, GroundTruthEvent, InputEvent, PredictionEvent};
 use modelwatch::pipeline::drift_config;
 use modelwatch::sinks::clickhouse::{ClickHouseSink, MetricRow};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -111,7 +112,13 @@ pub(crate) fn dataset(t0: i64) -> Dataset {
     let mut d = Dataset::default();
     // clf: 48 requests, 32 in the first window and 16 in the second.
     for i in 0..48i64 {
-        let ts = t0 + 250 + if i < 32 { i * 1500 } else { WINDOW_MS + (i - 32) * 2000 };
+        let ts = t0
+            + 250
+            + if i < 32 {
+                i * 1500
+            } else {
+                WINDOW_MS + (i - 32) * 2000
+            };
         let id = format!("r{i}");
         let p = clf_prediction(&id, ts, i);
         d.predictions.push(p.clone());
@@ -130,7 +137,13 @@ pub(crate) fn dataset(t0: i64) -> Dataset {
     }
     // reg: 20 requests, 14 in the first window.
     for i in 0..20i64 {
-        let ts = t0 + 100 + if i < 14 { i * 3000 } else { WINDOW_MS + (i - 14) * 4000 };
+        let ts = t0
+            + 100
+            + if i < 14 {
+                i * 3000
+            } else {
+                WINDOW_MS + (i - 14) * 4000
+            };
         let id = format!("q{i}");
         d.predictions.push(PredictionEvent {
             request_id: id.clone(),
@@ -218,7 +231,7 @@ pub(crate) fn reference_file(events: &[PredictionEvent]) -> tempfile::NamedTempF
 /// (model, segment, window start in seconds, metric, feature).
 pub(crate) type Key = (String, String, u32, String, String);
 
-fn key(model: &str, segment: &str, window_ms: i64, metric: &str, feature: &str) -> Key {
+pub(crate) fn key(model: &str, segment: &str, window_ms: i64, metric: &str, feature: &str) -> Key {
     (
         model.to_string(),
         segment.to_string(),
@@ -279,7 +292,10 @@ fn category<'a>(p: &'a PredictionEvent, name: &str) -> Option<&'a str> {
 
 /// Drift of `x` (numeric, 10 equal-frequency bins) and `color`
 /// (categorical) of `preds` against `reference`.
-fn drift(reference: &[PredictionEvent], preds: &[&PredictionEvent]) -> Vec<(&'static str, f64, f64)> {
+fn drift(
+    reference: &[PredictionEvent],
+    preds: &[&PredictionEvent],
+) -> Vec<(&'static str, f64, f64)> {
     let mut out = Vec::new();
     let mut sorted: Vec<f64> = reference.iter().filter_map(|p| numeric(p, "x")).collect();
     sorted.sort_by(f64::total_cmp);
@@ -302,7 +318,10 @@ fn drift(reference: &[PredictionEvent], preds: &[&PredictionEvent]) -> Vec<(&'st
         let (psi, js) = psi_js(&r, &w);
         out.push(("x", psi, js));
     }
-    let mut cats: Vec<&str> = reference.iter().filter_map(|p| category(p, "color")).collect();
+    let mut cats: Vec<&str> = reference
+        .iter()
+        .filter_map(|p| category(p, "color"))
+        .collect();
     cats.sort_unstable();
     cats.dedup();
     let cbin = |c: &str| cats.iter().position(|&k| k == c).unwrap_or(cats.len());
@@ -377,7 +396,11 @@ pub(crate) fn expected(d: &Dataset, expired: bool) -> (BTreeMap<Key, f64>, BTree
         put(
             "unlabeled_count",
             "",
-            if expired { n - labeled.len() as f64 } else { 0.0 },
+            if expired {
+                n - labeled.len() as f64
+            } else {
+                0.0
+            },
         );
         if seg.is_empty() {
             let dups = duplicates.get(&(model.clone(), *w)).copied().unwrap_or(0);
@@ -415,7 +438,9 @@ pub(crate) fn expected(d: &Dataset, expired: bool) -> (BTreeMap<Key, f64>, BTree
                 for feature in ["x", "color"] {
                     let missing = preds
                         .iter()
-                        .filter(|p| matches!(p.features.get(feature), None | Some(FeatureValue::Null)))
+                        .filter(|p| {
+                            matches!(p.features.get(feature), None | Some(FeatureValue::Null))
+                        })
                         .count();
                     put("missing_rate", feature, missing as f64 / n);
                 }
@@ -434,7 +459,11 @@ pub(crate) fn expected(d: &Dataset, expired: bool) -> (BTreeMap<Key, f64>, BTree
             let sse: f64 = pairs.iter().map(|(p, a)| (p - a) * (p - a)).sum();
             let mean = pairs.iter().map(|(_, a)| a).sum::<f64>() / m;
             let sst: f64 = pairs.iter().map(|(_, a)| (a - mean) * (a - mean)).sum();
-            put("mae", "", pairs.iter().map(|(p, a)| (p - a).abs()).sum::<f64>() / m);
+            put(
+                "mae",
+                "",
+                pairs.iter().map(|(p, a)| (p - a).abs()).sum::<f64>() / m,
+            );
             put("rmse", "", (sse / m).sqrt());
             let r2 = if sst > 0.0 {
                 1.0 - sse / sst
@@ -454,7 +483,11 @@ pub(crate) fn expected(d: &Dataset, expired: bool) -> (BTreeMap<Key, f64>, BTree
         }
     }
     // Orphan labels: in the window of their own time, one row per window.
-    let predicted: HashSet<&str> = d.predictions.iter().map(|p| p.request_id.as_str()).collect();
+    let predicted: HashSet<&str> = d
+        .predictions
+        .iter()
+        .map(|p| p.request_id.as_str())
+        .collect();
     let mut orphans: BTreeMap<i64, u64> = windows.iter().map(|&w| (w, 0)).collect();
     for l in labels.values() {
         if !predicted.contains(l.request_id.as_str()) {
@@ -545,21 +578,39 @@ pub(crate) async fn send(p: &FutureProducer, topic: &str, key: &str, payload: &[
     .unwrap_or_else(|(e, _)| panic!("send to {topic}: {e}"));
 }
 
-/// Produces the dataset as JSON (labels first: some are early in the stream too).
-async fn produce_json(brokers: &str, d: &Dataset) {
+/// True for the labels the dataset sends before every prediction.
+fn sent_first(l: &GroundTruthEvent) -> bool {
+    l.request_id
+        .strip_prefix('r')
+        .and_then(|i| i.parse::<i64>().ok())
+        .is_some_and(|i| i % 8 == 0)
+}
+
+/// Produces the dataset, each event encoded by `encode(n, event)` (`n`
+/// counts the events sent): the early labels first, then the predictions,
+/// the other labels, and the malformed messages.
+pub(crate) async fn produce(
+    brokers: &str,
+    d: &Dataset,
+    encode: &dyn Fn(usize, &InputEvent) -> Vec<u8>,
+) {
     let p = producer(brokers);
-    for l in &d.labels {
-        if l.request_id.starts_with("r") && l.request_id[1..].parse::<i64>().is_ok_and(|i| i % 8 == 0) {
-            send(&p, "ground-truth", &l.request_id, &serde_json::to_vec(l).unwrap()).await;
-        }
+    let mut n = 0;
+    let mut next = |ev: InputEvent| {
+        n += 1;
+        encode(n, &ev)
+    };
+    for l in d.labels.iter().filter(|l| sent_first(l)) {
+        let bytes = next(InputEvent::GroundTruth(l.clone()));
+        send(&p, "ground-truth", &l.request_id, &bytes).await;
     }
     for e in &d.predictions {
-        send(&p, "predictions", &e.request_id, &serde_json::to_vec(e).unwrap()).await;
+        let bytes = next(InputEvent::Prediction(e.clone()));
+        send(&p, "predictions", &e.request_id, &bytes).await;
     }
-    for l in &d.labels {
-        if !(l.request_id.starts_with("r") && l.request_id[1..].parse::<i64>().is_ok_and(|i| i % 8 == 0)) {
-            send(&p, "ground-truth", &l.request_id, &serde_json::to_vec(l).unwrap()).await;
-        }
+    for l in d.labels.iter().filter(|l| !sent_first(l)) {
+        let bytes = next(InputEvent::GroundTruth(l.clone()));
+        send(&p, "ground-truth", &l.request_id, &bytes).await;
     }
     for (input, k, payload) in &d.malformed {
         let topic = match input {
@@ -575,7 +626,9 @@ async fn produce_json(brokers: &str, d: &Dataset) {
 fn mock_cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
     let cluster = MockCluster::new(1).expect("mock cluster");
     for t in ["predictions", "ground-truth"] {
-        cluster.create_topic(t, PARTITIONS, 1).expect("create topic");
+        cluster
+            .create_topic(t, PARTITIONS, 1)
+            .expect("create topic");
     }
     for t in ["model-alerts", "modelwatch-dead-letter"] {
         cluster.create_topic(t, 1, 1).expect("create topic");
@@ -617,7 +670,11 @@ async fn run_idle(service: &mut Service) {
 }
 
 /// Reads every message of `topic` (from the start) until `n` arrived or 20 s passed.
-pub(crate) fn read_topic(brokers: &str, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+pub(crate) fn read_topic(
+    brokers: &str,
+    topic: &str,
+    n: usize,
+) -> Vec<rdkafka::message::OwnedMessage> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader-{topic}-{}", now_ms()))
@@ -747,7 +804,7 @@ async fn known_events_give_exact_window_metrics() {
     let t0 = aligned_ago(3 * 86_400_000);
     let d = dataset(t0);
     store_reference(&cfg, &d).await;
-    produce_json(&brokers, &d).await;
+    produce(&brokers, &d, &|_, ev| encode_json(ev)).await;
 
     let mut service = Service::start(cfg.clone()).await.expect("service starts");
     run_idle(&mut service).await;
@@ -793,11 +850,23 @@ async fn late_labels_revise_a_closed_window() {
     let label = |i: i64| clf_label(&format!("r{i}"), t0 + 40_000 + i * 100, i);
     let p = producer(&brokers);
     for e in &d.predictions {
-        send(&p, "predictions", &e.request_id, &serde_json::to_vec(e).unwrap()).await;
+        send(
+            &p,
+            "predictions",
+            &e.request_id,
+            &serde_json::to_vec(e).unwrap(),
+        )
+        .await;
     }
     for i in 0..4 {
         d.labels.push(label(i));
-        send(&p, "ground-truth", &format!("r{i}"), &serde_json::to_vec(&label(i)).unwrap()).await;
+        send(
+            &p,
+            "ground-truth",
+            &format!("r{i}"),
+            &serde_json::to_vec(&label(i)).unwrap(),
+        )
+        .await;
     }
 
     let mut service = Service::start(cfg.clone()).await.expect("service starts");
@@ -816,7 +885,13 @@ async fn late_labels_revise_a_closed_window() {
     // service, as after a pause in the stream).
     for i in 4..9 {
         d.labels.push(label(i));
-        send(&p, "ground-truth", &format!("r{i}"), &serde_json::to_vec(&label(i)).unwrap()).await;
+        send(
+            &p,
+            "ground-truth",
+            &format!("r{i}"),
+            &serde_json::to_vec(&label(i)).unwrap(),
+        )
+        .await;
     }
     run_idle(&mut service).await;
     let second = read_final(&sink).await;

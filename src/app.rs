@@ -74,8 +74,8 @@ impl Pending {
                 task: v.task.to_string(),
                 first_seen_ms: v.first_seen_ms,
                 last_seen_ms: v.last_seen_ms,
-                metadata:
-                    serde_json::json!({ "reference_features": v.reference_features }).to_string(),
+                metadata: serde_json::json!({ "reference_features": v.reference_features })
+                    .to_string(),
             }));
         self.references.extend(out.emitted.references);
         if out.watermark.is_some() {
@@ -236,10 +236,7 @@ impl Service {
                         last_seen = seen;
                         since = Instant::now();
                     } else if seen > 0 && since.elapsed() >= idle && started.elapsed() >= idle {
-                        tracing::info!(
-                            consumed = seen,
-                            "input idle: closing every window and exiting"
-                        );
+                        tracing::info!(consumed = seen, "input idle: closing every window and exiting");
                         break;
                     }
                 }
@@ -274,8 +271,7 @@ impl Service {
         payload: Option<&[u8]>,
         wall_ms: i64,
     ) {
-        self.p
-            .handle(topic, partition, offset, key, payload, wall_ms)
+        self.p.handle(topic, partition, offset, key, payload, wall_ms)
     }
 
     /// Advances the core (or, with `close_all`, closes every window) and
@@ -296,10 +292,7 @@ impl Service {
             }
         }
         let moved = match self.p.pending.watermark {
-            Some(wm) => self
-                .p
-                .offsets
-                .advance(if close_all { i64::MAX } else { wm }),
+            Some(wm) => self.p.offsets.advance(if close_all { i64::MAX } else { wm }),
             // Only undecodable input so far: it is durable in the dead-letter topic.
             None => self.p.offsets.advance(i64::MIN),
         };
@@ -356,6 +349,7 @@ impl Processing {
             }
         }
     }
+
 }
 
 impl Service {
@@ -399,10 +393,7 @@ impl Service {
             for a in &p.alerts {
                 tracing::warn!(alert_id = %a.alert_id, rule = %a.rule, status = a.status.as_str(), severity = a.severity.as_str(), model = %a.model_id, version = %a.model_version, "{}", a.message);
             }
-            Counters::add(
-                &self.p.counters.alerts_published_total,
-                p.alerts.len() as u64,
-            );
+            Counters::add(&self.p.counters.alerts_published_total, p.alerts.len() as u64);
             p.alerts.clear();
         }
         if !p.letters.is_empty() {

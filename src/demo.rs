@@ -63,10 +63,7 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
         );
     }
     sink.client()
-        .query(&format!(
-            "DROP DATABASE IF EXISTS {}",
-            cfg.clickhouse.database
-        ))
+        .query(&format!("DROP DATABASE IF EXISTS {}", cfg.clickhouse.database))
         .execute()
         .await
         .with_context(|| format!("cannot reset database {}", cfg.clickhouse.database))?;
@@ -110,10 +107,7 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
         "  kafka: in-process cluster at {} ({partitions} partitions per input topic)",
         cfg.kafka.brokers
     );
-    println!(
-        "  clickhouse: {} database {}",
-        cfg.clickhouse.url, cfg.clickhouse.database
-    );
+    println!("  clickhouse: {} database {}", cfg.clickhouse.url, cfg.clickhouse.database);
     println!(
         "  traffic: {} predictions per version (v1 champion, v2 challenger) over {} of event time, windows of {}",
         opts.events,
@@ -228,9 +222,7 @@ async fn send_bad_messages(brokers: &str, topic: &str) -> Result<u64> {
         let key = format!("bad-{i}");
         producer
             .send(
-                FutureRecord::to(topic)
-                    .key(key.as_bytes())
-                    .payload(*payload),
+                FutureRecord::to(topic).key(key.as_bytes()).payload(*payload),
                 Duration::from_secs(10),
             )
             .await
@@ -286,10 +278,7 @@ async fn print_summary(sink: &ClickHouseSink, cfg: &Config) -> Result<()> {
         .fetch_one::<Count>()
         .await
         .context("summary query failed")?;
-    println!(
-        "\nClickHouse now holds {} rows over {} windows for {DEMO_MODEL}.",
-        rows.n, windows.n
-    );
+    println!("\nClickHouse now holds {} rows over {} windows for {DEMO_MODEL}.", rows.n, windows.n);
 
     let drifted = c
         .query(&format!(
@@ -345,10 +334,7 @@ async fn print_summary(sink: &ClickHouseSink, cfg: &Config) -> Result<()> {
         .fetch_all::<AlertRow>()
         .await
         .context("summary query failed")?;
-    println!(
-        "\nAlerts fired (also published to topic {}):",
-        cfg.kafka.alerts_topic
-    );
+    println!("\nAlerts fired (also published to topic {}):", cfg.kafka.alerts_topic);
     if alerts.is_empty() {
         println!("  none");
     }

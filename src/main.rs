@@ -149,10 +149,7 @@ fn main() -> ExitCode {
         _ => "info",
     };
     telemetry::init(cfg.service.log_format == LogFormat::Json, default_filter);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -185,9 +182,9 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
         Command::Generate(a) => generate(cfg, a).await,
         Command::Migrate => {
             let sink = ClickHouseSink::new(&cfg.clickhouse);
-            sink.migrate().await.map_err(|e| {
-                anyhow::anyhow!("migration against {} failed: {e}", cfg.clickhouse.url)
-            })?;
+            sink.migrate()
+                .await
+                .map_err(|e| anyhow::anyhow!("migration against {} failed: {e}", cfg.clickhouse.url))?;
             println!(
                 "database {} at {} is up to date",
                 cfg.clickhouse.database, cfg.clickhouse.url
@@ -195,20 +192,15 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
             Ok(())
         }
         Command::Reference {
-            command:
-                ReferenceCommand::Import {
-                    model,
-                    version,
-                    file,
-                },
+            command: ReferenceCommand::Import { model, version, file },
         } => {
             let drift = pipeline::drift_config(&cfg);
             let profile = app::build_reference_from_file(&file, &model, &version, &drift)?;
             let json = serde_json::to_string(&profile).context("cannot serialize the profile")?;
             let sink = ClickHouseSink::new(&cfg.clickhouse);
-            sink.migrate().await.map_err(|e| {
-                anyhow::anyhow!("migration against {} failed: {e}", cfg.clickhouse.url)
-            })?;
+            sink.migrate()
+                .await
+                .map_err(|e| anyhow::anyhow!("migration against {} failed: {e}", cfg.clickhouse.url))?;
             sink.save_reference(&model, &version, profile.sample_count, &json)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot store the profile: {e}"))?;
@@ -300,9 +292,7 @@ async fn generate(cfg: Config, a: GenerateArgs) -> Result<()> {
         opts.brokers
     );
     let mut progress = |n: u64| eprintln!("  {n} messages sent");
-    let summary =
-        modelwatch::generate::produce(Generator::new(scenario), &opts, &encode, &mut progress)
-            .await?;
+    let summary = modelwatch::generate::produce(Generator::new(scenario), &opts, &encode, &mut progress).await?;
     println!(
         "sent {} predictions and {} labels in {:.1}s ({:.0} msg/s)",
         summary.predictions,

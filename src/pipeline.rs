@@ -6,9 +6,7 @@
 
 use crate::alerting::{compile, AlertEngine};
 use crate::config::{Config, TaskKind};
-use crate::join::{
-    window_start, JoinConfig, JoinState, Joined, LabelInsert, PredictionInsert, Watermark,
-};
+use crate::join::{window_start, JoinConfig, JoinState, Joined, LabelInsert, PredictionInsert, Watermark};
 use crate::metrics::aggregator::{Aggregator, AggregatorConfig, Emitted, PendingRecord};
 use crate::metrics::{DriftConfig, ReferenceProfile, Task};
 use crate::model::{AlertEvent, GroundTruthEvent, Label, PredictionEvent};
@@ -113,10 +111,7 @@ impl Core {
                 max_versions_per_model: cfg.limits.max_versions_per_model,
                 tasks: task_overrides(cfg),
             }),
-            watermark: Watermark::new(
-                ms(cfg.windows.allowed_lateness),
-                ms(cfg.windows.idle_timeout),
-            ),
+            watermark: Watermark::new(ms(cfg.windows.allowed_lateness), ms(cfg.windows.idle_timeout)),
             engine: AlertEngine::new(compile(cfg)),
             joined: Vec::new(),
             stats: CoreStats::default(),

@@ -125,10 +125,7 @@ impl Rule {
 pub fn compile(cfg: &Config) -> Vec<Rule> {
     let mut rules = Vec::new();
     if cfg.alerts.default_rules {
-        rules.extend(default_rules(
-            cfg.drift.psi_threshold,
-            cfg.drift.min_samples,
-        ));
+        rules.extend(default_rules(cfg.drift.psi_threshold, cfg.drift.min_samples));
         for (model, m) in &cfg.models {
             for (metric, &baseline) in &m.baseline {
                 let higher_better = HIGHER_IS_BETTER.contains(&metric.as_str());
@@ -395,13 +392,7 @@ mod tests {
     use super::*;
     use crate::metrics::MetricValue;
 
-    fn row(
-        metric: &'static str,
-        feature: &str,
-        window: i64,
-        value: f64,
-        samples: u64,
-    ) -> WindowRow {
+    fn row(metric: &'static str, feature: &str, window: i64, value: f64, samples: u64) -> WindowRow {
         WindowRow {
             model_id: Arc::from("m"),
             model_version: Arc::from("v1"),
@@ -446,11 +437,7 @@ mod tests {
         assert_eq!(out[0].threshold, 0.8);
         assert_eq!(out[0].window_start, 60_000);
         assert_eq!(out[0].window_end, 120_000);
-        assert!(
-            out[0].message.contains("accuracy is 0.7000"),
-            "{}",
-            out[0].message
-        );
+        assert!(out[0].message.contains("accuracy is 0.7000"), "{}", out[0].message);
         let id = out[0].alert_id.clone();
         // A revision of the same window (more labels) does not fire again.
         e.evaluate(&[row("accuracy", "", 1, 0.65, 150)], 3, &mut out);
@@ -514,10 +501,7 @@ mod tests {
         );
         let cfg = crate::config::load(None, &env).unwrap();
         let rules = compile(&cfg);
-        let r = rules
-            .iter()
-            .find(|r| r.name == "accuracy_below_baseline")
-            .unwrap();
+        let r = rules.iter().find(|r| r.name == "accuracy_below_baseline").unwrap();
         assert_eq!(r.model, "fraud");
         assert_eq!(r.operator, Operator::Lt);
         assert!((r.threshold - 0.87).abs() < 1e-12);

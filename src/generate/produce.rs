@@ -49,9 +49,7 @@ pub struct Pace {
 
 impl std::fmt::Debug for Pace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pace")
-            .field("max_lead", &self.max_lead)
-            .finish()
+        f.debug_struct("Pace").field("max_lead", &self.max_lead).finish()
     }
 }
 

@@ -56,11 +56,7 @@ impl OffsetTracker {
     pub fn advance(&mut self, durable_ms: i64) -> Vec<(String, i32, i64)> {
         let mut moved = Vec::new();
         for ((topic, partition), p) in self.parts.iter_mut() {
-            while p
-                .blockers
-                .front()
-                .is_some_and(|&(_, due)| due <= durable_ms)
-            {
+            while p.blockers.front().is_some_and(|&(_, due)| due <= durable_ms) {
                 p.blockers.pop_front();
             }
             let position = p.blockers.front().map_or(p.next, |&(o, _)| o);

@@ -182,8 +182,7 @@ impl<P> JoinState<P> {
             if req.predictions.iter().any(|p| p.model == model) {
                 return PredictionInsert::Duplicate;
             }
-            req.predictions
-                .push(PendingPrediction { model, ts, payload });
+            req.predictions.push(PendingPrediction { model, ts, payload });
             self.pending_predictions += 1;
             if expires_at > req.expires_at {
                 req.expires_at = expires_at;
@@ -192,8 +191,7 @@ impl<P> JoinState<P> {
                     .get_key_value(request_id)
                     .map(|(k, _)| k.clone())
                     .expect("key present");
-                self.queue
-                    .push(Reverse((expires_at, Side::Prediction, key)));
+                self.queue.push(Reverse((expires_at, Side::Prediction, key)));
             }
             return PredictionInsert::Pending;
         }
@@ -245,8 +243,7 @@ impl<P> JoinState<P> {
         };
         // A matched label is kept until its TTL too, so sibling predictions
         // (other models scoring the same request) arriving later still match.
-        self.queue
-            .push(Reverse((expires_at, Side::Label, key.clone())));
+        self.queue.push(Reverse((expires_at, Side::Label, key.clone())));
         self.early.insert(
             key,
             EarlyLabel {
@@ -372,23 +369,13 @@ mod tests {
     fn prediction_then_label_matches() {
         let mut j = join();
         let mut out = vec![];
-        assert_eq!(
-            j.insert_prediction("r1", 0, 10, "p", &mut out),
-            PredictionInsert::Pending
-        );
+        assert_eq!(j.insert_prediction("r1", 0, 10, "p", &mut out), PredictionInsert::Pending);
         assert!(out.is_empty());
         assert_eq!(j.pending_predictions(), 1);
-        assert_eq!(
-            j.insert_label("r1", label(500, "1"), &mut out),
-            LabelInsert::Matched(1)
-        );
+        assert_eq!(j.insert_label("r1", label(500, "1"), &mut out), LabelInsert::Matched(1));
         assert_eq!(j.pending_predictions(), 0);
         match &out[..] {
-            [Joined::Matched {
-                payload,
-                prediction_ts,
-                label,
-            }] => {
+            [Joined::Matched { payload, prediction_ts, label }] => {
                 assert_eq!(*payload, "p");
                 assert_eq!(*prediction_ts, 10);
                 assert_eq!(label.actual_label.as_deref(), Some("1"));
@@ -406,20 +393,11 @@ mod tests {
     fn early_label_waits_for_its_prediction_then_expires_as_orphan() {
         let mut j = join();
         let mut out = vec![];
-        assert_eq!(
-            j.insert_label("r1", label(50, "0"), &mut out),
-            LabelInsert::Early
-        );
-        assert_eq!(
-            j.insert_prediction("r1", 0, 40, "p", &mut out),
-            PredictionInsert::Matched
-        );
+        assert_eq!(j.insert_label("r1", label(50, "0"), &mut out), LabelInsert::Early);
+        assert_eq!(j.insert_prediction("r1", 0, 40, "p", &mut out), PredictionInsert::Matched);
         assert_eq!(out.len(), 1);
         out.clear();
-        assert_eq!(
-            j.insert_label("r2", label(50, "0"), &mut out),
-            LabelInsert::Early
-        );
+        assert_eq!(j.insert_label("r2", label(50, "0"), &mut out), LabelInsert::Early);
         j.expire(50 + TTL - 1, &mut out);
         assert!(out.is_empty(), "not yet due");
         j.expire(50 + TTL, &mut out);
@@ -428,10 +406,7 @@ mod tests {
         assert_eq!(j.early_labels(), 0);
         // A prediction after the label's TTL no longer matches it.
         out.clear();
-        assert_eq!(
-            j.insert_prediction("r2", 0, 60, "late", &mut out),
-            PredictionInsert::Pending
-        );
+        assert_eq!(j.insert_prediction("r2", 0, 60, "late", &mut out), PredictionInsert::Pending);
         assert!(out.is_empty());
     }
 
@@ -454,10 +429,7 @@ mod tests {
         assert_eq!(j.pending_predictions(), 1);
         // A label after expiry is an orphan candidate, not a match.
         out.clear();
-        assert_eq!(
-            j.insert_label("r1", label(2_000, "1"), &mut out),
-            LabelInsert::Early
-        );
+        assert_eq!(j.insert_label("r1", label(2_000, "1"), &mut out), LabelInsert::Early);
     }
 
     #[test]
@@ -467,10 +439,7 @@ mod tests {
         j.insert_prediction("r1", 0, 10, "champion", &mut out);
         j.insert_prediction("r1", 1, 10, "challenger", &mut out);
         assert_eq!(j.pending_predictions(), 2);
-        assert_eq!(
-            j.insert_label("r1", label(20, "1"), &mut out),
-            LabelInsert::Matched(2)
-        );
+        assert_eq!(j.insert_label("r1", label(20, "1"), &mut out), LabelInsert::Matched(2));
         let mut got: Vec<_> = out
             .iter()
             .map(|o| match o {
@@ -482,15 +451,9 @@ mod tests {
         assert_eq!(got, vec!["challenger", "champion"]);
         // A third model scoring the request shortly after the label still matches.
         out.clear();
-        assert_eq!(
-            j.insert_prediction("r1", 2, 12, "shadow", &mut out),
-            PredictionInsert::Matched
-        );
+        assert_eq!(j.insert_prediction("r1", 2, 12, "shadow", &mut out), PredictionInsert::Matched);
         // ...but the champion again is a duplicate.
-        assert_eq!(
-            j.insert_prediction("r1", 0, 12, "again", &mut out),
-            PredictionInsert::Duplicate
-        );
+        assert_eq!(j.insert_prediction("r1", 0, 12, "again", &mut out), PredictionInsert::Duplicate);
         assert_eq!(out.len(), 1);
     }
 
@@ -499,23 +462,11 @@ mod tests {
         let mut j = join();
         let mut out = vec![];
         j.insert_prediction("r1", 7, 10, "first", &mut out);
-        assert_eq!(
-            j.insert_prediction("r1", 7, 11, "second", &mut out),
-            PredictionInsert::Duplicate
-        );
+        assert_eq!(j.insert_prediction("r1", 7, 11, "second", &mut out), PredictionInsert::Duplicate);
         assert_eq!(j.pending_predictions(), 1);
         j.insert_label("r1", label(20, "1"), &mut out);
-        assert!(matches!(
-            &out[..],
-            [Joined::Matched {
-                payload: "first",
-                ..
-            }]
-        ));
-        assert_eq!(
-            j.insert_label("r1", label(21, "0"), &mut out),
-            LabelInsert::Duplicate
-        );
+        assert!(matches!(&out[..], [Joined::Matched { payload: "first", .. }]));
+        assert_eq!(j.insert_label("r1", label(21, "0"), &mut out), LabelInsert::Duplicate);
     }
 
     #[test]
@@ -525,13 +476,7 @@ mod tests {
         j.insert_prediction("r1", 0, 0, "old", &mut out);
         j.insert_prediction("r1", 1, 500, "new", &mut out);
         j.expire(H, &mut out);
-        assert_eq!(
-            out,
-            vec![Joined::Expired {
-                payload: "old",
-                prediction_ts: 0
-            }]
-        );
+        assert_eq!(out, vec![Joined::Expired { payload: "old", prediction_ts: 0 }]);
         out.clear();
         j.insert_label("r1", label(600, "1"), &mut out);
         assert!(matches!(&out[..], [Joined::Matched { payload: "new", .. }]));
@@ -549,13 +494,7 @@ mod tests {
         j.insert_prediction("a", 0, 1, 1, &mut out);
         j.insert_prediction("b", 0, 2, 2, &mut out);
         j.insert_prediction("c", 0, 3, 3, &mut out);
-        assert_eq!(
-            out,
-            vec![Joined::Expired {
-                payload: 1,
-                prediction_ts: 1
-            }]
-        );
+        assert_eq!(out, vec![Joined::Expired { payload: 1, prediction_ts: 1 }]);
         assert_eq!(j.pending_predictions(), 2);
     }
 }

@@ -268,9 +268,7 @@ impl Aggregator {
             model = Arc::from(OTHER);
         }
         let n = self.versions_per_model.get(&model).copied().unwrap_or(0);
-        let exists = self
-            .version_index
-            .contains_key(&(model.clone(), ver.clone()));
+        let exists = self.version_index.contains_key(&(model.clone(), ver.clone()));
         if !exists && n >= self.cfg.max_versions_per_model {
             self.stats.capped += 1;
             ver = Arc::from(OTHER);
@@ -458,10 +456,7 @@ impl Aggregator {
     pub fn observe_duplicate(&mut self, ev: &PredictionEvent) {
         let v = self.intern_version(&ev.model_id, &ev.model_version, ev.timestamp);
         let size = self.cfg.window_sizes_ms[0];
-        if let Some(w) = self
-            .windows
-            .get_mut(&(size, window_start(ev.timestamp, size)))
-        {
+        if let Some(w) = self.windows.get_mut(&(size, window_start(ev.timestamp, size))) {
             if let Some(c) = w.cells.get_mut(&(v, 0)) {
                 c.duplicates += 1;
             }

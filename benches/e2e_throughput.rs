@@ -2,7 +2,7 @@
 //! binary) against a `tansu` broker and ClickHouse, next to a bare rdkafka
 //! consumer that only counts the same messages, in the same run.
 //!
-//! `cargo bench --bench e2e_throughput`; `MODELWATCH_BENCH_MESSAGES` sets
+//! `cargo bench --bench e2e_throughput`; `E2E_BENCH_MESSAGES` sets
 //! the number of messages (default 1,000,000: predictions with 25 features,
 //! 20 numeric and 5 categorical, plus their labels, as JSON).
 //!
@@ -36,7 +36,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 const DEADLINE: Duration = Duration::from_secs(1800);
 
 fn main() {
-    let messages: u64 = std::env::var("MODELWATCH_BENCH_MESSAGES")
+    let messages: u64 = std::env::var("E2E_BENCH_MESSAGES")
         .ok()
         .and_then(|v| v.replace('_', "").parse().ok())
         .unwrap_or(1_000_000);
@@ -156,7 +156,12 @@ fn modelwatch_run(
     total: u64,
 ) -> (Duration, Duration) {
     let started = Instant::now();
-    let mut child = Command::new(binary)
+    let mut cmd = Command::new(binary);
+    // Only the settings below apply.
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("MODELWATCH_")) {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd
         .args(["run", "--exit-when-idle"])
         .env("MODELWATCH_KAFKA__BROKERS", brokers)
         .env(
@@ -185,11 +190,17 @@ fn modelwatch_run(
     // Read the log on a thread: the idle line marks the end of consumption.
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
+        let mut tail = std::collections::VecDeque::new();
         for line in BufReader::new(log).lines().map_while(Result::ok) {
             if line.contains("input idle") {
                 let _ = tx.send((Instant::now(), line.clone()));
             }
+            if tail.len() == 20 {
+                tail.pop_front();
+            }
+            tail.push_back(line);
         }
+        tail.into_iter().collect::<Vec<_>>().join("\n")
     });
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
@@ -202,8 +213,11 @@ fn modelwatch_run(
         std::thread::sleep(Duration::from_millis(50));
     };
     let exited = started.elapsed();
-    let _ = reader.join();
-    assert!(status.success(), "modelwatch failed: {status}");
+    let tail = reader.join().unwrap_or_default();
+    assert!(
+        status.success(),
+        "modelwatch failed: {status}; log tail:\n{tail}"
+    );
     let (idle_at, line) = rx.recv().expect("modelwatch logged no idle line");
     let expected = format!("\"consumed\":{total}");
     assert!(line.contains(&expected), "not everything consumed: {line}");

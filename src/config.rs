@@ -731,9 +731,11 @@ pub fn load(file: Option<&Path>, env: &HashMap<String, String>) -> Result<Config
         }
         None => toml::Table::new(),
     };
+    // Only MODELWATCH_<SECTION>__<KEY> variables are configuration; others
+    // with the prefix (MODELWATCH_CONFIG, the deploy scripts' settings) are not.
     let mut keys: Vec<_> = env
         .keys()
-        .filter(|k| k.starts_with("MODELWATCH_"))
+        .filter(|k| k.starts_with("MODELWATCH_") && k.contains("__"))
         .collect();
     keys.sort();
     for key in keys {
@@ -1106,6 +1108,8 @@ mod tests {
                 ("MODELWATCH_CLICKHOUSE__PASSWORD", "12345"),
                 ("MODELWATCH_DRIFT__BINS", "20"),
                 ("HOME", "/root"),
+                ("MODELWATCH_CONFIG", "/etc/modelwatch.toml"),
+                ("MODELWATCH_TANSU_BIN", "/opt/tansu"),
             ]),
         )
         .unwrap();

@@ -182,7 +182,7 @@ impl Core {
             &ev.request_id,
             v,
             ev.timestamp,
-            || agg.observe_prediction(ev),
+            || agg.observe_prediction_of(v, ev),
             &mut self.joined,
         ) {
             PredictionInsert::Duplicate => {

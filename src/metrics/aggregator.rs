@@ -22,7 +22,7 @@
 
 use std::sync::Arc;
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 
 use crate::join::{window_start, Joined};
 use crate::metrics::{
@@ -126,6 +126,17 @@ impl Emitted {
     }
 }
 
+/// The values seen of one segment key.
+#[derive(Default)]
+struct SegmentKey {
+    /// Value → segment id, for values within the cap.
+    values: AHashMap<String, u32>,
+    /// Distinct values within the cap.
+    real: usize,
+    /// The id of `key=__other__`, once a value was folded.
+    other: Option<u32>,
+}
+
 struct VersionState {
     model_id: Arc<str>,
     version: Arc<str>,
@@ -192,7 +203,7 @@ pub struct Aggregator {
     versions_per_model: AHashMap<Arc<str>, usize>,
     segment_names: Vec<Arc<str>>,
     segment_index: AHashMap<Arc<str>, u32>,
-    segment_values: AHashMap<String, AHashSet<String>>,
+    segment_keys: AHashMap<String, SegmentKey>,
     windows: AHashMap<(i64, i64), WindowState>,
     /// Closed-for-data windows, so late events are recognised after the
     /// window state is gone too: everything before this start is closed.
@@ -217,7 +228,7 @@ impl Aggregator {
             versions_per_model: AHashMap::new(),
             segment_names: vec![empty],
             segment_index,
-            segment_values: AHashMap::new(),
+            segment_keys: AHashMap::new(),
             windows: AHashMap::new(),
             closed_before: AHashMap::new(),
             pending_references: Vec::new(),
@@ -314,34 +325,43 @@ impl Aggregator {
         id
     }
 
-    /// The interned id of the event's (model, version), registering it when new.
-    pub fn version_id(&mut self, ev: &PredictionEvent) -> u32 {
-        self.intern_version(&ev.model_id, &ev.model_version, ev.timestamp)
-    }
-
+    /// Resolves the event's segments to ids (no allocation once seen).
     fn intern_segments(&mut self, ev: &PredictionEvent) {
         self.segment_scratch.clear();
         self.segment_scratch.push(0);
         for (key, value) in ev.segments.iter() {
-            let values = self.segment_values.entry(key.to_string()).or_default();
-            let value = if values.contains(value) {
-                value.as_str()
-            } else if values.len() < self.cfg.max_segment_values {
-                values.insert(value.clone());
-                value.as_str()
-            } else {
-                self.stats.capped += 1;
-                OTHER
+            let k = match self.segment_keys.get_mut(key) {
+                Some(k) => k,
+                None => self.segment_keys.entry(key.to_string()).or_default(),
             };
-            let name = format!("{key}={value}");
-            let id = match self.segment_index.get(name.as_str()) {
+            let id = match k.values.get(value.as_str()) {
                 Some(&id) => id,
-                None => {
-                    let id = self.segment_names.len() as u32;
-                    let name: Arc<str> = Arc::from(name);
-                    self.segment_names.push(name.clone());
-                    self.segment_index.insert(name, id);
+                None if k.real < self.cfg.max_segment_values => {
+                    k.real += 1;
+                    let id = Self::new_segment(
+                        &mut self.segment_names,
+                        &mut self.segment_index,
+                        format!("{key}={value}"),
+                    );
+                    k.values.insert(value.clone(), id);
                     id
+                }
+                None => {
+                    // Beyond the cap: fold into `key=__other__` without
+                    // remembering the value, so memory stays bounded.
+                    self.stats.capped += 1;
+                    match k.other {
+                        Some(id) => id,
+                        None => {
+                            let id = Self::new_segment(
+                                &mut self.segment_names,
+                                &mut self.segment_index,
+                                format!("{key}={OTHER}"),
+                            );
+                            k.other = Some(id);
+                            id
+                        }
+                    }
                 }
             };
             if !self.segment_scratch.contains(&id) {
@@ -350,16 +370,43 @@ impl Aggregator {
         }
     }
 
+    fn new_segment(
+        names: &mut Vec<Arc<str>>,
+        index: &mut AHashMap<Arc<str>, u32>,
+        name: String,
+    ) -> u32 {
+        if let Some(&id) = index.get(name.as_str()) {
+            return id;
+        }
+        let id = names.len() as u32;
+        let name: Arc<str> = Arc::from(name);
+        names.push(name.clone());
+        index.insert(name, id);
+        id
+    }
+
     fn is_closed(&self, size_ms: i64, start_ms: i64) -> bool {
         self.closed_before
             .get(&size_ms)
             .is_some_and(|&before| start_ms < before)
     }
 
+    /// The id of the event's (model, version), registering it when new
+    /// (the id [`Joined`] payloads and the join use).
+    pub fn version_id(&mut self, ev: &PredictionEvent) -> u32 {
+        self.intern_version(&ev.model_id, &ev.model_version, ev.timestamp)
+    }
+
     /// Adds a prediction to the data accumulators of its windows and returns
     /// the record the join keeps until its label comes.
     pub fn observe_prediction(&mut self, ev: &PredictionEvent) -> PendingRecord {
-        let v = self.intern_version(&ev.model_id, &ev.model_version, ev.timestamp);
+        let v = self.version_id(ev);
+        self.observe_prediction_of(v, ev)
+    }
+
+    /// [`Aggregator::observe_prediction`] for an event whose version id
+    /// ([`Aggregator::version_id`]) is known.
+    pub fn observe_prediction_of(&mut self, v: u32, ev: &PredictionEvent) -> PendingRecord {
         self.intern_segments(ev);
         let cfg_reference_size = self.cfg.reference_size as u64;
         let st = &mut self.versions[v as usize];
@@ -672,10 +719,14 @@ impl Aggregator {
         if let Some(end) = max_end {
             // Close data of every window; keep outcome windows (not final).
             let wm = end;
-            let horizon = self.cfg.label_horizon_ms;
+            let (horizon, interval) = (self.cfg.label_horizon_ms, self.cfg.revision_interval_ms);
             self.cfg.label_horizon_ms = i64::MAX / 4;
+            // Every label seen so far is written now, even within the
+            // revision interval: the caller commits the input offsets next.
+            self.cfg.revision_interval_ms = i64::MIN / 4;
             self.advance(wm, out);
             self.cfg.label_horizon_ms = horizon;
+            self.cfg.revision_interval_ms = interval;
         } else {
             self.advance(i64::MIN, out);
         }

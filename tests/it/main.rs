@@ -5,6 +5,8 @@
 //!   the alerts topic, webhooks against real HTTP receivers.
 //! - [`api`]: the HTTP API, auth, `/metrics` and the Grafana queries against real servers.
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
+//! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
+//! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
 //! - `example_config`: `deploy/modelwatch.example.toml` stays valid and
 //!   documents the real defaults.
 
@@ -14,6 +16,8 @@ mod support;
 mod alerting;
 mod api;
 mod clickhouse;
+mod e2e;
+mod pipeline;
 
 mod example_config {
     use std::collections::HashMap;

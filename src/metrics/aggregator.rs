@@ -25,6 +25,8 @@ use std::sync::Arc;
 use ahash::{AHashMap, AHashSet};
 
 use crate::join::{window_start, Joined};
+use crate::metrics::detectors::ErrorDetectors;
+use crate::metrics::performance::outcome_error;
 use crate::metrics::{
     DataAccumulator, DriftConfig, MetricValue, OutcomeAccumulator, ReferenceBuilder,
     ReferenceProfile, Resolved, Task,
@@ -135,6 +137,8 @@ struct VersionState {
     first_seen_ms: i64,
     last_seen_ms: i64,
     dirty: bool,
+    /// ADWIN / Page-Hinkley on the version's errors, in label arrival order.
+    detectors: ErrorDetectors,
 }
 
 struct Cell {
@@ -268,7 +272,9 @@ impl Aggregator {
             model = Arc::from(OTHER);
         }
         let n = self.versions_per_model.get(&model).copied().unwrap_or(0);
-        let exists = self.version_index.contains_key(&(model.clone(), ver.clone()));
+        let exists = self
+            .version_index
+            .contains_key(&(model.clone(), ver.clone()));
         if !exists && n >= self.cfg.max_versions_per_model {
             self.stats.capped += 1;
             ver = Arc::from(OTHER);
@@ -291,6 +297,7 @@ impl Aggregator {
             first_seen_ms: ts,
             last_seen_ms: ts,
             dirty: ts != i64::MIN,
+            detectors: ErrorDetectors::new(&self.cfg.drift.detectors),
         });
         self.version_index.insert((model, ver), id);
         self.version_index
@@ -444,7 +451,10 @@ impl Aggregator {
     pub fn observe_duplicate(&mut self, ev: &PredictionEvent) {
         let v = self.intern_version(&ev.model_id, &ev.model_version, ev.timestamp);
         let size = self.cfg.window_sizes_ms[0];
-        if let Some(w) = self.windows.get_mut(&(size, window_start(ev.timestamp, size))) {
+        if let Some(w) = self
+            .windows
+            .get_mut(&(size, window_start(ev.timestamp, size)))
+        {
             if let Some(c) = w.cells.get_mut(&(v, 0)) {
                 c.duplicates += 1;
             }
@@ -464,10 +474,13 @@ impl Aggregator {
                     self.stats.late_labels += 1;
                     return;
                 }
-                let st = &self.versions[payload.version as usize];
+                let st = &mut self.versions[payload.version as usize];
                 let Some(task) = st.task.as_ref() else {
                     return;
                 };
+                // The detectors see every evaluable label once, in arrival order.
+                let detected =
+                    outcome_error(task, &payload.outcome, &label).map(|e| st.detectors.update(e));
                 let delay = label.timestamp - prediction_ts;
                 for &size in &self.cfg.window_sizes_ms {
                     let start = window_start(prediction_ts, size);
@@ -476,6 +489,9 @@ impl Aggregator {
                             if let Some(c) = w.cells.get_mut(&(payload.version, seg)) {
                                 c.outcome
                                     .observe_labeled(task, &payload.outcome, &label, delay);
+                                if let (0, Some((adwin, ph))) = (seg, detected) {
+                                    c.outcome.observe_detections(adwin, ph);
+                                }
                             }
                         }
                     }

@@ -13,6 +13,8 @@
 //! - [`drift`]: the drift statistics on binned distributions (PSI, JS, KL,
 //!   Hellinger, KS, Wasserstein, chi-square) and the drift decision.
 //! - [`integrity`]: per-feature integrity counters.
+//! - [`detectors`]: ADWIN and Page-Hinkley change detectors on the ordered
+//!   per-label error stream of a (model, version) (River's semantics).
 //! - [`quantile`]: exact reference quantiles and a mergeable relative-error
 //!   quantile sketch.
 //! - [`names`]: the metric names written to `window_metrics`.
@@ -85,8 +87,19 @@
 //! p-value; `__prediction__` is decided alone with its raw p-value and is not
 //! counted in `drifted_feature_count` / `drifted_feature_share`.
 
+//!
+//! **Change detectors** (`adwin_drift`, `page_hinkley_drift`): one ADWIN and
+//! one Page-Hinkley detector per (model, version), River's defaults (see
+//! [`detectors`]), fed with the error of every evaluable labeled outcome in
+//! label arrival order: 0 / 1 for classification (wrong class), the absolute
+//! error for regression. Each detection is counted in the window of the
+//! prediction whose label triggered it, on the all-traffic row (segment
+//! `''`) only; `samples` is the number of errors of that window fed to the
+//! detectors. Like every performance row they are revised as labels arrive.
+
 pub mod accumulator;
 pub mod aggregator;
+pub mod detectors;
 pub mod drift;
 pub mod integrity;
 pub mod names;
@@ -96,6 +109,8 @@ pub mod reference;
 
 #[cfg(test)]
 mod oracle_tests;
+#[cfg(test)]
+mod stream_tests;
 
 pub use accumulator::DataAccumulator;
 pub use performance::OutcomeAccumulator;
@@ -175,6 +190,8 @@ pub struct DriftConfig {
     /// (rounded up to a multiple of `bins`). Default 200: KS within about
     /// 1/200 of the exact statistic, about 3.2 KiB per numeric feature and window.
     pub quantile_grid: usize,
+    /// ADWIN and Page-Hinkley parameters of the error-stream detectors. Default: River's.
+    pub detectors: detectors::DetectorConfig,
 }
 
 impl Default for DriftConfig {
@@ -188,6 +205,7 @@ impl Default for DriftConfig {
             min_samples: 30,
             p_value_threshold: 0.05,
             quantile_grid: 200,
+            detectors: detectors::DetectorConfig::default(),
         }
     }
 }

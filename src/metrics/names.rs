@@ -28,6 +28,9 @@ pub const ALL: &[&str] = &[
     "drift_detected",
     "drifted_feature_count",
     "drifted_feature_share",
+    // sequential change detectors on the error stream
+    "adwin_drift",
+    "page_hinkley_drift",
     // classification
     "accuracy",
     "precision",

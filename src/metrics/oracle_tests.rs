@@ -16,6 +16,9 @@ const CATEGORICAL: &str = include_str!("../../tests/fixtures/drift_categorical.j
 const BINARY: &str = include_str!("../../tests/fixtures/binary.json");
 const REGRESSION: &str = include_str!("../../tests/fixtures/regression.json");
 const MULTICLASS: &str = include_str!("../../tests/fixtures/multiclass.json");
+const DETECTORS: &str = include_str!("../../tests/fixtures/detectors.json");
+const WILSON: &str = include_str!("../../tests/fixtures/wilson.json");
+const LABEL_DRIFT: &str = include_str!("../../tests/fixtures/label_drift.json");
 
 fn cases(json: &str) -> Vec<Value> {
     let v: Value = serde_json::from_str(json).expect("fixture is valid JSON");
@@ -356,5 +359,64 @@ fn multiclass_performance_matches_scikit_learn() {
                 }
             }
         }
+    }
+}
+
+fn indices(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .expect("an array of indices")
+        .iter()
+        .map(|i| i.as_u64().expect("an index") as usize)
+        .collect()
+}
+
+#[test]
+fn change_detectors_fire_at_rivers_indices() {
+    use detectors::{Adwin, AdwinConfig, PageHinkley, PageHinkleyConfig};
+    for case in cases(DETECTORS) {
+        let name = case["name"].as_str().unwrap_or("?").to_owned();
+        let values = floats(&case["values"]);
+        let a = &case["adwin_params"];
+        let defaults = AdwinConfig::default();
+        let adwin_cfg = AdwinConfig {
+            delta: a["delta"].as_f64().unwrap_or(defaults.delta),
+            clock: a["clock"].as_u64().map_or(defaults.clock, |v| v as u32),
+            max_buckets: a["max_buckets"]
+                .as_u64()
+                .map_or(defaults.max_buckets, |v| v as usize),
+            min_window_length: a["min_window_length"]
+                .as_u64()
+                .map_or(defaults.min_window_length, |v| v as u32),
+            grace_period: a["grace_period"]
+                .as_u64()
+                .map_or(defaults.grace_period, |v| v as u32),
+        };
+        let p = &case["page_hinkley_params"];
+        let defaults = PageHinkleyConfig::default();
+        let ph_cfg = PageHinkleyConfig {
+            min_instances: p["min_instances"]
+                .as_u64()
+                .unwrap_or(defaults.min_instances),
+            delta: p["delta"].as_f64().unwrap_or(defaults.delta),
+            threshold: p["threshold"].as_f64().unwrap_or(defaults.threshold),
+            alpha: p["alpha"].as_f64().unwrap_or(defaults.alpha),
+        };
+        let mut adwin = Adwin::new(adwin_cfg);
+        let mut ph = PageHinkley::new(ph_cfg);
+        let (mut ours_a, mut ours_p) = (Vec::new(), Vec::new());
+        for (i, &x) in values.iter().enumerate() {
+            if adwin.update(x) {
+                ours_a.push(i);
+            }
+            if ph.update(x) {
+                ours_p.push(i);
+            }
+        }
+        assert_eq!(ours_a, indices(&case["adwin"]), "{name}: ADWIN");
+        assert_eq!(
+            ours_p,
+            indices(&case["page_hinkley"]),
+            "{name}: Page-Hinkley"
+        );
     }
 }

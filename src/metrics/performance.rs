@@ -397,6 +397,7 @@ pub struct OutcomeAccumulator {
     regression: Regression,
     /// Label delay, ms.
     delay: Histogram<u64>,
+    detections: Detections,
 }
 
 impl Default for OutcomeAccumulator {
@@ -432,6 +433,65 @@ fn binary_class(label: &str, positive: &str) -> Option<bool> {
     }
 }
 
+/// The actual binary class of a label: `actual_label`, else `actual_value` 1.0 / 0.0.
+fn binary_actual(label: &Label, positive_label: &str) -> Option<bool> {
+    match (&label.actual_label, label.actual_value) {
+        (Some(l), _) => binary_class(l, positive_label),
+        (None, Some(v)) if v == 1.0 => Some(true),
+        (None, Some(v)) if v == 0.0 => Some(false),
+        _ => None,
+    }
+}
+
+/// The predicted binary class: `predicted_label` when sent, else `score >= threshold`.
+fn binary_predicted(
+    outcome: &PredictionOutcome,
+    positive_label: &str,
+    threshold: f64,
+) -> Option<bool> {
+    match (&outcome.predicted_label, outcome.score) {
+        (Some(l), _) => binary_class(l, positive_label),
+        (None, Some(s)) if s.is_finite() => Some(s >= threshold),
+        _ => None,
+    }
+}
+
+/// The error of one labeled outcome, as fed to the change detectors:
+/// 0 / 1 (wrong class) for classification, `|predicted - actual|` for
+/// regression; `None` when the outcome cannot be evaluated.
+pub fn outcome_error(task: &Task, outcome: &PredictionOutcome, label: &Label) -> Option<f64> {
+    match task {
+        Task::Binary {
+            positive_label,
+            threshold,
+        } => {
+            let actual = binary_actual(label, positive_label)?;
+            let predicted = binary_predicted(outcome, positive_label, *threshold)?;
+            Some((actual != predicted) as u8 as f64)
+        }
+        Task::Multiclass => {
+            let (a, p) = (
+                label.actual_label.as_ref()?,
+                outcome.predicted_label.as_ref()?,
+            );
+            Some((a != p) as u8 as f64)
+        }
+        Task::Regression => {
+            let e = (outcome.predicted_value? - label.actual_value?).abs();
+            e.is_finite().then_some(e)
+        }
+    }
+}
+
+/// Change-detector detections attributed to a window (see [`OutcomeAccumulator::observe_detections`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Detections {
+    /// Errors fed to the detectors from this window's predictions.
+    inputs: u64,
+    adwin: u64,
+    page_hinkley: u64,
+}
+
 impl OutcomeAccumulator {
     /// An empty accumulator.
     pub fn new() -> Self {
@@ -442,6 +502,7 @@ impl OutcomeAccumulator {
             multiclass: Multiclass::default(),
             regression: Regression::default(),
             delay: new_histogram(),
+            detections: Detections::default(),
         }
     }
 
@@ -463,18 +524,10 @@ impl OutcomeAccumulator {
                 positive_label,
                 threshold,
             } => {
-                let actual = match (&label.actual_label, label.actual_value) {
-                    (Some(l), _) => binary_class(l, positive_label),
-                    (None, Some(1.0)) => Some(true),
-                    (None, Some(0.0)) => Some(false),
-                    _ => None,
+                let Some(actual) = binary_actual(label, positive_label) else {
+                    return;
                 };
-                let Some(actual) = actual else { return };
-                let predicted = match (&outcome.predicted_label, outcome.score) {
-                    (Some(l), _) => binary_class(l, positive_label),
-                    (None, Some(s)) if s.is_finite() => Some(s >= *threshold),
-                    _ => None,
-                };
+                let predicted = binary_predicted(outcome, positive_label, *threshold);
                 self.binary.observe(actual, predicted, outcome.score);
             }
             Task::Multiclass => {
@@ -492,6 +545,16 @@ impl OutcomeAccumulator {
         }
     }
 
+    /// Counts one error fed to the (model, version)'s change detectors, from
+    /// a prediction of this window, and whether ADWIN / Page-Hinkley
+    /// detected a change on it. The aggregator calls it on the all-traffic
+    /// cell only (the detectors run per version, not per segment).
+    pub fn observe_detections(&mut self, adwin: bool, page_hinkley: bool) {
+        self.detections.inputs += 1;
+        self.detections.adwin += adwin as u64;
+        self.detections.page_hinkley += page_hinkley as u64;
+    }
+
     /// Adds a prediction whose label never came (unlabeled at the horizon).
     pub fn observe_expired(&mut self) {
         self.expired += 1;
@@ -506,6 +569,9 @@ impl OutcomeAccumulator {
         self.regression.merge(&other.regression);
         // With auto-resize on, adding cannot run out of range.
         let _ = self.delay.add(&other.delay);
+        self.detections.inputs += other.detections.inputs;
+        self.detections.adwin += other.detections.adwin;
+        self.detections.page_hinkley += other.detections.page_hinkley;
     }
 
     /// Labeled + expired predictions: grows with every change, used as the row revision.
@@ -514,8 +580,9 @@ impl OutcomeAccumulator {
     }
 
     /// Computes `label_count`, `unlabeled_count`, `label_coverage`
-    /// (labels / `prediction_count`), the task's performance metrics and
-    /// `label_delay_p50|p95` (ms).
+    /// (labels / `prediction_count`), the task's performance metrics,
+    /// `adwin_drift` / `page_hinkley_drift` (detections on errors of this
+    /// window's predictions, when any were fed) and `label_delay_p50|p95` (ms).
     pub fn finish(&self, task: &Task, prediction_count: u64, out: &mut Vec<MetricValue>) {
         out.push(MetricValue::model(
             "label_count",
@@ -541,6 +608,15 @@ impl OutcomeAccumulator {
             Task::Binary { .. } => self.binary.finish(out),
             Task::Multiclass => self.multiclass.finish(out),
             Task::Regression => self.regression.finish(out),
+        }
+        let d = self.detections;
+        if d.inputs > 0 {
+            out.push(MetricValue::model("adwin_drift", d.adwin as f64, d.inputs));
+            out.push(MetricValue::model(
+                "page_hinkley_drift",
+                d.page_hinkley as f64,
+                d.inputs,
+            ));
         }
         if !self.delay.is_empty() {
             let n = self.delay.len();

@@ -88,6 +88,17 @@
 //! counted in `drifted_feature_count` / `drifted_feature_share`.
 
 //!
+//! **Confidence intervals.** Every rate that is a proportion of trials —
+//! `accuracy`, `precision`, `recall`, `fpr`, `specificity` (binary),
+//! `accuracy` and the per-class `precision` / `recall` (multiclass), and
+//! `label_coverage` — comes with its 95 % Wilson score interval as two more
+//! rows, `<metric>_ci_low` and `<metric>_ci_high`, same feature, `samples` =
+//! the number of trials (the rate's denominator), as statsmodels
+//! `proportion_confint(count, nobs, method="wilson")`. Wilson rather than the
+//! normal approximation because windows are often small and rates near 0 or 1,
+//! where the normal interval collapses or leaves `[0, 1]`. `f1` and the
+//! estimated rates are not proportions of trials and have no interval.
+//!
 //! **Change detectors** (`adwin_drift`, `page_hinkley_drift`): one ADWIN and
 //! one Page-Hinkley detector per (model, version), River's defaults (see
 //! [`detectors`]), fed with the error of every evaluable labeled outcome in

@@ -420,3 +420,63 @@ fn change_detectors_fire_at_rivers_indices() {
         );
     }
 }
+
+#[test]
+fn wilson_intervals_match_statsmodels() {
+    use performance::{wilson_interval, WILSON_Z};
+    let v: Value = serde_json::from_str(WILSON).expect("fixture is valid JSON");
+    let close = |name: &str, ours: f64, want: f64| assert_rel(name, ours, want, 1e-9);
+    for pair in v["pairs"].as_array().expect("pairs") {
+        let (k, n) = (num(pair, "count") as u64, num(pair, "nobs") as u64);
+        let (lo, hi) = wilson_interval(k, n, WILSON_Z).expect("trials > 0");
+        close(&format!("{k}/{n} low"), lo, num(pair, "low"));
+        close(&format!("{k}/{n} high"), hi, num(pair, "high"));
+    }
+    assert_eq!(wilson_interval(0, 0, WILSON_Z), None);
+    assert_eq!(wilson_interval(3, 2, WILSON_Z), None);
+    // End to end: the rates of a binary window and their interval rows.
+    let case = &v["binary"];
+    let task = Task::Binary {
+        positive_label: "1".into(),
+        threshold: num(case, "threshold"),
+    };
+    let mut acc = OutcomeAccumulator::new();
+    let (y, s) = (floats(&case["y_true"]), floats(&case["score"]));
+    for (y, s) in y.iter().zip(&s) {
+        let outcome = PredictionOutcome {
+            score: Some(*s),
+            predicted_label: None,
+            predicted_value: None,
+        };
+        let label = Label {
+            actual_label: Some(if *y == 1.0 { "1" } else { "0" }.into()),
+            actual_value: None,
+            timestamp: 0,
+        };
+        acc.observe_labeled(&task, &outcome, &label, 0);
+    }
+    let mut out = Vec::new();
+    acc.finish(&task, 2 * y.len() as u64, &mut out);
+    for m in ["accuracy", "precision", "recall", "fpr", "specificity"] {
+        let want = &case[m];
+        let row = |suffix: &str| {
+            out.iter()
+                .find(|v| v.metric == format!("{m}{suffix}"))
+                .unwrap_or_else(|| panic!("{m}{suffix} missing"))
+        };
+        close(m, row("").value, num(want, "count") / num(want, "nobs"));
+        close(&format!("{m} low"), row("_ci_low").value, num(want, "low"));
+        close(
+            &format!("{m} high"),
+            row("_ci_high").value,
+            num(want, "high"),
+        );
+        assert_eq!(row("_ci_low").samples, num(want, "nobs") as u64, "{m}");
+    }
+    // label coverage: half of the predictions are labeled
+    let (lo, hi) = wilson_interval(y.len() as u64, 2 * y.len() as u64, WILSON_Z).unwrap();
+    assert_eq!(value(&out, "label_coverage", ""), 0.5);
+    assert_eq!(value(&out, "label_coverage_ci_low", ""), lo);
+    assert_eq!(value(&out, "label_coverage_ci_high", ""), hi);
+    assert!(lo < 0.5 && 0.5 < hi);
+}

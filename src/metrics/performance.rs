@@ -44,6 +44,70 @@ const MAX_DELAY_MS: u64 = 1 << 30;
 /// Probability clip of the log loss.
 const LOG_LOSS_EPS: f64 = 1e-15;
 
+/// The normal quantile of a two-sided 95 % interval (scipy `norm.isf(0.025)`).
+pub const WILSON_Z: f64 = 1.959_963_984_540_054;
+
+/// Wilson score interval of `successes` out of `trials` at normal quantile
+/// `z`, clipped to `[0, 1]` (statsmodels `proportion_confint(method="wilson")`).
+/// `None` without trials or with more successes than trials.
+pub fn wilson_interval(successes: u64, trials: u64, z: f64) -> Option<(f64, f64)> {
+    if trials == 0 || successes > trials {
+        return None;
+    }
+    let n = trials as f64;
+    let q = successes as f64 / n;
+    let z2 = z * z;
+    let denom = 1.0 + z2 / n;
+    let center = (q + z2 / (2.0 * n)) / denom;
+    let half = z * (q * (1.0 - q) / n + z2 / (4.0 * n * n)).sqrt() / denom;
+    Some(((center - half).max(0.0), (center + half).min(1.0)))
+}
+
+/// The interval rows of a rate metric.
+fn ci_names(metric: &str) -> Option<(&'static str, &'static str)> {
+    Some(match metric {
+        "accuracy" => ("accuracy_ci_low", "accuracy_ci_high"),
+        "precision" => ("precision_ci_low", "precision_ci_high"),
+        "recall" => ("recall_ci_low", "recall_ci_high"),
+        "fpr" => ("fpr_ci_low", "fpr_ci_high"),
+        "specificity" => ("specificity_ci_low", "specificity_ci_high"),
+        "label_coverage" => ("label_coverage_ci_low", "label_coverage_ci_high"),
+        _ => return None,
+    })
+}
+
+/// Pushes the rate `successes / trials` (with `samples`) and its 95 % Wilson
+/// interval as `<metric>_ci_low` / `<metric>_ci_high` (samples = `trials`);
+/// nothing without trials. Rates above 1 (more labels than predictions
+/// counted) get no interval.
+fn push_rate(
+    out: &mut Vec<MetricValue>,
+    metric: &'static str,
+    feature: &str,
+    successes: u64,
+    trials: u64,
+    samples: u64,
+) {
+    if trials == 0 {
+        return;
+    }
+    push_finite(
+        out,
+        metric,
+        feature,
+        successes as f64 / trials as f64,
+        samples,
+        None,
+    );
+    if let (Some((lo_name, hi_name)), Some((lo, hi))) = (
+        ci_names(metric),
+        wilson_interval(successes, trials, WILSON_Z),
+    ) {
+        push_finite(out, lo_name, feature, lo, trials, None);
+        push_finite(out, hi_name, feature, hi, trials, None);
+    }
+}
+
 /// Binary classification state.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Binary {
@@ -122,24 +186,17 @@ impl Binary {
     }
 
     fn finish(&self, out: &mut Vec<MetricValue>) {
-        let (tp, fp, tn, fn_) = (
-            self.tp as f64,
-            self.fp as f64,
-            self.tn as f64,
-            self.fn_ as f64,
-        );
-        let n = self.tp + self.fp + self.tn + self.fn_;
-        let ratio = |out: &mut Vec<MetricValue>, m: &'static str, num: f64, den: f64| {
-            if den > 0.0 {
-                push_finite(out, m, "", num / den, n, None);
-            }
-        };
-        ratio(out, "accuracy", tp + tn, n as f64);
-        ratio(out, "precision", tp, tp + fp);
-        ratio(out, "recall", tp, tp + fn_);
-        ratio(out, "f1", 2.0 * tp, 2.0 * tp + fp + fn_);
-        ratio(out, "fpr", fp, fp + tn);
-        ratio(out, "specificity", tn, fp + tn);
+        let (tp, fp, tn, fn_) = (self.tp, self.fp, self.tn, self.fn_);
+        let n = tp + fp + tn + fn_;
+        push_rate(out, "accuracy", "", tp + tn, n, n);
+        push_rate(out, "precision", "", tp, tp + fp, n);
+        push_rate(out, "recall", "", tp, tp + fn_, n);
+        if 2 * tp + fp + fn_ > 0 {
+            let f1 = 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64;
+            push_finite(out, "f1", "", f1, n, None);
+        }
+        push_rate(out, "fpr", "", fp, fp + tn, n);
+        push_rate(out, "specificity", "", tn, fp + tn, n);
         if self.scored == 0 {
             return;
         }
@@ -242,7 +299,7 @@ impl Multiclass {
             return;
         }
         let n = self.n;
-        push_finite(out, "accuracy", "", self.correct as f64 / n as f64, n, None);
+        push_rate(out, "accuracy", "", self.correct, n, n);
         let mut classes: Vec<&(Box<str>, ClassCounts)> = self.classes.iter().collect();
         classes.sort_by(|a, b| a.0.cmp(&b.0));
         let (mut macro_f1, mut weighted, mut support_total) = (0.0, 0.0, 0u64);
@@ -262,26 +319,8 @@ impl Multiclass {
             fp_all += c.fp;
             fn_all += c.fn_;
             let feature = format!("class={label}");
-            if c.tp + c.fp > 0 {
-                push_finite(
-                    out,
-                    "precision",
-                    &feature,
-                    c.tp as f64 / (c.tp + c.fp) as f64,
-                    c.tp + c.fp,
-                    None,
-                );
-            }
-            if support > 0 {
-                push_finite(
-                    out,
-                    "recall",
-                    &feature,
-                    c.tp as f64 / support as f64,
-                    support,
-                    None,
-                );
-            }
+            push_rate(out, "precision", &feature, c.tp, c.tp + c.fp, c.tp + c.fp);
+            push_rate(out, "recall", &feature, c.tp, support, support);
         }
         if !classes.is_empty() {
             push_finite(
@@ -594,16 +633,14 @@ impl OutcomeAccumulator {
             self.expired as f64,
             self.expired,
         ));
-        if prediction_count > 0 {
-            push_finite(
-                out,
-                "label_coverage",
-                "",
-                self.labeled as f64 / prediction_count as f64,
-                prediction_count,
-                None,
-            );
-        }
+        push_rate(
+            out,
+            "label_coverage",
+            "",
+            self.labeled,
+            prediction_count,
+            prediction_count,
+        );
         match task {
             Task::Binary { .. } => self.binary.finish(out),
             Task::Multiclass => self.multiclass.finish(out),

@@ -13,6 +13,8 @@
 //! - [`drift`]: the drift statistics on binned distributions (PSI, JS, KL,
 //!   Hellinger, KS, Wasserstein, chi-square) and the drift decision.
 //! - [`integrity`]: per-feature integrity counters.
+//! - [`labels`]: label drift (`__label__`) against a reference label
+//!   distribution made of the first labels of a version.
 //! - [`detectors`]: ADWIN and Page-Hinkley change detectors on the ordered
 //!   per-label error stream of a (model, version) (River's semantics).
 //! - [`quantile`]: exact reference quantiles and a mergeable relative-error
@@ -99,6 +101,12 @@
 //! where the normal interval collapses or leaves `[0, 1]`. `f1` and the
 //! estimated rates are not proportions of trials and have no interval.
 //!
+//! **Label drift** (`feature = '__label__'`): the window's actual labels
+//! against a reference label distribution made of the first
+//! `label_reference_size` labels of the version; classes (binary:
+//! positive / negative) or equal-frequency bins of regression targets; see
+//! [`labels`] for the reference, binning and decision.
+//!
 //! **Change detectors** (`adwin_drift`, `page_hinkley_drift`): one ADWIN and
 //! one Page-Hinkley detector per (model, version), River's defaults (see
 //! [`detectors`]), fed with the error of every evaluable labeled outcome in
@@ -113,6 +121,7 @@ pub mod aggregator;
 pub mod detectors;
 pub mod drift;
 pub mod integrity;
+pub mod labels;
 pub mod names;
 pub mod performance;
 pub mod quantile;
@@ -203,6 +212,8 @@ pub struct DriftConfig {
     pub quantile_grid: usize,
     /// ADWIN and Page-Hinkley parameters of the error-stream detectors. Default: River's.
     pub detectors: detectors::DetectorConfig,
+    /// Labels of a version collected into its label reference (label drift). Default 1000.
+    pub label_reference_size: usize,
 }
 
 impl Default for DriftConfig {
@@ -217,6 +228,7 @@ impl Default for DriftConfig {
             p_value_threshold: 0.05,
             quantile_grid: 200,
             detectors: detectors::DetectorConfig::default(),
+            label_reference_size: 1000,
         }
     }
 }

@@ -480,3 +480,89 @@ fn wilson_intervals_match_statsmodels() {
     assert_eq!(value(&out, "label_coverage_ci_high", ""), hi);
     assert!(lo < 0.5 && 0.5 < hi);
 }
+
+#[test]
+fn label_drift_matches_numpy_and_scipy() {
+    use labels::{LabelReferenceBuilder, LABEL_FEATURE};
+    use std::sync::Arc;
+    for case in cases(LABEL_DRIFT) {
+        let name = case["name"].as_str().unwrap_or("?").to_owned();
+        let regression = case["kind"] == "regression";
+        let (task, labels): (Task, Vec<(Vec<Label>, usize)>) = {
+            let to_labels = |key: &str| -> Vec<Label> {
+                if regression {
+                    floats(&case[key])
+                        .into_iter()
+                        .map(|v| Label {
+                            actual_label: None,
+                            actual_value: Some(v),
+                            timestamp: 0,
+                        })
+                        .collect()
+                } else {
+                    strings(&case[key])
+                        .into_iter()
+                        .map(|s| Label {
+                            actual_label: Some(s.into()),
+                            actual_value: None,
+                            timestamp: 0,
+                        })
+                        .collect()
+                }
+            };
+            let (r, c) = (to_labels("reference"), to_labels("current"));
+            let task = if regression {
+                Task::Regression
+            } else {
+                Task::Multiclass
+            };
+            let n = r.len();
+            (task, vec![(r, n), (c, 0)])
+        };
+        let cfg = DriftConfig {
+            label_reference_size: labels[0].1,
+            ..Default::default()
+        };
+        let mut b = LabelReferenceBuilder::new(&cfg);
+        let mut profile = None;
+        for l in &labels[0].0 {
+            let v = labels::label_value(&task, l).expect("evaluable label");
+            profile = b.observe(v).or(profile);
+        }
+        let profile = Arc::new(profile.expect("reference complete"));
+        let mut acc = OutcomeAccumulator::new();
+        for l in &labels[1].0 {
+            let v = labels::label_value(&task, l).expect("evaluable label");
+            acc.observe_label(&profile, v);
+        }
+        let mut out = Vec::new();
+        acc.finish_label_drift(&cfg, &mut out);
+        for m in [
+            "psi",
+            "js_distance",
+            "kl_divergence",
+            "hellinger",
+            "chi2_statistic",
+        ] {
+            assert_rel(
+                &format!("{name} {m}"),
+                value(&out, m, LABEL_FEATURE),
+                num(&case, m),
+                1e-9,
+            );
+        }
+        let pv = out
+            .iter()
+            .find(|v| v.metric == "chi2_statistic")
+            .and_then(|v| v.p_value)
+            .expect("chi2 has a p-value");
+        assert_rel(
+            &format!("{name} chi2 p"),
+            pv,
+            num(&case, "chi2_p_value"),
+            1e-6,
+        );
+        let detected = value(&out, "drift_detected", LABEL_FEATURE);
+        assert_eq!(detected, name.contains("shift") as u8 as f64, "{name}");
+    }
+}

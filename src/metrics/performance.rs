@@ -28,9 +28,12 @@
 
 use hdrhistogram::Histogram;
 
+use std::sync::Arc;
+
 use super::accumulator::new_histogram;
+use super::labels::{LabelHistogram, LabelProfile, LabelValue};
 use super::quantile::RelativeSketch;
-use super::{push_finite, MetricValue, Task};
+use super::{push_finite, DriftConfig, MetricValue, Task};
 use crate::model::{Label, PredictionOutcome};
 
 /// Equal-width score bins of the ROC / PR AUC histograms.
@@ -437,6 +440,9 @@ pub struct OutcomeAccumulator {
     /// Label delay, ms.
     delay: Histogram<u64>,
     detections: Detections,
+    /// Label drift histogram (from the first label seen after the version's
+    /// label reference exists).
+    labels: Option<LabelHistogram>,
 }
 
 impl Default for OutcomeAccumulator {
@@ -473,7 +479,7 @@ fn binary_class(label: &str, positive: &str) -> Option<bool> {
 }
 
 /// The actual binary class of a label: `actual_label`, else `actual_value` 1.0 / 0.0.
-fn binary_actual(label: &Label, positive_label: &str) -> Option<bool> {
+pub(crate) fn binary_actual(label: &Label, positive_label: &str) -> Option<bool> {
     match (&label.actual_label, label.actual_value) {
         (Some(l), _) => binary_class(l, positive_label),
         (None, Some(v)) if v == 1.0 => Some(true),
@@ -542,6 +548,7 @@ impl OutcomeAccumulator {
             regression: Regression::default(),
             delay: new_histogram(),
             detections: Detections::default(),
+            labels: None,
         }
     }
 
@@ -594,6 +601,26 @@ impl OutcomeAccumulator {
         self.detections.page_hinkley += page_hinkley as u64;
     }
 
+    /// Adds one label to the window's label distribution, binned on the
+    /// version's label reference `profile` (see [`super::labels`]). A label
+    /// binned on another profile than the window's first is ignored.
+    pub fn observe_label(&mut self, profile: &Arc<LabelProfile>, value: LabelValue<'_>) {
+        let h = self
+            .labels
+            .get_or_insert_with(|| LabelHistogram::new(profile.clone()));
+        if h.is_on(profile) {
+            h.observe(value);
+        }
+    }
+
+    /// Label drift rows (`feature = '__label__'`), when the window has labels
+    /// binned on a label reference.
+    pub fn finish_label_drift(&self, cfg: &DriftConfig, out: &mut Vec<MetricValue>) {
+        if let Some(h) = &self.labels {
+            h.finish(cfg, out);
+        }
+    }
+
     /// Adds a prediction whose label never came (unlabeled at the horizon).
     pub fn observe_expired(&mut self) {
         self.expired += 1;
@@ -611,6 +638,11 @@ impl OutcomeAccumulator {
         self.detections.inputs += other.detections.inputs;
         self.detections.adwin += other.detections.adwin;
         self.detections.page_hinkley += other.detections.page_hinkley;
+        match (&mut self.labels, &other.labels) {
+            (Some(a), Some(b)) => a.merge(b),
+            (None, Some(b)) => self.labels = Some(b.clone()),
+            _ => {}
+        }
     }
 
     /// Labeled + expired predictions: grows with every change, used as the row revision.
@@ -677,6 +709,7 @@ impl OutcomeAccumulator {
                 .map(|(c, _)| c.len() + 40)
                 .sum::<usize>()
             + self.regression.abs_err.approx_bytes()
+            + self.labels.as_ref().map_or(0, LabelHistogram::approx_bytes)
             + self.delay.distinct_values() * 8
     }
 }

@@ -113,3 +113,43 @@ fn task_is_binary_for_the_stream_tests() {
         Some(Task::Binary { .. })
     ));
 }
+
+#[test]
+fn label_drift_compares_later_labels_with_the_first_ones() {
+    let mut agg = aggregator(DriftConfig {
+        label_reference_size: 200,
+        ..Default::default()
+    });
+    // Window 0: 300 labels, 20 % positive (the first 200 are the reference);
+    // window 1: 300 labels, 70 % positive.
+    let w0: Vec<(i64, f64, &str)> = (0..300)
+        .map(|i| (i * 1000, 0.3, if i % 5 == 0 { "1" } else { "0" }))
+        .collect();
+    let w1: Vec<(i64, f64, &str)> = (0..300)
+        .map(|i| {
+            (
+                10 * MINUTE + i * 1000,
+                0.3,
+                if i % 10 < 7 { "1" } else { "0" },
+            )
+        })
+        .collect();
+    feed(&mut agg, &w0);
+    feed(&mut agg, &w1);
+    let mut out = Emitted::default();
+    agg.advance(20 * MINUTE, &mut out);
+    let get = |start, segment, metric| {
+        latest(&out.rows, start, segment, metric, "__label__")
+            .map(|r| (r.value.value, r.value.samples))
+    };
+    // only the 100 labels after the reference count in window 0, all stable
+    assert_eq!(get(0, "", "drift_detected"), Some((0.0, 100)));
+    assert_eq!(get(0, "", "psi").map(|v| v.0 < 1e-6), Some(true));
+    assert_eq!(get(10 * MINUTE, "", "drift_detected"), Some((1.0, 300)));
+    assert!(get(10 * MINUTE, "", "psi").expect("psi").0 > 0.5);
+    // per segment too
+    assert_eq!(
+        get(10 * MINUTE, "country=xx", "drift_detected"),
+        Some((1.0, 300))
+    );
+}

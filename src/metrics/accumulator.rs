@@ -998,6 +998,18 @@ pub(crate) mod proptests {
             let out = finish(&acc, Some(&p));
             assert_finite(&out);
             prop_assert!(out.iter().any(|v| v.metric == "prediction_count"));
+            for method in [
+                DriftMethod::Ks,
+                DriftMethod::ChiSquare,
+                DriftMethod::Wasserstein,
+                DriftMethod::JensenShannon,
+                DriftMethod::Psi,
+            ] {
+                let cfg = DriftConfig { method, ..Default::default() };
+                let mut out = Vec::new();
+                acc.finish(Some(&p), &cfg, &mut out);
+                assert_finite(&out);
+            }
         }
     }
 }

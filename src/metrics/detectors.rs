@@ -461,6 +461,58 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// The bucket summaries always add up to the exact window: width,
+        /// sum and sum of squared deviations of the values it still holds.
+        #[test]
+        fn adwin_summaries_equal_the_exact_window(
+            values in proptest::collection::vec(-10.0..10.0f64, 0..600),
+            clock in 1u32..40,
+        ) {
+            let mut a = Adwin::new(AdwinConfig { clock, ..Default::default() });
+            let mut window: Vec<f64> = Vec::new();
+            for &v in &values {
+                let detected = a.update(v);
+                if a.width() == 1 {
+                    // the update after a detection starts an empty window
+                    window.clear();
+                }
+                window.push(v);
+                if detected {
+                    // the oldest buckets were dropped: the newest `width` values remain
+                    let drop = window.len() - a.width() as usize;
+                    window.drain(..drop);
+                }
+                proptest::prop_assert_eq!(a.width() as usize, window.len());
+                let n = window.len() as f64;
+                let mean = window.iter().sum::<f64>() / n;
+                let m2: f64 = window.iter().map(|x| (x - mean) * (x - mean)).sum();
+                proptest::prop_assert!((a.estimation() - mean).abs() < 1e-9);
+                proptest::prop_assert!((a.variance - m2).abs() < 1e-6 * m2.max(1.0));
+                let held: f64 = a.levels.iter().flatten().map(|b| b.total).sum();
+                proptest::prop_assert!((held - a.total).abs() < 1e-9 * n.max(1.0) * 10.0);
+            }
+        }
+
+        /// Page-Hinkley never fires before `min_instances` values since the last reset.
+        #[test]
+        fn page_hinkley_respects_min_instances(
+            values in proptest::collection::vec(0.0..100.0f64, 0..400),
+        ) {
+            let mut p = PageHinkley::new(PageHinkleyConfig::default());
+            let mut since = 0u64;
+            for &v in &values {
+                since += 1;
+                if p.update(v) {
+                    proptest::prop_assert!(since >= 30);
+                    since = 0;
+                }
+            }
+        }
+    }
+
     #[test]
     fn non_finite_values_are_ignored() {
         let mut d = ErrorDetectors::new(&DetectorConfig::default());

@@ -915,6 +915,7 @@ mod proptests {
 
     use super::*;
     use crate::metrics::accumulator::proptests::{assert_finite, assert_same};
+    use crate::metrics::labels::{label_value, LabelReferenceBuilder};
 
     /// (score / prediction, actual, class index, delay ms, expired)
     type Ev = (f64, f64, u8, u8, i64, bool);
@@ -987,13 +988,37 @@ mod proptests {
                 ),
             };
             acc.observe_labeled(task, &outcome, &label, delay);
+            acc.observe_detections(s > 0.9, s < 0.05);
+            if let Some(v) = label_value(task, &label) {
+                acc.observe_label(&label_profile(task), v);
+            }
         }
         acc
+    }
+
+    /// A label reference per task (fixed, as the aggregator's is per version).
+    fn label_profile(task: &Task) -> Arc<LabelProfile> {
+        let cfg = DriftConfig {
+            label_reference_size: 12,
+            ..Default::default()
+        };
+        let mut b = LabelReferenceBuilder::new(&cfg);
+        for i in 0..12u8 {
+            let class = format!("c{}", i % 3);
+            let v = match task {
+                Task::Binary { .. } => LabelValue::Class(if i % 4 == 0 { "1" } else { "0" }),
+                Task::Multiclass => LabelValue::Class(&class),
+                Task::Regression => LabelValue::Value(f64::from(i) * 10.0 - 50.0),
+            };
+            b.observe(v);
+        }
+        Arc::new(b.build())
     }
 
     fn finish(acc: &OutcomeAccumulator, task: &Task, n: u64) -> Vec<MetricValue> {
         let mut out = Vec::new();
         acc.finish(task, n, &mut out);
+        acc.finish_label_drift(&DriftConfig::default(), &mut out);
         out
     }
 

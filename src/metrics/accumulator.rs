@@ -502,8 +502,11 @@ impl DataAccumulator {
 
     /// Approximate heap bytes held (for the memory budget).
     pub fn approx_bytes(&self) -> usize {
-        let feature =
-            |f: &FeatureState| std::mem::size_of::<FeatureState>() + f.cells.capacity() * 8;
+        let feature = |f: &FeatureState| {
+            std::mem::size_of::<FeatureState>()
+                + f.cells.capacity() * 8
+                + f.interior_sums.capacity() * 8
+        };
         std::mem::size_of::<Self>()
             + self.features.iter().map(feature).sum::<usize>()
             + self.prediction.as_ref().map_or(0, feature)

@@ -482,8 +482,8 @@ fn binary_class(label: &str, positive: &str) -> Option<bool> {
 pub(crate) fn binary_actual(label: &Label, positive_label: &str) -> Option<bool> {
     match (&label.actual_label, label.actual_value) {
         (Some(l), _) => binary_class(l, positive_label),
-        (None, Some(v)) if v == 1.0 => Some(true),
-        (None, Some(v)) if v == 0.0 => Some(false),
+        (None, Some(1.0)) => Some(true),
+        (None, Some(0.0)) => Some(false),
         _ => None,
     }
 }

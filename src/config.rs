@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::DriftMethod;
 use crate::model::Severity;
 
 /// The whole configuration.
@@ -316,6 +317,27 @@ pub struct DriftSettings {
     pub js_threshold: f64,
     /// Fewer window samples than this and no drift decision is made. Default 30.
     pub min_samples: u64,
+    /// Drift method of features without an entry in `methods`: `auto`, `ks`,
+    /// `chi_square`, `wasserstein`, `jensen_shannon` or `psi`. `auto` picks
+    /// KS / chi-square for references of at most `large_reference_rows`
+    /// rows and normed Wasserstein / Jensen-Shannon above (Evidently's
+    /// rules). Default `auto`.
+    pub method: DriftMethod,
+    /// Per-feature methods, e.g. `[drift.methods]` `amount = "psi"`
+    /// (`__prediction__` included). Default none.
+    pub methods: BTreeMap<String, DriftMethod>,
+    /// Normed Wasserstein distance at or above which a numeric feature counts
+    /// as drifted (method `wasserstein`). Default 0.1.
+    pub wasserstein_threshold: f64,
+    /// Reference rows of a feature above which `auto` decides on a distance
+    /// instead of a test. Default 1000.
+    pub large_reference_rows: u64,
+    /// Benjamini-Hochberg-adjusted p-value below which a large shift is not
+    /// chance (every method also needs it). Default 0.05.
+    pub p_value_threshold: f64,
+    /// The first N labels of a version form its reference label distribution
+    /// (label drift, `__label__`). Default 1000.
+    pub label_reference_size: usize,
 }
 
 impl Default for DriftSettings {
@@ -326,6 +348,12 @@ impl Default for DriftSettings {
             psi_threshold: 0.2,
             js_threshold: 0.1,
             min_samples: 30,
+            method: DriftMethod::Auto,
+            methods: BTreeMap::new(),
+            wasserstein_threshold: 0.1,
+            large_reference_rows: 1000,
+            p_value_threshold: 0.05,
+            label_reference_size: 1000,
         }
     }
 }
@@ -884,9 +912,22 @@ impl Config {
                 d.reference_size
             );
         }
+        if d.label_reference_size < 10 {
+            bail!(
+                "invalid configuration: drift.label_reference_size = {}, expected at least 10",
+                d.label_reference_size
+            );
+        }
+        if !(d.p_value_threshold > 0.0 && d.p_value_threshold < 1.0) {
+            bail!(
+                "invalid configuration: drift.p_value_threshold = {}, expected a number between 0 and 1",
+                d.p_value_threshold
+            );
+        }
         for (name, v) in [
             ("drift.psi_threshold", d.psi_threshold),
             ("drift.js_threshold", d.js_threshold),
+            ("drift.wasserstein_threshold", d.wasserstein_threshold),
         ] {
             if !(v.is_finite() && v > 0.0) {
                 bail!("invalid configuration: {name} = {v}, expected a positive number");
@@ -1153,6 +1194,37 @@ mod tests {
             err.contains("xml") && err.contains("confluent-avro"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn drift_methods_parse_and_bad_ones_are_named() {
+        let f = write(
+            "[drift]\nmethod = \"ks\"\nwasserstein_threshold = 0.2\n[drift.methods]\namount = \"psi\"\n__prediction__ = \"jensen_shannon\"\n",
+        );
+        let c = load(Some(f.path()), &env(&[])).unwrap();
+        assert_eq!(c.drift.method, DriftMethod::Ks);
+        assert_eq!(c.drift.methods["amount"], DriftMethod::Psi);
+        assert_eq!(
+            c.drift.methods["__prediction__"],
+            DriftMethod::JensenShannon
+        );
+        assert_eq!(c.drift.wasserstein_threshold, 0.2);
+        assert_eq!(c.drift.large_reference_rows, 1000);
+        let d = load(None, &env(&[])).unwrap().drift;
+        assert_eq!((d.method, d.p_value_threshold), (DriftMethod::Auto, 0.05));
+        let f = write("[drift.methods]\namount = \"t_test\"\n");
+        let err = format!("{:#}", load(Some(f.path()), &env(&[])).unwrap_err());
+        assert!(
+            err.contains("t_test") && err.contains("wasserstein"),
+            "{err}"
+        );
+        let err = load(
+            None,
+            &env(&[("MODELWATCH_DRIFT__P_VALUE_THRESHOLD", "1.5")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("drift.p_value_threshold"), "{err}");
     }
 
     #[test]

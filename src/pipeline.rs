@@ -68,6 +68,12 @@ pub fn drift_config(cfg: &Config) -> DriftConfig {
         psi_threshold: cfg.drift.psi_threshold,
         js_threshold: cfg.drift.js_threshold,
         min_samples: cfg.drift.min_samples,
+        p_value_threshold: cfg.drift.p_value_threshold,
+        label_reference_size: cfg.drift.label_reference_size,
+        method: cfg.drift.method,
+        method_overrides: cfg.drift.methods.clone(),
+        wasserstein_threshold: cfg.drift.wasserstein_threshold,
+        large_reference_rows: cfg.drift.large_reference_rows,
         ..DriftConfig::default()
     }
 }

@@ -10,7 +10,10 @@ use hdrhistogram::Histogram;
 use super::drift::{self, BinnedStats};
 use super::integrity::IntegrityCounts;
 use super::reference::{FeatureKind, FeatureProfile, ReferenceProfile, Resolved, Slot, SlotState};
-use super::{push_finite, DriftConfig, MetricValue, Task, PREDICTION_FEATURE};
+use super::{
+    push_finite, DriftConfig, DriftMethod, MetricValue, Task, FEW_DISTINCT_VALUES,
+    PREDICTION_FEATURE,
+};
 
 /// Latencies above this (µs, about 12 days) are recorded as this.
 const MAX_LATENCY_US: u64 = 1 << 40;
@@ -113,8 +116,9 @@ impl FeatureState {
         self.above_gap += o.above_gap;
     }
 
-    /// Integrity rates and drift statistics; returns the drift test's
-    /// `(p_value, effect_large, samples)` when a decision can be made.
+    /// Integrity rates and drift statistics; returns the drift decision's
+    /// `(test p-value, effect large enough)` when one can be made (see the
+    /// drift decision in the module docs).
     fn finish(
         &self,
         p: &FeatureProfile,
@@ -128,7 +132,8 @@ impl FeatureState {
         if n == 0 {
             return None;
         }
-        let test = match &p.kind {
+        let rows = p.binned_count();
+        let (method, pv, stats, normed) = match &p.kind {
             FeatureKind::Numeric(np) if self.numeric && np.cells.len() == self.cells.len() => {
                 scratch.ref_bins.clear();
                 scratch.ref_bins.resize(np.bin_count(), 0);
@@ -153,16 +158,30 @@ impl FeatureState {
                     below_gap: self.below_gap,
                     above_gap: self.above_gap,
                 };
+                let mut normed = None;
                 if let Some(w) = drift::wasserstein(&np.grid, reference, window) {
                     push_finite(out, "wasserstein", name, w, n, None);
                     if np.std > 0.0 {
+                        normed = Some(w / np.std).filter(|v| v.is_finite());
                         push_finite(out, "wasserstein_normed", name, w / np.std, n, None);
                     }
                 }
                 let d = drift::ks_statistic(&np.cells, &self.cells)?;
-                let pv = drift::ks_p_value(d, np.cells.iter().sum(), n);
-                push_finite(out, "ks_statistic", name, d, n, Some(pv));
-                (pv, stats)
+                let ks_p = drift::ks_p_value(d, rows, n);
+                push_finite(out, "ks_statistic", name, d, n, Some(ks_p));
+                let few = distinct_reference_values(&np.cells) <= FEW_DISTINCT_VALUES;
+                let method = cfg.method_for(name, rows, few);
+                // Chi-square on the coarse bins: asked for, or the default
+                // test of a numeric feature with few distinct values.
+                let pv = if method == DriftMethod::ChiSquare || (few && method != DriftMethod::Ks) {
+                    let (chi2, chi_p, _) =
+                        drift::chi2_contingency(&scratch.ref_bins, &scratch.cur_bins)?;
+                    push_finite(out, "chi2_statistic", name, chi2, n, Some(chi_p));
+                    chi_p
+                } else {
+                    ks_p
+                };
+                (method, pv, stats, normed)
             }
             FeatureKind::Categorical(cp)
                 if !self.numeric && cp.counts.len() == self.cells.len() =>
@@ -175,16 +194,32 @@ impl FeatureState {
                 emit_binned(out, name, &stats, n);
                 let (chi2, pv, _) = drift::chi2_contingency(&cp.counts, &self.cells)?;
                 push_finite(out, "chi2_statistic", name, chi2, n, Some(pv));
-                (pv, stats)
+                (cfg.method_for(name, rows, true), pv, stats, None)
             }
             _ => return None,
         };
-        if n < cfg.min_samples || !test.0.is_finite() {
+        if n < cfg.min_samples || !pv.is_finite() {
             return None;
         }
-        let large = test.1.psi >= cfg.psi_threshold || test.1.js_distance >= cfg.js_threshold;
-        Some((test.0, large))
+        let floor = stats.psi >= cfg.psi_threshold || stats.js_distance >= cfg.js_threshold;
+        let large = match method {
+            DriftMethod::Auto | DriftMethod::Ks | DriftMethod::ChiSquare => floor,
+            DriftMethod::Wasserstein => match normed {
+                Some(w) => w >= cfg.wasserstein_threshold,
+                None => stats.js_distance >= cfg.js_threshold,
+            },
+            DriftMethod::JensenShannon => stats.js_distance >= cfg.js_threshold,
+            DriftMethod::Psi => stats.psi >= cfg.psi_threshold,
+        };
+        Some((pv, large))
     }
+}
+
+/// Distinct values of a numeric reference as seen on its grid: non-empty
+/// point-mass cells plus non-empty open cells (a lower bound, exact when
+/// every reference value is a grid value).
+fn distinct_reference_values(cells: &[u64]) -> usize {
+    cells.iter().filter(|&&c| c > 0).count()
 }
 
 /// Reused buffers of `finish`.
@@ -467,8 +502,11 @@ impl DataAccumulator {
 
     /// Approximate heap bytes held (for the memory budget).
     pub fn approx_bytes(&self) -> usize {
-        let feature =
-            |f: &FeatureState| std::mem::size_of::<FeatureState>() + f.cells.capacity() * 8;
+        let feature = |f: &FeatureState| {
+            std::mem::size_of::<FeatureState>()
+                + f.cells.capacity() * 8
+                + f.interior_sums.capacity() * 8
+        };
         std::mem::size_of::<Self>()
             + self.features.iter().map(feature).sum::<usize>()
             + self.prediction.as_ref().map_or(0, feature)
@@ -611,6 +649,205 @@ mod tests {
         assert!((v("estimated_precision") - 1.7 / 2.0).abs() < 1e-12);
         assert!((v("estimated_recall") - 1.7 / 2.1).abs() < 1e-12);
         assert!((v("estimated_f1") - 3.4 / 4.1).abs() < 1e-12);
+    }
+}
+
+#[cfg(test)]
+mod decision_tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use rand_distr::{Distribution, Normal};
+
+    use super::*;
+    use crate::metrics::ReferenceBuilder;
+    use crate::model::{Entries, FeatureValue, PredictionEvent};
+
+    const CATS: [&str; 4] = ["a", "b", "c", "d"];
+
+    /// An event of 20 numeric features (N(shift, 1)) and 5 categorical ones.
+    fn event(rng: &mut StdRng, shift: f64) -> PredictionEvent {
+        let normal = Normal::new(shift, 1.0).expect("valid normal");
+        let mut f = Vec::with_capacity(25);
+        for i in 0..20 {
+            f.push((format!("n{i}"), FeatureValue::Double(normal.sample(rng))));
+        }
+        for i in 0..5 {
+            let c = CATS[rng.gen_range(0..CATS.len())];
+            f.push((format!("c{i}"), FeatureValue::String(c.to_owned())));
+        }
+        PredictionEvent {
+            features: Entries(f),
+            ..Default::default()
+        }
+    }
+
+    fn profile(rng: &mut StdRng, rows: usize) -> ReferenceProfile {
+        let mut b = ReferenceBuilder::new(&DriftConfig::default());
+        for _ in 0..rows {
+            b.observe(&event(rng, 0.0));
+        }
+        b.build()
+    }
+
+    fn window(
+        rng: &mut StdRng,
+        p: &ReferenceProfile,
+        cfg: &DriftConfig,
+        n: usize,
+        shift: f64,
+    ) -> Vec<MetricValue> {
+        let mut acc = DataAccumulator::new(Some(p));
+        let mut r = Resolved::default();
+        for _ in 0..n {
+            p.resolve(&event(rng, shift), &mut r);
+            acc.observe(&r);
+        }
+        let mut out = Vec::new();
+        acc.finish(Some(p), cfg, &mut out);
+        out
+    }
+
+    fn detected(out: &[MetricValue], feature: &str) -> f64 {
+        out.iter()
+            .find(|v| v.metric == "drift_detected" && v.feature == feature)
+            .map_or(f64::NAN, |v| v.value)
+    }
+
+    #[test]
+    fn auto_method_follows_reference_size_and_overrides_win() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // A small but real shift (0.15 sd) in a big window: normed Wasserstein
+        // about 0.15, PSI about 0.02, JS about 0.07.
+        let big = profile(&mut rng, 5000);
+        let small = profile(&mut rng, 500);
+        let cfg = DriftConfig::default();
+        let out = window(&mut rng, &big, &cfg, 5000, 0.15);
+        assert_eq!(
+            detected(&out, "n0"),
+            1.0,
+            "auto = wasserstein above 1000 rows"
+        );
+        // the same reference counted as small: auto = ks, below the effect floor
+        let as_small = DriftConfig {
+            large_reference_rows: 10_000,
+            ..Default::default()
+        };
+        let out = window(&mut rng, &big, &as_small, 5000, 0.15);
+        assert_eq!(
+            detected(&out, "n0"),
+            0.0,
+            "auto = ks: below the effect floor"
+        );
+        let mut cfg = DriftConfig::default();
+        cfg.method_overrides.insert("n0".into(), DriftMethod::Ks);
+        cfg.method_overrides.insert("n1".into(), DriftMethod::Psi);
+        cfg.method_overrides
+            .insert("n2".into(), DriftMethod::ChiSquare);
+        let out = window(&mut rng, &big, &cfg, 5000, 0.15);
+        assert_eq!(detected(&out, "n0"), 0.0);
+        assert_eq!(detected(&out, "n1"), 0.0);
+        assert_eq!(detected(&out, "n2"), 0.0);
+        assert_eq!(detected(&out, "n3"), 1.0);
+        // chi_square on a numeric feature tests its coarse bins
+        assert!(out
+            .iter()
+            .any(|v| v.metric == "chi2_statistic" && v.feature == "n2"));
+        assert!(!out
+            .iter()
+            .any(|v| v.metric == "chi2_statistic" && v.feature == "n3"));
+        // a global method applies to every feature without an override
+        let cfg = DriftConfig {
+            method: DriftMethod::Ks,
+            ..Default::default()
+        };
+        let out = window(&mut rng, &big, &cfg, 5000, 0.15);
+        assert_eq!(detected(&out, "n3"), 0.0);
+        // a large shift is drift whatever the method
+        for m in [
+            DriftMethod::Ks,
+            DriftMethod::ChiSquare,
+            DriftMethod::Wasserstein,
+            DriftMethod::JensenShannon,
+            DriftMethod::Psi,
+        ] {
+            let cfg = DriftConfig {
+                method: m,
+                ..Default::default()
+            };
+            let out = window(&mut rng, &small, &cfg, 300, 1.5);
+            assert_eq!(detected(&out, "n5"), 1.0, "{m:?}");
+        }
+    }
+
+    #[test]
+    fn method_resolution_and_few_distinct_values() {
+        let cfg = DriftConfig::default();
+        assert_eq!(cfg.method_for("x", 1000, false), DriftMethod::Ks);
+        assert_eq!(cfg.method_for("x", 1001, false), DriftMethod::Wasserstein);
+        assert_eq!(cfg.method_for("x", 1000, true), DriftMethod::ChiSquare);
+        assert_eq!(cfg.method_for("x", 1001, true), DriftMethod::JensenShannon);
+        // a numeric feature with 3 distinct values is tested with chi-square
+        let mut b = ReferenceBuilder::new(&cfg);
+        let ev = |v: i64| PredictionEvent {
+            features: Entries(vec![("k".to_owned(), FeatureValue::Long(v))]),
+            ..Default::default()
+        };
+        for i in 0..300 {
+            b.observe(&ev(i % 3));
+        }
+        let p = b.build();
+        let mut acc = DataAccumulator::new(Some(&p));
+        let mut r = Resolved::default();
+        for i in 0..300 {
+            p.resolve(&ev(if i % 2 == 0 { 0 } else { 2 }), &mut r);
+            acc.observe(&r);
+        }
+        let mut out = Vec::new();
+        acc.finish(Some(&p), &cfg, &mut out);
+        let chi2 = out
+            .iter()
+            .find(|v| v.metric == "chi2_statistic" && v.feature == "k")
+            .expect("chi-square row");
+        // table [[100, 100, 100], [150, 0, 150]]: expected 125 / 50 / 125 per column
+        let want = 2.0 * (25.0f64.powi(2) / 125.0) * 2.0 + 2.0 * 50.0f64.powi(2) / 50.0;
+        assert!((chi2.value - want).abs() < 1e-9, "{}", chi2.value);
+        assert_eq!(detected(&out, "k"), 1.0);
+    }
+
+    #[test]
+    fn stationary_streams_rarely_raise_drift() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let cfg = DriftConfig::default();
+        for (rows, window_size) in [(5000, 200), (5000, 40), (500, 200), (500, 40)] {
+            let p = profile(&mut rng, rows);
+            let (mut flagged, mut decided, mut windows_flagged) = (0u32, 0u32, 0u32);
+            let windows = 60;
+            for _ in 0..windows {
+                let out = window(&mut rng, &p, &cfg, window_size, 0.0);
+                let d: Vec<f64> = out
+                    .iter()
+                    .filter(|v| v.metric == "drift_detected")
+                    .map(|v| v.value)
+                    .collect();
+                decided += d.len() as u32;
+                let f = d.iter().filter(|&&v| v == 1.0).count() as u32;
+                flagged += f;
+                windows_flagged += (f > 0) as u32;
+            }
+            assert_eq!(decided, windows * 25, "every feature decided");
+            // Benjamini-Hochberg at 0.05 under the global null: about 5 % of
+            // windows with any flag at most; the effect floor cuts that
+            // further when windows are large.
+            assert!(
+                flagged as f64 / decided as f64 <= 0.005,
+                "rows {rows}, window {window_size}: {flagged} of {decided}"
+            );
+            // Seeded: 2, 6, 1 and 2 flags of 1500 here.
+            assert!(
+                windows_flagged <= 6,
+                "{windows_flagged} of {windows} windows"
+            );
+        }
     }
 }
 
@@ -764,6 +1001,18 @@ pub(crate) mod proptests {
             let out = finish(&acc, Some(&p));
             assert_finite(&out);
             prop_assert!(out.iter().any(|v| v.metric == "prediction_count"));
+            for method in [
+                DriftMethod::Ks,
+                DriftMethod::ChiSquare,
+                DriftMethod::Wasserstein,
+                DriftMethod::JensenShannon,
+                DriftMethod::Psi,
+            ] {
+                let cfg = DriftConfig { method, ..Default::default() };
+                let mut out = Vec::new();
+                acc.finish(Some(&p), &cfg, &mut out);
+                assert_finite(&out);
+            }
         }
     }
 }

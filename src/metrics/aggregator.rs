@@ -25,6 +25,9 @@ use std::sync::Arc;
 use ahash::AHashMap;
 
 use crate::join::{window_start, Joined};
+use crate::metrics::detectors::ErrorDetectors;
+use crate::metrics::labels::{label_value, LabelProfile, LabelReferenceBuilder};
+use crate::metrics::performance::outcome_error;
 use crate::metrics::{
     DataAccumulator, DriftConfig, MetricValue, OutcomeAccumulator, ReferenceBuilder,
     ReferenceProfile, Resolved, Task,
@@ -146,6 +149,12 @@ struct VersionState {
     first_seen_ms: i64,
     last_seen_ms: i64,
     dirty: bool,
+    /// ADWIN / Page-Hinkley on the version's errors, in label arrival order.
+    detectors: ErrorDetectors,
+    /// Collects the first labels into the label reference, until it exists.
+    label_builder: Option<LabelReferenceBuilder>,
+    /// The label reference of label drift.
+    label_profile: Option<Arc<LabelProfile>>,
 }
 
 struct Cell {
@@ -318,6 +327,9 @@ impl Aggregator {
             first_seen_ms: ts,
             last_seen_ms: ts,
             dirty: ts != i64::MIN,
+            detectors: ErrorDetectors::new(&self.cfg.drift.detectors),
+            label_builder: Some(LabelReferenceBuilder::new(&self.cfg.drift)),
+            label_profile: None,
         });
         self.version_index.insert((model, ver), id);
         self.version_index
@@ -535,9 +547,25 @@ impl Aggregator {
                     self.stats.late_labels += 1;
                     return;
                 }
-                let st = &self.versions[payload.version as usize];
+                let st = &mut self.versions[payload.version as usize];
                 let Some(task) = st.task.as_ref() else {
                     return;
+                };
+                // The detectors see every evaluable label once, in arrival order.
+                let detected =
+                    outcome_error(task, &payload.outcome, &label).map(|e| st.detectors.update(e));
+                // Label drift: the first labels become the reference, later ones are compared.
+                let value = label_value(task, &label);
+                let label_profile = match (&st.label_profile, value) {
+                    (Some(p), Some(_)) => Some(p.clone()),
+                    (None, Some(v)) => {
+                        if let Some(p) = st.label_builder.as_mut().and_then(|b| b.observe(v)) {
+                            st.label_profile = Some(Arc::new(p));
+                            st.label_builder = None;
+                        }
+                        None
+                    }
+                    _ => None,
                 };
                 let delay = label.timestamp - prediction_ts;
                 for &size in &self.cfg.window_sizes_ms {
@@ -547,6 +575,12 @@ impl Aggregator {
                             if let Some(c) = w.cells.get_mut(&(payload.version, seg)) {
                                 c.outcome
                                     .observe_labeled(task, &payload.outcome, &label, delay);
+                                if let (0, Some((adwin, ph))) = (seg, detected) {
+                                    c.outcome.observe_detections(adwin, ph);
+                                }
+                                if let (Some(p), Some(v)) = (&label_profile, value) {
+                                    c.outcome.observe_label(p, v);
+                                }
                             }
                         }
                     }
@@ -678,6 +712,8 @@ impl Aggregator {
                             cell.predictions
                         };
                         cell.outcome.finish(task, predictions, &mut metrics);
+                        cell.outcome
+                            .finish_label_drift(&self.cfg.drift, &mut metrics);
                         out.rows.extend(metrics.drain(..).map(|m| row(m, revision)));
                     }
                 }

@@ -13,6 +13,10 @@
 //! - [`drift`]: the drift statistics on binned distributions (PSI, JS, KL,
 //!   Hellinger, KS, Wasserstein, chi-square) and the drift decision.
 //! - [`integrity`]: per-feature integrity counters.
+//! - [`labels`]: label drift (`__label__`) against a reference label
+//!   distribution made of the first labels of a version.
+//! - [`detectors`]: ADWIN and Page-Hinkley change detectors on the ordered
+//!   per-label error stream of a (model, version) (River's semantics).
 //! - [`quantile`]: exact reference quantiles and a mergeable relative-error
 //!   quantile sketch.
 //! - [`names`]: the metric names written to `window_metrics`.
@@ -74,21 +78,73 @@
 //! Per numeric feature and window the accumulator holds `2 G + 1` cell
 //! counts and `G` cell sums (about 4.8 KiB at the default `G = 200`).
 //!
-//! **Drift decision** (`drift_detected`, 0 / 1 per feature): a feature is
-//! drifted when the window has at least `min_samples` values, the effect is
-//! large enough (`psi >= psi_threshold` or `js_distance >= js_threshold`),
-//! and the test's p-value (KS for numeric, chi-square for categorical),
-//! Benjamini-Hochberg-adjusted across the window's features, is below
-//! `p_value_threshold`. The effect-size floor stops huge windows from
-//! flagging negligible shifts; the corrected p-value stops small windows and
-//! many features from flagging chance. `drift_detected` carries the adjusted
-//! p-value; `__prediction__` is decided alone with its raw p-value and is not
+//! **Drift decision** (`drift_detected`, 0 / 1 per feature). Each feature
+//! is decided by one method: its entry in `method_overrides`, else `method`;
+//! `auto` follows Evidently's rules by feature type and reference size:
+//!
+//! | feature | reference rows <= `large_reference_rows` (1000) | above |
+//! |---|---|---|
+//! | numeric | `ks` | `wasserstein` (normed) |
+//! | categorical, or numeric with <= 5 distinct reference values | `chi_square` | `jensen_shannon` |
+//!
+//! A feature is drifted when the window has at least `min_samples` values,
+//! the method's **effect size** is large enough, and the feature's **test**
+//! p-value, Benjamini-Hochberg-adjusted across the window's features, is
+//! below `p_value_threshold`:
+//!
+//! - `ks` / `chi_square` (tests): the test is KS (numeric) or chi-square
+//!   (categorical; for numeric features `chi_square` tests the coarse bins
+//!   and adds a `chi2_statistic` row); the effect floor is
+//!   `psi >= psi_threshold` or `js_distance >= js_threshold`.
+//! - `wasserstein` / `jensen_shannon` / `psi` (distances): the effect is
+//!   `wasserstein_normed >= wasserstein_threshold` (0.1), `js_distance >=
+//!   js_threshold` (0.1) or `psi >= psi_threshold` (0.2); the test is the
+//!   feature's default one (KS numeric, chi-square categorical or few
+//!   distinct values). `wasserstein` on a categorical feature, or on a
+//!   constant reference (no standard deviation), uses Jensen-Shannon.
+//!
+//! Why both everywhere: with many samples a p-value flags shifts too small
+//! to matter, which the effect floor stops; with few samples a distance is
+//! noisy (the expected Wasserstein distance between two samples of one
+//! distribution shrinks only as `1 / sqrt(n)`), which the corrected p-value
+//! stops, and the Benjamini-Hochberg correction keeps many features from
+//! flagging chance. `drift_detected` carries the adjusted p-value;
+//! `__prediction__` is decided alone with its raw p-value and is not
 //! counted in `drifted_feature_count` / `drifted_feature_share`.
+
+//!
+//! **Confidence intervals.** Every rate that is a proportion of trials —
+//! `accuracy`, `precision`, `recall`, `fpr`, `specificity` (binary),
+//! `accuracy` and the per-class `precision` / `recall` (multiclass), and
+//! `label_coverage` — comes with its 95 % Wilson score interval as two more
+//! rows, `<metric>_ci_low` and `<metric>_ci_high`, same feature, `samples` =
+//! the number of trials (the rate's denominator), as statsmodels
+//! `proportion_confint(count, nobs, method="wilson")`. Wilson rather than the
+//! normal approximation because windows are often small and rates near 0 or 1,
+//! where the normal interval collapses or leaves `[0, 1]`. `f1` and the
+//! estimated rates are not proportions of trials and have no interval.
+//!
+//! **Label drift** (`feature = '__label__'`): the window's actual labels
+//! against a reference label distribution made of the first
+//! `label_reference_size` labels of the version; classes (binary:
+//! positive / negative) or equal-frequency bins of regression targets; see
+//! [`labels`] for the reference, binning and decision.
+//!
+//! **Change detectors** (`adwin_drift`, `page_hinkley_drift`): one ADWIN and
+//! one Page-Hinkley detector per (model, version), River's defaults (see
+//! [`detectors`]), fed with the error of every evaluable labeled outcome in
+//! label arrival order: 0 / 1 for classification (wrong class), the absolute
+//! error for regression. Each detection is counted in the window of the
+//! prediction whose label triggered it, on the all-traffic row (segment
+//! `''`) only; `samples` is the number of errors of that window fed to the
+//! detectors. Like every performance row they are revised as labels arrive.
 
 pub mod accumulator;
 pub mod aggregator;
+pub mod detectors;
 pub mod drift;
 pub mod integrity;
+pub mod labels;
 pub mod names;
 pub mod performance;
 pub mod quantile;
@@ -96,10 +152,16 @@ pub mod reference;
 
 #[cfg(test)]
 mod oracle_tests;
+#[cfg(test)]
+mod stream_tests;
 
 pub use accumulator::DataAccumulator;
 pub use performance::OutcomeAccumulator;
 pub use reference::{ReferenceBuilder, ReferenceProfile, Resolved};
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
 
 use crate::model::PredictionEvent;
 
@@ -154,6 +216,39 @@ pub(crate) fn push_finite(
     }
 }
 
+/// How a feature's drift is decided (see "Drift decision" in the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftMethod {
+    /// By feature type and reference size (Evidently's rules).
+    #[default]
+    Auto,
+    /// Kolmogorov-Smirnov test (categorical features: chi-square).
+    Ks,
+    /// Chi-square test (numeric features: on the coarse bins).
+    ChiSquare,
+    /// Normed Wasserstein distance (categorical features: Jensen-Shannon).
+    Wasserstein,
+    /// Jensen-Shannon distance.
+    JensenShannon,
+    /// Population stability index.
+    Psi,
+}
+
+impl DriftMethod {
+    /// The name used in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            DriftMethod::Auto => "auto",
+            DriftMethod::Ks => "ks",
+            DriftMethod::ChiSquare => "chi_square",
+            DriftMethod::Wasserstein => "wasserstein",
+            DriftMethod::JensenShannon => "jensen_shannon",
+            DriftMethod::Psi => "psi",
+        }
+    }
+}
+
 /// How drift is measured and decided (see the module docs for the conventions).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DriftConfig {
@@ -175,6 +270,45 @@ pub struct DriftConfig {
     /// (rounded up to a multiple of `bins`). Default 200: KS within about
     /// 1/200 of the exact statistic, about 3.2 KiB per numeric feature and window.
     pub quantile_grid: usize,
+    /// ADWIN and Page-Hinkley parameters of the error-stream detectors. Default: River's.
+    pub detectors: detectors::DetectorConfig,
+    /// Labels of a version collected into its label reference (label drift). Default 1000.
+    pub label_reference_size: usize,
+    /// Method of the features without an override. Default [`DriftMethod::Auto`].
+    pub method: DriftMethod,
+    /// Per-feature methods (feature name, `__prediction__` included). Default none.
+    pub method_overrides: BTreeMap<String, DriftMethod>,
+    /// Normed Wasserstein distance at or above which a shift is large enough
+    /// (method `wasserstein`). Default 0.1.
+    pub wasserstein_threshold: f64,
+    /// Reference rows of a feature above which `auto` decides on a distance
+    /// (Wasserstein / Jensen-Shannon) rather than a test (KS / chi-square). Default 1000.
+    pub large_reference_rows: u64,
+}
+
+/// Distinct reference values at or below which `auto` treats a numeric
+/// feature as categorical (Evidently's rule).
+pub const FEW_DISTINCT_VALUES: usize = 5;
+
+impl DriftConfig {
+    /// The method deciding drift of `feature`: its override, else the
+    /// configured method, with `auto` resolved from the feature's reference
+    /// (`rows` binned reference values, `categorical` for categorical
+    /// features and numeric ones with few distinct values). Never `Auto`.
+    pub fn method_for(&self, feature: &str, rows: u64, categorical: bool) -> DriftMethod {
+        let m = self
+            .method_overrides
+            .get(feature)
+            .copied()
+            .unwrap_or(self.method);
+        match (m, categorical, rows > self.large_reference_rows) {
+            (DriftMethod::Auto, false, false) => DriftMethod::Ks,
+            (DriftMethod::Auto, false, true) => DriftMethod::Wasserstein,
+            (DriftMethod::Auto, true, false) => DriftMethod::ChiSquare,
+            (DriftMethod::Auto, true, true) => DriftMethod::JensenShannon,
+            (m, _, _) => m,
+        }
+    }
 }
 
 impl Default for DriftConfig {
@@ -188,6 +322,12 @@ impl Default for DriftConfig {
             min_samples: 30,
             p_value_threshold: 0.05,
             quantile_grid: 200,
+            detectors: detectors::DetectorConfig::default(),
+            label_reference_size: 1000,
+            method: DriftMethod::Auto,
+            method_overrides: BTreeMap::new(),
+            wasserstein_threshold: 0.1,
+            large_reference_rows: 1000,
         }
     }
 }

@@ -16,6 +16,19 @@ pub const ALL: &[&str] = &[
     "new_category_rate",
     "type_mismatch_rate",
     "unknown_feature_count",
+    // 95 % Wilson intervals of the rates
+    "accuracy_ci_low",
+    "accuracy_ci_high",
+    "precision_ci_low",
+    "precision_ci_high",
+    "recall_ci_low",
+    "recall_ci_high",
+    "fpr_ci_low",
+    "fpr_ci_high",
+    "specificity_ci_low",
+    "specificity_ci_high",
+    "label_coverage_ci_low",
+    "label_coverage_ci_high",
     // drift
     "psi",
     "js_distance",
@@ -28,6 +41,9 @@ pub const ALL: &[&str] = &[
     "drift_detected",
     "drifted_feature_count",
     "drifted_feature_share",
+    // sequential change detectors on the error stream
+    "adwin_drift",
+    "page_hinkley_drift",
     // classification
     "accuracy",
     "precision",

@@ -16,6 +16,9 @@ const CATEGORICAL: &str = include_str!("../../tests/fixtures/drift_categorical.j
 const BINARY: &str = include_str!("../../tests/fixtures/binary.json");
 const REGRESSION: &str = include_str!("../../tests/fixtures/regression.json");
 const MULTICLASS: &str = include_str!("../../tests/fixtures/multiclass.json");
+const DETECTORS: &str = include_str!("../../tests/fixtures/detectors.json");
+const WILSON: &str = include_str!("../../tests/fixtures/wilson.json");
+const LABEL_DRIFT: &str = include_str!("../../tests/fixtures/label_drift.json");
 
 fn cases(json: &str) -> Vec<Value> {
     let v: Value = serde_json::from_str(json).expect("fixture is valid JSON");
@@ -356,5 +359,210 @@ fn multiclass_performance_matches_scikit_learn() {
                 }
             }
         }
+    }
+}
+
+fn indices(v: &Value) -> Vec<usize> {
+    v.as_array()
+        .expect("an array of indices")
+        .iter()
+        .map(|i| i.as_u64().expect("an index") as usize)
+        .collect()
+}
+
+#[test]
+fn change_detectors_fire_at_rivers_indices() {
+    use detectors::{Adwin, AdwinConfig, PageHinkley, PageHinkleyConfig};
+    for case in cases(DETECTORS) {
+        let name = case["name"].as_str().unwrap_or("?").to_owned();
+        let values = floats(&case["values"]);
+        let a = &case["adwin_params"];
+        let defaults = AdwinConfig::default();
+        let adwin_cfg = AdwinConfig {
+            delta: a["delta"].as_f64().unwrap_or(defaults.delta),
+            clock: a["clock"].as_u64().map_or(defaults.clock, |v| v as u32),
+            max_buckets: a["max_buckets"]
+                .as_u64()
+                .map_or(defaults.max_buckets, |v| v as usize),
+            min_window_length: a["min_window_length"]
+                .as_u64()
+                .map_or(defaults.min_window_length, |v| v as u32),
+            grace_period: a["grace_period"]
+                .as_u64()
+                .map_or(defaults.grace_period, |v| v as u32),
+        };
+        let p = &case["page_hinkley_params"];
+        let defaults = PageHinkleyConfig::default();
+        let ph_cfg = PageHinkleyConfig {
+            min_instances: p["min_instances"]
+                .as_u64()
+                .unwrap_or(defaults.min_instances),
+            delta: p["delta"].as_f64().unwrap_or(defaults.delta),
+            threshold: p["threshold"].as_f64().unwrap_or(defaults.threshold),
+            alpha: p["alpha"].as_f64().unwrap_or(defaults.alpha),
+        };
+        let mut adwin = Adwin::new(adwin_cfg);
+        let mut ph = PageHinkley::new(ph_cfg);
+        let (mut ours_a, mut ours_p) = (Vec::new(), Vec::new());
+        for (i, &x) in values.iter().enumerate() {
+            if adwin.update(x) {
+                ours_a.push(i);
+            }
+            if ph.update(x) {
+                ours_p.push(i);
+            }
+        }
+        assert_eq!(ours_a, indices(&case["adwin"]), "{name}: ADWIN");
+        assert_eq!(
+            ours_p,
+            indices(&case["page_hinkley"]),
+            "{name}: Page-Hinkley"
+        );
+    }
+}
+
+#[test]
+fn wilson_intervals_match_statsmodels() {
+    use performance::{wilson_interval, WILSON_Z};
+    let v: Value = serde_json::from_str(WILSON).expect("fixture is valid JSON");
+    let close = |name: &str, ours: f64, want: f64| assert_rel(name, ours, want, 1e-9);
+    for pair in v["pairs"].as_array().expect("pairs") {
+        let (k, n) = (num(pair, "count") as u64, num(pair, "nobs") as u64);
+        let (lo, hi) = wilson_interval(k, n, WILSON_Z).expect("trials > 0");
+        close(&format!("{k}/{n} low"), lo, num(pair, "low"));
+        close(&format!("{k}/{n} high"), hi, num(pair, "high"));
+    }
+    assert_eq!(wilson_interval(0, 0, WILSON_Z), None);
+    assert_eq!(wilson_interval(3, 2, WILSON_Z), None);
+    // End to end: the rates of a binary window and their interval rows.
+    let case = &v["binary"];
+    let task = Task::Binary {
+        positive_label: "1".into(),
+        threshold: num(case, "threshold"),
+    };
+    let mut acc = OutcomeAccumulator::new();
+    let (y, s) = (floats(&case["y_true"]), floats(&case["score"]));
+    for (y, s) in y.iter().zip(&s) {
+        let outcome = PredictionOutcome {
+            score: Some(*s),
+            predicted_label: None,
+            predicted_value: None,
+        };
+        let label = Label {
+            actual_label: Some(if *y == 1.0 { "1" } else { "0" }.into()),
+            actual_value: None,
+            timestamp: 0,
+        };
+        acc.observe_labeled(&task, &outcome, &label, 0);
+    }
+    let mut out = Vec::new();
+    acc.finish(&task, 2 * y.len() as u64, &mut out);
+    for m in ["accuracy", "precision", "recall", "fpr", "specificity"] {
+        let want = &case[m];
+        let row = |suffix: &str| {
+            out.iter()
+                .find(|v| v.metric == format!("{m}{suffix}"))
+                .unwrap_or_else(|| panic!("{m}{suffix} missing"))
+        };
+        close(m, row("").value, num(want, "count") / num(want, "nobs"));
+        close(&format!("{m} low"), row("_ci_low").value, num(want, "low"));
+        close(
+            &format!("{m} high"),
+            row("_ci_high").value,
+            num(want, "high"),
+        );
+        assert_eq!(row("_ci_low").samples, num(want, "nobs") as u64, "{m}");
+    }
+    // label coverage: half of the predictions are labeled
+    let (lo, hi) = wilson_interval(y.len() as u64, 2 * y.len() as u64, WILSON_Z).unwrap();
+    assert_eq!(value(&out, "label_coverage", ""), 0.5);
+    assert_eq!(value(&out, "label_coverage_ci_low", ""), lo);
+    assert_eq!(value(&out, "label_coverage_ci_high", ""), hi);
+    assert!(lo < 0.5 && 0.5 < hi);
+}
+
+#[test]
+fn label_drift_matches_numpy_and_scipy() {
+    use labels::{LabelReferenceBuilder, LABEL_FEATURE};
+    use std::sync::Arc;
+    for case in cases(LABEL_DRIFT) {
+        let name = case["name"].as_str().unwrap_or("?").to_owned();
+        let regression = case["kind"] == "regression";
+        let (task, labels): (Task, Vec<(Vec<Label>, usize)>) = {
+            let to_labels = |key: &str| -> Vec<Label> {
+                if regression {
+                    floats(&case[key])
+                        .into_iter()
+                        .map(|v| Label {
+                            actual_label: None,
+                            actual_value: Some(v),
+                            timestamp: 0,
+                        })
+                        .collect()
+                } else {
+                    strings(&case[key])
+                        .into_iter()
+                        .map(|s| Label {
+                            actual_label: Some(s.into()),
+                            actual_value: None,
+                            timestamp: 0,
+                        })
+                        .collect()
+                }
+            };
+            let (r, c) = (to_labels("reference"), to_labels("current"));
+            let task = if regression {
+                Task::Regression
+            } else {
+                Task::Multiclass
+            };
+            let n = r.len();
+            (task, vec![(r, n), (c, 0)])
+        };
+        let cfg = DriftConfig {
+            label_reference_size: labels[0].1,
+            ..Default::default()
+        };
+        let mut b = LabelReferenceBuilder::new(&cfg);
+        let mut profile = None;
+        for l in &labels[0].0 {
+            let v = labels::label_value(&task, l).expect("evaluable label");
+            profile = b.observe(v).or(profile);
+        }
+        let profile = Arc::new(profile.expect("reference complete"));
+        let mut acc = OutcomeAccumulator::new();
+        for l in &labels[1].0 {
+            let v = labels::label_value(&task, l).expect("evaluable label");
+            acc.observe_label(&profile, v);
+        }
+        let mut out = Vec::new();
+        acc.finish_label_drift(&cfg, &mut out);
+        for m in [
+            "psi",
+            "js_distance",
+            "kl_divergence",
+            "hellinger",
+            "chi2_statistic",
+        ] {
+            assert_rel(
+                &format!("{name} {m}"),
+                value(&out, m, LABEL_FEATURE),
+                num(&case, m),
+                1e-9,
+            );
+        }
+        let pv = out
+            .iter()
+            .find(|v| v.metric == "chi2_statistic")
+            .and_then(|v| v.p_value)
+            .expect("chi2 has a p-value");
+        assert_rel(
+            &format!("{name} chi2 p"),
+            pv,
+            num(&case, "chi2_p_value"),
+            1e-6,
+        );
+        let detected = value(&out, "drift_detected", LABEL_FEATURE);
+        assert_eq!(detected, name.contains("shift") as u8 as f64, "{name}");
     }
 }

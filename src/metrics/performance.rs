@@ -28,9 +28,12 @@
 
 use hdrhistogram::Histogram;
 
+use std::sync::Arc;
+
 use super::accumulator::new_histogram;
+use super::labels::{LabelHistogram, LabelProfile, LabelValue};
 use super::quantile::RelativeSketch;
-use super::{push_finite, MetricValue, Task};
+use super::{push_finite, DriftConfig, MetricValue, Task};
 use crate::model::{Label, PredictionOutcome};
 
 /// Equal-width score bins of the ROC / PR AUC histograms.
@@ -43,6 +46,70 @@ pub const MAX_CLASSES: usize = 100;
 const MAX_DELAY_MS: u64 = 1 << 30;
 /// Probability clip of the log loss.
 const LOG_LOSS_EPS: f64 = 1e-15;
+
+/// The normal quantile of a two-sided 95 % interval (scipy `norm.isf(0.025)`).
+pub const WILSON_Z: f64 = 1.959_963_984_540_054;
+
+/// Wilson score interval of `successes` out of `trials` at normal quantile
+/// `z`, clipped to `[0, 1]` (statsmodels `proportion_confint(method="wilson")`).
+/// `None` without trials or with more successes than trials.
+pub fn wilson_interval(successes: u64, trials: u64, z: f64) -> Option<(f64, f64)> {
+    if trials == 0 || successes > trials {
+        return None;
+    }
+    let n = trials as f64;
+    let q = successes as f64 / n;
+    let z2 = z * z;
+    let denom = 1.0 + z2 / n;
+    let center = (q + z2 / (2.0 * n)) / denom;
+    let half = z * (q * (1.0 - q) / n + z2 / (4.0 * n * n)).sqrt() / denom;
+    Some(((center - half).max(0.0), (center + half).min(1.0)))
+}
+
+/// The interval rows of a rate metric.
+fn ci_names(metric: &str) -> Option<(&'static str, &'static str)> {
+    Some(match metric {
+        "accuracy" => ("accuracy_ci_low", "accuracy_ci_high"),
+        "precision" => ("precision_ci_low", "precision_ci_high"),
+        "recall" => ("recall_ci_low", "recall_ci_high"),
+        "fpr" => ("fpr_ci_low", "fpr_ci_high"),
+        "specificity" => ("specificity_ci_low", "specificity_ci_high"),
+        "label_coverage" => ("label_coverage_ci_low", "label_coverage_ci_high"),
+        _ => return None,
+    })
+}
+
+/// Pushes the rate `successes / trials` (with `samples`) and its 95 % Wilson
+/// interval as `<metric>_ci_low` / `<metric>_ci_high` (samples = `trials`);
+/// nothing without trials. Rates above 1 (more labels than predictions
+/// counted) get no interval.
+fn push_rate(
+    out: &mut Vec<MetricValue>,
+    metric: &'static str,
+    feature: &str,
+    successes: u64,
+    trials: u64,
+    samples: u64,
+) {
+    if trials == 0 {
+        return;
+    }
+    push_finite(
+        out,
+        metric,
+        feature,
+        successes as f64 / trials as f64,
+        samples,
+        None,
+    );
+    if let (Some((lo_name, hi_name)), Some((lo, hi))) = (
+        ci_names(metric),
+        wilson_interval(successes, trials, WILSON_Z),
+    ) {
+        push_finite(out, lo_name, feature, lo, trials, None);
+        push_finite(out, hi_name, feature, hi, trials, None);
+    }
+}
 
 /// Binary classification state.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -122,24 +189,17 @@ impl Binary {
     }
 
     fn finish(&self, out: &mut Vec<MetricValue>) {
-        let (tp, fp, tn, fn_) = (
-            self.tp as f64,
-            self.fp as f64,
-            self.tn as f64,
-            self.fn_ as f64,
-        );
-        let n = self.tp + self.fp + self.tn + self.fn_;
-        let ratio = |out: &mut Vec<MetricValue>, m: &'static str, num: f64, den: f64| {
-            if den > 0.0 {
-                push_finite(out, m, "", num / den, n, None);
-            }
-        };
-        ratio(out, "accuracy", tp + tn, n as f64);
-        ratio(out, "precision", tp, tp + fp);
-        ratio(out, "recall", tp, tp + fn_);
-        ratio(out, "f1", 2.0 * tp, 2.0 * tp + fp + fn_);
-        ratio(out, "fpr", fp, fp + tn);
-        ratio(out, "specificity", tn, fp + tn);
+        let (tp, fp, tn, fn_) = (self.tp, self.fp, self.tn, self.fn_);
+        let n = tp + fp + tn + fn_;
+        push_rate(out, "accuracy", "", tp + tn, n, n);
+        push_rate(out, "precision", "", tp, tp + fp, n);
+        push_rate(out, "recall", "", tp, tp + fn_, n);
+        if 2 * tp + fp + fn_ > 0 {
+            let f1 = 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64;
+            push_finite(out, "f1", "", f1, n, None);
+        }
+        push_rate(out, "fpr", "", fp, fp + tn, n);
+        push_rate(out, "specificity", "", tn, fp + tn, n);
         if self.scored == 0 {
             return;
         }
@@ -242,7 +302,7 @@ impl Multiclass {
             return;
         }
         let n = self.n;
-        push_finite(out, "accuracy", "", self.correct as f64 / n as f64, n, None);
+        push_rate(out, "accuracy", "", self.correct, n, n);
         let mut classes: Vec<&(Box<str>, ClassCounts)> = self.classes.iter().collect();
         classes.sort_by(|a, b| a.0.cmp(&b.0));
         let (mut macro_f1, mut weighted, mut support_total) = (0.0, 0.0, 0u64);
@@ -262,26 +322,8 @@ impl Multiclass {
             fp_all += c.fp;
             fn_all += c.fn_;
             let feature = format!("class={label}");
-            if c.tp + c.fp > 0 {
-                push_finite(
-                    out,
-                    "precision",
-                    &feature,
-                    c.tp as f64 / (c.tp + c.fp) as f64,
-                    c.tp + c.fp,
-                    None,
-                );
-            }
-            if support > 0 {
-                push_finite(
-                    out,
-                    "recall",
-                    &feature,
-                    c.tp as f64 / support as f64,
-                    support,
-                    None,
-                );
-            }
+            push_rate(out, "precision", &feature, c.tp, c.tp + c.fp, c.tp + c.fp);
+            push_rate(out, "recall", &feature, c.tp, support, support);
         }
         if !classes.is_empty() {
             push_finite(
@@ -397,6 +439,10 @@ pub struct OutcomeAccumulator {
     regression: Regression,
     /// Label delay, ms.
     delay: Histogram<u64>,
+    detections: Detections,
+    /// Label drift histogram (from the first label seen after the version's
+    /// label reference exists).
+    labels: Option<LabelHistogram>,
 }
 
 impl Default for OutcomeAccumulator {
@@ -432,6 +478,65 @@ fn binary_class(label: &str, positive: &str) -> Option<bool> {
     }
 }
 
+/// The actual binary class of a label: `actual_label`, else `actual_value` 1.0 / 0.0.
+pub(crate) fn binary_actual(label: &Label, positive_label: &str) -> Option<bool> {
+    match (&label.actual_label, label.actual_value) {
+        (Some(l), _) => binary_class(l, positive_label),
+        (None, Some(1.0)) => Some(true),
+        (None, Some(0.0)) => Some(false),
+        _ => None,
+    }
+}
+
+/// The predicted binary class: `predicted_label` when sent, else `score >= threshold`.
+fn binary_predicted(
+    outcome: &PredictionOutcome,
+    positive_label: &str,
+    threshold: f64,
+) -> Option<bool> {
+    match (&outcome.predicted_label, outcome.score) {
+        (Some(l), _) => binary_class(l, positive_label),
+        (None, Some(s)) if s.is_finite() => Some(s >= threshold),
+        _ => None,
+    }
+}
+
+/// The error of one labeled outcome, as fed to the change detectors:
+/// 0 / 1 (wrong class) for classification, `|predicted - actual|` for
+/// regression; `None` when the outcome cannot be evaluated.
+pub fn outcome_error(task: &Task, outcome: &PredictionOutcome, label: &Label) -> Option<f64> {
+    match task {
+        Task::Binary {
+            positive_label,
+            threshold,
+        } => {
+            let actual = binary_actual(label, positive_label)?;
+            let predicted = binary_predicted(outcome, positive_label, *threshold)?;
+            Some((actual != predicted) as u8 as f64)
+        }
+        Task::Multiclass => {
+            let (a, p) = (
+                label.actual_label.as_ref()?,
+                outcome.predicted_label.as_ref()?,
+            );
+            Some((a != p) as u8 as f64)
+        }
+        Task::Regression => {
+            let e = (outcome.predicted_value? - label.actual_value?).abs();
+            e.is_finite().then_some(e)
+        }
+    }
+}
+
+/// Change-detector detections attributed to a window (see [`OutcomeAccumulator::observe_detections`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Detections {
+    /// Errors fed to the detectors from this window's predictions.
+    inputs: u64,
+    adwin: u64,
+    page_hinkley: u64,
+}
+
 impl OutcomeAccumulator {
     /// An empty accumulator.
     pub fn new() -> Self {
@@ -442,6 +547,8 @@ impl OutcomeAccumulator {
             multiclass: Multiclass::default(),
             regression: Regression::default(),
             delay: new_histogram(),
+            detections: Detections::default(),
+            labels: None,
         }
     }
 
@@ -463,18 +570,10 @@ impl OutcomeAccumulator {
                 positive_label,
                 threshold,
             } => {
-                let actual = match (&label.actual_label, label.actual_value) {
-                    (Some(l), _) => binary_class(l, positive_label),
-                    (None, Some(1.0)) => Some(true),
-                    (None, Some(0.0)) => Some(false),
-                    _ => None,
+                let Some(actual) = binary_actual(label, positive_label) else {
+                    return;
                 };
-                let Some(actual) = actual else { return };
-                let predicted = match (&outcome.predicted_label, outcome.score) {
-                    (Some(l), _) => binary_class(l, positive_label),
-                    (None, Some(s)) if s.is_finite() => Some(s >= *threshold),
-                    _ => None,
-                };
+                let predicted = binary_predicted(outcome, positive_label, *threshold);
                 self.binary.observe(actual, predicted, outcome.score);
             }
             Task::Multiclass => {
@@ -492,6 +591,36 @@ impl OutcomeAccumulator {
         }
     }
 
+    /// Counts one error fed to the (model, version)'s change detectors, from
+    /// a prediction of this window, and whether ADWIN / Page-Hinkley
+    /// detected a change on it. The aggregator calls it on the all-traffic
+    /// cell only (the detectors run per version, not per segment).
+    pub fn observe_detections(&mut self, adwin: bool, page_hinkley: bool) {
+        self.detections.inputs += 1;
+        self.detections.adwin += adwin as u64;
+        self.detections.page_hinkley += page_hinkley as u64;
+    }
+
+    /// Adds one label to the window's label distribution, binned on the
+    /// version's label reference `profile` (see [`super::labels`]). A label
+    /// binned on another profile than the window's first is ignored.
+    pub fn observe_label(&mut self, profile: &Arc<LabelProfile>, value: LabelValue<'_>) {
+        let h = self
+            .labels
+            .get_or_insert_with(|| LabelHistogram::new(profile.clone()));
+        if h.is_on(profile) {
+            h.observe(value);
+        }
+    }
+
+    /// Label drift rows (`feature = '__label__'`), when the window has labels
+    /// binned on a label reference.
+    pub fn finish_label_drift(&self, cfg: &DriftConfig, out: &mut Vec<MetricValue>) {
+        if let Some(h) = &self.labels {
+            h.finish(cfg, out);
+        }
+    }
+
     /// Adds a prediction whose label never came (unlabeled at the horizon).
     pub fn observe_expired(&mut self) {
         self.expired += 1;
@@ -506,6 +635,14 @@ impl OutcomeAccumulator {
         self.regression.merge(&other.regression);
         // With auto-resize on, adding cannot run out of range.
         let _ = self.delay.add(&other.delay);
+        self.detections.inputs += other.detections.inputs;
+        self.detections.adwin += other.detections.adwin;
+        self.detections.page_hinkley += other.detections.page_hinkley;
+        match (&mut self.labels, &other.labels) {
+            (Some(a), Some(b)) => a.merge(b),
+            (None, Some(b)) => self.labels = Some(b.clone()),
+            _ => {}
+        }
     }
 
     /// Labeled + expired predictions: grows with every change, used as the row revision.
@@ -514,8 +651,9 @@ impl OutcomeAccumulator {
     }
 
     /// Computes `label_count`, `unlabeled_count`, `label_coverage`
-    /// (labels / `prediction_count`), the task's performance metrics and
-    /// `label_delay_p50|p95` (ms).
+    /// (labels / `prediction_count`), the task's performance metrics,
+    /// `adwin_drift` / `page_hinkley_drift` (detections on errors of this
+    /// window's predictions, when any were fed) and `label_delay_p50|p95` (ms).
     pub fn finish(&self, task: &Task, prediction_count: u64, out: &mut Vec<MetricValue>) {
         out.push(MetricValue::model(
             "label_count",
@@ -527,20 +665,27 @@ impl OutcomeAccumulator {
             self.expired as f64,
             self.expired,
         ));
-        if prediction_count > 0 {
-            push_finite(
-                out,
-                "label_coverage",
-                "",
-                self.labeled as f64 / prediction_count as f64,
-                prediction_count,
-                None,
-            );
-        }
+        push_rate(
+            out,
+            "label_coverage",
+            "",
+            self.labeled,
+            prediction_count,
+            prediction_count,
+        );
         match task {
             Task::Binary { .. } => self.binary.finish(out),
             Task::Multiclass => self.multiclass.finish(out),
             Task::Regression => self.regression.finish(out),
+        }
+        let d = self.detections;
+        if d.inputs > 0 {
+            out.push(MetricValue::model("adwin_drift", d.adwin as f64, d.inputs));
+            out.push(MetricValue::model(
+                "page_hinkley_drift",
+                d.page_hinkley as f64,
+                d.inputs,
+            ));
         }
         if !self.delay.is_empty() {
             let n = self.delay.len();
@@ -564,6 +709,7 @@ impl OutcomeAccumulator {
                 .map(|(c, _)| c.len() + 40)
                 .sum::<usize>()
             + self.regression.abs_err.approx_bytes()
+            + self.labels.as_ref().map_or(0, LabelHistogram::approx_bytes)
             + self.delay.distinct_values() * 8
     }
 }
@@ -769,6 +915,7 @@ mod proptests {
 
     use super::*;
     use crate::metrics::accumulator::proptests::{assert_finite, assert_same};
+    use crate::metrics::labels::{label_value, LabelReferenceBuilder};
 
     /// (score / prediction, actual, class index, delay ms, expired)
     type Ev = (f64, f64, u8, u8, i64, bool);
@@ -841,13 +988,37 @@ mod proptests {
                 ),
             };
             acc.observe_labeled(task, &outcome, &label, delay);
+            acc.observe_detections(s > 0.9, s < 0.05);
+            if let Some(v) = label_value(task, &label) {
+                acc.observe_label(&label_profile(task), v);
+            }
         }
         acc
+    }
+
+    /// A label reference per task (fixed, as the aggregator's is per version).
+    fn label_profile(task: &Task) -> Arc<LabelProfile> {
+        let cfg = DriftConfig {
+            label_reference_size: 12,
+            ..Default::default()
+        };
+        let mut b = LabelReferenceBuilder::new(&cfg);
+        for i in 0..12u8 {
+            let class = format!("c{}", i % 3);
+            let v = match task {
+                Task::Binary { .. } => LabelValue::Class(if i % 4 == 0 { "1" } else { "0" }),
+                Task::Multiclass => LabelValue::Class(&class),
+                Task::Regression => LabelValue::Value(f64::from(i) * 10.0 - 50.0),
+            };
+            b.observe(v);
+        }
+        Arc::new(b.build())
     }
 
     fn finish(acc: &OutcomeAccumulator, task: &Task, n: u64) -> Vec<MetricValue> {
         let mut out = Vec::new();
         acc.finish(task, n, &mut out);
+        acc.finish_label_drift(&DriftConfig::default(), &mut out);
         out
     }
 

@@ -19,7 +19,7 @@ use super::quantile::quantile_sorted;
 use super::DriftConfig;
 use crate::model::{FeatureValue, PredictionEvent};
 
-type FastMap<K, V> = HashMap<K, V, RandomState>;
+pub(crate) type FastMap<K, V> = HashMap<K, V, RandomState>;
 
 /// Most coarse bins per numeric feature.
 const MAX_BINS: usize = 1000;
@@ -190,7 +190,7 @@ pub struct CategoricalProfile {
 }
 
 impl CategoricalProfile {
-    fn from_counts(counts: &FastMap<String, u64>, max_categories: usize) -> Self {
+    pub(crate) fn from_counts(counts: &FastMap<String, u64>, max_categories: usize) -> Self {
         let mut all: Vec<(&String, u64)> = counts.iter().map(|(k, &v)| (k, v)).collect();
         all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
         let kept = all.len().min(max_categories.max(1));

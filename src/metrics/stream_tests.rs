@@ -1,0 +1,155 @@
+//! Stream-level tests: the statistics that need ordered input or state across
+//! windows (change detectors, label drift), driven through the real
+//! [`Aggregator`] path: predictions, join results, watermarks, rows.
+
+use std::sync::Arc;
+
+use super::aggregator::{Aggregator, AggregatorConfig, Emitted, WindowRow};
+use super::{DriftConfig, Task};
+use crate::join::Joined;
+use crate::model::{Entries, FeatureValue, Label, PredictionEvent};
+
+const MINUTE: i64 = 60_000;
+
+fn aggregator(drift: DriftConfig) -> Aggregator {
+    Aggregator::new(AggregatorConfig {
+        window_sizes_ms: vec![10 * MINUTE],
+        label_horizon_ms: 60 * MINUTE,
+        revision_interval_ms: MINUTE,
+        drift,
+        reference_size: 100,
+        max_segment_values: 10,
+        max_models: 10,
+        max_versions_per_model: 10,
+        tasks: Default::default(),
+    })
+}
+
+/// A binary prediction at `ts` with score `score`, segment `country=xx`.
+fn prediction(ts: i64, score: f64) -> PredictionEvent {
+    PredictionEvent {
+        request_id: format!("r{ts}"),
+        model_id: "m".into(),
+        model_version: "v1".into(),
+        timestamp: ts,
+        features: Entries(vec![("x".into(), FeatureValue::Double(score))]),
+        score: Some(score),
+        segments: Entries(vec![("country".into(), "xx".into())]),
+        ..Default::default()
+    }
+}
+
+/// Predicts, then immediately labels, every `(ts, score, actual)`.
+fn feed(agg: &mut Aggregator, events: &[(i64, f64, &str)]) {
+    for &(ts, score, actual) in events {
+        let rec = agg.observe_prediction(&prediction(ts, score));
+        agg.observe_joined(Joined::Matched {
+            payload: rec,
+            prediction_ts: ts,
+            label: Arc::new(Label {
+                actual_label: Some(actual.into()),
+                actual_value: None,
+                timestamp: ts + 1000,
+            }),
+        });
+    }
+}
+
+/// The latest revision of `metric` / `feature` / segment of the window at `start`.
+fn latest<'a>(
+    rows: &'a [WindowRow],
+    start: i64,
+    segment: &str,
+    metric: &str,
+    feature: &str,
+) -> Option<&'a WindowRow> {
+    rows.iter()
+        .filter(|r| {
+            r.window_start_ms == start
+                && &*r.segment == segment
+                && r.value.metric == metric
+                && r.value.feature == feature
+        })
+        .max_by_key(|r| r.revision)
+}
+
+#[test]
+fn detectors_count_detections_in_the_prediction_window_of_the_all_traffic_cell() {
+    let mut agg = aggregator(DriftConfig::default());
+    // Window 0: 600 correct predictions bar every 20th; window 1: all wrong.
+    let w0: Vec<(i64, f64, &str)> = (0..600)
+        .map(|i| {
+            let wrong = i % 20 == 0;
+            (i * 1000, 0.9, if wrong { "0" } else { "1" })
+        })
+        .collect();
+    let w1: Vec<(i64, f64, &str)> = (0..300)
+        .map(|i| (10 * MINUTE + i * 1000, 0.9, "0"))
+        .collect();
+    feed(&mut agg, &w0);
+    feed(&mut agg, &w1);
+    let mut out = Emitted::default();
+    agg.advance(20 * MINUTE, &mut out);
+    let get = |start, segment, metric| {
+        latest(&out.rows, start, segment, metric, "").map(|r| (r.value.value, r.value.samples))
+    };
+    assert_eq!(get(0, "", "adwin_drift"), Some((0.0, 600)));
+    assert_eq!(get(0, "", "page_hinkley_drift"), Some((0.0, 600)));
+    let (adwin, n) = get(10 * MINUTE, "", "adwin_drift").expect("adwin row");
+    let (ph, _) = get(10 * MINUTE, "", "page_hinkley_drift").expect("page-hinkley row");
+    assert_eq!(n, 300);
+    assert!(adwin >= 1.0, "{adwin}");
+    assert!(ph >= 1.0, "{ph}");
+    // per version, not per segment: no rows for the segment cell
+    assert_eq!(get(10 * MINUTE, "country=xx", "adwin_drift"), None);
+    assert!(get(10 * MINUTE, "country=xx", "accuracy").is_some());
+}
+
+#[test]
+fn task_is_binary_for_the_stream_tests() {
+    // The helpers above rely on score-based task inference.
+    assert!(matches!(
+        Task::infer(&prediction(0, 0.5)),
+        Some(Task::Binary { .. })
+    ));
+}
+
+#[test]
+fn label_drift_compares_later_labels_with_the_first_ones() {
+    let mut agg = aggregator(DriftConfig {
+        label_reference_size: 200,
+        ..Default::default()
+    });
+    // Window 0: 300 labels, 20 % positive (the first 200 are the reference);
+    // window 1: 300 labels, 70 % positive.
+    let w0: Vec<(i64, f64, &str)> = (0..300)
+        .map(|i| (i * 1000, 0.3, if i % 5 == 0 { "1" } else { "0" }))
+        .collect();
+    let w1: Vec<(i64, f64, &str)> = (0..300)
+        .map(|i| {
+            (
+                10 * MINUTE + i * 1000,
+                0.3,
+                if i % 10 < 7 { "1" } else { "0" },
+            )
+        })
+        .collect();
+    feed(&mut agg, &w0);
+    feed(&mut agg, &w1);
+    let mut out = Emitted::default();
+    agg.advance(20 * MINUTE, &mut out);
+    let get = |start, segment, metric| {
+        latest(&out.rows, start, segment, metric, "__label__")
+            .map(|r| (r.value.value, r.value.samples))
+    };
+    // only the 100 labels after the reference count in window 0, all stable
+    assert_eq!(get(0, "", "drift_detected"), Some((0.0, 100)));
+    assert_eq!(get(0, "", "psi").map(|v| v.0 < 1e-6), Some(true));
+    assert_eq!(get(10 * MINUTE, "", "drift_detected"), Some((1.0, 300)));
+    assert!(get(10 * MINUTE, "", "psi").expect("psi").0 > 0.5);
+    // per segment too
+    assert_eq!(
+        get(10 * MINUTE, "country=xx", "drift_detected"),
+        Some((1.0, 300))
+    );
+}

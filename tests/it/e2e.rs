@@ -163,13 +163,16 @@ severity = "critical"
     assert_dead_letters(&brokers, &d);
     assert_committed_to_end(&brokers, &cfg.kafka.group_id);
 
-    // The rule fires once per window where clf's accuracy (all traffic) is below 0.99.
-    let firing: BTreeMap<i64, f64> = exact
+    // The rule fires in the first window where clf's accuracy (all traffic) is
+    // below 0.99; while later windows stay below it the series keeps firing
+    // without new events (issue #5 lifecycle), and nothing resolves it.
+    let below: BTreeMap<i64, f64> = exact
         .iter()
         .filter(|(k, v)| k.0 == CLF && k.1.is_empty() && k.3 == "accuracy" && **v < 0.99)
         .map(|(k, v)| (i64::from(k.2) * 1000, *v))
         .collect();
-    assert!(!firing.is_empty(), "the data must make the rule fire");
+    assert!(below.len() >= 2, "the data must stay below the threshold: {below:?}");
+    let firing: BTreeMap<i64, f64> = below.into_iter().take(1).collect();
     let messages = read_topic(&brokers, "model-alerts", firing.len());
     let mut alerts: Vec<_> = messages
         .iter()

@@ -98,11 +98,16 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
         .or_insert(DEMO_BASELINE_ACCURACY);
     let window = cfg.windows.sizes[0];
 
-    let duration_ms = (opts.events as f64 / opts.rate * 1000.0) as i64;
+    // The stream covers whole windows and ends on a window boundary: a
+    // partial first or last window would look like a volume change.
+    let size_ms = window.as_millis() as i64;
+    let wanted_ms = (opts.events as f64 / opts.rate * 1000.0) as i64;
+    let duration_ms = ((wanted_ms + size_ms - 1) / size_ms).max(1) * size_ms;
+    let rate = opts.events as f64 / (duration_ms as f64 / 1000.0);
     let scenario = Scenario {
         seed: opts.seed,
-        start_ms: now_ms() - duration_ms,
-        events_per_second: opts.rate,
+        start_ms: now_ms().div_euclid(size_ms) * size_ms - duration_ms,
+        events_per_second: rate,
         count: opts.events,
         versions: vec!["v1".into(), "v2".into()],
         model_id: DEMO_MODEL.into(),

@@ -84,6 +84,7 @@ async fn migrate_is_idempotent_and_creates_every_table() {
             "models",
             "reference_profiles",
             "webhook_deliveries",
+            "window_histograms",
             "window_metrics"
         ]
     );

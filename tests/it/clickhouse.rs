@@ -459,5 +459,5 @@ async fn concurrent_migrations_from_several_instances_all_succeed() {
         ),
     )
     .await;
-    assert_eq!(tables, 6);
+    assert_eq!(tables, 7);
 }

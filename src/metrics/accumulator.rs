@@ -405,7 +405,8 @@ impl DataAccumulator {
     /// statistics, `drift_detected`, `drifted_feature_count` /
     /// `drifted_feature_share` and the `__prediction__` drift rows; no
     /// volume, latency or integrity rows. Used on an accumulator rebuilt by
-    /// [`from_histograms`](Self::from_histograms).
+    /// [`from_histograms`](Self::from_histograms) (whose model-level rows
+    /// then count the largest feature's binned values as `samples`).
     pub fn finish_drift(
         &self,
         profile: &ReferenceProfile,

@@ -22,11 +22,11 @@ use crate::config::Config;
 use crate::ingest::consumer::{commit, input_consumer, InputConsumer};
 use crate::ingest::decode::{Decoder, EventKind};
 use crate::ingest::offsets::OffsetTracker;
-use crate::metrics::aggregator::WindowRow;
+use crate::metrics::aggregator::{WindowHistogram, WindowRow};
 use crate::metrics::ReferenceProfile;
 use crate::model::{AlertEvent, InputEvent};
 use crate::pipeline::{Core, CoreStats, Output};
-use crate::sinks::clickhouse::{ClickHouseSink, MetricRow, SinkError, VersionRow};
+use crate::sinks::clickhouse::{ClickHouseSink, HistogramRow, MetricRow, SinkError, VersionRow};
 use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue};
 use crate::sinks::webhook::{DeliveryRecord, Notifier};
 use crate::telemetry::{Counters, FlushReport, Telemetry};
@@ -59,10 +59,27 @@ pub fn metric_row(r: &WindowRow) -> MetricRow {
     }
 }
 
+/// Converts a window histogram to its ClickHouse form (revision 0, like the
+/// data rows written at close).
+pub fn histogram_row(h: &WindowHistogram) -> HistogramRow {
+    HistogramRow {
+        model_id: h.model_id.to_string(),
+        model_version: h.model_version.to_string(),
+        segment: h.segment.to_string(),
+        window_start: (h.window_start_ms.div_euclid(1000)).clamp(0, u32::MAX as i64) as u32,
+        window_seconds: (h.window_ms / 1000).clamp(0, u32::MAX as i64) as u32,
+        feature: h.histogram.feature.clone(),
+        kind: h.histogram.kind.as_str().to_owned(),
+        counts: h.histogram.counts.clone(),
+        revision: 0,
+    }
+}
+
 /// Output waiting to be written.
 #[derive(Default)]
 struct Pending {
     rows: Vec<MetricRow>,
+    histograms: Vec<HistogramRow>,
     alerts: Vec<AlertEvent>,
     versions: Vec<VersionRow>,
     references: Vec<(Arc<str>, Arc<str>, Arc<ReferenceProfile>)>,
@@ -76,6 +93,8 @@ struct Pending {
 impl Pending {
     fn add(&mut self, out: Output) {
         self.rows.extend(out.emitted.rows.iter().map(metric_row));
+        self.histograms
+            .extend(out.emitted.histograms.iter().map(histogram_row));
         self.alerts.extend(out.alerts);
         self.versions
             .extend(out.emitted.versions.into_iter().map(|v| VersionRow {
@@ -646,6 +665,17 @@ impl Service {
             .map_err(WriteError::from_sink)?;
             Counters::add(&self.p.counters.rows_written_total, p.rows.len() as u64);
             p.rows.clear();
+        }
+        if !p.histograms.is_empty() {
+            timed(
+                t,
+                "window_histograms",
+                p.histograms.len(),
+                self.sink.write_histograms(&p.histograms),
+            )
+            .await
+            .map_err(WriteError::from_sink)?;
+            p.histograms.clear();
         }
         if !p.alerts.is_empty() {
             timed(

@@ -91,6 +91,20 @@ CREATE TABLE IF NOT EXISTS modelwatch.webhook_deliveries (
 PARTITION BY toYYYYMM(delivered_at)
 ORDER BY (webhook, alert_id, alert_status, delivered_at_ms);
 
+CREATE TABLE IF NOT EXISTS modelwatch.window_histograms (
+    model_id String,
+    model_version String,
+    segment String,
+    window_start DateTime,
+    window_seconds UInt32,
+    feature String,
+    kind String,
+    counts Array(Float64),
+    revision UInt64
+) ENGINE = ReplacingMergeTree(revision)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (model_id, model_version, segment, window_seconds, feature, window_start);
+
 -- Example queries
 
 -- latest value of every metric per window (FINAL keeps the newest revision)
@@ -138,6 +152,13 @@ LIMIT 100;
 SELECT model_id, model_version, task, first_seen, last_seen
 FROM modelwatch.model_versions FINAL
 ORDER BY model_id, first_seen;
+
+-- per-feature drift counts of all traffic over the last day, summed element-wise across windows
+SELECT model_id, model_version, feature, kind, length(counts) AS cells, count() AS windows, sumForEach(counts) AS summed
+FROM modelwatch.window_histograms FINAL
+WHERE segment = '' AND window_start >= now() - INTERVAL 1 DAY
+GROUP BY model_id, model_version, feature, kind, cells
+ORDER BY model_id, model_version, feature;
 
 -- latest reference profile per model version
 SELECT model_id, model_version, argMax(sample_count, revision) AS samples, max(created_at) AS created

@@ -1,8 +1,10 @@
 //! How stored per-window values combine over a time range. Pure.
 //!
-//! The per-window histograms behind drift statistics are not stored, so a
-//! range is not re-binned: each metric is combined from its per-window rows
-//! (`value`, `samples`) by one of two rules:
+//! Drift statistics over a range are recomputed from the stored per-window
+//! histograms by the drift endpoint (`routes`); this module is the rule for
+//! everything else, and the fallback for drift of windows written without
+//! histograms: each metric is combined from its per-window rows (`value`,
+//! `samples`) by one of two rules:
 //!
 //! - **sum** for counts (names ending in `_count`, and `cpu_seconds`): exact.
 //! - **samples-weighted mean** `Σ value·samples / Σ samples` for everything

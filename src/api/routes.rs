@@ -19,7 +19,9 @@ use super::merge::{merge, Merged};
 use super::params::{range, BadRequest, Params};
 use super::server::ApiState;
 use super::{OPENAPI_JSON, SERVICE_MODEL};
-use crate::metrics::names;
+use crate::metrics::{
+    names, DataAccumulator, FeatureHistogram, HistogramKind, MetricValue, ReferenceProfile,
+};
 use crate::sinks::clickhouse::SinkError;
 
 /// An error of a handler, mapped to its HTTP status.
@@ -515,6 +517,121 @@ fn version_param(p: &Params, name: &str) -> Result<String, ApiError> {
     Ok(p.required(name)?.to_owned())
 }
 
+/// Drift statistics recomputed from merged histograms (the ones a
+/// histogram holds exactly); the rest keep the per-window merge.
+const HISTOGRAM_METRICS: &[&str] = &[
+    "psi",
+    "js_distance",
+    "kl_divergence",
+    "hellinger",
+    "wasserstein",
+    "wasserstein_normed",
+    "ks_statistic",
+    "chi2_statistic",
+    "drift_detected",
+];
+
+/// One feature's histograms summed over the windows of a range
+/// (`sumForEach` in ClickHouse), per layout.
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct HistogramSum {
+    feature: String,
+    kind: String,
+    cells: u64,
+    starts: Vec<u32>,
+    summed: Vec<f64>,
+}
+
+/// The newest reference profile of a version, `None` when there is none or
+/// it does not parse.
+async fn load_profile(
+    s: &ApiState,
+    model: &str,
+    version: &str,
+) -> Result<Option<ReferenceProfile>, ApiError> {
+    let stored: Vec<String> =
+        s.ch.client()
+            .query(
+                "SELECT argMax(profile, revision) FROM reference_profiles \
+             WHERE model_id = ? AND model_version = ? GROUP BY model_id, model_version",
+            )
+            .bind(model)
+            .bind(version)
+            .fetch_all()
+            .await?;
+    Ok(stored
+        .first()
+        .and_then(|json| serde_json::from_str::<ReferenceProfile>(json).ok()))
+}
+
+/// Drift per feature recomputed from the range's merged histograms: feature
+/// → (windows with a histogram, rows of `finish_drift`). Only features whose
+/// histograms have one layout (one profile) are included.
+async fn merged_drift(
+    s: &ApiState,
+    sel: &Selection<'_>,
+    version: &str,
+    segment: &str,
+) -> Result<BTreeMap<String, (BTreeSet<u32>, Vec<MetricValue>)>, ApiError> {
+    let sums: Vec<HistogramSum> =
+        s.ch.client()
+            .query(
+                "SELECT feature, kind, length(counts) AS cells, \
+             groupUniqArray(toUInt32(window_start)) AS starts, sumForEach(counts) AS summed \
+             FROM window_histograms FINAL \
+             WHERE model_id = ? AND model_version = ? AND segment = ? AND window_seconds = ? \
+             AND window_start >= toDateTime(?) AND window_start < toDateTime(?) \
+             GROUP BY feature, kind, cells ORDER BY feature",
+            )
+            .bind(sel.model)
+            .bind(version)
+            .bind(segment)
+            .bind(sel.window)
+            .bind(sel.from)
+            .bind(sel.to)
+            .fetch_all()
+            .await?;
+    if sums.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let Some(profile) = load_profile(s, sel.model, version).await? else {
+        return Ok(BTreeMap::new());
+    };
+    let mut layouts: BTreeMap<&str, usize> = BTreeMap::new();
+    for h in &sums {
+        *layouts.entry(h.feature.as_str()).or_default() += 1;
+    }
+    let mut windows: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    let mut histograms = Vec::new();
+    for h in &sums {
+        let Some(kind) = HistogramKind::parse(&h.kind) else {
+            continue;
+        };
+        if layouts.get(h.feature.as_str()) != Some(&1) || h.summed.len() as u64 != h.cells {
+            continue;
+        }
+        windows.insert(h.feature.clone(), h.starts.iter().copied().collect());
+        histograms.push(FeatureHistogram {
+            feature: h.feature.clone(),
+            kind,
+            counts: h.summed.clone(),
+        });
+    }
+    let (acc, _) = DataAccumulator::from_histograms(&profile, &histograms);
+    let mut rows = Vec::new();
+    acc.finish_drift(&profile, &s.drift, &mut rows);
+    let mut out: BTreeMap<String, (BTreeSet<u32>, Vec<MetricValue>)> = BTreeMap::new();
+    for r in rows.into_iter().filter(|r| !r.feature.is_empty()) {
+        if let Some(w) = windows.get(&r.feature) {
+            out.entry(r.feature.clone())
+                .or_insert_with(|| (w.clone(), Vec::new()))
+                .1
+                .push(r);
+        }
+    }
+    Ok(out)
+}
+
 async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q) -> ApiResult {
     let p = Params::new(
         q,
@@ -546,19 +663,72 @@ async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q
         ..Selection::default()
     };
     let rows = points(&s, &sel).await?;
-    let windows: BTreeSet<u32> = rows.iter().map(|r| r.window_start).collect();
-    let merged = merge_by(&rows, |r| r.feature.clone());
+    let mut recomputed = merged_drift(&s, &sel, &version, &segment).await?;
+    let mut windows: BTreeSet<u32> = rows.iter().map(|r| r.window_start).collect();
+    // Windows of each feature that have per-window drift rows.
+    let mut row_windows: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
+    for r in rows
+        .iter()
+        .filter(|r| HISTOGRAM_METRICS.contains(&r.metric.as_str()))
+    {
+        row_windows
+            .entry(r.feature.as_str())
+            .or_default()
+            .insert(r.window_start);
+    }
+    // A feature is recomputed only when every window with drift rows also
+    // has its histogram; otherwise (older data) it keeps the per-window merge.
+    recomputed.retain(|feature, (hist_windows, _)| {
+        row_windows
+            .get(feature.as_str())
+            .is_none_or(|w| w.is_subset(hist_windows))
+    });
+    for (w, _) in recomputed.values() {
+        windows.extend(w.iter().copied());
+    }
+    let mut merged = merge_by(&rows, |r| r.feature.clone());
+    for feature in recomputed.keys() {
+        merged.entry(feature.clone()).or_default();
+    }
+    let (mut exact, mut approx) = (0usize, 0usize);
     let mut features: Vec<Value> = merged
         .into_iter()
         .map(|(feature, metrics)| {
             let drift = metrics.get("drift_detected").map(|(m, _)| *m);
-            let samples = metrics.values().map(|(m, _)| m.samples).max().unwrap_or(0);
-            let ms: serde_json::Map<String, Value> = metrics
+            let mut samples = metrics.values().map(|(m, _)| m.samples).max().unwrap_or(0);
+            let mut ms: serde_json::Map<String, Value> = metrics
                 .iter()
                 .map(|(k, (m, pv))| (k.clone(), merged_json(m, *pv)))
                 .collect();
+            let method = match recomputed.get(&feature) {
+                Some((hist_windows, values)) => {
+                    exact += 1;
+                    // The recomputed statistics replace the per-window merge.
+                    ms.retain(|k, _| !HISTOGRAM_METRICS.contains(&k.as_str()));
+                    for v in values {
+                        let per_window = metrics.get(v.metric);
+                        samples = samples.max(v.samples);
+                        ms.insert(
+                            v.metric.to_owned(),
+                            json!({
+                                "value": v.value, "samples": v.samples,
+                                "windows": hist_windows.len(),
+                                "min": per_window.map(|(m, _)| m.min),
+                                "max": per_window.map(|(m, _)| m.max),
+                                "merge": "merged_histograms", "p_value": v.p_value,
+                            }),
+                        );
+                    }
+                    "merged_histograms"
+                }
+                None => {
+                    approx += 1;
+                    "weighted_mean"
+                }
+            };
             json!({
                 "feature": feature,
+                "method": method,
                 "samples": samples,
                 "windows": drift.map_or(0, |d| d.windows),
                 "drifted_windows": drift.map_or(0, |d| d.windows_at_one),
@@ -569,11 +739,17 @@ async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q
     // Most drifted first.
     let psi = |v: &Value| v["metrics"]["psi"]["value"].as_f64().unwrap_or(-1.0);
     features.sort_by(|a, b| psi(b).total_cmp(&psi(a)));
+    let method = match (exact, approx) {
+        (0, _) => "weighted_mean",
+        (_, 0) => "merged_histograms",
+        _ => "mixed",
+    };
     json_ok(json!({
         "model_id": model, "model_version": version, "segment": segment,
         "window_seconds": window, "from": from, "to": to,
         "windows": windows.len(),
-        "method": "per-window values combined: counts summed, other values samples-weighted means (exact for rates, an approximation for PSI / JS / KL / Hellinger / KS / Wasserstein / chi-square); drifted_windows counts windows with drift_detected = 1",
+        "method": method,
+        "method_note": "merged_histograms: the stored per-window histograms of the range are summed and PSI / JS / KL / Hellinger / KS / Wasserstein / chi-square and drift_detected are recomputed against the version's reference profile, exactly as over the union of the windows' events; weighted_mean (windows without histograms, e.g. older data): per-window values combined, counts summed, other values samples-weighted means (exact for rates, an approximation for drift statistics); each feature says which; drifted_windows counts windows with drift_detected = 1",
         "features": features,
     }))
 }

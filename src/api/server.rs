@@ -56,6 +56,8 @@ pub struct ApiState {
     pub default_window_seconds: u32,
     /// Dashboard auto-refresh period, seconds.
     pub refresh_seconds: u32,
+    /// How drift is measured, for drift recomputed over a range from histograms.
+    pub drift: Arc<crate::metrics::DriftConfig>,
 }
 
 impl ApiState {
@@ -73,6 +75,7 @@ impl ApiState {
                 .first()
                 .map_or(300, |d| u32::try_from(d.as_secs()).unwrap_or(300)),
             refresh_seconds: 10,
+            drift: Arc::new(crate::pipeline::drift_config(cfg)),
         }
     }
 

@@ -4,6 +4,12 @@
 //! and confidence-based performance estimates from scores. Observing is
 //! counter increments on a pre-[`Resolved`] event; everything is computed in
 //! [`DataAccumulator::finish`].
+//!
+//! [`DataAccumulator::histograms`] exports the window's drift counts per
+//! feature ([`FeatureHistogram`]); adding the histograms of several windows
+//! element-wise and feeding the sum to [`DataAccumulator::from_histograms`]
+//! gives, through [`DataAccumulator::finish_drift`], the same drift
+//! statistics as one accumulator over all those windows' events.
 
 use hdrhistogram::Histogram;
 
@@ -116,18 +122,21 @@ impl FeatureState {
         self.above_gap += o.above_gap;
     }
 
-    /// Integrity rates and drift statistics; returns the drift decision's
-    /// `(test p-value, effect large enough)` when one can be made (see the
-    /// drift decision in the module docs).
+    /// Integrity rates (when `integrity`) and drift statistics; returns the
+    /// drift decision's `(test p-value, effect large enough)` when one can be
+    /// made (see the drift decision in the module docs).
     fn finish(
         &self,
         p: &FeatureProfile,
         cfg: &DriftConfig,
+        integrity: bool,
         scratch: &mut Scratch,
         out: &mut Vec<MetricValue>,
     ) -> Option<(f64, bool)> {
         let name = p.name.as_str();
-        self.integrity.finish(name, self.numeric, out);
+        if integrity {
+            self.integrity.finish(name, self.numeric, out);
+        }
         let n = self.integrity.valid();
         if n == 0 {
             return None;
@@ -389,11 +398,41 @@ impl DataAccumulator {
             self.resolved,
             None,
         );
+        self.finish_features(profile, cfg, true, out);
+    }
+
+    /// The drift rows of [`finish`](Self::finish) only: per-feature drift
+    /// statistics, `drift_detected`, `drifted_feature_count` /
+    /// `drifted_feature_share` and the `__prediction__` drift rows; no
+    /// volume, latency or integrity rows. Used on an accumulator rebuilt by
+    /// [`from_histograms`](Self::from_histograms) (whose model-level rows
+    /// then count the largest feature's binned values as `samples`).
+    pub fn finish_drift(
+        &self,
+        profile: &ReferenceProfile,
+        cfg: &DriftConfig,
+        out: &mut Vec<MetricValue>,
+    ) {
+        if self.resolved == 0 {
+            return;
+        }
+        self.finish_features(profile, cfg, false, out);
+    }
+
+    /// Per-feature rows (integrity rates when `integrity`), the drift
+    /// decision and the prediction's drift rows.
+    fn finish_features(
+        &self,
+        profile: &ReferenceProfile,
+        cfg: &DriftConfig,
+        integrity: bool,
+        out: &mut Vec<MetricValue>,
+    ) {
         let mut scratch = Scratch::default();
         // (feature, valid values, raw p-value, large effect)
         let mut tests: Vec<(String, u64, f64, bool)> = Vec::new();
         for (state, fp) in self.features.iter().zip(&profile.features) {
-            if let Some((p, large)) = state.finish(fp, cfg, &mut scratch, out) {
+            if let Some((p, large)) = state.finish(fp, cfg, integrity, &mut scratch, out) {
                 tests.push((fp.name.clone(), state.integrity.valid(), p, large));
             }
         }
@@ -426,7 +465,7 @@ impl DataAccumulator {
         }
         if let (Some(state), Some((_, fp))) = (&self.prediction, &profile.prediction) {
             let mut pred = Vec::new();
-            if let Some((p, large)) = state.finish(fp, cfg, &mut scratch, &mut pred) {
+            if let Some((p, large)) = state.finish(fp, cfg, integrity, &mut scratch, &mut pred) {
                 let detected = large && p < cfg.p_value_threshold;
                 push_finite(
                     &mut pred,
@@ -515,6 +554,203 @@ impl DataAccumulator {
     }
 }
 
+/// Layout of a [`FeatureHistogram`]'s `counts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistogramKind {
+    /// A numeric feature: the reference-grid cell counts (`2 G' + 1`, `G'`
+    /// distinct grid values), then the value sum inside every open interior
+    /// cell (`G' - 1`), then `sum(min - v)` below and `sum(v - max)` above
+    /// the reference range. The coarse drift bins are unions of cells.
+    Numeric,
+    /// A categorical feature: the count per reference category, then the
+    /// count of every other value.
+    Categorical,
+}
+
+impl HistogramKind {
+    /// The stored name (`numeric` / `categorical`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HistogramKind::Numeric => "numeric",
+            HistogramKind::Categorical => "categorical",
+        }
+    }
+
+    /// The kind named `s`, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "numeric" => Some(HistogramKind::Numeric),
+            "categorical" => Some(HistogramKind::Categorical),
+            _ => None,
+        }
+    }
+}
+
+/// One feature's drift counts in one window (a row of `window_histograms`):
+/// everything the drift statistics of the feature need. Histograms of the
+/// same feature against the same profile add element-wise, and the sum gives
+/// the statistics of the union of their windows exactly (counts are whole
+/// numbers well below 2^53, exact in `f64`; value sums to rounding).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureHistogram {
+    /// Feature name; [`PREDICTION_FEATURE`] for the prediction.
+    pub feature: String,
+    /// Layout of `counts`.
+    pub kind: HistogramKind,
+    /// The counts (and, numeric, value sums), see [`HistogramKind`].
+    pub counts: Vec<f64>,
+}
+
+impl FeatureHistogram {
+    /// Adds `other` element-wise; `false` (and nothing added) when the two do
+    /// not have the same feature, kind and length.
+    pub fn add(&mut self, other: &FeatureHistogram) -> bool {
+        if self.feature != other.feature
+            || self.kind != other.kind
+            || self.counts.len() != other.counts.len()
+        {
+            return false;
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        true
+    }
+}
+
+/// Adds every histogram of `more` into `into`, by feature; a histogram whose
+/// kind or length differs from the one already there (another profile) is
+/// skipped and counted in the returned number.
+pub fn merge_histograms<'a>(
+    into: &mut Vec<FeatureHistogram>,
+    more: impl IntoIterator<Item = &'a FeatureHistogram>,
+) -> usize {
+    let mut skipped = 0;
+    for h in more {
+        match into.iter_mut().find(|m| m.feature == h.feature) {
+            Some(m) => skipped += usize::from(!m.add(h)),
+            None => into.push(h.clone()),
+        }
+    }
+    skipped
+}
+
+/// A stored count back to an integer (negative or non-finite: 0).
+fn count_of(v: f64) -> u64 {
+    if v.is_finite() && v > 0.0 {
+        v.round() as u64
+    } else {
+        0
+    }
+}
+
+impl FeatureState {
+    /// The histogram of this state, `None` without a binned value.
+    fn histogram(&self, feature: &str) -> Option<FeatureHistogram> {
+        if self.integrity.valid() == 0 || self.cells.iter().all(|&c| c == 0) {
+            return None;
+        }
+        let mut counts: Vec<f64> = self.cells.iter().map(|&c| c as f64).collect();
+        let kind = if self.numeric {
+            counts.extend_from_slice(&self.interior_sums);
+            counts.push(self.below_gap);
+            counts.push(self.above_gap);
+            HistogramKind::Numeric
+        } else {
+            HistogramKind::Categorical
+        };
+        Some(FeatureHistogram {
+            feature: feature.to_owned(),
+            kind,
+            counts,
+        })
+    }
+
+    /// Replaces the drift counts by `h`'s when it has this state's layout;
+    /// the integrity counts become "every value binned". `false` otherwise.
+    fn load(&mut self, h: &FeatureHistogram) -> bool {
+        let (cells, interior) = (self.cells.len(), self.interior_sums.len());
+        let want = match (self.numeric, h.kind) {
+            (true, HistogramKind::Numeric) => cells + interior + 2,
+            (false, HistogramKind::Categorical) => cells,
+            _ => return false,
+        };
+        if h.counts.len() != want {
+            return false;
+        }
+        for (c, &v) in self.cells.iter_mut().zip(&h.counts) {
+            *c = count_of(v);
+        }
+        if self.numeric {
+            let rest = &h.counts[cells..];
+            self.interior_sums.copy_from_slice(&rest[..interior]);
+            self.below_gap = rest[interior];
+            self.above_gap = rest[interior + 1];
+        }
+        self.integrity = IntegrityCounts {
+            seen: self.cells.iter().sum(),
+            ..IntegrityCounts::default()
+        };
+        true
+    }
+}
+
+impl DataAccumulator {
+    /// The window's drift counts per feature and for the prediction (only
+    /// those with at least one binned value), against `profile`, the profile
+    /// this accumulator was created with. Empty without a profile.
+    pub fn histograms(&self, profile: Option<&ReferenceProfile>) -> Vec<FeatureHistogram> {
+        let Some(profile) = profile else {
+            return Vec::new();
+        };
+        let mut out: Vec<FeatureHistogram> = self
+            .features
+            .iter()
+            .zip(&profile.features)
+            .filter_map(|(state, fp)| state.histogram(&fp.name))
+            .collect();
+        if let Some(h) = self
+            .prediction
+            .as_ref()
+            .and_then(|p| p.histogram(PREDICTION_FEATURE))
+        {
+            out.push(h);
+        }
+        out
+    }
+
+    /// An accumulator holding the drift counts of `histograms` (e.g. the
+    /// element-wise sum over several windows) against `profile`, for
+    /// [`finish_drift`](Self::finish_drift). Histograms of unknown features
+    /// or of another layout (another profile) are left out; the second value
+    /// counts them.
+    pub fn from_histograms(
+        profile: &ReferenceProfile,
+        histograms: &[FeatureHistogram],
+    ) -> (Self, usize) {
+        let mut acc = DataAccumulator::new(Some(profile));
+        let mut skipped = 0;
+        for h in histograms {
+            let state = if h.feature == PREDICTION_FEATURE {
+                acc.prediction.as_mut()
+            } else {
+                profile
+                    .features
+                    .iter()
+                    .position(|f| f.name == h.feature)
+                    .and_then(|i| acc.features.get_mut(i))
+            };
+            let loaded = state.and_then(|s| s.load(h).then(|| s.integrity.valid()));
+            match loaded {
+                Some(n) => acc.resolved = acc.resolved.max(n),
+                None => skipped += 1,
+            }
+        }
+        acc.count = acc.resolved;
+        (acc, skipped)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,6 +785,104 @@ mod tests {
             b.observe(&ev(Some(i as f64), Some(c), (i % 100) as f64 / 100.0));
         }
         b.build()
+    }
+
+    /// Rows `finish_drift` emits, from a full `finish` output.
+    fn drift_rows(out: &[MetricValue]) -> Vec<&MetricValue> {
+        const NOT_DRIFT: &[&str] = &[
+            "prediction_count",
+            "latency_p50",
+            "latency_p95",
+            "latency_p99",
+            "unknown_feature_count",
+            "missing_rate",
+            "type_mismatch_rate",
+            "nan_rate",
+            "out_of_range_rate",
+            "new_category_rate",
+        ];
+        out.iter()
+            .filter(|v| !NOT_DRIFT.contains(&v.metric))
+            .collect()
+    }
+
+    #[test]
+    fn merged_histograms_give_the_drift_of_the_union_of_windows() {
+        let p = profile();
+        let cfg = DriftConfig::default();
+        let mut r = Resolved::default();
+        let (mut a, mut b, mut union) = (
+            DataAccumulator::new(Some(&p)),
+            DataAccumulator::new(Some(&p)),
+            DataAccumulator::new(Some(&p)),
+        );
+        for i in 0..400 {
+            // A: close to the reference, a few missing values and values below its range.
+            let x = (i % 10 != 0).then_some(i as f64 * 2.3 - 40.0);
+            p.resolve(&ev(x, Some(["a", "b", "c"][i % 3]), 0.3), &mut r);
+            a.observe(&r);
+            union.observe(&r);
+            // B: shifted up past the reference maximum, an unseen category.
+            let c = if i % 4 == 0 { "zz" } else { "d" };
+            p.resolve(&ev(Some(i as f64 * 1.7 + 500.0), Some(c), 0.8), &mut r);
+            b.observe(&r);
+            union.observe(&r);
+        }
+        let (ha, hb) = (a.histograms(Some(&p)), b.histograms(Some(&p)));
+        assert_eq!(ha.len(), 3, "x, c and the prediction: {ha:?}");
+        let mut merged = Vec::new();
+        assert_eq!(merge_histograms(&mut merged, ha.iter().chain(&hb)), 0);
+        let (rebuilt, skipped) = DataAccumulator::from_histograms(&p, &merged);
+        assert_eq!(skipped, 0);
+        let mut got = Vec::new();
+        rebuilt.finish_drift(&p, &cfg, &mut got);
+        let mut full = Vec::new();
+        union.finish(Some(&p), &cfg, &mut full);
+        let want = drift_rows(&full);
+        assert_eq!(got.len(), want.len(), "{got:?}\n{want:?}");
+        for w in want {
+            let g = get(&got, w.metric, &w.feature)
+                .unwrap_or_else(|| panic!("{} {} missing", w.metric, w.feature));
+            let tol = 1e-12 * w.value.abs().max(1.0);
+            assert!(
+                (g.value - w.value).abs() <= tol,
+                "{} {}: {} vs {}",
+                w.metric,
+                w.feature,
+                g.value,
+                w.value
+            );
+            match (g.p_value, w.p_value) {
+                (Some(x), Some(y)) => assert!((x - y).abs() <= 1e-12, "{} p", w.metric),
+                (x, y) => assert_eq!(x, y, "{} {}", w.metric, w.feature),
+            }
+            if !w.feature.is_empty() {
+                assert_eq!(g.samples, w.samples, "{} {}", w.metric, w.feature);
+            }
+        }
+        // The union drifted and says so: the statistics are not averages.
+        assert_eq!(get(&got, "drift_detected", "x").unwrap().value, 1.0);
+        let psi = |acc: &DataAccumulator| {
+            let mut o = Vec::new();
+            acc.finish(Some(&p), &cfg, &mut o);
+            get(&o, "psi", "x").unwrap().value
+        };
+        let mean = (psi(&a) + psi(&b)) / 2.0;
+        let union_psi = get(&got, "psi", "x").unwrap().value;
+        assert!((union_psi - mean).abs() > 0.1, "{union_psi} vs mean {mean}");
+        // A histogram of another layout is left out, not mixed in.
+        let mut bad = merged.clone();
+        bad[0].counts.pop();
+        assert_eq!(DataAccumulator::from_histograms(&p, &bad).1, 1);
+        assert!(!bad[0].add(&merged[0]));
+        assert_eq!(
+            HistogramKind::parse("numeric"),
+            Some(HistogramKind::Numeric)
+        );
+        assert_eq!(
+            HistogramKind::parse(HistogramKind::Categorical.as_str()),
+            Some(HistogramKind::Categorical)
+        );
     }
 
     #[test]

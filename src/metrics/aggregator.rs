@@ -29,8 +29,8 @@ use crate::metrics::detectors::ErrorDetectors;
 use crate::metrics::labels::{label_value, LabelProfile, LabelReferenceBuilder};
 use crate::metrics::performance::outcome_error;
 use crate::metrics::{
-    DataAccumulator, DriftConfig, MetricValue, OutcomeAccumulator, ReferenceBuilder,
-    ReferenceProfile, Resolved, Task,
+    DataAccumulator, DriftConfig, FeatureHistogram, MetricValue, OutcomeAccumulator,
+    ReferenceBuilder, ReferenceProfile, Resolved, Task,
 };
 use crate::model::{PredictionEvent, PredictionOutcome};
 
@@ -92,6 +92,24 @@ pub struct WindowRow {
     pub revision: u64,
 }
 
+/// One feature's drift counts of one window and cell, for `window_histograms`
+/// (written once, at data close, like the data rows: revision 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowHistogram {
+    /// Model id.
+    pub model_id: Arc<str>,
+    /// Model version.
+    pub model_version: Arc<str>,
+    /// `''` or `key=value`.
+    pub segment: Arc<str>,
+    /// Window start, ms.
+    pub window_start_ms: i64,
+    /// Window size, ms.
+    pub window_ms: i64,
+    /// The feature's counts.
+    pub histogram: FeatureHistogram,
+}
+
 /// A version first seen, or seen again, for the metadata store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VersionSeen {
@@ -114,6 +132,8 @@ pub struct VersionSeen {
 pub struct Emitted {
     /// Window rows.
     pub rows: Vec<WindowRow>,
+    /// Per-feature drift counts of the windows whose data closed (every cell).
+    pub histograms: Vec<WindowHistogram>,
     /// Reference profiles built from the first events of a version, to persist.
     pub references: Vec<(Arc<str>, Arc<str>, Arc<ReferenceProfile>)>,
     /// Versions seen since the last call.
@@ -125,7 +145,10 @@ pub struct Emitted {
 impl Emitted {
     /// True when nothing was produced.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty() && self.references.is_empty() && self.versions.is_empty()
+        self.rows.is_empty()
+            && self.histograms.is_empty()
+            && self.references.is_empty()
+            && self.versions.is_empty()
     }
 }
 
@@ -700,6 +723,20 @@ impl Aggregator {
                         });
                     }
                     out.rows.extend(metrics.drain(..).map(|m| row(m, 0)));
+                    let segment = &self.segment_names[ck.1 as usize];
+                    out.histograms.extend(
+                        cell.data
+                            .histograms(cell.profile.as_deref())
+                            .into_iter()
+                            .map(|histogram| WindowHistogram {
+                                model_id: st.model_id.clone(),
+                                model_version: st.version.clone(),
+                                segment: segment.clone(),
+                                window_start_ms: w.start_ms,
+                                window_ms: w.size_ms,
+                                histogram,
+                            }),
+                    );
                 }
                 let revision = cell.outcome.observations();
                 if cell.outcome_written != Some(revision) {
@@ -998,5 +1035,33 @@ mod tests {
         );
         assert_eq!(out.versions.len(), 1);
         assert_eq!(out.versions[0].task, "binary");
+        // The window's histograms, per cell: all traffic and segment DE.
+        let hist: Vec<&WindowHistogram> = out
+            .histograms
+            .iter()
+            .filter(|h| h.histogram.feature == "x")
+            .collect();
+        assert_eq!(hist.len(), 2, "{:?}", out.histograms);
+        let segments: Vec<&str> = hist.iter().map(|h| &*h.segment).collect();
+        assert_eq!(segments, ["", "country=DE"]);
+        for h in &hist {
+            assert_eq!((h.window_start_ms, h.window_ms), (2 * MIN, MIN));
+            assert_eq!(h.histogram.kind, crate::metrics::HistogramKind::Numeric);
+            // every value is above the reference maximum 9: the last cell
+            let p = &out.references[0].2;
+            let cells = match &p.features[0].kind {
+                crate::metrics::reference::FeatureKind::Numeric(n) => n.cells.len(),
+                _ => unreachable!("x is numeric"),
+            };
+            assert_eq!(h.histogram.counts[cells - 1], 50.0);
+            assert_eq!(h.histogram.counts[..cells].iter().sum::<f64>(), 50.0);
+            // sum(v - 9) for v = 100..150
+            let above = *h.histogram.counts.last().unwrap();
+            assert_eq!(above, (0..50).map(|i| 91.0 + i as f64).sum::<f64>());
+        }
+        // Closed windows are not emitted again.
+        let mut again = Emitted::default();
+        a.advance(4 * MIN, &mut again);
+        assert!(again.histograms.is_empty());
     }
 }

@@ -155,7 +155,7 @@ mod oracle_tests;
 #[cfg(test)]
 mod stream_tests;
 
-pub use accumulator::DataAccumulator;
+pub use accumulator::{merge_histograms, DataAccumulator, FeatureHistogram, HistogramKind};
 pub use performance::OutcomeAccumulator;
 pub use reference::{ReferenceBuilder, ReferenceProfile, Resolved};
 

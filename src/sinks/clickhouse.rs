@@ -40,6 +40,8 @@ pub const MODEL_VERSIONS: &str = "model_versions";
 pub const REFERENCE_PROFILES: &str = "reference_profiles";
 /// Table of webhook delivery outcomes (one row per alert and webhook).
 pub const WEBHOOK_DELIVERIES: &str = "webhook_deliveries";
+/// Table of per-window, per-feature drift counts (merged over time ranges).
+pub const WINDOW_HISTOGRAMS: &str = "window_histograms";
 
 /// Upper bound for one HTTP request (query or insert); a hung server counts
 /// as a transient error and the attempt is retried.
@@ -68,6 +70,30 @@ pub struct MetricRow {
     pub samples: u64,
     /// p-value of the statistic, when it has one.
     pub p_value: Option<f64>,
+    /// Row version: a later revision of the same key replaces an earlier one.
+    pub revision: u64,
+}
+
+/// One feature's drift counts of one window: a row of `window_histograms`
+/// (see `metrics::FeatureHistogram` for the layout of `counts`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
+pub struct HistogramRow {
+    /// Model id.
+    pub model_id: String,
+    /// Model version.
+    pub model_version: String,
+    /// `''` for all traffic, else `key=value`.
+    pub segment: String,
+    /// Window start, seconds since the epoch (ClickHouse `DateTime`).
+    pub window_start: u32,
+    /// Window length in seconds.
+    pub window_seconds: u32,
+    /// Feature name (`__prediction__` for the prediction).
+    pub feature: String,
+    /// Layout of `counts`: `numeric` or `categorical`.
+    pub kind: String,
+    /// Counts per bin / cell (numeric: then value sums and range gaps).
+    pub counts: Vec<f64>,
     /// Row version: a later revision of the same key replaces an earlier one.
     pub revision: u64,
 }
@@ -286,7 +312,7 @@ impl ServerFeatures {
 pub struct SchemaOptions {
     /// Server capabilities to use.
     pub features: ServerFeatures,
-    /// Drop `window_metrics` and `alerts` partitions older than this many days
+    /// Drop `window_metrics`, `window_histograms` and `alerts` partitions older than this many days
     /// (only when the server supports `TTL`).
     pub retention_days: Option<u32>,
 }
@@ -407,6 +433,22 @@ PARTITION BY toYYYYMM(delivered_at)
 ORDER BY (webhook, alert_id, alert_status, delivered_at_ms){}",
             ttl("delivered_at")
         ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {database}.{WINDOW_HISTOGRAMS} (
+    model_id {lc},
+    model_version {lc},
+    segment {lc},
+    window_start DateTime,
+    window_seconds UInt32,
+    feature {lc},
+    kind {lc},
+    counts Array(Float64),
+    revision UInt64
+) ENGINE = ReplacingMergeTree(revision)
+PARTITION BY toYYYYMM(window_start)
+ORDER BY (model_id, model_version, segment, window_seconds, feature, window_start){}",
+            ttl("window_start")
+        ),
     ]
 }
 
@@ -466,6 +508,14 @@ LIMIT 100",
         "SELECT model_id, model_version, task, first_seen, last_seen
 FROM modelwatch.model_versions FINAL
 ORDER BY model_id, first_seen",
+    ),
+    (
+        "per-feature drift counts of all traffic over the last day, summed element-wise across windows",
+        "SELECT model_id, model_version, feature, kind, length(counts) AS cells, count() AS windows, sumForEach(counts) AS summed
+FROM modelwatch.window_histograms FINAL
+WHERE segment = '' AND window_start >= now() - INTERVAL 1 DAY
+GROUP BY model_id, model_version, feature, kind, cells
+ORDER BY model_id, model_version, feature",
     ),
     (
         "latest reference profile per model version",
@@ -762,7 +812,7 @@ impl ClickHouseSink {
         self
     }
 
-    /// Keeps `window_metrics` and `alerts` rows for `days` days, on servers
+    /// Keeps `window_metrics`, `window_histograms` and `alerts` rows for `days` days, on servers
     /// that support `TTL` (ignored on 18.16). Applies to tables `migrate` creates.
     pub fn with_retention_days(mut self, days: u32) -> Self {
         self.retention_days = Some(days);
@@ -887,6 +937,11 @@ impl ClickHouseSink {
     /// Writes metric rows (idempotent: the same key and revision twice is one row after `FINAL`).
     pub async fn write_metrics(&self, rows: &[MetricRow]) -> Result<(), SinkError> {
         self.insert_all(WINDOW_METRICS, rows).await
+    }
+
+    /// Writes per-window feature histograms (idempotent like [`write_metrics`](Self::write_metrics)).
+    pub async fn write_histograms(&self, rows: &[HistogramRow]) -> Result<(), SinkError> {
+        self.insert_all(WINDOW_HISTOGRAMS, rows).await
     }
 
     /// Writes alert events to the `alerts` history (a replayed alert is one row after `FINAL`).
@@ -1166,7 +1221,8 @@ mod tests {
         for banned in ["LowCardinality", "DateTime64", "Map(", "TTL", "JSON", "?"] {
             assert!(!all.contains(banned), "core schema uses {banned}");
         }
-        assert_eq!(ddl("modelwatch").len(), 7);
+        assert_eq!(ddl("modelwatch").len(), 8);
+        assert!(all.contains("CREATE TABLE IF NOT EXISTS modelwatch.window_histograms"));
         assert!(all.contains("CREATE TABLE IF NOT EXISTS modelwatch.webhook_deliveries"));
         let modern = ddl_with(
             "db",

@@ -11,8 +11,13 @@ use std::time::{Duration, Instant};
 
 use modelwatch::api::ApiServer;
 use modelwatch::config::{Config, Secret};
-use modelwatch::model::{AlertEvent, AlertStatus, InputEvent, PredictionEvent, Severity};
-use modelwatch::sinks::clickhouse::{ClickHouseSink, MetricRow, VersionRow};
+use modelwatch::metrics::{
+    DataAccumulator, MetricValue, ReferenceBuilder, ReferenceProfile, Resolved,
+};
+use modelwatch::model::{
+    AlertEvent, AlertStatus, Entries, FeatureValue, InputEvent, PredictionEvent, Severity,
+};
+use modelwatch::sinks::clickhouse::{ClickHouseSink, HistogramRow, MetricRow, VersionRow};
 use modelwatch::telemetry::Telemetry;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -349,6 +354,9 @@ async fn api_returns_the_stored_values_and_merges_ranges() {
     assert_eq!(amount["feature"], "amount");
     assert_eq!(amount["metrics"]["psi"]["value"], 0.4);
     assert_eq!(amount["drifted_windows"], 1);
+    // No stored histograms here: the per-window values, and said so.
+    assert_eq!(j["method"], "weighted_mean");
+    assert_eq!(amount["method"], "weighted_mean");
 
     // Drift over a range: the samples-weighted combination over the union.
     let r = get(
@@ -853,4 +861,215 @@ fn substitute(sql: &str, db: &str) -> String {
     }
     s.replace("$__fromTime", &format!("toDateTime({from})"))
         .replace("$__toTime", &format!("toDateTime({to})"))
+}
+
+/// Events of feature `amount` (numeric) and `country` (categorical).
+fn drift_event(amount: f64, country: &str) -> PredictionEvent {
+    PredictionEvent {
+        model_id: "hist".into(),
+        model_version: "v1".into(),
+        features: Entries(vec![
+            ("amount".into(), FeatureValue::Double(amount)),
+            ("country".into(), FeatureValue::String(country.into())),
+        ]),
+        score: Some(0.5),
+        ..Default::default()
+    }
+}
+
+/// What the service writes for one closed window: its drift rows and histograms.
+fn window_output(
+    acc: &DataAccumulator,
+    profile: &ReferenceProfile,
+    drift: &modelwatch::metrics::DriftConfig,
+    ws: u32,
+) -> (Vec<MetricRow>, Vec<HistogramRow>) {
+    let mut values = Vec::new();
+    acc.finish(Some(profile), drift, &mut values);
+    let rows = values
+        .iter()
+        .map(|v| MetricRow {
+            model_id: "hist".into(),
+            model_version: "v1".into(),
+            segment: String::new(),
+            window_start: ws,
+            window_seconds: 300,
+            metric: v.metric.into(),
+            feature: v.feature.clone(),
+            value: v.value,
+            samples: v.samples,
+            p_value: v.p_value,
+            revision: 0,
+        })
+        .collect();
+    let hists = acc
+        .histograms(Some(profile))
+        .into_iter()
+        .map(|h| HistogramRow {
+            model_id: "hist".into(),
+            model_version: "v1".into(),
+            segment: String::new(),
+            window_start: ws,
+            window_seconds: 300,
+            feature: h.feature,
+            kind: h.kind.as_str().into(),
+            counts: h.counts,
+            revision: 0,
+        })
+        .collect();
+    (rows, hists)
+}
+
+fn find_value(out: &[MetricValue], metric: &str, feature: &str) -> f64 {
+    out.iter()
+        .find(|v| v.metric == metric && v.feature == feature)
+        .unwrap_or_else(|| panic!("{metric} {feature}"))
+        .value
+}
+
+#[tokio::test]
+async fn drift_over_a_range_is_recomputed_from_the_merged_histograms() {
+    let server = ClickHouseServer::shared();
+    let mut cfg = Config {
+        clickhouse: server.config(&unique_database("mw_hist")),
+        ..Config::default()
+    };
+    cfg.api.listen = "127.0.0.1:0".into();
+    let sink = ClickHouseSink::new(&cfg.clickhouse);
+    sink.migrate().await.expect("migrate");
+    let drift = modelwatch::pipeline::drift_config(&cfg);
+    let countries = ["DE", "FR", "US", "IT"];
+    let mut builder = ReferenceBuilder::new(&drift);
+    for i in 0..2000 {
+        builder.observe(&drift_event((i % 500) as f64, countries[i % 4]));
+    }
+    let profile = builder.build();
+    let json = serde_json::to_string(&profile).expect("profile json");
+    sink.save_reference("hist", "v1", profile.sample_count, &json)
+        .await
+        .expect("reference");
+    // Window A near the reference, window B shifted up with a new country,
+    // window C (older data: rows but no histograms).
+    let mut r = Resolved::default();
+    let mut windows: Vec<DataAccumulator> = (0..3)
+        .map(|_| DataAccumulator::new(Some(&profile)))
+        .collect();
+    let mut union = DataAccumulator::new(Some(&profile));
+    for i in 0..300 {
+        profile.resolve(
+            &drift_event((i * 7 % 480) as f64 + 0.5, countries[i % 3]),
+            &mut r,
+        );
+        windows[0].observe(&r);
+        union.observe(&r);
+        let c = if i % 5 == 0 { "BR" } else { countries[i % 4] };
+        profile.resolve(&drift_event(300.0 + (i % 400) as f64, c), &mut r);
+        windows[1].observe(&r);
+        union.observe(&r);
+        profile.resolve(&drift_event((i % 100) as f64, "DE"), &mut r);
+        windows[2].observe(&r);
+    }
+    let (mut rows, mut hists) = (Vec::new(), Vec::new());
+    for (i, acc) in windows.iter().enumerate() {
+        let (r, h) = window_output(acc, &profile, &drift, T0 + 300 * i as u32);
+        rows.extend(r);
+        if i < 2 {
+            hists.extend(h);
+        }
+    }
+    // Written twice (a replay): FINAL keeps one of each.
+    sink.write_metrics(&rows).await.expect("rows");
+    sink.write_histograms(&hists).await.expect("histograms");
+    sink.write_histograms(&hists)
+        .await
+        .expect("histograms again");
+    let mut want = Vec::new();
+    union.finish(Some(&profile), &drift, &mut want);
+    let api = start(&cfg).await;
+    let addr = api.local_addr();
+
+    // A and B: recomputed over the union of their events.
+    let r = get(
+        addr,
+        &format!(
+            "/api/models/hist/drift?version=v1&from={T0}&to={}",
+            T0 + 600
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["method"], "merged_histograms", "{j}");
+    assert_eq!(j["windows"], 2);
+    let features = j["features"].as_array().unwrap();
+    // amount, country and the prediction (its score)
+    assert_eq!(features.len(), 3, "{j}");
+    for f in features {
+        let name = f["feature"].as_str().unwrap();
+        assert_eq!(f["method"], "merged_histograms");
+        assert_eq!(f["windows"], 2);
+        for metric in ["psi", "js_distance", "kl_divergence", "hellinger"] {
+            let m = &f["metrics"][metric];
+            let got = m["value"].as_f64().unwrap();
+            let expected = find_value(&want, metric, name);
+            assert!(
+                (got - expected).abs() <= 1e-12 * expected.abs().max(1.0),
+                "{name} {metric}: {got} vs {expected}"
+            );
+            assert_eq!(m["merge"], "merged_histograms");
+            assert_eq!(m["samples"], 600);
+            assert_eq!(m["windows"], 2);
+        }
+        assert_eq!(
+            f["metrics"]["drift_detected"]["value"].as_f64().unwrap(),
+            find_value(&want, "drift_detected", name)
+        );
+    }
+    let amount = features.iter().find(|f| f["feature"] == "amount").unwrap();
+    for metric in ["ks_statistic", "wasserstein"] {
+        let got = amount["metrics"][metric]["value"].as_f64().unwrap();
+        let expected = find_value(&want, metric, "amount");
+        assert!(
+            (got - expected).abs() <= 1e-9,
+            "{metric}: {got} vs {expected}"
+        );
+    }
+    let country = features.iter().find(|f| f["feature"] == "country").unwrap();
+    let chi2 = country["metrics"]["chi2_statistic"]["value"]
+        .as_f64()
+        .unwrap();
+    assert!((chi2 - find_value(&want, "chi2_statistic", "country")).abs() <= 1e-9);
+    // Not the weighted mean of the two windows' values.
+    let psi_of = |acc: &DataAccumulator| {
+        let mut o = Vec::new();
+        acc.finish(Some(&profile), &drift, &mut o);
+        find_value(&o, "psi", "amount")
+    };
+    let mean = (psi_of(&windows[0]) + psi_of(&windows[1])) / 2.0;
+    let got = amount["metrics"]["psi"]["value"].as_f64().unwrap();
+    assert!((got - mean).abs() > 0.01, "{got} vs weighted mean {mean}");
+    // Integrity rates stay the (exact) per-window merge.
+    assert_eq!(
+        amount["metrics"]["missing_rate"]["merge"],
+        "weighted_mean_exact"
+    );
+
+    // With window C, which has no histograms: the weighted mean, said so.
+    let r = get(
+        addr,
+        &format!(
+            "/api/models/hist/drift?version=v1&from={T0}&to={}",
+            T0 + 900
+        ),
+        &[],
+    )
+    .await;
+    let j = r.json();
+    assert_eq!(j["method"], "weighted_mean", "{j}");
+    assert_eq!(j["windows"], 3);
+    for f in j["features"].as_array().unwrap() {
+        assert_eq!(f["method"], "weighted_mean");
+        assert_eq!(f["metrics"]["psi"]["merge"], "weighted_mean_approx");
+    }
 }

@@ -84,6 +84,7 @@ async fn migrate_is_idempotent_and_creates_every_table() {
             "models",
             "reference_profiles",
             "webhook_deliveries",
+            "window_histograms",
             "window_metrics"
         ]
     );
@@ -458,5 +459,5 @@ async fn concurrent_migrations_from_several_instances_all_succeed() {
         ),
     )
     .await;
-    assert_eq!(tables, 6);
+    assert_eq!(tables, 7);
 }

@@ -7,7 +7,7 @@
 //! Also home of the shared event set and its oracle ([`dataset`],
 //! [`expected`]), which the end-to-end test reuses.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use modelwatch::app::{build_reference_from_file, now_ms, Service};
@@ -15,7 +15,7 @@ use modelwatch::config::Config;
 use modelwatch::ingest::decode::encode_json;
 use modelwatch::model::{Entries, FeatureValue, GroundTruthEvent, InputEvent, PredictionEvent};
 use modelwatch::pipeline::drift_config;
-use modelwatch::sinks::clickhouse::{ClickHouseSink, MetricRow};
+use modelwatch::sinks::clickhouse::{ClickHouseSink, HistogramRow, MetricRow};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
@@ -828,6 +828,35 @@ async fn known_events_give_exact_window_metrics() {
     assert_eq!(segments, HashSet::from(["", "country=US", "country=DE"]));
     // Drift rows exist only for the model with a reference.
     assert!(!rows.keys().any(|k| k.0 == REG && k.3 == "psi"));
+    // Every (model, segment, window, feature) with drift rows has its
+    // histogram in window_histograms, once after FINAL, and nothing else does.
+    let hists: Vec<HistogramRow> = sink
+        .client()
+        .query("SELECT ?fields FROM window_histograms FINAL")
+        .fetch_all()
+        .await
+        .expect("read window_histograms FINAL");
+    let hist_keys: BTreeSet<(String, String, u32, String)> = hists
+        .iter()
+        .map(|h| {
+            assert!(!h.counts.is_empty() && h.counts.iter().all(|c| c.is_finite()));
+            assert!(h.kind == "numeric" || h.kind == "categorical", "{h:?}");
+            (
+                h.model_id.clone(),
+                h.segment.clone(),
+                h.window_start,
+                h.feature.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(hist_keys.len(), hists.len(), "a histogram key twice");
+    let psi_keys: BTreeSet<(String, String, u32, String)> = rows
+        .keys()
+        .filter(|k| k.3 == "psi")
+        .map(|k| (k.0.clone(), k.1.clone(), k.2, k.4.clone()))
+        .collect();
+    assert!(!psi_keys.is_empty());
+    assert_eq!(hist_keys, psi_keys);
 
     assert_dead_letters(&brokers, &d);
     assert_committed_to_end(&brokers, &cfg.kafka.group_id);

@@ -183,7 +183,7 @@ async function modelPage(el, id, params) {
   const driftRows = drift.features.map(f => {
     const mm = f.metrics;
     const v = k => (mm[k] ? mm[k].value : null);
-    return `<tr data-feature="${esc(f.feature)}"><td>${esc(f.feature)}</td><td class="num">${fmt(v('psi'))}</td><td class="num">${fmt(mm.psi ? mm.psi.max : null)}</td>
+    return `<tr data-feature="${esc(f.feature)}"><td>${esc(f.feature)}${f.method === 'weighted_mean' && drift.method === 'mixed' ? ' *' : ''}</td><td class="num">${fmt(v('psi'))}</td><td class="num">${fmt(mm.psi ? mm.psi.max : null)}</td>
       <td class="num">${fmt(v('js_distance'))}</td><td class="num">${fmt(v('ks_statistic') !== null ? v('ks_statistic') : v('chi2_statistic'))}</td>
       <td class="num" data-field="drifted_windows">${f.drifted_windows} / ${f.windows}</td><td class="num">${fmt(v('missing_rate'))}</td></tr>`;
   }).join('');
@@ -205,8 +205,8 @@ async function modelPage(el, id, params) {
     <div class="card"><h2>Feature drift (PSI) per window, ${esc(version)}</h2>${heatmap(heat)}</div>
     <div class="grid">
       <div class="card"><h2>Drift per feature over all windows</h2>
-        <table data-table="drift"><tr><th>feature</th><th>PSI (weighted)</th><th>PSI max</th><th>JS</th><th>KS / χ²</th><th>drifted windows</th><th>missing</th></tr>${driftRows}</table>
-        <p class="muted">Range values are samples-weighted means of the per-window values (exact for rates, an approximation for drift statistics).</p></div>
+        <table data-table="drift"><tr><th>feature</th><th>PSI</th><th>PSI max</th><th>JS</th><th>KS / χ²</th><th>drifted windows</th><th>missing</th></tr>${driftRows}</table>
+        <p class="muted">${drift.method === 'weighted_mean' ? 'Range values are samples-weighted means of the per-window values (no stored histograms for these windows: exact for rates, an approximation for drift statistics).' : 'Drift statistics are recomputed from the merged per-window histograms, exactly as over all the range\'s events' + (drift.method === 'mixed' ? '; features marked * lack histograms for some windows and use samples-weighted means of the per-window values.' : '.')} PSI max is the largest single window.</p></div>
       <div class="card"><h2>Segments, ${esc(version)}</h2>
         <table data-table="segments"><tr><th>segment</th><th>predictions</th><th>accuracy</th><th>label coverage</th></tr>${segRows}</table></div>
     </div>

@@ -171,7 +171,10 @@ severity = "critical"
         .filter(|(k, v)| k.0 == CLF && k.1.is_empty() && k.3 == "accuracy" && **v < 0.99)
         .map(|(k, v)| (i64::from(k.2) * 1000, *v))
         .collect();
-    assert!(below.len() >= 2, "the data must stay below the threshold: {below:?}");
+    assert!(
+        below.len() >= 2,
+        "the data must stay below the threshold: {below:?}"
+    );
     let firing: BTreeMap<i64, f64> = below.into_iter().take(1).collect();
     let messages = read_topic(&brokers, "model-alerts", firing.len());
     let mut alerts: Vec<_> = messages

@@ -107,8 +107,12 @@ pub struct ServiceConfig {
     /// How often due windows are written and offsets committed. Default `1s`.
     #[serde(with = "humantime_serde")]
     pub flush_interval: Duration,
-    /// Log format, `text` or `json`; the level comes from `RUST_LOG` (default info). Default `text`.
+    /// Log format, `text` or `json`. Default `text`.
     pub log_format: LogFormat,
+    /// Log level or filter (`error`, `warn`, `info`, `debug`, `trace`, or a
+    /// tracing filter such as `info,rdkafka=warn`); `RUST_LOG`, when set,
+    /// wins. Default `info`.
+    pub log_level: String,
 }
 
 impl Default for ServiceConfig {
@@ -116,6 +120,7 @@ impl Default for ServiceConfig {
         ServiceConfig {
             flush_interval: Duration::from_secs(1),
             log_format: LogFormat::Text,
+            log_level: "info".into(),
         }
     }
 }
@@ -893,6 +898,12 @@ impl Config {
         if w.label_horizon.is_zero() {
             bail!("invalid configuration: windows.label_horizon must be positive");
         }
+        if tracing_subscriber::EnvFilter::try_new(&self.service.log_level).is_err() {
+            bail!(
+                "invalid configuration: service.log_level = {:?}, expected error, warn, info, debug, trace or a tracing filter",
+                self.service.log_level
+            );
+        }
         if self.service.flush_interval.is_zero() {
             bail!("invalid configuration: service.flush_interval must be positive");
         }
@@ -1225,6 +1236,20 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("drift.p_value_threshold"), "{err}");
+    }
+
+    #[test]
+    fn log_level_is_validated() {
+        let c = load(
+            None,
+            &env(&[("MODELWATCH_SERVICE__LOG_LEVEL", "info,rdkafka=warn")]),
+        )
+        .unwrap();
+        assert_eq!(c.service.log_level, "info,rdkafka=warn");
+        let err = load(None, &env(&[("MODELWATCH_SERVICE__LOG_LEVEL", "loud[")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("service.log_level"), "{err}");
     }
 
     #[test]

@@ -146,10 +146,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The demo prints its own progress and summary: only errors go to the log.
+    // The demo prints its own progress and summary: only errors go to the
+    // log unless a level is configured.
     let default_filter = match cli.command {
-        Command::Demo(_) => "error",
-        _ => "info",
+        Command::Demo(_) if cfg.service.log_level == "info" => "error",
+        _ => cfg.service.log_level.as_str(),
     };
     telemetry::init(cfg.service.log_format == LogFormat::Json, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -231,7 +231,8 @@ pub struct AggregatorStats {
 pub struct Aggregator {
     cfg: AggregatorConfig,
     versions: Vec<VersionState>,
-    version_index: AHashMap<(Arc<str>, Arc<str>), u32>,
+    /// model id -> version -> version id (two levels: looked up by `&str`).
+    version_index: AHashMap<Arc<str>, AHashMap<Arc<str>, u32>>,
     versions_per_model: AHashMap<Arc<str>, usize>,
     segment_names: Vec<Arc<str>>,
     segment_index: AHashMap<Arc<str>, u32>,
@@ -306,18 +307,35 @@ impl Aggregator {
 
     /// True when the version has a reference profile.
     pub fn has_reference(&self, model_id: &str, version: &str) -> bool {
-        self.version_index
-            .get(&(Arc::from(model_id), Arc::from(version)))
-            .is_some_and(|&v| self.versions[v as usize].profile.is_some())
+        self.version_lookup(model_id, version)
+            .is_some_and(|v| self.versions[v as usize].profile.is_some())
+    }
+
+    /// The id of a known (model, version); no allocation.
+    #[inline]
+    fn version_lookup(&self, model_id: &str, version: &str) -> Option<u32> {
+        self.version_index.get(model_id)?.get(version).copied()
+    }
+
+    fn remember_version(&mut self, model_id: &str, version: &str, id: u32) {
+        match self.version_index.get_mut(model_id) {
+            Some(m) => {
+                m.insert(Arc::from(version), id);
+            }
+            None => {
+                let mut m = AHashMap::new();
+                m.insert(Arc::from(version), id);
+                self.version_index.insert(Arc::from(model_id), m);
+            }
+        }
     }
 
     fn intern_version(&mut self, model_id: &str, version: &str, ts: i64) -> u32 {
-        // Fast path: already known (allocates only the lookup key).
-        let key = (Arc::<str>::from(model_id), Arc::<str>::from(version));
-        if let Some(&v) = self.version_index.get(&key) {
+        // Fast path: already known (looked up by &str, no allocation).
+        if let Some(v) = self.version_lookup(model_id, version) {
             return v;
         }
-        let (mut model, mut ver) = key;
+        let (mut model, mut ver) = (Arc::<str>::from(model_id), Arc::<str>::from(version));
         if !self.versions_per_model.contains_key(&model)
             && self.versions_per_model.len() >= self.cfg.max_models
         {
@@ -325,17 +343,14 @@ impl Aggregator {
             model = Arc::from(OTHER);
         }
         let n = self.versions_per_model.get(&model).copied().unwrap_or(0);
-        let exists = self
-            .version_index
-            .contains_key(&(model.clone(), ver.clone()));
+        let exists = self.version_lookup(&model, &ver).is_some();
         if !exists && n >= self.cfg.max_versions_per_model {
             self.stats.capped += 1;
             ver = Arc::from(OTHER);
         }
-        if let Some(&v) = self.version_index.get(&(model.clone(), ver.clone())) {
+        if let Some(v) = self.version_lookup(&model, &ver) {
             // Remember the original key too, so the next lookup is fast.
-            self.version_index
-                .insert((Arc::from(model_id), Arc::from(version)), v);
+            self.remember_version(model_id, version, v);
             return v;
         }
         let id = self.versions.len() as u32;
@@ -354,9 +369,8 @@ impl Aggregator {
             label_builder: Some(LabelReferenceBuilder::new(&self.cfg.drift)),
             label_profile: None,
         });
-        self.version_index.insert((model, ver), id);
-        self.version_index
-            .insert((Arc::from(model_id), Arc::from(version)), id);
+        self.remember_version(&model, &ver, id);
+        self.remember_version(model_id, version, id);
         id
     }
 

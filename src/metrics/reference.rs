@@ -49,6 +49,74 @@ pub struct NumericProfile {
     /// Coarse bin of each cell (derived from `grid` and `cuts`).
     #[serde(skip)]
     pub(crate) cell_bin: Vec<u16>,
+    /// Equal-width lookup over `[grid[0], grid[last]]` narrowing the grid
+    /// search to a few points (derived from `grid`).
+    #[serde(skip)]
+    lookup: GridLookup,
+}
+
+/// Equal-width buckets over the grid's range: `first[b]` is the number of
+/// grid points whose bucket is below `b` (`first` has one entry more than
+/// there are buckets).
+///
+/// Exact by construction: the bucket function is monotone (a rounded
+/// subtraction and a multiplication by a positive constant, then a
+/// saturating truncation), and the table is built by applying that same
+/// function to the grid points. So every grid point of a lower bucket than
+/// `v`'s is `< v`, every one of a higher bucket is `> v`, and only the grid
+/// points of `v`'s own bucket need comparing.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct GridLookup {
+    lo: f64,
+    scale: f64,
+    first: Vec<u32>,
+}
+
+impl GridLookup {
+    /// Most buckets per feature (the table stays within a few KiB).
+    const MAX_BUCKETS: usize = 1024;
+
+    fn new(grid: &[f64]) -> Self {
+        let (Some(&lo), Some(&hi)) = (grid.first(), grid.last()) else {
+            return GridLookup::default();
+        };
+        if grid.len() < 8 || u32::try_from(grid.len()).is_err() {
+            // Too small to be worth a table (or too large to index with u32).
+            return GridLookup::default();
+        }
+        let buckets = (2 * grid.len()).next_power_of_two().min(Self::MAX_BUCKETS);
+        let mut t = GridLookup {
+            lo,
+            // A range overflowing to infinity gives scale 0: one bucket, still exact.
+            scale: buckets as f64 / (hi - lo),
+            first: Vec::with_capacity(buckets + 1),
+        };
+        let mut below = 0usize;
+        for b in 0..=buckets {
+            while below < grid.len() && t.bucket(grid[below], buckets) < b {
+                below += 1;
+            }
+            t.first.push(below as u32);
+        }
+        t
+    }
+
+    /// The bucket of `v`, in `0..buckets`.
+    #[inline]
+    fn bucket(&self, v: f64, buckets: usize) -> usize {
+        // `as` saturates (and maps NaN to 0), keeping the function monotone.
+        (((v - self.lo) * self.scale) as usize).min(buckets - 1)
+    }
+
+    /// Number of grid points `<= v`, or `None` without a table.
+    #[inline]
+    fn count_le(&self, grid: &[f64], v: f64) -> Option<usize> {
+        let buckets = self.first.len().checked_sub(1).filter(|&b| b > 0)?;
+        let b = self.bucket(v, buckets);
+        let (start, end) = (self.first[b] as usize, self.first[b + 1] as usize);
+        let points = grid.get(start..end)?;
+        Some(start + count_le(points, v))
+    }
 }
 
 impl NumericProfile {
@@ -84,6 +152,7 @@ impl NumericProfile {
             mean,
             std,
             cell_bin: Vec::new(),
+            lookup: GridLookup::default(),
         };
         for &v in sorted {
             let c = p.cell(v);
@@ -99,7 +168,10 @@ impl NumericProfile {
     /// The cell of a finite value.
     #[inline]
     pub fn cell(&self, v: f64) -> u32 {
-        let k = count_le(&self.grid, v);
+        let k = self
+            .lookup
+            .count_le(&self.grid, v)
+            .unwrap_or_else(|| count_le(&self.grid, v));
         if k == 0 {
             0
         } else if v == self.grid[k - 1] {
@@ -136,6 +208,7 @@ impl NumericProfile {
             cell_bin.push(b);
         }
         self.cell_bin = cell_bin;
+        self.lookup = GridLookup::new(&self.grid);
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -733,6 +806,40 @@ mod tests {
         }
         assert_eq!(count_le(&[], 1.0), 0);
         assert_eq!(count_le(&[1.0], 1.0), 1);
+    }
+
+    #[test]
+    fn grid_lookup_agrees_with_the_full_search() {
+        let check = |grid: Vec<f64>| {
+            let t = GridLookup::new(&grid);
+            assert!(!t.first.is_empty(), "table built for {} points", grid.len());
+            let (lo, hi) = (grid[0], grid[grid.len() - 1]);
+            let mut probes = vec![f64::NAN, f64::MIN, f64::MAX, lo, hi];
+            for &g in &grid {
+                probes.extend([g, g.next_up(), g.next_down(), g + (hi - lo) / 1e3]);
+            }
+            for k in 0..=1000 {
+                probes.push(lo + (hi - lo) * k as f64 / 1000.0);
+            }
+            for v in probes {
+                let full = count_le(&grid, v);
+                assert_eq!(t.count_le(&grid, v).unwrap_or(full), full, "{v}");
+            }
+        };
+        // uniform, clustered (heavy tail), a range that overflows, ties at the ends
+        check((0..201).map(|i| i as f64 * 0.37 - 5.0).collect());
+        check(
+            (0..201)
+                .map(|i| if i < 200 { i as f64 * 1e-6 } else { 1e12 })
+                .collect(),
+        );
+        check(
+            (0..50)
+                .map(|i| -1e308 + i as f64 * 4e306)
+                .chain([1e308])
+                .collect(),
+        );
+        check((0..9).map(|i| (i * i) as f64).collect());
     }
 
     #[test]

@@ -22,6 +22,10 @@ use modelwatch::metrics::{DataAccumulator, ReferenceBuilder, Resolved};
 use modelwatch::model::{InputEvent, Label};
 use modelwatch::pipeline::{drift_config, Core};
 
+// The binary's allocator (src/main.rs), so the numbers are the service's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const START_MS: i64 = 1_767_225_600_000; // 2026-01-01
 
 fn scenario(count: u64) -> Scenario {

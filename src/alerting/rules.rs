@@ -47,18 +47,6 @@ const RATE_METRICS: &[&str] = &[
     "new_category_rate",
 ];
 
-/// Drift statistics: gated by the feature's `drift_detected` decision.
-const DRIFT_METRICS: &[&str] = &[
-    "psi",
-    "js_distance",
-    "kl_divergence",
-    "hellinger",
-    "wasserstein",
-    "wasserstein_normed",
-    "ks_statistic",
-    "chi2_statistic",
-];
-
 /// Metrics where higher is better: a baseline rule fires when they fall.
 const HIGHER_IS_BETTER: &[&str] = &[
     "accuracy",
@@ -105,7 +93,7 @@ pub fn is_rate(metric: &str) -> bool {
 
 /// True for a drift statistic gated by `drift_detected`.
 pub fn is_drift(metric: &str) -> bool {
-    DRIFT_METRICS.contains(&metric) || metric == "drift_detected"
+    crate::metrics::names::is_drift(metric)
 }
 
 /// What a rule compares the window's value with.
@@ -390,7 +378,7 @@ impl Rule {
                 }
             }
         };
-        if self.gate && DRIFT_METRICS.contains(&self.metric.as_str()) {
+        if self.gate && crate::metrics::names::DRIFT_STATISTICS.contains(&self.metric.as_str()) {
             match drift_decision {
                 None => return Check::Unknown,
                 Some(d) if d < 0.5 => {

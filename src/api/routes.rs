@@ -19,6 +19,7 @@ use super::merge::{merge, Merged};
 use super::params::{range, BadRequest, Params};
 use super::server::ApiState;
 use super::{OPENAPI_JSON, SERVICE_MODEL};
+use crate::metrics::names::{is_drift, DRIFT_STATISTICS};
 use crate::metrics::{
     names, DataAccumulator, FeatureHistogram, HistogramKind, MetricValue, ReferenceProfile,
 };
@@ -475,21 +476,20 @@ fn merged_json(m: &Merged, single_p: Option<f64>) -> Value {
     })
 }
 
-/// The drift metrics reported per feature.
-const DRIFT_METRICS: &[&str] = &[
-    "psi",
-    "js_distance",
-    "kl_divergence",
-    "hellinger",
-    "wasserstein",
-    "wasserstein_normed",
-    "ks_statistic",
-    "chi2_statistic",
-    "drift_detected",
-    "missing_rate",
-    "out_of_range_rate",
-    "new_category_rate",
-];
+/// The metrics reported per feature: the drift statistics and decision, and
+/// the integrity rates that go with them.
+fn feature_metrics() -> Vec<String> {
+    DRIFT_STATISTICS
+        .iter()
+        .chain(&[
+            "drift_detected",
+            "missing_rate",
+            "out_of_range_rate",
+            "new_category_rate",
+        ])
+        .map(|m| m.to_string())
+        .collect()
+}
 
 /// Merges rows grouped by `key` and metric.
 fn merge_by<K: Ord + Clone>(
@@ -516,20 +516,6 @@ fn merge_by<K: Ord + Clone>(
 fn version_param(p: &Params, name: &str) -> Result<String, ApiError> {
     Ok(p.required(name)?.to_owned())
 }
-
-/// Drift statistics recomputed from merged histograms (the ones a
-/// histogram holds exactly); the rest keep the per-window merge.
-const HISTOGRAM_METRICS: &[&str] = &[
-    "psi",
-    "js_distance",
-    "kl_divergence",
-    "hellinger",
-    "wasserstein",
-    "wasserstein_normed",
-    "ks_statistic",
-    "chi2_statistic",
-    "drift_detected",
-];
 
 /// One feature's histograms summed over the windows of a range
 /// (`sumForEach` in ClickHouse), per layout.
@@ -654,7 +640,7 @@ async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q
     let sel = Selection {
         model: &model,
         versions: Some(vec![version.clone()]),
-        metrics: DRIFT_METRICS.iter().map(|m| m.to_string()).collect(),
+        metrics: feature_metrics(),
         segment: Some(segment.clone()),
         features_only: true,
         window,
@@ -667,10 +653,7 @@ async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q
     let mut windows: BTreeSet<u32> = rows.iter().map(|r| r.window_start).collect();
     // Windows of each feature that have per-window drift rows.
     let mut row_windows: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
-    for r in rows
-        .iter()
-        .filter(|r| HISTOGRAM_METRICS.contains(&r.metric.as_str()))
-    {
+    for r in rows.iter().filter(|r| is_drift(&r.metric)) {
         row_windows
             .entry(r.feature.as_str())
             .or_default()
@@ -704,7 +687,7 @@ async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q
                 Some((hist_windows, values)) => {
                     exact += 1;
                     // The recomputed statistics replace the per-window merge.
-                    ms.retain(|k, _| !HISTOGRAM_METRICS.contains(&k.as_str()));
+                    ms.retain(|k, _| !is_drift(k));
                     for v in values {
                         let per_window = metrics.get(v.metric);
                         samples = samples.max(v.samples);

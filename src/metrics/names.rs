@@ -79,6 +79,24 @@ pub const ALL: &[&str] = &[
     "label_delay_p95",
 ];
 
+/// The per-feature drift statistics (gated by `drift_detected`, recomputable
+/// from the stored window histograms).
+pub const DRIFT_STATISTICS: &[&str] = &[
+    "psi",
+    "js_distance",
+    "kl_divergence",
+    "hellinger",
+    "wasserstein",
+    "wasserstein_normed",
+    "ks_statistic",
+    "chi2_statistic",
+];
+
+/// True for a drift statistic or the drift decision itself.
+pub fn is_drift(name: &str) -> bool {
+    name == "drift_detected" || DRIFT_STATISTICS.contains(&name)
+}
+
 /// True for a metric name in [`ALL`].
 pub fn is_known(name: &str) -> bool {
     ALL.contains(&name)

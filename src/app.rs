@@ -4,10 +4,16 @@
 //!
 //! Order of a flush (every `flush_interval`): advance the core to the
 //! watermark, write reference profiles, model versions, window rows and
-//! alerts to ClickHouse, publish alerts and dead letters to Kafka, and only
-//! then commit offsets. A failed write keeps everything pending and retries
-//! on the next flush (all writes are idempotent); a permanent ClickHouse
-//! error stops the service with the reason.
+//! alerts to ClickHouse, publish alerts and dead letters to Kafka. A failed
+//! write keeps everything pending and retries on the next flush (all writes
+//! are idempotent); a permanent ClickHouse error stops the service with the
+//! reason.
+//!
+//! Every `state.checkpoint_interval`, after a flush that wrote everything,
+//! the core's state and the input positions go to the state store in one
+//! transaction ([`crate::state`]), and only then are the positions committed
+//! to Kafka. At startup the last checkpoint is restored; messages Kafka
+//! delivers again below a checkpointed position are skipped.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -21,7 +27,7 @@ use rdkafka::message::Message;
 use crate::config::Config;
 use crate::ingest::consumer::{commit, input_consumer, InputConsumer};
 use crate::ingest::decode::{Decoder, EventKind};
-use crate::ingest::offsets::OffsetTracker;
+use crate::ingest::offsets::{Positions, Step};
 use crate::metrics::aggregator::{WindowHistogram, WindowRow};
 use crate::metrics::ReferenceProfile;
 use crate::model::{AlertEvent, InputEvent};
@@ -29,6 +35,7 @@ use crate::pipeline::{Core, CoreStats, Output};
 use crate::sinks::clickhouse::{ClickHouseSink, HistogramRow, MetricRow, SinkError, VersionRow};
 use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue};
 use crate::sinks::webhook::{DeliveryRecord, Notifier};
+use crate::state::{Checkpoint, StateStore};
 use crate::telemetry::{Counters, FlushReport, Telemetry};
 
 /// Messages handled per wake-up of the consumer loop before it looks at its
@@ -150,6 +157,10 @@ pub struct Service {
     consumed_at_flush: u64,
     telemetry: Arc<Telemetry>,
     lag: LagProbe,
+    store: StateStore,
+    last_checkpoint: Instant,
+    /// The next flush that writes everything also checkpoints (shutdown).
+    checkpoint_due: bool,
     p: Processing,
 }
 
@@ -242,7 +253,9 @@ struct Processing {
     cfg: Config,
     decoder: Decoder,
     core: Core,
-    offsets: OffsetTracker,
+    positions: Positions,
+    /// Messages skipped because the state already held them.
+    redelivered: u64,
     pending: Pending,
     counters: Arc<Counters>,
 }
@@ -261,15 +274,29 @@ impl Service {
         sink.migrate()
             .await
             .map_err(|e| anyhow::anyhow!("ClickHouse migration failed: {e}"))?;
-        let mut core = Core::new(&cfg);
-        let loaded = load_references(&sink, &mut core).await?;
-        tracing::info!(profiles = loaded, "reference profiles loaded");
-        let restored = restore_alerts(&sink, &mut core, &cfg).await?;
-        tracing::info!(
-            alerts = restored,
-            firing = core.alert_engine().firing(),
-            "alert state restored"
-        );
+        let store = StateStore::open(&cfg.state.dir)?;
+        let (core, positions) = match restore_state(&store, &cfg)? {
+            Some((mut core, positions)) => {
+                let loaded = load_references(&sink, &mut core, true).await?;
+                tracing::info!(
+                    profiles = loaded,
+                    "reference profiles loaded (new or re-imported)"
+                );
+                (core, positions)
+            }
+            None => {
+                let mut core = Core::new(&cfg);
+                let loaded = load_references(&sink, &mut core, false).await?;
+                tracing::info!(profiles = loaded, "reference profiles loaded");
+                let restored = restore_alerts(&sink, &mut core, &cfg).await?;
+                tracing::info!(
+                    alerts = restored,
+                    firing = core.alert_engine().firing(),
+                    "alert state restored from ClickHouse"
+                );
+                (core, Positions::new())
+            }
+        };
         let env: std::collections::HashMap<String, String> = std::env::vars().collect();
         let notifier = Notifier::start(&cfg.alerts.webhooks, cfg.alerts.queue_capacity, &env)?;
         if !notifier.is_empty() {
@@ -288,10 +315,14 @@ impl Service {
             kafka_errors: 0,
             consumed_at_flush: 0,
             lag: LagProbe::start(&cfg.kafka),
+            store,
+            last_checkpoint: Instant::now(),
+            checkpoint_due: false,
             p: Processing {
                 decoder: Decoder::new(cfg.kafka.format),
                 core,
-                offsets: OffsetTracker::new(),
+                positions,
+                redelivered: 0,
                 pending: Pending::default(),
                 counters: telemetry.counters.clone(),
                 cfg,
@@ -346,8 +377,12 @@ impl Service {
             .running
             .store(false, Ordering::Relaxed);
         result?;
-        tracing::info!("shutting down: writing what is due and committing offsets");
+        tracing::info!("shutting down: writing what is due, checkpointing, committing offsets");
+        self.checkpoint_due = true;
         self.flush(now_ms(), false).await?;
+        if self.checkpoint_due {
+            tracing::warn!("the last output could not be written: the state stays at the previous checkpoint and its input will be consumed again at the next start");
+        }
         self.finish_notifications().await;
         Ok(())
     }
@@ -452,6 +487,7 @@ impl Service {
             }
         };
         self.run_until(idle_or_shutdown).await?;
+        self.checkpoint_due = true;
         self.flush(now_ms(), true).await?;
         self.finish_notifications().await;
         Ok(())
@@ -510,16 +546,54 @@ impl Service {
                 return Ok(());
             }
         }
-        let moved = match self.p.pending.watermark {
-            Some(wm) => self
-                .p
-                .offsets
-                .advance(if close_all { i64::MAX } else { wm }),
-            // Only undecodable input so far: it is durable in the dead-letter topic.
-            None => self.p.offsets.advance(i64::MIN),
+        if self.checkpoint_due
+            || self.last_checkpoint.elapsed() >= self.p.cfg.state.checkpoint_interval
+        {
+            self.checkpoint().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the core's state and the input positions to the state store
+    /// (one transaction), then commits the positions to Kafka. Only called
+    /// when everything the state emitted is written. A failed checkpoint
+    /// stops the service: the change set of the join was handed over, and
+    /// the previous checkpoint plus a replay is the consistent state.
+    pub async fn checkpoint(&mut self) -> Result<()> {
+        tracing::debug!("checkpoint begin");
+        let core = self.p.core.checkpoint();
+        let moved = self.p.positions.take_moved();
+        let checkpoint = Checkpoint {
+            records: core.records,
+            join: core.join,
+            positions: self.p.positions.all(),
         };
-        if !moved.is_empty() {
-            if let Err(e) = commit(&self.consumer, &moved) {
+        let store = self.store.clone();
+        let stats = tokio::task::spawn_blocking(move || {
+            store.write(&checkpoint).map(|s| (s, checkpoint.positions))
+        })
+        .await
+        .context("the checkpoint task failed")?
+        .with_context(|| {
+            format!(
+                "cannot write the state checkpoint to {}",
+                self.store.path().display()
+            )
+        })?;
+        let (stats, positions) = stats;
+        self.last_checkpoint = Instant::now();
+        self.checkpoint_due = false;
+        self.telemetry
+            .record_checkpoint(&stats, self.store.file_bytes());
+        tracing::debug!(
+            seconds = stats.seconds,
+            record_bytes = stats.record_bytes,
+            join_upserts = stats.join_upserts,
+            join_deletes = stats.join_deletes,
+            "checkpoint written"
+        );
+        if moved {
+            if let Err(e) = commit(&self.consumer, &positions) {
                 self.telemetry
                     .readiness
                     .kafka_ok
@@ -591,6 +665,31 @@ impl Processing {
         payload: Option<&[u8]>,
         wall_ms: i64,
     ) {
+        match self.positions.advance(topic, partition, offset) {
+            Step::Next => {}
+            Step::Redelivered => {
+                // Already in the state (a restart or rebalance resumed
+                // from an older committed offset): counted once already.
+                self.redelivered += 1;
+                if self.redelivered.is_power_of_two() {
+                    tracing::info!(
+                        skipped = self.redelivered,
+                        topic,
+                        partition,
+                        offset,
+                        "skipping messages the restored state already holds"
+                    );
+                }
+                return;
+            }
+            Step::Gap(n) => tracing::debug!(
+                topic,
+                partition,
+                offset,
+                missing = n,
+                "offsets skipped by Kafka (compaction, transaction markers, or a group commit past this state)"
+            ),
+        }
         let kind = if topic == self.cfg.kafka.predictions_topic {
             Counters::add(&self.counters.predictions_consumed_total, 1);
             EventKind::Prediction
@@ -602,18 +701,13 @@ impl Processing {
         match self.decoder.decode(kind, bytes) {
             Ok(InputEvent::Prediction(p)) => {
                 self.core.on_prediction(&p, wall_ms);
-                let due = self.core.due_time(p.timestamp);
-                self.offsets.record(topic, partition, offset, Some(due));
             }
             Ok(InputEvent::GroundTruth(g)) => {
                 self.core.on_label(&g, wall_ms);
-                let due = self.core.due_time(g.timestamp);
-                self.offsets.record(topic, partition, offset, Some(due));
             }
             Err(e) => {
                 Counters::add(&self.counters.decode_failures_total, 1);
                 self.core.on_undecodable(wall_ms);
-                self.offsets.record(topic, partition, offset, None);
                 self.pending.letters.push(DeadLetter {
                     topic: topic.to_string(),
                     partition,
@@ -631,6 +725,14 @@ impl Processing {
 impl Service {
     async fn write_pending(&mut self) -> Result<(), WriteError> {
         let p = &mut self.p.pending;
+        if !(p.rows.is_empty() && p.histograms.is_empty() && p.alerts.is_empty()) {
+            tracing::debug!(
+                rows = p.rows.len(),
+                histograms = p.histograms.len(),
+                alerts = p.alerts.len(),
+                "clickhouse write begin"
+            );
+        }
         for (model, version, profile) in &p.references {
             let json = serde_json::to_string(&**profile)
                 .context("cannot serialize a reference profile")
@@ -769,8 +871,18 @@ impl WriteError {
     }
 }
 
-/// Loads every stored reference profile into the core; returns how many.
-pub async fn load_references(sink: &ClickHouseSink, core: &mut Core) -> Result<usize> {
+/// Loads the stored reference profiles into the core; returns how many.
+/// With `restored` (the core comes from a checkpoint, which holds the
+/// profiles it had), only profiles the checkpoint does not hold are
+/// installed: versions it does not know, and re-imports of versions whose
+/// profile differs. A version whose profile was still being built from its
+/// first events keeps building: the replay after the checkpoint rebuilds the
+/// same profile the stopped run had built.
+pub async fn load_references(
+    sink: &ClickHouseSink,
+    core: &mut Core,
+    restored: bool,
+) -> Result<usize> {
     let stored = sink
         .load_references()
         .await
@@ -779,6 +891,9 @@ pub async fn load_references(sink: &ClickHouseSink, core: &mut Core) -> Result<u
     for (model, version, json) in stored {
         match serde_json::from_str::<ReferenceProfile>(&json) {
             Ok(p) => {
+                if restored && !core.aggregator_mut().needs_reference(&model, &version, &p) {
+                    continue;
+                }
                 core.set_reference(&model, &version, p);
                 n += 1;
             }
@@ -788,6 +903,27 @@ pub async fn load_references(sink: &ClickHouseSink, core: &mut Core) -> Result<u
         }
     }
     Ok(n)
+}
+
+/// Opens the last checkpoint of the store, if any: the core with its join
+/// state, and the input positions.
+fn restore_state(store: &StateStore, cfg: &Config) -> Result<Option<(Core, Positions)>> {
+    let started = Instant::now();
+    let Some(r) = store.load()? else {
+        tracing::info!(store = %store.path().display(), "no checkpoint: starting with empty state");
+        return Ok(None);
+    };
+    let mut core = Core::restore(cfg, |name| r.record(name), now_ms())?;
+    store.for_each_join(|key, bytes| Ok(core.restore_request(key, bytes)?))?;
+    tracing::info!(
+        store = %store.path().display(),
+        pending_predictions = core.pending_predictions(),
+        join_records = r.join_records,
+        partitions = r.positions.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "state restored from the last checkpoint"
+    );
+    Ok(Some((core, Positions::restored(r.positions))))
 }
 
 /// Rebuilds the alert engine's state from the `alerts` table: alerts still

@@ -38,6 +38,33 @@ pub struct Config {
     pub service: ServiceConfig,
     /// The HTTP API, dashboard, `/metrics` and health endpoints.
     pub api: ApiConfig,
+    /// Durable processing state: checkpoints and recovery.
+    pub state: StateConfig,
+}
+
+/// `[state]`: the embedded store that makes the processing state survive
+/// restarts and crashes (join state, open windows, alert lifecycle, input
+/// positions). See the README, "Durable state".
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Directory of the state store (created when missing). One instance
+    /// per directory: a second process on the same directory fails at
+    /// startup. Default `modelwatch-state` (relative to the working directory).
+    pub dir: std::path::PathBuf,
+    /// How often the state and the input positions are checkpointed (after
+    /// the output they produced is written). Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            dir: "modelwatch-state".into(),
+            checkpoint_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// `[api]`: the HTTP server of the API, the dashboard, `/metrics`, `/healthz` and `/readyz`.
@@ -909,6 +936,14 @@ impl Config {
         }
         if w.idle_timeout.is_zero() {
             bail!("invalid configuration: windows.idle_timeout must be positive");
+        }
+        if self.state.dir.as_os_str().is_empty() {
+            bail!("invalid configuration: state.dir is empty, expected a directory path such as \"/var/lib/modelwatch\"");
+        }
+        if self.state.checkpoint_interval.is_zero() {
+            bail!(
+                "invalid configuration: state.checkpoint_interval must be positive, such as \"5s\""
+            );
         }
         let d = &self.drift;
         if !(2..=1000).contains(&d.bins) {

@@ -90,6 +90,12 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
     }
     cfg.kafka.brokers = cluster.bootstrap_servers();
     cfg.kafka.group_id = format!("modelwatch-demo-{}", std::process::id());
+    // The demo's in-process Kafka starts empty at every run: so does its state.
+    let state_dir = tempfile::Builder::new()
+        .prefix("modelwatch-demo-state-")
+        .tempdir()
+        .context("cannot create the demo's state directory")?;
+    cfg.state.dir = state_dir.path().to_path_buf();
     cfg.models
         .entry(DEMO_MODEL.to_string())
         .or_default()

@@ -17,7 +17,8 @@
 //! - [`alerting`]: pure rule evaluation producing [`model::AlertEvent`]s.
 //! - [`sinks`]: ClickHouse writer and migrations, Kafka alert / dead-letter producers.
 //! - [`pipeline`]: the pure processing core (join + aggregator + watermark + rules), driven by `app`.
-//! - [`app`]: wires the stages together; offsets are committed after their output is durable.
+//! - [`app`]: wires the stages together; checkpoints the state after its output is durable, then commits offsets.
+//! - [`state`]: the embedded on-disk store of checkpoints (join state, open windows, alert lifecycle, input positions).
 //! - [`generate`]: synthetic traffic (used by `modelwatch generate` and `modelwatch demo`).
 //! - [`demo`]: the one-command demo on embedded defaults.
 //! - [`api`]: HTTP API, embedded dashboard, `/metrics`, `/healthz`, `/readyz` (reads ClickHouse + live telemetry).
@@ -38,4 +39,5 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod sinks;
+pub mod state;
 pub mod telemetry;

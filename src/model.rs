@@ -232,7 +232,7 @@ pub enum InputEvent {
 
 /// What the join keeps of a prediction while it waits for its label: only what
 /// the performance metrics need, so pending state stays small.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PredictionOutcome {
     /// Positive-class probability.
     pub score: Option<f64>,
@@ -254,7 +254,7 @@ impl PredictionOutcome {
 }
 
 /// The label part of a ground-truth event.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Label {
     /// True class.
     pub actual_label: Option<Box<str>>,

@@ -9,12 +9,14 @@ use crate::config::{Config, TaskKind};
 use crate::join::{
     window_start, JoinConfig, JoinState, Joined, LabelInsert, PredictionInsert, Watermark,
 };
+use crate::join::{StoredRequest, WatermarkState};
 use crate::metrics::aggregator::{Aggregator, AggregatorConfig, Emitted, PendingRecord};
 use crate::metrics::{DriftConfig, ReferenceProfile, Task};
 use crate::model::{AlertEvent, GroundTruthEvent, Label, PredictionEvent};
+use std::sync::Arc;
 
 /// Counters of the core, for telemetry and summaries.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CoreStats {
     /// Predictions processed.
     pub predictions: u64,
@@ -36,6 +38,42 @@ pub struct CoreStats {
     pub alerts: u64,
     /// Windows closed.
     pub windows_closed: u64,
+}
+
+/// The core's state for a checkpoint: whole records (name, MessagePack
+/// bytes) and the join requests changed since the previous checkpoint.
+#[derive(Debug, Default)]
+pub struct CoreCheckpoint {
+    /// `core` (watermark and counters), `aggregator`, `alerts`.
+    pub records: Vec<(&'static str, Vec<u8>)>,
+    /// Request id → its join record, or `None` when it left the join.
+    pub join: Vec<(Arc<str>, Option<Vec<u8>>)>,
+}
+
+/// The `core` record: what is neither join, aggregator nor alert state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CoreRecord {
+    watermark: WatermarkState,
+    stats: CoreStats,
+}
+
+/// A checkpoint that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot restore the {record} state: {reason}")]
+pub struct RestoreError {
+    /// Which record.
+    pub record: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+impl RestoreError {
+    fn of(record: &'static str, reason: impl std::fmt::Display) -> Self {
+        RestoreError {
+            record,
+            reason: reason.to_string(),
+        }
+    }
 }
 
 /// What one [`Core::advance`] produced.
@@ -78,6 +116,22 @@ pub fn drift_config(cfg: &Config) -> DriftConfig {
     }
 }
 
+/// The aggregator settings derived from the configuration.
+fn aggregator_config(cfg: &Config) -> AggregatorConfig {
+    let ms = |d: std::time::Duration| d.as_millis() as i64;
+    AggregatorConfig {
+        window_sizes_ms: cfg.window_sizes_ms(),
+        label_horizon_ms: ms(cfg.windows.label_horizon),
+        revision_interval_ms: ms(cfg.windows.revision_interval),
+        drift: drift_config(cfg),
+        reference_size: cfg.drift.reference_size,
+        max_segment_values: cfg.limits.max_segment_values,
+        max_models: cfg.limits.max_models,
+        max_versions_per_model: cfg.limits.max_versions_per_model,
+        tasks: task_overrides(cfg),
+    }
+}
+
 /// Task overrides from `[models.<id>]`.
 fn task_overrides(cfg: &Config) -> ahash::AHashMap<String, Task> {
     cfg.models
@@ -108,17 +162,7 @@ impl Core {
                 early_label_ttl_ms: ms(cfg.windows.early_label_ttl),
                 max_pending: cfg.limits.max_pending,
             }),
-            agg: Aggregator::new(AggregatorConfig {
-                window_sizes_ms: sizes,
-                label_horizon_ms: ms(cfg.windows.label_horizon),
-                revision_interval_ms: ms(cfg.windows.revision_interval),
-                drift: drift_config(cfg),
-                reference_size: cfg.drift.reference_size,
-                max_segment_values: cfg.limits.max_segment_values,
-                max_models: cfg.limits.max_models,
-                max_versions_per_model: cfg.limits.max_versions_per_model,
-                tasks: task_overrides(cfg),
-            }),
+            agg: Aggregator::new(aggregator_config(cfg)),
             watermark: Watermark::new(
                 ms(cfg.windows.allowed_lateness),
                 ms(cfg.windows.idle_timeout),
@@ -128,6 +172,73 @@ impl Core {
             stats: CoreStats::default(),
             largest_window_ms,
         }
+    }
+
+    /// A core with the state of a checkpoint: `record` returns the stored
+    /// record of a name. The join requests come after, through
+    /// [`Core::restore_request`]. The idle timer of the watermark starts at
+    /// `wall_ms` (the restart), not at the last input before the stop.
+    pub fn restore<'a>(
+        cfg: &Config,
+        record: impl Fn(&str) -> Option<&'a [u8]>,
+        wall_ms: i64,
+    ) -> Result<Core, RestoreError> {
+        let mut core = Core::new(cfg);
+        let get =
+            |name: &'static str| record(name).ok_or_else(|| RestoreError::of(name, "missing"));
+        let r: CoreRecord =
+            rmp_serde::from_slice(get("core")?).map_err(|e| RestoreError::of("core", e))?;
+        core.watermark = Watermark::restored(
+            cfg.windows.allowed_lateness.as_millis() as i64,
+            cfg.windows.idle_timeout.as_millis() as i64,
+            r.watermark,
+            wall_ms,
+        );
+        core.stats = r.stats;
+        core.agg = Aggregator::restore(aggregator_config(cfg), get("aggregator")?)
+            .map_err(|e| RestoreError::of("aggregator", e))?;
+        core.engine
+            .restore_snapshot(get("alerts")?)
+            .map_err(|e| RestoreError::of("alerts", e))?;
+        Ok(core)
+    }
+
+    /// Puts one join request of a checkpoint back (after [`Core::restore`]).
+    pub fn restore_request(&mut self, request_id: &str, bytes: &[u8]) -> Result<(), RestoreError> {
+        let r: StoredRequest<PendingRecord> =
+            rmp_serde::from_slice(bytes).map_err(|e| RestoreError::of("join", e))?;
+        self.join.restore(request_id, r);
+        Ok(())
+    }
+
+    /// The state for a checkpoint; the join part holds only the requests
+    /// changed since the previous call.
+    pub fn checkpoint(&mut self) -> CoreCheckpoint {
+        let core = CoreRecord {
+            watermark: self.watermark.state(),
+            stats: self.stats,
+        };
+        let mut join = Vec::with_capacity(self.join.changed());
+        self.join.drain_changes(|key, r| {
+            let bytes = r.map(|r| rmp_serde::to_vec(&r).expect("join records serialize"));
+            join.push((Arc::from(key), bytes));
+        });
+        CoreCheckpoint {
+            records: vec![
+                (
+                    "core",
+                    rmp_serde::to_vec(&core).expect("the core record serializes"),
+                ),
+                ("aggregator", self.agg.snapshot()),
+                ("alerts", self.engine.snapshot()),
+            ],
+            join,
+        }
+    }
+
+    /// Join requests changed since the last checkpoint.
+    pub fn changed_requests(&self) -> usize {
+        self.join.changed()
     }
 
     /// Counters so far.
@@ -353,5 +464,209 @@ mod tests {
         assert_eq!(c.due_time(0), 60_000);
         assert_eq!(c.due_time(59_999), 60_000);
         assert_eq!(c.due_time(60_000), 120_000);
+    }
+
+    /// What `window_metrics FINAL` would hold: the newest revision of every
+    /// row key, value bit-exact; and the alert transitions by id and status.
+    #[derive(Debug, Default, PartialEq)]
+    struct Final {
+        rows: std::collections::BTreeMap<
+            (String, String, String, i64, i64, String, String),
+            (u64, u64, u64, Option<u64>),
+        >,
+        histograms:
+            std::collections::BTreeMap<(String, String, String, i64, i64, String), Vec<u64>>,
+        alerts: std::collections::BTreeMap<(String, String), (String, String, u64, u64)>,
+    }
+
+    impl Final {
+        fn add(&mut self, out: &Output) {
+            for r in &out.emitted.rows {
+                let key = (
+                    r.model_id.to_string(),
+                    r.model_version.to_string(),
+                    r.segment.to_string(),
+                    r.window_start_ms,
+                    r.window_ms,
+                    r.value.metric.to_string(),
+                    r.value.feature.clone(),
+                );
+                let v = (
+                    r.revision,
+                    r.value.value.to_bits(),
+                    r.value.samples,
+                    r.value.p_value.map(f64::to_bits),
+                );
+                let e = self.rows.entry(key).or_insert(v);
+                if v.0 >= e.0 {
+                    *e = v;
+                }
+            }
+            for h in &out.emitted.histograms {
+                self.histograms.insert(
+                    (
+                        h.model_id.to_string(),
+                        h.model_version.to_string(),
+                        h.segment.to_string(),
+                        h.window_start_ms,
+                        h.window_ms,
+                        h.histogram.feature.clone(),
+                    ),
+                    h.histogram.counts.iter().map(|c| c.to_bits()).collect(),
+                );
+            }
+            for a in &out.alerts {
+                self.alerts.insert(
+                    (a.alert_id.clone(), a.status.as_str().to_string()),
+                    (
+                        a.rule.clone(),
+                        a.severity.as_str().to_string(),
+                        a.value.to_bits(),
+                        a.threshold.to_bits(),
+                    ),
+                );
+            }
+        }
+    }
+
+    /// A store in memory: the records of the last checkpoint and the join
+    /// records as the state store applies them.
+    #[derive(Default)]
+    struct MemStore {
+        records: Vec<(&'static str, Vec<u8>)>,
+        join: std::collections::BTreeMap<String, Vec<u8>>,
+    }
+
+    impl MemStore {
+        fn write(&mut self, c: CoreCheckpoint) {
+            self.records = c.records;
+            for (k, v) in c.join {
+                match v {
+                    Some(v) => self.join.insert(k.to_string(), v),
+                    None => self.join.remove(&*k),
+                };
+            }
+        }
+
+        fn restore(&self, cfg: &Config) -> Core {
+            let mut core = Core::restore(
+                cfg,
+                |name| {
+                    self.records
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, b)| b.as_slice())
+                },
+                0,
+            )
+            .expect("restore");
+            for (k, v) in &self.join {
+                core.restore_request(k, v).expect("join record");
+            }
+            core
+        }
+    }
+
+    fn feed(core: &mut Core, ev: &crate::model::InputEvent) {
+        match ev {
+            crate::model::InputEvent::Prediction(p) => core.on_prediction(p, 0),
+            crate::model::InputEvent::GroundTruth(g) => core.on_label(g, 0),
+        }
+    }
+
+    #[test]
+    fn crashes_restored_from_checkpoints_give_the_uninterrupted_output() {
+        use crate::generate::{DriftScenario, Generator, Scenario};
+        let mut cfg = crate::config::load(None, &HashMap::new()).unwrap();
+        cfg.windows.sizes = vec![Duration::from_secs(60), Duration::from_secs(300)];
+        cfg.windows.allowed_lateness = Duration::from_secs(20);
+        cfg.windows.label_horizon = Duration::from_secs(900);
+        cfg.windows.early_label_ttl = Duration::from_secs(300);
+        cfg.windows.revision_interval = Duration::from_secs(30);
+        cfg.drift.reference_size = 1_000;
+        let events: Vec<_> = Generator::new(Scenario {
+            seed: 42,
+            start_ms: 1_767_225_600_000,
+            events_per_second: 20.0,
+            count: 6_000,
+            versions: vec!["v1".into(), "v2".into()],
+            drift: DriftScenario::Sudden,
+            drift_at: 0.5,
+            accuracy_drop: true,
+            label_fraction: 0.85,
+            regression_model: Some("price".into()),
+            ..Scenario::default()
+        })
+        .collect();
+        assert!(events.len() > 10_000, "{} events", events.len());
+        let advance_every = 700;
+
+        let mut want = Final::default();
+        let mut core = Core::new(&cfg);
+        for (i, ev) in events.iter().enumerate() {
+            feed(&mut core, ev);
+            if i % advance_every == advance_every - 1 {
+                want.add(&core.advance(0));
+            }
+        }
+        want.add(&core.advance(0));
+        want.add(&core.flush(0));
+        let expected_pending = core.pending_predictions();
+
+        // The same stream with a checkpoint every 1 900 events and crashes at
+        // uneven points: the input since the last checkpoint comes again.
+        let mut got = Final::default();
+        let mut store = MemStore::default();
+        let mut core = Core::new(&cfg);
+        let mut checkpointed = 0;
+        let mut crashes = vec![5_003, 9_871, 14_000, 14_001, 15_555];
+        crashes.retain(|c| *c < events.len());
+        let mut i = 0;
+        let mut since_advance = 0;
+        while i < events.len() {
+            if crashes.first() == Some(&i) {
+                crashes.remove(0);
+                core = if store.records.is_empty() {
+                    Core::new(&cfg)
+                } else {
+                    store.restore(&cfg)
+                };
+                i = checkpointed;
+                since_advance = 0;
+                continue;
+            }
+            feed(&mut core, &events[i]);
+            i += 1;
+            since_advance += 1;
+            if since_advance == advance_every {
+                since_advance = 0;
+                got.add(&core.advance(0));
+            }
+            if i % 1_900 == 0 {
+                // The service checkpoints only after the output is written.
+                got.add(&core.advance(0));
+                store.write(core.checkpoint());
+                checkpointed = i;
+            }
+        }
+        assert!(crashes.is_empty(), "every crash happened");
+        got.add(&core.advance(0));
+        got.add(&core.flush(0));
+        assert_eq!(core.pending_predictions(), expected_pending);
+        assert!(want.rows.len() > 1_000, "{} rows", want.rows.len());
+        assert!(
+            want.rows.keys().any(|k| k.5 == "accuracy") && !want.alerts.is_empty(),
+            "the stream exercises performance rows and alerts"
+        );
+        let missing: Vec<_> = want
+            .rows
+            .iter()
+            .filter(|(k, v)| got.rows.get(*k) != Some(v))
+            .take(10)
+            .collect();
+        assert!(missing.is_empty(), "rows that differ: {missing:?}");
+        assert_eq!(want.rows.len(), got.rows.len());
+        assert_eq!(want.histograms, got.histograms);
+        assert_eq!(want.alerts, got.alerts);
     }
 }

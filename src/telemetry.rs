@@ -182,6 +182,9 @@ pub struct Telemetry {
     webhook_failures: Family<Labels, Counter>,
     consumer_lag: Family<Labels, Gauge>,
     watermark_delay: Gauge<f64, AtomicU64>,
+    checkpoint_duration: Histogram,
+    checkpoint_join_records: Counter,
+    state_store_bytes: Gauge,
     service: Mutex<ServiceWindows>,
 }
 
@@ -266,6 +269,25 @@ impl Telemetry {
             "Wall clock minus the event-time watermark",
             watermark_delay.clone(),
         );
+        // 1 ms .. ~16 s: one state checkpoint, fsync included.
+        let checkpoint_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "checkpoint_duration_seconds",
+            "Duration of one state checkpoint (one store transaction, fsync included)",
+            checkpoint_duration.clone(),
+        );
+        let checkpoint_join_records = Counter::default();
+        registry.register(
+            "checkpoint_join_records",
+            "Join records (request ids) written or deleted by checkpoints",
+            checkpoint_join_records.clone(),
+        );
+        let state_store_bytes = Gauge::default();
+        registry.register(
+            "state_store_bytes",
+            "Size of the state store file on disk",
+            state_store_bytes.clone(),
+        );
         Telemetry {
             counters,
             readiness: Arc::new(Readiness::default()),
@@ -280,6 +302,9 @@ impl Telemetry {
             webhook_failures,
             consumer_lag,
             watermark_delay,
+            checkpoint_duration,
+            checkpoint_join_records,
+            state_store_bytes,
             service: Mutex::new(ServiceWindows {
                 window_ms: 300_000,
                 instance: instance_name(),
@@ -457,6 +482,15 @@ impl Telemetry {
                 ])
                 .set(*lag);
         }
+    }
+
+    /// Records one state checkpoint and the store's size after it.
+    pub fn record_checkpoint(&self, c: &crate::state::CheckpointStats, store_bytes: u64) {
+        self.checkpoint_duration.observe(c.seconds);
+        self.checkpoint_join_records
+            .inc_by((c.join_upserts + c.join_deletes) as u64);
+        self.state_store_bytes
+            .set(i64::try_from(store_bytes).unwrap_or(i64::MAX));
     }
 
     /// Records one successful ClickHouse write of `rows` rows to `table`.

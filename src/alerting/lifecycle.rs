@@ -18,12 +18,16 @@
 //!   of the resolving window's end, and never fires again for windows at or
 //!   before the resolving one.
 //!
-//! [`AlertEngine::restore`] rebuilds the state from the `alerts` table.
+//! [`AlertEngine::restore`] rebuilds the state from the `alerts` table;
+//! [`AlertEngine::snapshot`] and [`AlertEngine::restore_snapshot`] checkpoint
+//! the whole state (every series' history too), so a restored engine goes on
+//! exactly as the original would.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use ahash::AHashMap;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::alerting::explain;
@@ -70,28 +74,28 @@ fn id_of(
 
 type SeriesKey = (usize, Arc<str>, Arc<str>, Arc<str>, String, i64);
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 enum Outcome {
     Unknown,
     Clear,
     Breach(Severity),
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Entry {
     value: f64,
     samples: u64,
     outcome: Outcome,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Active {
     alert: AlertEvent,
     window_start_ms: i64,
     samples_at_emit: u64,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Series {
     history: BTreeMap<i64, Entry>,
     active: Option<Active>,
@@ -150,6 +154,61 @@ impl Series {
         }
         n
     }
+}
+
+/// Version of the [`AlertEngine::snapshot`] encoding.
+const SNAPSHOT_FORMAT: u32 = 1;
+
+/// A series as written by [`AlertEngine::snapshot`]: its key, with the rule
+/// by name (rule indices change with the configuration), and its state.
+#[derive(Serialize)]
+struct SeriesOut<'a> {
+    rule: &'a str,
+    model_id: &'a str,
+    model_version: &'a str,
+    segment: &'a str,
+    feature: &'a str,
+    window_ms: i64,
+    state: &'a Series,
+}
+
+/// What [`AlertEngine::snapshot`] writes.
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    format: u32,
+    watermark_ms: i64,
+    series: Vec<SeriesOut<'a>>,
+}
+
+/// [`SeriesOut`], read back.
+#[derive(Deserialize)]
+struct SeriesIn {
+    rule: String,
+    model_id: Arc<str>,
+    model_version: Arc<str>,
+    segment: Arc<str>,
+    feature: String,
+    window_ms: i64,
+    state: Series,
+}
+
+/// [`SnapshotOut`], read back.
+#[derive(Deserialize)]
+struct SnapshotIn {
+    format: u32,
+    watermark_ms: i64,
+    series: Vec<SeriesIn>,
+}
+
+/// A snapshot [`AlertEngine::restore_snapshot`] cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Not a MessagePack alert engine snapshot.
+    #[error("undecodable alert engine snapshot: {0}")]
+    Decode(#[from] rmp_serde::decode::Error),
+    /// Written in another version of the snapshot format.
+    #[error("alert engine snapshot format {0} is not the supported {SNAPSHOT_FORMAT}")]
+    Format(u32),
 }
 
 /// Evaluates rules over window rows and keeps the state of every series.
@@ -312,6 +371,67 @@ impl AlertEngine {
                 step(series, rule, row, &check, rows, now_ms, out);
             }
         }
+    }
+
+    /// The lifecycle state of every series and the watermark,
+    /// MessagePack-encoded (rules excluded: they come from config). The same
+    /// state gives the same bytes.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut series: Vec<(&SeriesKey, &Series)> = self.series.iter().collect();
+        series.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let snapshot = SnapshotOut {
+            format: SNAPSHOT_FORMAT,
+            watermark_ms: self.watermark_ms,
+            series: series
+                .into_iter()
+                .map(
+                    |((i, model, version, segment, feature, window_ms), s)| SeriesOut {
+                        rule: &self.rules[*i].name,
+                        model_id: model,
+                        model_version: version,
+                        segment,
+                        feature,
+                        window_ms: *window_ms,
+                        state: s,
+                    },
+                )
+                .collect(),
+        };
+        rmp_serde::to_vec(&snapshot).expect("the alert engine state serializes")
+    }
+
+    /// Replaces the state (every series and the watermark) with a
+    /// [`AlertEngine::snapshot`]'s. Series of rules that no longer exist are
+    /// dropped; a rule is known by its name. On error the state is unchanged.
+    pub fn restore_snapshot(&mut self, bytes: &[u8]) -> Result<(), SnapshotError> {
+        let snapshot: SnapshotIn = rmp_serde::from_slice(bytes)?;
+        if snapshot.format != SNAPSHOT_FORMAT {
+            return Err(SnapshotError::Format(snapshot.format));
+        }
+        let rules: AHashMap<&str, usize> = self
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.name.as_str(), i))
+            .collect();
+        let mut series = HashMap::with_capacity(snapshot.series.len());
+        for s in snapshot.series {
+            let Some(&i) = rules.get(s.rule.as_str()) else {
+                continue;
+            };
+            let key = (
+                i,
+                s.model_id,
+                s.model_version,
+                s.segment,
+                s.feature,
+                s.window_ms,
+            );
+            series.insert(key, s.state);
+        }
+        self.series = series;
+        self.watermark_ms = snapshot.watermark_ms;
+        Ok(())
     }
 
     /// Rebuilds the state from stored alerts (the latest event of each alert
@@ -758,5 +878,225 @@ mod tests {
         assert_ne!(a, alert_id("r", &row("psi", "income", 1, 0.5, 10)));
         assert_ne!(a, alert_id("q", &row("psi", "age", 1, 0.5, 10)));
         assert_eq!(a.len(), 32);
+    }
+
+    // ---- checkpoints ----
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    fn row_s(
+        version: &str,
+        segment: &str,
+        metric: &'static str,
+        feature: &str,
+        window: i64,
+        value: f64,
+        samples: u64,
+    ) -> WindowRow {
+        let mut r = row_v(version, metric, feature, window, value, samples);
+        r.segment = Arc::from(segment);
+        r
+    }
+
+    /// The built-in rules and a few with every condition, run length,
+    /// cooldown, settle time and gate.
+    fn checkpoint_rules() -> Vec<Rule> {
+        let cfg = crate::config::load(None, &Default::default()).unwrap();
+        let mut rules = compile(&cfg);
+        let mut acc = rule("accuracy", Operator::Lt, 0.8);
+        acc.name = "acc".into();
+        acc.segment = "*".into();
+        acc.for_windows = 2;
+        acc.resolve_after = 2;
+        acc.cooldown_ms = 2 * 60_000;
+        let mut gated = rule("accuracy", Operator::Lt, 0.8);
+        gated.name = "gated".into();
+        gated.gate = true;
+        gated.critical_threshold = Some(0.6);
+        let mut prev = rule("prediction_count", Operator::Lt, -0.3);
+        prev.name = "prev".into();
+        prev.segment = "*".into();
+        prev.condition = Condition::PreviousWindow {
+            change: ChangeKind::Relative,
+        };
+        let mut ver = rule("accuracy", Operator::Lt, -0.05);
+        ver.name = "ver".into();
+        ver.version = "v2".into();
+        ver.condition = Condition::Version {
+            version: "v1".into(),
+            change: ChangeKind::Absolute,
+        };
+        let mut settle = rule("label_coverage", Operator::Lt, 0.5);
+        settle.name = "settle".into();
+        settle.settle_ms = 3 * 60_000;
+        let mut psi = rule("psi", Operator::Gt, 0.2);
+        psi.name = "psi".into();
+        psi.feature = Some("*".into());
+        psi.gate = true;
+        rules.extend([acc, gated, prev, ver, settle, psi]);
+        rules
+    }
+
+    /// Random batches of rows (one new window each, sometimes a revision of
+    /// an older one) with their watermark.
+    fn random_batches(seed: u64, n: i64) -> Vec<(Vec<WindowRow>, Option<i64>)> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|b| {
+                let mut windows = vec![b];
+                if b > 0 && rng.gen_bool(0.5) {
+                    windows.push(b - rng.gen_range(1..=b.min(3)));
+                }
+                let mut rows = vec![];
+                for w in windows {
+                    for version in ["v1", "v2"] {
+                        for segment in ["", "country=de"] {
+                            let r = |m, f: &str, v, n| row_s(version, segment, m, f, w, v, n);
+                            let acc = rng.gen_range(0.5..1.0);
+                            rows.push(r("accuracy", "", acc, rng.gen_range(5..400)));
+                            let count = rng.gen_range(100.0..1000.0);
+                            rows.push(r("prediction_count", "", count, count as u64));
+                            let coverage = rng.gen_range(0.2..1.0);
+                            rows.push(r("label_coverage", "", coverage, 300));
+                            let missing = rng.gen_range(0.0..0.4);
+                            rows.push(r("missing_rate", "age", missing, 300));
+                            rows.push(r("latency_p99", "", rng.gen_range(10.0..900.0), 300));
+                            for f in ["age", "income"] {
+                                let n = rng.gen_range(50..1000);
+                                rows.push(r("psi", f, rng.gen_range(0.0..0.5), n));
+                                let mut d = r("drift_detected", f, f64::from(rng.gen_bool(0.3)), n);
+                                d.value.p_value = Some(rng.gen_range(0.0..0.1));
+                                rows.push(d);
+                            }
+                        }
+                    }
+                }
+                let wm = rng
+                    .gen_bool(0.5)
+                    .then(|| (b + 1) * 60_000 - rng.gen_range(0..120_000));
+                (rows, wm)
+            })
+            .collect()
+    }
+
+    fn step_batch(
+        e: &mut AlertEngine,
+        b: usize,
+        batch: &(Vec<WindowRow>, Option<i64>),
+    ) -> Vec<AlertEvent> {
+        let mut out = vec![];
+        e.evaluate(&batch.0, batch.1, 1_000 * b as i64 + 7, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_restored_snapshot_goes_on_exactly_as_the_original() {
+        for seed in 0..4 {
+            let batches = random_batches(seed, 60);
+            let mut original = AlertEngine::new(checkpoint_rules());
+            let mut events = vec![];
+            let mut snapshots = vec![];
+            for (b, batch) in batches.iter().enumerate() {
+                snapshots.push(original.snapshot());
+                events.push(step_batch(&mut original, b, batch));
+            }
+            let all: Vec<&AlertEvent> = events.iter().flatten().collect();
+            assert!(
+                all.iter().any(|a| a.status == AlertStatus::Resolved),
+                "seed {seed}"
+            );
+            assert!(
+                all.iter()
+                    .filter(|a| a.status == AlertStatus::Firing)
+                    .count()
+                    > 10
+            );
+            let end = original.snapshot();
+            for split in [0, 1, 7, 23, 42, 59] {
+                let mut restored = AlertEngine::new(checkpoint_rules());
+                restored.restore_snapshot(&snapshots[split]).unwrap();
+                assert_eq!(
+                    restored.snapshot(),
+                    snapshots[split],
+                    "same state, same bytes"
+                );
+                for (b, batch) in batches.iter().enumerate().skip(split) {
+                    assert_eq!(
+                        step_batch(&mut restored, b, batch),
+                        events[b],
+                        "seed {seed} split {split} batch {b}"
+                    );
+                }
+                assert_eq!(restored.snapshot(), end);
+                assert_eq!(restored.active_alerts(), original.active_alerts());
+            }
+        }
+    }
+
+    #[test]
+    fn restore_snapshot_drops_the_series_of_removed_rules() {
+        let batches = random_batches(9, 30);
+        let mut both = AlertEngine::new(checkpoint_rules());
+        for (b, batch) in batches.iter().take(20).enumerate() {
+            step_batch(&mut both, b, batch);
+        }
+        let snapshot = both.snapshot();
+        // The same rules but one, in another order (indices shift).
+        let mut rules: Vec<Rule> = checkpoint_rules()
+            .into_iter()
+            .filter(|r| r.name != "acc")
+            .collect();
+        rules.reverse();
+        let mut fewer = AlertEngine::new(rules);
+        fewer.restore_snapshot(&snapshot).unwrap();
+        let expected: Vec<AlertEvent> = both
+            .active_alerts()
+            .into_iter()
+            .filter(|a| a.rule != "acc")
+            .collect();
+        assert!(both.active_alerts().iter().any(|a| a.rule == "acc"));
+        assert_eq!(fewer.active_alerts(), expected);
+        // Events of a batch come in rule order: compare them sorted.
+        let sorted = |mut v: Vec<AlertEvent>| {
+            v.sort_by(|a, b| {
+                (&a.alert_id, a.status.as_str()).cmp(&(&b.alert_id, b.status.as_str()))
+            });
+            v
+        };
+        for (b, batch) in batches.iter().enumerate().skip(20) {
+            let want: Vec<AlertEvent> = step_batch(&mut both, b, batch)
+                .into_iter()
+                .filter(|a| a.rule != "acc")
+                .collect();
+            assert_eq!(
+                sorted(step_batch(&mut fewer, b, batch)),
+                sorted(want),
+                "batch {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_snapshot_is_an_error_and_changes_nothing() {
+        let mut e = AlertEngine::new(vec![rule("accuracy", Operator::Lt, 0.8)]);
+        run(&mut e, &[row("accuracy", "", 1, 0.7, 100)]);
+        let before = e.snapshot();
+        assert!(matches!(
+            e.restore_snapshot(b"not a snapshot"),
+            Err(SnapshotError::Decode(_))
+        ));
+        let other = rmp_serde::to_vec(&SnapshotOut {
+            format: SNAPSHOT_FORMAT + 1,
+            watermark_ms: 0,
+            series: vec![],
+        })
+        .unwrap();
+        assert!(matches!(
+            e.restore_snapshot(&other),
+            Err(SnapshotError::Format(f)) if f == SNAPSHOT_FORMAT + 1
+        ));
+        assert_eq!(e.snapshot(), before);
+        assert_eq!(e.firing(), 1);
     }
 }

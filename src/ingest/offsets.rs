@@ -1,89 +1,96 @@
-//! Which offsets are safe to commit: a message may be committed once what it
-//! produced is durable. Pure bookkeeping, no Kafka types.
+//! Input positions: per (topic, partition), the offset after the last
+//! message the processing state holds. Pure bookkeeping, no Kafka types.
 //!
-//! Each consumed message gets a *due time*: the event time at which its
-//! effect is in the rows written so far (the end of its largest window).
-//! After rows up to watermark `W` are durable, a partition can commit up to
-//! (not including) its first message whose due time is after `W`.
-//!
-//! Per partition we keep a deque of `(offset, due)` with strictly
-//! increasing `due`: a message whose due time is not above an earlier one's
-//! can never be the first blocker, so it needs no entry. With in-order input
-//! the deque holds about one entry per open window.
+//! The positions are checkpointed with the state (see [`crate::state`]) and
+//! are what the service commits to Kafka after each checkpoint. A message
+//! below its partition's position is already in the state: after a restart
+//! (the group's committed offsets can trail the checkpoint by one commit) or
+//! a rebalance (librdkafka resumes from the committed offset) Kafka delivers
+//! it again, and it is skipped, so nothing is counted twice.
 
-use std::collections::VecDeque;
+/// What [`Positions::advance`] decided about a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Next in line: process it.
+    Next,
+    /// Already in the state: skip it.
+    Redelivered,
+    /// Process it, but offsets between the position and this one were never
+    /// seen (compacted away, transaction markers, or the group committed
+    /// past this state's checkpoint): this many.
+    Gap(i64),
+}
 
-/// Safe commit positions per (topic, partition).
-#[derive(Debug, Default)]
-pub struct OffsetTracker {
+/// Positions per (topic, partition).
+#[derive(Debug, Default, Clone)]
+pub struct Positions {
     /// A handful of partitions per instance: a vector searched by `&str`
     /// avoids allocating a key per message.
-    parts: Vec<(String, i32, PartitionOffsets)>,
+    parts: Vec<(String, i32, i64)>,
+    /// Positions changed since the last [`Positions::take_moved`].
+    moved: bool,
 }
 
-#[derive(Debug, Default)]
-struct PartitionOffsets {
-    /// Offset after the last message seen (the commit position when nothing blocks).
-    next: i64,
-    blockers: VecDeque<(i64, i64)>,
-    committed: Option<i64>,
-}
-
-impl OffsetTracker {
-    /// An empty tracker.
+impl Positions {
+    /// No position known: every partition starts wherever Kafka starts it.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Records message `offset` of `topic`/`partition` whose output is durable
-    /// once rows up to event time `due_ms` are written (`None`: nothing to wait for).
-    pub fn record(&mut self, topic: &str, partition: i32, offset: i64, due_ms: Option<i64>) {
-        let i = match self
+    /// The positions of a checkpoint.
+    pub fn restored(parts: Vec<(String, i32, i64)>) -> Self {
+        Positions {
+            parts,
+            moved: false,
+        }
+    }
+
+    /// Records message `offset` of `topic`/`partition`; says whether it is
+    /// new to the state.
+    #[inline]
+    pub fn advance(&mut self, topic: &str, partition: i32, offset: i64) -> Step {
+        match self
             .parts
-            .iter()
-            .position(|(t, p, _)| *p == partition && t == topic)
+            .iter_mut()
+            .find(|(t, p, _)| *p == partition && t == topic)
         {
-            Some(i) => i,
+            Some((_, _, next)) => {
+                if offset < *next {
+                    return Step::Redelivered;
+                }
+                let gap = offset - *next;
+                *next = offset + 1;
+                self.moved = true;
+                if gap > 0 {
+                    Step::Gap(gap)
+                } else {
+                    Step::Next
+                }
+            }
             None => {
-                self.parts
-                    .push((topic.to_string(), partition, PartitionOffsets::default()));
-                self.parts.len() - 1
-            }
-        };
-        let p = &mut self.parts[i].2;
-        p.next = p.next.max(offset + 1);
-        if let Some(due) = due_ms {
-            if p.blockers.back().is_none_or(|&(_, d)| due > d) {
-                p.blockers.push_back((offset, due));
+                self.parts.push((topic.to_string(), partition, offset + 1));
+                self.moved = true;
+                Step::Next
             }
         }
     }
 
-    /// Rows up to watermark `durable_ms` are written: returns the partitions
-    /// whose commit position moved, with the new position.
-    pub fn advance(&mut self, durable_ms: i64) -> Vec<(String, i32, i64)> {
-        let mut moved = Vec::new();
-        for (topic, partition, p) in self.parts.iter_mut() {
-            while p
-                .blockers
-                .front()
-                .is_some_and(|&(_, due)| due <= durable_ms)
-            {
-                p.blockers.pop_front();
-            }
-            let position = p.blockers.front().map_or(p.next, |&(o, _)| o);
-            if p.committed != Some(position) && position > 0 {
-                p.committed = Some(position);
-                moved.push((topic.clone(), *partition, position));
-            }
-        }
-        moved
-    }
-
-    /// Forgets a partition (revoked).
-    pub fn remove(&mut self, topic: &str, partition: i32) {
+    /// The position of one partition, if any message of it is in the state.
+    pub fn get(&self, topic: &str, partition: i32) -> Option<i64> {
         self.parts
-            .retain(|(t, p, _)| !(*p == partition && t == topic));
+            .iter()
+            .find(|(t, p, _)| *p == partition && t == topic)
+            .map(|(_, _, o)| *o)
+    }
+
+    /// Every position, for a checkpoint.
+    pub fn all(&self) -> Vec<(String, i32, i64)> {
+        self.parts.clone()
+    }
+
+    /// True once when positions moved since the previous call (a commit is due).
+    pub fn take_moved(&mut self) -> bool {
+        std::mem::take(&mut self.moved)
     }
 }
 
@@ -92,29 +99,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn commits_up_to_the_first_message_not_yet_durable() {
-        let mut t = OffsetTracker::new();
-        t.record("p", 0, 0, Some(100));
-        t.record("p", 0, 1, Some(100));
-        t.record("p", 0, 2, Some(200));
-        t.record("p", 0, 3, Some(150)); // out of order: covered by offset 2
-        t.record("p", 1, 7, None);
-        let mut moved = t.advance(99);
-        moved.sort();
-        assert_eq!(moved, vec![("p".into(), 1, 8)]);
-        assert_eq!(t.advance(100), vec![("p".into(), 0, 2)]);
-        assert!(t.advance(120).is_empty(), "no change, nothing to commit");
-        assert_eq!(t.advance(200), vec![("p".into(), 0, 4)]);
+    fn new_messages_advance_and_redeliveries_are_skipped() {
+        let mut p = Positions::new();
+        assert_eq!(
+            p.advance("t", 0, 5),
+            Step::Next,
+            "the first message of a partition"
+        );
+        assert_eq!(p.advance("t", 0, 6), Step::Next);
+        assert_eq!(p.advance("t", 1, 0), Step::Next);
+        assert_eq!(p.get("t", 0), Some(7));
+        assert!(p.take_moved());
+        assert!(!p.take_moved());
+        // A rebalance restarts the partition at an older committed offset.
+        assert_eq!(p.advance("t", 0, 5), Step::Redelivered);
+        assert_eq!(p.advance("t", 0, 6), Step::Redelivered);
+        assert!(!p.take_moved(), "skipped messages move nothing");
+        assert_eq!(p.advance("t", 0, 7), Step::Next);
+        assert_eq!(p.advance("t", 0, 10), Step::Gap(2));
+        let mut all = p.all();
+        all.sort();
+        assert_eq!(all, vec![("t".into(), 0, 11), ("t".into(), 1, 1)]);
     }
 
     #[test]
-    fn an_early_message_blocks_later_durable_ones() {
-        let mut t = OffsetTracker::new();
-        t.record("g", 0, 10, Some(500));
-        t.record("g", 0, 11, Some(600));
-        assert_eq!(t.advance(400), vec![("g".into(), 0, 10)]);
-        assert_eq!(t.advance(550), vec![("g".into(), 0, 11)]);
-        t.remove("g", 0);
-        assert!(t.advance(1000).is_empty());
+    fn restored_positions_skip_what_the_checkpoint_holds() {
+        let mut p = Positions::restored(vec![("g".into(), 3, 100)]);
+        assert_eq!(p.advance("g", 3, 98), Step::Redelivered);
+        assert_eq!(p.advance("g", 3, 99), Step::Redelivered);
+        assert_eq!(p.advance("g", 3, 100), Step::Next);
+        assert_eq!(p.get("g", 3), Some(101));
+        assert_eq!(p.get("g", 4), None);
     }
 }

@@ -17,12 +17,22 @@
 //!   sibling prediction arriving just after it still matches.
 //! - The same request id and model twice is a duplicate: counted, first kept.
 //! - A second label for a request id is a duplicate label: counted, first kept.
+//! - Beyond `max_pending` predictions, the request whose earliest prediction
+//!   expires soonest is expired early (labels due before it are expired too).
+//!
+//! Checkpoints: every request changed since the last
+//! [`JoinState::drain_changes`] is handed out whole ([`StoredRequest`]), so a
+//! store of them is the state and [`JoinState::restore`] rebuilds it. What a
+//! request does next depends only on its stored state: the expiry queue may
+//! hold stale entries, but they are skipped, so the queue rebuilt at restore
+//! behaves as the original one.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
+use serde::{Deserialize, Serialize};
 
 use crate::model::Label;
 
@@ -85,6 +95,15 @@ pub enum LabelInsert {
     Duplicate,
 }
 
+/// A request's whole join state as stored in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRequest<P> {
+    /// (model, event time, payload) of each prediction waiting for its label.
+    pub predictions: Vec<(u32, i64, P)>,
+    /// The label held for the request: the label, when it expires, the models it completed.
+    pub label: Option<(Label, i64, Vec<u32>)>,
+}
+
 struct PendingPrediction<P> {
     model: u32,
     ts: i64,
@@ -100,7 +119,7 @@ struct EarlyLabel {
 
 struct PendingRequest<P> {
     predictions: Vec<PendingPrediction<P>>,
-    /// The latest expiry among the predictions (the request is expired entry by entry).
+    /// The earliest expiry among the predictions: the request's live queue entry.
     expires_at: i64,
 }
 
@@ -115,10 +134,23 @@ pub struct JoinState<P> {
     cfg: JoinConfig,
     pending: AHashMap<Arc<str>, PendingRequest<P>>,
     early: AHashMap<Arc<str>, EarlyLabel>,
-    /// Expiry queue: (expires_at, side, key). Entries may be stale (the key
-    /// matched or expires later); stale entries are skipped when popped.
+    /// Expiry queue: (expires_at, side, key). An entry is live when its key
+    /// has a pending request (side `Prediction`) or a label (side `Label`)
+    /// with exactly that `expires_at`; other entries are stale (the key
+    /// matched, expired, or expires at another time) and skipped when popped.
+    /// So the queue acts as if it held only the live entries, which is what
+    /// [`JoinState::restore`] rebuilds.
     queue: BinaryHeap<Reverse<(i64, Side, Arc<str>)>>,
     pending_predictions: usize,
+    /// Requests changed since the last [`JoinState::drain_changes`].
+    changed: AHashSet<Arc<str>>,
+}
+
+/// The key of `map` equal to `id` (which must be present), sharing its allocation.
+fn key_of<V>(map: &AHashMap<Arc<str>, V>, id: &str) -> Arc<str> {
+    map.get_key_value(id)
+        .map(|(k, _)| k.clone())
+        .expect("key present")
 }
 
 impl<P> JoinState<P> {
@@ -130,6 +162,7 @@ impl<P> JoinState<P> {
             early: AHashMap::new(),
             queue: BinaryHeap::new(),
             pending_predictions: 0,
+            changed: AHashSet::new(),
         }
     }
 
@@ -141,6 +174,60 @@ impl<P> JoinState<P> {
     /// Labels waiting for (more) predictions.
     pub fn early_labels(&self) -> usize {
         self.early.len()
+    }
+
+    /// Number of changed requests not yet drained by [`JoinState::drain_changes`].
+    pub fn changed(&self) -> usize {
+        self.changed.len()
+    }
+
+    /// Puts back one request from a checkpoint (at startup, before any
+    /// event): rebuilds its expiry queue entries and the counters. Replaces
+    /// what the join held for `request_id`. Not recorded as a change.
+    ///
+    /// The predictions expire at their timestamp plus the configured
+    /// horizon; the label at the stored `expires_at`.
+    pub fn restore(&mut self, request_id: &str, r: StoredRequest<P>) {
+        let key: Arc<str> = Arc::from(request_id);
+        if let Some(old) = self.pending.remove(request_id) {
+            self.pending_predictions -= old.predictions.len();
+        }
+        self.early.remove(request_id);
+        let horizon = self.cfg.label_horizon_ms;
+        if let Some(expires_at) = r
+            .predictions
+            .iter()
+            .map(|(_, ts, _)| ts.saturating_add(horizon))
+            .min()
+        {
+            self.pending_predictions += r.predictions.len();
+            self.queue
+                .push(Reverse((expires_at, Side::Prediction, key.clone())));
+            let predictions = r
+                .predictions
+                .into_iter()
+                .map(|(model, ts, payload)| PendingPrediction { model, ts, payload })
+                .collect();
+            self.pending.insert(
+                key.clone(),
+                PendingRequest {
+                    predictions,
+                    expires_at,
+                },
+            );
+        }
+        if let Some((label, expires_at, matched_models)) = r.label {
+            self.queue
+                .push(Reverse((expires_at, Side::Label, key.clone())));
+            self.early.insert(
+                key,
+                EarlyLabel {
+                    label: Arc::new(label),
+                    expires_at,
+                    matched_models,
+                },
+            );
+        }
     }
 
     /// Adds a prediction of `model` (the caller's id for model + version).
@@ -177,6 +264,9 @@ impl<P> JoinState<P> {
                 prediction_ts: ts,
                 label: early.label.clone(),
             });
+            if !self.changed.contains(request_id) {
+                self.changed.insert(key_of(&self.early, request_id));
+            }
             return PredictionInsert::Matched;
         }
         let expires_at = ts.saturating_add(self.cfg.label_horizon_ms);
@@ -190,15 +280,15 @@ impl<P> JoinState<P> {
                 payload: payload(),
             });
             self.pending_predictions += 1;
-            if expires_at > req.expires_at {
+            if expires_at < req.expires_at {
+                // Expires before its siblings: it becomes the request's live entry.
                 req.expires_at = expires_at;
-                let key = self
-                    .pending
-                    .get_key_value(request_id)
-                    .map(|(k, _)| k.clone())
-                    .expect("key present");
+                let key = key_of(&self.pending, request_id);
                 self.queue
-                    .push(Reverse((expires_at, Side::Prediction, key)));
+                    .push(Reverse((expires_at, Side::Prediction, key.clone())));
+                self.changed.insert(key);
+            } else if !self.changed.contains(request_id) {
+                self.changed.insert(key_of(&self.pending, request_id));
             }
             return PredictionInsert::Pending;
         }
@@ -208,6 +298,7 @@ impl<P> JoinState<P> {
         let key: Arc<str> = Arc::from(request_id);
         self.queue
             .push(Reverse((expires_at, Side::Prediction, key.clone())));
+        self.changed.insert(key.clone());
         self.pending.insert(
             key,
             PendingRequest {
@@ -256,6 +347,7 @@ impl<P> JoinState<P> {
         // (other models scoring the same request) arriving later still match.
         self.queue
             .push(Reverse((expires_at, Side::Label, key.clone())));
+        self.changed.insert(key.clone());
         self.early.insert(
             key,
             EarlyLabel {
@@ -282,7 +374,7 @@ impl<P> JoinState<P> {
             let Some(Reverse((at, side, key))) = self.queue.pop() else {
                 break;
             };
-            self.expire_entry(at, side, &key, now, out);
+            self.expire_entry(at, side, key, now, out);
         }
     }
 
@@ -290,52 +382,64 @@ impl<P> JoinState<P> {
         &mut self,
         at: i64,
         side: Side,
-        key: &Arc<str>,
+        key: Arc<str>,
         now: i64,
         out: &mut Vec<Joined<P>>,
     ) {
         match side {
             Side::Prediction => {
-                let Some(req) = self.pending.get_mut(key) else {
+                let Some(req) = self.pending.get_mut(&key) else {
                     return;
                 };
+                if req.expires_at != at {
+                    return; // stale
+                }
                 let horizon = self.cfg.label_horizon_ms;
                 let before = req.predictions.len();
+                let mut next = i64::MAX;
                 let mut i = 0;
                 while i < req.predictions.len() {
-                    if req.predictions[i].ts.saturating_add(horizon) <= now.max(at) {
+                    let expires_at = req.predictions[i].ts.saturating_add(horizon);
+                    if expires_at <= now {
                         let p = req.predictions.swap_remove(i);
                         out.push(Joined::Expired {
                             payload: p.payload,
                             prediction_ts: p.ts,
                         });
                     } else {
+                        next = next.min(expires_at);
                         i += 1;
                     }
                 }
                 self.pending_predictions -= before - req.predictions.len();
                 if req.predictions.is_empty() {
-                    self.pending.remove(key);
+                    self.pending.remove(&key);
+                } else {
+                    req.expires_at = next;
+                    self.queue
+                        .push(Reverse((next, Side::Prediction, key.clone())));
                 }
+                self.changed.insert(key);
             }
             Side::Label => {
-                if let Some(e) = self.early.get(key) {
-                    if e.expires_at <= at {
-                        let e = self.early.remove(key).expect("present");
-                        if e.matched_models.is_empty() {
-                            out.push(Joined::Orphan { label: e.label });
-                        }
+                if self.early.get(&key).is_some_and(|e| e.expires_at == at) {
+                    let e = self.early.remove(&key).expect("present");
+                    if e.matched_models.is_empty() {
+                        out.push(Joined::Orphan { label: e.label });
                     }
+                    self.changed.insert(key);
                 }
             }
         }
     }
 
-    /// Expires the request that would expire soonest (memory cap reached).
+    /// Expires the request that would expire soonest (memory cap reached),
+    /// and the labels due before it.
     fn evict_one(&mut self, out: &mut Vec<Joined<P>>) {
-        while let Some(Reverse((_, side, key))) = self.queue.pop() {
+        while let Some(Reverse((at, side, key))) = self.queue.pop() {
             if side == Side::Prediction {
-                if let Some(req) = self.pending.remove(&key) {
+                if self.pending.get(&key).is_some_and(|r| r.expires_at == at) {
+                    let req = self.pending.remove(&key).expect("present");
                     self.pending_predictions -= req.predictions.len();
                     for p in req.predictions {
                         out.push(Joined::Expired {
@@ -343,13 +447,37 @@ impl<P> JoinState<P> {
                             prediction_ts: p.ts,
                         });
                     }
+                    self.changed.insert(key);
                     return;
                 }
-            } else if let Some(e) = self.early.remove(&key) {
+            } else if self.early.get(&key).is_some_and(|e| e.expires_at == at) {
+                let e = self.early.remove(&key).expect("present");
                 if e.matched_models.is_empty() {
                     out.push(Joined::Orphan { label: e.label });
                 }
+                self.changed.insert(key);
             }
+        }
+    }
+}
+
+impl<P: Clone> JoinState<P> {
+    /// Hands every request changed since the last call to `f`: its current
+    /// state, or `None` when it is gone. Clears the change set.
+    pub fn drain_changes(&mut self, mut f: impl FnMut(&str, Option<StoredRequest<P>>)) {
+        for key in self.changed.drain() {
+            let pending = self.pending.get(&key);
+            let early = self.early.get(&key);
+            let stored = (pending.is_some() || early.is_some()).then(|| StoredRequest {
+                predictions: pending.map_or_else(Vec::new, |r| {
+                    r.predictions
+                        .iter()
+                        .map(|p| (p.model, p.ts, p.payload.clone()))
+                        .collect()
+                }),
+                label: early.map(|e| ((*e.label).clone(), e.expires_at, e.matched_models.clone())),
+            });
+            f(&key, stored);
         }
     }
 }
@@ -566,5 +694,350 @@ mod tests {
             }]
         );
         assert_eq!(j.pending_predictions(), 2);
+    }
+
+    // ---- checkpoints: change tracking and restore ----
+
+    use std::collections::BTreeMap;
+
+    /// Everything the join holds, as [`JoinState::drain_changes`] would store it.
+    fn full_state<P: Clone>(j: &JoinState<P>) -> BTreeMap<String, StoredRequest<P>> {
+        let keys: Vec<&Arc<str>> = j.pending.keys().chain(j.early.keys()).collect();
+        keys.into_iter()
+            .map(|k| {
+                let r = StoredRequest {
+                    predictions: j.pending.get(k).map_or_else(Vec::new, |r| {
+                        r.predictions
+                            .iter()
+                            .map(|p| (p.model, p.ts, p.payload.clone()))
+                            .collect()
+                    }),
+                    label: j
+                        .early
+                        .get(k)
+                        .map(|e| ((*e.label).clone(), e.expires_at, e.matched_models.clone())),
+                };
+                (k.to_string(), r)
+            })
+            .collect()
+    }
+
+    /// Drains the changes into `store` (insert on `Some`, remove on `None`).
+    fn drain_into<P: Clone>(j: &mut JoinState<P>, store: &mut BTreeMap<String, StoredRequest<P>>) {
+        j.drain_changes(|k, r| match r {
+            Some(r) => {
+                store.insert(k.to_string(), r);
+            }
+            None => {
+                store.remove(k);
+            }
+        });
+        assert_eq!(j.changed(), 0);
+    }
+
+    fn restored<P: Clone>(
+        cfg: JoinConfig,
+        store: &BTreeMap<String, StoredRequest<P>>,
+    ) -> JoinState<P> {
+        let mut j = JoinState::new(cfg);
+        for (k, r) in store {
+            j.restore(k, r.clone());
+        }
+        assert_eq!(j.changed(), 0, "restoring is not a change");
+        j
+    }
+
+    #[test]
+    fn changes_hand_out_whole_requests_and_departures() {
+        let mut j = join();
+        let mut out = vec![];
+        assert_eq!(j.changed(), 0);
+        j.insert_prediction("r1", 0, 10, "a", &mut out);
+        j.insert_prediction("r1", 1, 12, "b", &mut out);
+        j.insert_label("r2", label(20, "1"), &mut out);
+        assert_eq!(j.changed(), 2);
+        let mut got = BTreeMap::new();
+        j.drain_changes(|k, r| {
+            got.insert(k.to_string(), r);
+        });
+        assert_eq!(j.changed(), 0);
+        assert_eq!(
+            got["r1"],
+            Some(StoredRequest {
+                predictions: vec![(0, 10, "a"), (1, 12, "b")],
+                label: None,
+            })
+        );
+        assert_eq!(
+            got["r2"],
+            Some(StoredRequest {
+                predictions: vec![],
+                label: Some((label(20, "1"), 20 + TTL, vec![])),
+            })
+        );
+        // Duplicates change nothing.
+        j.insert_prediction("r1", 0, 11, "again", &mut out);
+        j.insert_label("r2", label(21, "0"), &mut out);
+        assert_eq!(j.changed(), 0);
+        // A match moves the request to its label; an expiry removes it.
+        j.insert_label("r1", label(30, "0"), &mut out);
+        j.expire(20 + TTL, &mut out);
+        let mut got = BTreeMap::new();
+        j.drain_changes(|k, r| {
+            got.insert(k.to_string(), r);
+        });
+        assert_eq!(
+            got["r1"],
+            Some(StoredRequest {
+                predictions: vec![],
+                label: Some((label(30, "0"), 30 + TTL, vec![0, 1])),
+            })
+        );
+        assert_eq!(got["r2"], None);
+        assert_eq!(got.len(), 2);
+    }
+
+    #[test]
+    fn restore_rebuilds_counters_and_expiry() {
+        let mut j = join();
+        let mut out = vec![];
+        j.insert_prediction("r1", 0, 10, "a", &mut out);
+        j.insert_prediction("r1", 1, 500, "b", &mut out);
+        j.insert_label("r2", label(20, "1"), &mut out);
+        j.insert_label("r3", label(25, "1"), &mut out);
+        j.insert_prediction("r3", 0, 24, "c", &mut out);
+        let mut store = BTreeMap::new();
+        drain_into(&mut j, &mut store);
+        let mut r = restored(
+            JoinConfig {
+                label_horizon_ms: H,
+                early_label_ttl_ms: TTL,
+                max_pending: 1_000,
+            },
+            &store,
+        );
+        assert_eq!(r.pending_predictions(), 2);
+        assert_eq!(r.early_labels(), 2);
+        // The matched sibling's label is still there; its model is a duplicate.
+        assert_eq!(
+            r.insert_prediction("r3", 0, 26, "again", &mut out),
+            PredictionInsert::Duplicate
+        );
+        out.clear();
+        r.expire(10 + H, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Joined::Orphan {
+                    label: Arc::new(label(20, "1"))
+                },
+                Joined::Expired {
+                    payload: "a",
+                    prediction_ts: 10
+                },
+            ]
+        );
+        assert_eq!((r.pending_predictions(), r.early_labels()), (1, 0));
+    }
+
+    #[test]
+    fn stored_requests_round_trip_through_message_pack() {
+        let r = StoredRequest {
+            predictions: vec![(3, -5, (7u32, 9i64)), (4, 6, (8, 10))],
+            label: Some((
+                Label {
+                    actual_label: None,
+                    actual_value: Some(0.25),
+                    timestamp: 42,
+                },
+                142,
+                vec![1, 2],
+            )),
+        };
+        let bytes = rmp_serde::to_vec(&r).unwrap();
+        assert_eq!(
+            rmp_serde::from_slice::<StoredRequest<(u32, i64)>>(&bytes).unwrap(),
+            r
+        );
+    }
+
+    /// A stale queue entry (from an earlier life of the request id) neither
+    /// evicts nor expires the request's current life: the state is what the
+    /// maps hold, so a restored join evicts the same request.
+    #[test]
+    fn stale_entries_do_not_act_and_eviction_survives_restore() {
+        let cfg = JoinConfig {
+            label_horizon_ms: H,
+            early_label_ttl_ms: TTL,
+            max_pending: 2,
+        };
+        let mut j: JoinState<u32> = JoinState::new(cfg);
+        let mut out = vec![];
+        j.insert_prediction("a", 0, 0, 1, &mut out); // queue: (H, a)
+        j.insert_label("a", label(10, "1"), &mut out);
+        j.expire(10 + TTL, &mut out); // a leaves; (H, a) stays, stale
+        j.insert_prediction("a", 0, 100, 2, &mut out); // expires at 100 + H
+        j.insert_prediction("b", 0, 50, 3, &mut out); // expires at 50 + H
+        let mut store = BTreeMap::new();
+        drain_into(&mut j, &mut store);
+        let mut r = restored(cfg, &store);
+        let (mut o1, mut o2) = (vec![], vec![]);
+        j.insert_prediction("c", 0, 60, 4, &mut o1);
+        r.insert_prediction("c", 0, 60, 4, &mut o2);
+        let b = vec![Joined::Expired {
+            payload: 3,
+            prediction_ts: 50,
+        }];
+        assert_eq!(o1, b, "the soonest-expiring request is evicted");
+        assert_eq!(o2, b);
+        assert_eq!(full_state(&j), full_state(&r));
+    }
+
+    /// A sibling prediction that expires before the request's first one
+    /// expires at its own horizon.
+    #[test]
+    fn an_earlier_sibling_expires_at_its_own_horizon() {
+        let mut j = join();
+        let mut out = vec![];
+        j.insert_prediction("r1", 0, 500, "late", &mut out);
+        j.insert_prediction("r1", 1, 100, "early", &mut out);
+        j.expire(100 + H, &mut out);
+        assert_eq!(
+            out,
+            vec![Joined::Expired {
+                payload: "early",
+                prediction_ts: 100
+            }]
+        );
+        out.clear();
+        j.expire(500 + H, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(j.pending_predictions(), 0);
+    }
+
+    mod proptests {
+        use super::*;
+        use proptest::prelude::*;
+
+        const H: i64 = 500;
+        const TTL: i64 = 150;
+
+        type Pay = (u32, i64);
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Prediction { req: u8, model: u32, dt: i64 },
+            Label { req: u8, dt: i64 },
+            Expire { advance: i64 },
+            Drain,
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                5 => (0u8..8, 0u32..3, -300i64..300)
+                    .prop_map(|(req, model, dt)| Op::Prediction { req, model, dt }),
+                3 => (0u8..8, -200i64..200).prop_map(|(req, dt)| Op::Label { req, dt }),
+                2 => (0i64..250).prop_map(|advance| Op::Expire { advance }),
+                1 => Just(Op::Drain),
+            ]
+        }
+
+        #[derive(Debug, PartialEq)]
+        enum Step {
+            Prediction(PredictionInsert, Vec<Joined<Pay>>),
+            Label(LabelInsert, Vec<Joined<Pay>>),
+            Expire(Vec<Joined<Pay>>),
+            Drain(BTreeMap<String, Option<StoredRequest<Pay>>>),
+        }
+
+        /// Applies `op` (the `i`-th) at watermark `now`.
+        fn apply(j: &mut JoinState<Pay>, now: &mut i64, i: usize, op: &Op) -> Step {
+            let mut out = vec![];
+            match *op {
+                Op::Prediction { req, model, dt } => {
+                    let ts = *now + dt;
+                    let r = j.insert_prediction(
+                        &format!("r{req}"),
+                        model,
+                        ts,
+                        (i as u32, ts),
+                        &mut out,
+                    );
+                    Step::Prediction(r, out)
+                }
+                Op::Label { req, dt } => {
+                    let l = Label {
+                        actual_label: Some(format!("{i}").into()),
+                        actual_value: Some(i as f64 / 3.0),
+                        timestamp: *now + dt,
+                    };
+                    Step::Label(j.insert_label(&format!("r{req}"), l, &mut out), out)
+                }
+                Op::Expire { advance } => {
+                    *now += advance;
+                    j.expire(*now, &mut out);
+                    Step::Expire(out)
+                }
+                Op::Drain => {
+                    let mut got = BTreeMap::new();
+                    j.drain_changes(|k, r| {
+                        got.insert(k.to_string(), r);
+                    });
+                    Step::Drain(got)
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Changes drained at random points into a store, restored into a
+            /// fresh join: it behaves as the original for any continuation.
+            #[test]
+            fn restored_join_behaves_as_the_original(
+                max_pending in prop_oneof![1usize..8, Just(1_000)],
+                prefix in proptest::collection::vec(op(), 0..80),
+                continuation in proptest::collection::vec(op(), 0..80),
+            ) {
+                let cfg = JoinConfig {
+                    label_horizon_ms: H,
+                    early_label_ttl_ms: TTL,
+                    max_pending,
+                };
+                let mut a: JoinState<Pay> = JoinState::new(cfg);
+                let mut store = BTreeMap::new();
+                let mut now = 0;
+                for (i, op) in prefix.iter().enumerate() {
+                    if let Step::Drain(got) = apply(&mut a, &mut now, i, op) {
+                        for (k, r) in got {
+                            match r {
+                                Some(r) => { store.insert(k, r); }
+                                None => { store.remove(&k); }
+                            }
+                        }
+                    }
+                }
+                drain_into(&mut a, &mut store);
+                prop_assert_eq!(&store, &full_state(&a));
+                let mut b = restored(cfg, &store);
+                prop_assert_eq!(b.pending_predictions(), a.pending_predictions());
+                prop_assert_eq!(b.early_labels(), a.early_labels());
+                let mut now_b = now;
+                for (i, op) in continuation.iter().enumerate() {
+                    let i = prefix.len() + i;
+                    let sa = apply(&mut a, &mut now, i, op);
+                    let sb = apply(&mut b, &mut now_b, i, op);
+                    prop_assert_eq!(sa, sb, "op {} {:?}", i, op);
+                    prop_assert_eq!(a.pending_predictions(), b.pending_predictions());
+                    prop_assert_eq!(a.early_labels(), b.early_labels());
+                    prop_assert_eq!(a.changed(), b.changed());
+                }
+                prop_assert_eq!(full_state(&a), full_state(&b));
+                let end = Op::Expire { advance: i64::MAX / 4 };
+                let n = prefix.len() + continuation.len();
+                prop_assert_eq!(apply(&mut a, &mut now, n, &end), apply(&mut b, &mut now_b, n, &end));
+                prop_assert_eq!((a.pending_predictions(), a.early_labels()), (0, 0));
+            }
+        }
     }
 }

@@ -4,11 +4,26 @@
 //! has arrived for `idle_timeout` (wall clock), it follows the wall clock
 //! instead (`wall − allowed lateness`, never moving backwards), so a finished
 //! replay or a quiet stream still closes its windows and expires its state.
+//!
+//! Checkpoints keep the event-time state ([`WatermarkState`]) but not the
+//! wall-clock time of the last input: after a restart the idle timer starts
+//! again at the restart ([`Watermark::restored`]).
+
+use serde::{Deserialize, Serialize};
 
 /// Start of the tumbling window of `size_ms` that contains `ts`.
 #[inline]
 pub fn window_start(ts: i64, size_ms: i64) -> i64 {
     ts.div_euclid(size_ms) * size_ms
+}
+
+/// The event-time state of a [`Watermark`], as stored in a checkpoint.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatermarkState {
+    /// The newest event time seen.
+    pub max_event_ms: Option<i64>,
+    /// The highest watermark handed out.
+    pub emitted: Option<i64>,
 }
 
 /// Tracks the watermark over both input streams.
@@ -31,6 +46,34 @@ impl Watermark {
             max_event_ms: None,
             last_input_wall_ms: None,
             emitted: None,
+        }
+    }
+
+    /// A watermark with the event-time state of a checkpoint, restarted at
+    /// wall-clock time `wall_ms_now`: the idle timer counts from then, as if
+    /// input had just arrived. A state with nothing seen gives
+    /// [`Watermark::new`].
+    pub fn restored(
+        lateness_ms: i64,
+        idle_timeout_ms: i64,
+        state: WatermarkState,
+        wall_ms_now: i64,
+    ) -> Self {
+        let seen = state.max_event_ms.is_some() || state.emitted.is_some();
+        Watermark {
+            lateness_ms,
+            idle_timeout_ms,
+            max_event_ms: state.max_event_ms,
+            last_input_wall_ms: seen.then_some(wall_ms_now),
+            emitted: state.emitted,
+        }
+    }
+
+    /// The event-time state, for a checkpoint (see [`Watermark::restored`]).
+    pub fn state(&self) -> WatermarkState {
+        WatermarkState {
+            max_event_ms: self.max_event_ms,
+            emitted: self.emitted,
         }
     }
 
@@ -115,5 +158,61 @@ mod tests {
         // New (old) input makes it non-idle, but the watermark stays put.
         w.observe(1_000_001, wall + 70_000);
         assert_eq!(w.current(wall + 70_001), Some(wall + 30_000));
+    }
+
+    #[test]
+    fn restored_keeps_event_time_and_restarts_the_idle_timer() {
+        let (lateness, idle) = (30_000, 60_000);
+        let mut w = Watermark::new(lateness, idle);
+        let wall = 10_000_000_000;
+        w.observe(1_000_000, wall);
+        w.observe(1_200_000, wall + 1);
+        assert_eq!(w.current(wall + 2), Some(1_170_000));
+        let state = w.state();
+        assert_eq!(
+            state,
+            WatermarkState {
+                max_event_ms: Some(1_200_000),
+                emitted: Some(1_170_000)
+            }
+        );
+        let bytes = rmp_serde::to_vec(&state).unwrap();
+        let state: WatermarkState = rmp_serde::from_slice(&bytes).unwrap();
+        // Restarted an hour later: not idle until the timeout after the restart.
+        let restart = wall + 3_600_000;
+        let mut r = Watermark::restored(lateness, idle, state, restart);
+        assert_eq!(r.max_event_ms(), Some(1_200_000));
+        assert!(!r.is_idle(restart + idle - 1));
+        assert_eq!(r.current(restart + idle - 1), Some(1_170_000));
+        assert!(r.is_idle(restart + idle));
+        assert_eq!(r.current(restart + idle), Some(restart + idle - lateness));
+        // From here it runs as an uninterrupted one would.
+        r.observe(1_300_000, restart + idle + 5);
+        assert_eq!(
+            r.current(restart + idle + 6),
+            Some(restart + idle - lateness)
+        );
+        assert_eq!(r.state().max_event_ms, Some(1_300_000));
+    }
+
+    #[test]
+    fn restored_never_goes_behind_the_emitted_watermark() {
+        // The stored watermark followed the wall clock past the event times.
+        let state = WatermarkState {
+            max_event_ms: Some(1_000),
+            emitted: Some(50_000),
+        };
+        let mut r = Watermark::restored(0, 60_000, state, 100_000);
+        assert_eq!(r.current(100_001), Some(50_000));
+        r.observe(2_000, 100_002);
+        assert_eq!(r.current(100_003), Some(50_000));
+    }
+
+    #[test]
+    fn restoring_an_empty_state_is_a_new_watermark() {
+        let mut r = Watermark::restored(0, 10, WatermarkState::default(), 5);
+        assert_eq!(r.current(1_000), None);
+        assert!(!r.is_idle(1_000));
+        assert_eq!(r.state(), WatermarkState::default());
     }
 }

@@ -12,10 +12,12 @@
 //! statistics as one accumulator over all those windows' events.
 
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 
 use super::drift::{self, BinnedStats};
 use super::integrity::IntegrityCounts;
 use super::reference::{FeatureKind, FeatureProfile, ReferenceProfile, Resolved, Slot, SlotState};
+use super::snapshot::{counts, hdr, sums};
 use super::{
     push_finite, DriftConfig, DriftMethod, MetricValue, Task, FEW_DISTINCT_VALUES,
     PREDICTION_FEATURE,
@@ -33,12 +35,14 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
 }
 
 /// Data-side state of one feature (or of the prediction).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct FeatureState {
     integrity: IntegrityCounts,
     /// Numeric: counts per reference cell; categorical: counts per bin.
+    #[serde(with = "counts")]
     cells: Vec<u64>,
     /// Numeric: sum of the values inside each interior cell.
+    #[serde(with = "sums")]
     interior_sums: Vec<f64>,
     numeric: bool,
     /// Reference min / max (numeric).
@@ -258,7 +262,10 @@ fn emit_binned(out: &mut Vec<MetricValue>, name: &str, s: &BinnedStats, n: u64) 
 
 /// Data side of one (model, version, segment, window): volume, integrity,
 /// drift, latency.
-#[derive(Debug, Clone)]
+///
+/// Serialisable (every field: the state is what was observed); it is shaped
+/// for the profile it was created with, which is not part of it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DataAccumulator {
     count: u64,
     /// Events resolved against a profile.
@@ -266,6 +273,7 @@ pub struct DataAccumulator {
     features: Vec<FeatureState>,
     prediction: Option<FeatureState>,
     /// Inference latency, µs.
+    #[serde(with = "hdr")]
     latency: Histogram<u64>,
     /// Most features absent from the profile in one event.
     unknown_max: u32,

@@ -19,15 +19,23 @@
 //! `max_models` models, `max_versions_per_model` versions or
 //! `max_segment_values` values per segment key, the excess folds into
 //! `__other__`.
+//!
+//! [`Aggregator::snapshot`] serialises the whole state (every version,
+//! segment, window and accumulator, but not the configuration or scratch
+//! space) and [`Aggregator::restore`] rebuilds an aggregator that goes on
+//! exactly as the original would have: same rows, same values, bit for bit.
 
 use std::sync::Arc;
 
 use ahash::AHashMap;
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
 
 use crate::join::{window_start, Joined};
 use crate::metrics::detectors::ErrorDetectors;
 use crate::metrics::labels::{label_value, LabelProfile, LabelReferenceBuilder};
 use crate::metrics::performance::outcome_error;
+use crate::metrics::snapshot::{sorted_map, RestoreError};
 use crate::metrics::{
     DataAccumulator, DriftConfig, FeatureHistogram, MetricValue, OutcomeAccumulator,
     ReferenceBuilder, ReferenceProfile, Resolved, Task,
@@ -60,8 +68,9 @@ pub struct AggregatorConfig {
     pub tasks: AHashMap<String, Task>,
 }
 
-/// What the join keeps per pending prediction.
-#[derive(Debug, Clone, PartialEq)]
+/// What the join keeps per pending prediction. Serialisable (compact:
+/// MessagePack writes it as a short array).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PendingRecord {
     /// Interned (model, version).
     pub version: u32,
@@ -153,9 +162,10 @@ impl Emitted {
 }
 
 /// The values seen of one segment key.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 struct SegmentKey {
     /// Value → segment id, for values within the cap.
+    #[serde(serialize_with = "sorted_map")]
     values: AHashMap<String, u32>,
     /// Distinct values within the cap.
     real: usize,
@@ -163,10 +173,14 @@ struct SegmentKey {
     other: Option<u32>,
 }
 
+/// One (model, version). Serialised without its profile (shared with the
+/// window cells: the snapshot keeps one copy in its profile table).
+#[derive(Serialize, Deserialize)]
 struct VersionState {
     model_id: Arc<str>,
     version: Arc<str>,
     task: Option<Task>,
+    #[serde(skip)]
     profile: Option<Arc<ReferenceProfile>>,
     builder: Option<ReferenceBuilder>,
     first_seen_ms: i64,
@@ -180,8 +194,12 @@ struct VersionState {
     label_profile: Option<Arc<LabelProfile>>,
 }
 
+/// One (model, version, segment) of a window. Serialised without its
+/// profile (see [`VersionState`]).
+#[derive(Serialize, Deserialize)]
 struct Cell {
     /// The profile the data accumulator was created against.
+    #[serde(skip)]
     profile: Option<Arc<ReferenceProfile>>,
     data: DataAccumulator,
     outcome: OutcomeAccumulator,
@@ -191,11 +209,13 @@ struct Cell {
     outcome_written: Option<u64>,
 }
 
+#[derive(Serialize, Deserialize)]
 struct WindowState {
     size_ms: i64,
     start_ms: i64,
     data_closed: bool,
     last_revision_at: i64,
+    #[serde(serialize_with = "sorted_map")]
     cells: AHashMap<(u32, u32), Cell>,
     orphans: u64,
     orphans_written: Option<u64>,
@@ -216,8 +236,8 @@ pub fn task_name(t: &Task) -> &'static str {
     }
 }
 
-/// Counters of what the aggregator saw, for telemetry.
-#[derive(Debug, Default, Clone, Copy)]
+/// Counters of what the aggregator saw, for telemetry (part of its snapshot).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AggregatorStats {
     /// Predictions that arrived after their window closed.
     pub late_predictions: u64,
@@ -309,6 +329,29 @@ impl Aggregator {
     pub fn has_reference(&self, model_id: &str, version: &str) -> bool {
         self.version_lookup(model_id, version)
             .is_some_and(|v| self.versions[v as usize].profile.is_some())
+    }
+
+    /// Whether a stored `profile` of (model, version) should be installed
+    /// into a restored aggregator: true when the version is unknown or has
+    /// another profile; false when it has this one, or none yet because it
+    /// is still building its reference from its first events (the events
+    /// replayed after the snapshot complete the same profile).
+    pub fn needs_reference(
+        &self,
+        model_id: &str,
+        version: &str,
+        profile: &ReferenceProfile,
+    ) -> bool {
+        match self.version_lookup(model_id, version) {
+            None => true,
+            Some(v) => {
+                let st = &self.versions[v as usize];
+                match &st.profile {
+                    Some(p) => **p != *profile,
+                    None => st.builder.is_none(),
+                }
+            }
+        }
     }
 
     /// The id of a known (model, version); no allocation.
@@ -817,6 +860,268 @@ impl Aggregator {
         } else {
             self.advance(i64::MIN, out);
         }
+    }
+}
+
+/// Version of the snapshot layout written by [`Aggregator::snapshot`];
+/// [`Aggregator::restore`] refuses any other.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// The snapshot as written: borrowed state, maps in key order, every
+/// reference profile once (`profiles`), referred to by index.
+#[derive(Serialize)]
+struct SnapshotRef<'a> {
+    profiles: Vec<&'a ReferenceProfile>,
+    versions: &'a [VersionState],
+    /// Profile of each version (index into `profiles`).
+    version_profiles: Vec<Option<u32>>,
+    /// (model id, version, version id), aliases of capped names included.
+    version_index: Vec<(&'a str, &'a str, u32)>,
+    versions_per_model: Vec<(&'a str, usize)>,
+    segment_names: &'a [Arc<str>],
+    segment_keys: Vec<(&'a str, &'a SegmentKey)>,
+    windows: Vec<&'a WindowState>,
+    /// (window size, window start, version id, segment id, profile) of every cell with a profile.
+    cell_profiles: Vec<(i64, i64, u32, u32, u32)>,
+    closed_before: Vec<(i64, i64)>,
+    pending_references: Vec<(&'a str, &'a str, u32)>,
+    stats: AggregatorStats,
+}
+
+/// The reference profiles of a snapshot, each once (by `Arc` identity).
+#[derive(Default)]
+struct ProfileTable<'a> {
+    profiles: Vec<&'a ReferenceProfile>,
+    ids: AHashMap<*const ReferenceProfile, u32>,
+}
+
+impl<'a> ProfileTable<'a> {
+    /// The index of `p`, added when new.
+    fn intern(&mut self, p: &'a Arc<ReferenceProfile>) -> u32 {
+        let profiles = &mut self.profiles;
+        *self.ids.entry(Arc::as_ptr(p)).or_insert_with(|| {
+            profiles.push(p);
+            (profiles.len() - 1) as u32
+        })
+    }
+}
+
+/// The snapshot as read: [`SnapshotRef`]'s fields, in the same order, owned.
+#[derive(Deserialize)]
+struct SnapshotOwned {
+    profiles: Vec<ReferenceProfile>,
+    versions: Vec<VersionState>,
+    version_profiles: Vec<Option<u32>>,
+    version_index: Vec<(Arc<str>, Arc<str>, u32)>,
+    versions_per_model: Vec<(Arc<str>, usize)>,
+    segment_names: Vec<Arc<str>>,
+    segment_keys: Vec<(String, SegmentKey)>,
+    windows: Vec<WindowState>,
+    cell_profiles: Vec<(i64, i64, u32, u32, u32)>,
+    closed_before: Vec<(i64, i64)>,
+    pending_references: Vec<(Arc<str>, Arc<str>, u32)>,
+    stats: AggregatorStats,
+}
+
+impl Aggregator {
+    /// The aggregator's state (everything but its configuration and scratch
+    /// space), MessagePack-encoded: `[SNAPSHOT_FORMAT, state]`.
+    ///
+    /// Deterministic: equal states give equal bytes (maps are written in key
+    /// order). Each reference profile is written once however many window
+    /// cells share it; label references are written with the windows' label
+    /// histograms (they are small).
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut table = ProfileTable::default();
+        let mut intern = |p| table.intern(p);
+        let version_profiles = self
+            .versions
+            .iter()
+            .map(|v| v.profile.as_ref().map(&mut intern))
+            .collect();
+        let pending_references = self
+            .pending_references
+            .iter()
+            .map(|(m, v, p)| (&**m, &**v, intern(p)))
+            .collect();
+        let mut windows: Vec<&WindowState> = self.windows.values().collect();
+        windows.sort_unstable_by_key(|w| (w.size_ms, w.start_ms));
+        let mut cell_profiles = Vec::new();
+        for w in &windows {
+            let mut cells: Vec<(&(u32, u32), &Cell)> = w.cells.iter().collect();
+            cells.sort_unstable_by_key(|(k, _)| **k);
+            for (&(v, seg), c) in cells {
+                if let Some(p) = &c.profile {
+                    cell_profiles.push((w.size_ms, w.start_ms, v, seg, intern(p)));
+                }
+            }
+        }
+        let mut version_index: Vec<(&str, &str, u32)> = self
+            .version_index
+            .iter()
+            .flat_map(|(m, vs)| vs.iter().map(move |(v, &id)| (&**m, &**v, id)))
+            .collect();
+        version_index.sort_unstable();
+        let mut versions_per_model: Vec<(&str, usize)> = self
+            .versions_per_model
+            .iter()
+            .map(|(m, &n)| (&**m, n))
+            .collect();
+        versions_per_model.sort_unstable();
+        let mut segment_keys: Vec<(&str, &SegmentKey)> = self
+            .segment_keys
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        segment_keys.sort_unstable_by_key(|(k, _)| *k);
+        let mut closed_before: Vec<(i64, i64)> =
+            self.closed_before.iter().map(|(&k, &v)| (k, v)).collect();
+        closed_before.sort_unstable();
+        let snap = SnapshotRef {
+            profiles: table.profiles,
+            versions: &self.versions,
+            version_profiles,
+            version_index,
+            versions_per_model,
+            segment_names: &self.segment_names,
+            segment_keys,
+            windows,
+            cell_profiles,
+            closed_before,
+            pending_references,
+            stats: self.stats,
+        };
+        // Serialising plain data into a Vec cannot fail (no I/O; every map
+        // key is a string or a tuple of integers).
+        rmp_serde::to_vec(&(SNAPSHOT_FORMAT, snap)).expect("the aggregator state is serialisable")
+    }
+
+    /// An aggregator with configuration `cfg` and the state of a
+    /// [`snapshot`](Aggregator::snapshot). The configuration applies from
+    /// now on (reference and label reference builders, change detectors);
+    /// the state, including the tasks of known versions, is the snapshot's.
+    /// Fails on bytes that are not a snapshot of format
+    /// [`SNAPSHOT_FORMAT`], or one that refers to versions, segments or
+    /// profiles it does not hold.
+    pub fn restore(cfg: AggregatorConfig, bytes: &[u8]) -> Result<Aggregator, RestoreError> {
+        let (format, IgnoredAny) = rmp_serde::from_slice::<(u32, IgnoredAny)>(bytes)?;
+        if format != SNAPSHOT_FORMAT {
+            return Err(RestoreError::Format {
+                found: format,
+                expected: SNAPSHOT_FORMAT,
+            });
+        }
+        let (_, snap) = rmp_serde::from_slice::<(u32, SnapshotOwned)>(bytes)?;
+        let invalid = |what: String| Err(RestoreError::Invalid(what));
+        let profiles: Vec<Arc<ReferenceProfile>> =
+            snap.profiles.into_iter().map(Arc::new).collect();
+        let profile = |i: u32| {
+            profiles
+                .get(i as usize)
+                .cloned()
+                .ok_or_else(|| RestoreError::Invalid(format!("profile {i} is not in the snapshot")))
+        };
+        let (n_versions, n_segments) = (snap.versions.len(), snap.segment_names.len());
+        if snap.version_profiles.len() != n_versions {
+            return invalid(format!(
+                "{} version profiles for {n_versions} versions",
+                snap.version_profiles.len()
+            ));
+        }
+        if snap.segment_names.first().map(|s| &**s) != Some("") {
+            return invalid("the first segment is not all traffic ('')".to_owned());
+        }
+        let mut versions = snap.versions;
+        for (st, p) in versions.iter_mut().zip(snap.version_profiles) {
+            st.profile = p.map(profile).transpose()?;
+            if let Some(b) = &mut st.builder {
+                b.set_config(&cfg.drift);
+            }
+            if let Some(b) = &mut st.label_builder {
+                b.set_config(&cfg.drift);
+            }
+            st.detectors.set_config(&cfg.drift.detectors);
+        }
+        let mut version_index: AHashMap<Arc<str>, AHashMap<Arc<str>, u32>> = AHashMap::new();
+        for (model, version, id) in snap.version_index {
+            if id as usize >= n_versions {
+                return invalid(format!("version id {id} of {model}/{version}"));
+            }
+            version_index.entry(model).or_default().insert(version, id);
+        }
+        for (key, k) in &snap.segment_keys {
+            if let Some(id) = k
+                .values
+                .values()
+                .chain(&k.other)
+                .find(|&&id| id as usize >= n_segments)
+            {
+                return invalid(format!("segment id {id} of key {key}"));
+            }
+        }
+        let mut windows: AHashMap<(i64, i64), WindowState> = AHashMap::new();
+        for w in snap.windows {
+            if let Some(&(v, seg)) = w
+                .cells
+                .keys()
+                .find(|(v, seg)| *v as usize >= n_versions || *seg as usize >= n_segments)
+            {
+                return invalid(format!(
+                    "cell (version {v}, segment {seg}) of window {}+{}",
+                    w.start_ms, w.size_ms
+                ));
+            }
+            let key = (w.size_ms, w.start_ms);
+            if windows.insert(key, w).is_some() {
+                return invalid(format!("window {}+{} twice", key.1, key.0));
+            }
+        }
+        for (size, start, v, seg, p) in snap.cell_profiles {
+            let Some(cell) = windows
+                .get_mut(&(size, start))
+                .and_then(|w| w.cells.get_mut(&(v, seg)))
+            else {
+                return invalid(format!(
+                    "profile of a missing cell (version {v}, segment {seg}) of window {start}+{size}"
+                ));
+            };
+            cell.profile = Some(profile(p)?);
+        }
+        // One label reference per version again, shared with its windows.
+        for w in windows.values_mut() {
+            for (&(v, _), cell) in w.cells.iter_mut() {
+                if let Some(lp) = &versions[v as usize].label_profile {
+                    cell.outcome.share_label_profile(lp);
+                }
+            }
+        }
+        let pending_references = snap
+            .pending_references
+            .into_iter()
+            .map(|(m, v, p)| Ok((m, v, profile(p)?)))
+            .collect::<Result<Vec<_>, RestoreError>>()?;
+        let segment_index = snap
+            .segment_names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (name.clone(), i as u32))
+            .collect();
+        Ok(Aggregator {
+            cfg,
+            versions,
+            version_index,
+            versions_per_model: snap.versions_per_model.into_iter().collect(),
+            segment_names: snap.segment_names,
+            segment_index,
+            segment_keys: snap.segment_keys.into_iter().collect(),
+            windows,
+            closed_before: snap.closed_before.into_iter().collect(),
+            pending_references,
+            resolved: Resolved::default(),
+            bare: Resolved::default(),
+            segment_scratch: Vec::new(),
+            stats: snap.stats,
+        })
     }
 }
 

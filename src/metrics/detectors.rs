@@ -87,17 +87,31 @@ impl Default for PageHinkleyConfig {
 
 /// One bucket of the exponential histogram: the sum of its values and
 /// their sum of squared deviations from its own mean.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct Bucket {
     total: f64,
     variance: f64,
 }
 
+/// Deserialises ADWIN's levels, keeping at least one (level 0 always exists).
+fn levels_or_one<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Vec<Bucket>>, D::Error> {
+    let mut levels = Vec::<Vec<Bucket>>::deserialize(d)?;
+    if levels.is_empty() {
+        levels.push(Vec::new());
+    }
+    Ok(levels)
+}
+
 /// ADWIN change detector (see the module docs).
-#[derive(Debug, Clone)]
+///
+/// Serialisable without its configuration: a deserialised detector has the
+/// default [`AdwinConfig`] until [`Adwin::set_config`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Adwin {
+    #[serde(skip)]
     cfg: AdwinConfig,
     /// `levels[i]` holds buckets of `2^i` values, oldest first; higher levels are older.
+    #[serde(deserialize_with = "levels_or_one")]
     levels: Vec<Vec<Bucket>>,
     /// Values in the window.
     width: f64,
@@ -113,12 +127,7 @@ pub struct Adwin {
 impl Adwin {
     /// An empty detector. `min_window_length` and `clock` below 1 are taken as 1.
     pub fn new(cfg: AdwinConfig) -> Self {
-        let cfg = AdwinConfig {
-            clock: cfg.clock.max(1),
-            min_window_length: cfg.min_window_length.max(1),
-            max_buckets: cfg.max_buckets.max(1),
-            ..cfg
-        };
+        let cfg = Self::sanitized(cfg);
         Adwin {
             cfg,
             levels: vec![Vec::with_capacity(cfg.max_buckets + 1)],
@@ -129,6 +138,21 @@ impl Adwin {
             detected: false,
             detections: 0,
         }
+    }
+
+    fn sanitized(cfg: AdwinConfig) -> AdwinConfig {
+        AdwinConfig {
+            clock: cfg.clock.max(1),
+            min_window_length: cfg.min_window_length.max(1),
+            max_buckets: cfg.max_buckets.max(1),
+            ..cfg
+        }
+    }
+
+    /// Uses `cfg` from now on, as [`Adwin::new`] would (the configuration is
+    /// not serialised: a restored detector gets it back here).
+    pub fn set_config(&mut self, cfg: AdwinConfig) {
+        self.cfg = Self::sanitized(cfg);
     }
 
     fn reset(&mut self) {
@@ -284,8 +308,12 @@ impl Adwin {
 }
 
 /// Page-Hinkley change detector, two-sided (see the module docs).
-#[derive(Debug, Clone)]
+///
+/// Serialisable without its configuration: a deserialised detector has the
+/// default [`PageHinkleyConfig`] until [`PageHinkley::set_config`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PageHinkley {
+    #[serde(skip)]
     cfg: PageHinkleyConfig,
     n: f64,
     mean: f64,
@@ -311,6 +339,12 @@ impl PageHinkley {
             detected: false,
             detections: 0,
         }
+    }
+
+    /// Uses `cfg` from now on (the configuration is not serialised: a
+    /// restored detector gets it back here).
+    pub fn set_config(&mut self, cfg: PageHinkleyConfig) {
+        self.cfg = cfg;
     }
 
     fn reset(&mut self) {
@@ -363,7 +397,8 @@ pub struct DetectorConfig {
 }
 
 /// The detector pair of one (model, version), fed in label arrival order.
-#[derive(Debug, Clone)]
+/// Serialisable without the configuration (see [`ErrorDetectors::set_config`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorDetectors {
     /// ADWIN on the error stream.
     pub adwin: Adwin,
@@ -378,6 +413,13 @@ impl ErrorDetectors {
             adwin: Adwin::new(cfg.adwin),
             page_hinkley: PageHinkley::new(cfg.page_hinkley),
         }
+    }
+
+    /// Uses `cfg` from now on (after deserialisation: the configuration is
+    /// not serialised).
+    pub fn set_config(&mut self, cfg: &DetectorConfig) {
+        self.adwin.set_config(cfg.adwin);
+        self.page_hinkley.set_config(cfg.page_hinkley);
     }
 
     /// Feeds one error to both; returns (ADWIN detected, Page-Hinkley detected).

@@ -8,10 +8,12 @@
 //! `new_category_rate` counts every value outside the profile's kept
 //! categories (see the category cap in the [module docs](super)).
 
+use serde::{Deserialize, Serialize};
+
 use super::{push_finite, MetricValue};
 
 /// Integrity counters of one feature.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IntegrityCounts {
     /// Events resolved against the profile.
     pub seen: u64,

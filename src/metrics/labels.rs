@@ -8,8 +8,9 @@
 //! evaluable labels of the version (default 1000), in label arrival order,
 //! collected by the aggregator through [`LabelReferenceBuilder`]. Labels
 //! that go into the reference are not compared with it (no window holds a
-//! label histogram before the reference exists). The label reference lives in
-//! memory: after a restart it is collected again from the next labels.
+//! label histogram before the reference exists). The label reference (and the
+//! builder collecting it) are part of the aggregator's snapshot, so a restored
+//! service compares with the same reference.
 //!
 //! **Binning.** Binary: two bins, positive / negative (the task's positive
 //! label rules); multiclass: one bin per reference class (at most
@@ -28,10 +29,13 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::drift;
 use super::performance::binary_actual;
 use super::quantile::quantile_sorted;
 use super::reference::{CategoricalProfile, FastMap};
+use super::snapshot::{counts, sorted_map};
 use super::{push_finite, DriftConfig, MetricValue, Task};
 use crate::model::Label;
 
@@ -62,8 +66,10 @@ pub fn label_value<'a>(task: &Task, label: &'a Label) -> Option<LabelValue<'a>> 
     }
 }
 
-/// The reference label distribution of one (model, version).
-#[derive(Debug, Clone, PartialEq)]
+/// The reference label distribution of one (model, version). Serialisable
+/// (the class index is rebuilt when deserialised).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "LabelProfileData")]
 pub struct LabelProfile {
     /// Classes (classification); `None` for regression.
     classes: Option<CategoricalProfile>,
@@ -71,6 +77,28 @@ pub struct LabelProfile {
     cuts: Vec<f64>,
     /// Reference count per bin.
     reference: Vec<u64>,
+}
+
+/// The stored form of a [`LabelProfile`] (same fields, index not rebuilt yet).
+#[derive(Deserialize)]
+struct LabelProfileData {
+    classes: Option<CategoricalProfile>,
+    cuts: Vec<f64>,
+    reference: Vec<u64>,
+}
+
+impl From<LabelProfileData> for LabelProfile {
+    fn from(d: LabelProfileData) -> Self {
+        let mut classes = d.classes;
+        if let Some(c) = &mut classes {
+            c.reindex();
+        }
+        LabelProfile {
+            classes,
+            cuts: d.cuts,
+            reference: d.reference,
+        }
+    }
 }
 
 impl LabelProfile {
@@ -96,27 +124,65 @@ impl LabelProfile {
 }
 
 /// Collects the first labels of a version into its [`LabelProfile`].
-#[derive(Debug, Clone)]
+///
+/// Serialisable without its configuration (target size, bins, category
+/// cap): a deserialised builder has the default configuration until
+/// [`LabelReferenceBuilder::set_config`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "LabelBuilderData")]
 pub struct LabelReferenceBuilder {
+    #[serde(skip)]
     target: usize,
+    #[serde(skip)]
     bins: usize,
+    #[serde(skip)]
     max_categories: usize,
+    #[serde(serialize_with = "sorted_map")]
     classes: FastMap<String, u64>,
     class_count: usize,
     values: Vec<f64>,
 }
 
+/// The stored form of a [`LabelReferenceBuilder`]: its labels, no configuration.
+#[derive(Deserialize)]
+struct LabelBuilderData {
+    classes: FastMap<String, u64>,
+    class_count: usize,
+    values: Vec<f64>,
+}
+
+impl From<LabelBuilderData> for LabelReferenceBuilder {
+    fn from(d: LabelBuilderData) -> Self {
+        LabelReferenceBuilder {
+            classes: d.classes,
+            class_count: d.class_count,
+            values: d.values,
+            ..LabelReferenceBuilder::new(&DriftConfig::default())
+        }
+    }
+}
+
 impl LabelReferenceBuilder {
     /// A builder that completes after `cfg.label_reference_size` labels (at least 1).
     pub fn new(cfg: &DriftConfig) -> Self {
-        LabelReferenceBuilder {
-            target: cfg.label_reference_size.max(1),
-            bins: cfg.bins.clamp(1, 1000),
-            max_categories: cfg.max_categories.max(1),
+        let mut b = LabelReferenceBuilder {
+            target: 0,
+            bins: 0,
+            max_categories: 0,
             classes: FastMap::default(),
             class_count: 0,
             values: Vec::new(),
-        }
+        };
+        b.set_config(cfg);
+        b
+    }
+
+    /// Applies `cfg`'s label reference size, bins and category cap from now
+    /// on (they are not serialised: a restored builder gets them back here).
+    pub fn set_config(&mut self, cfg: &DriftConfig) {
+        self.target = cfg.label_reference_size.max(1);
+        self.bins = cfg.bins.clamp(1, 1000);
+        self.max_categories = cfg.max_categories.max(1);
     }
 
     /// Labels collected so far.
@@ -178,9 +244,11 @@ impl LabelReferenceBuilder {
 }
 
 /// The labels of one window binned against a [`LabelProfile`]; mergeable.
-#[derive(Debug, Clone, PartialEq)]
+/// Serialisable, with a copy of its profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabelHistogram {
     profile: Arc<LabelProfile>,
+    #[serde(with = "counts")]
     counts: Vec<u64>,
 }
 
@@ -196,6 +264,13 @@ impl LabelHistogram {
     /// True when built on `profile` (the same profile or an equal one).
     pub fn is_on(&self, profile: &Arc<LabelProfile>) -> bool {
         Arc::ptr_eq(&self.profile, profile) || *self.profile == **profile
+    }
+
+    /// Holds `profile` itself instead of an equal copy (no change otherwise).
+    pub fn share_profile(&mut self, profile: &Arc<LabelProfile>) {
+        if !Arc::ptr_eq(&self.profile, profile) && *self.profile == **profile {
+            self.profile = profile.clone();
+        }
     }
 
     /// Adds one label value (ignored when its kind does not match the profile).

@@ -20,6 +20,8 @@
 //! - [`quantile`]: exact reference quantiles and a mergeable relative-error
 //!   quantile sketch.
 //! - [`names`]: the metric names written to `window_metrics`.
+//! - [`snapshot`]: the serialisation of the aggregator's state
+//!   ([`aggregator::Aggregator::snapshot`] / [`aggregator::Aggregator::restore`]).
 //!
 //! Every accumulator is mergeable: `a.merge(&b)` gives the same `finish()`
 //! output (to floating-point rounding) as observing `a`'s and `b`'s events in
@@ -149,9 +151,12 @@ pub mod names;
 pub mod performance;
 pub mod quantile;
 pub mod reference;
+pub mod snapshot;
 
 #[cfg(test)]
 mod oracle_tests;
+#[cfg(test)]
+mod snapshot_tests;
 #[cfg(test)]
 mod stream_tests;
 
@@ -333,7 +338,7 @@ impl Default for DriftConfig {
 }
 
 /// The learning task of a model, which decides its performance metrics.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Task {
     /// Binary classification: `score` is the positive-class probability.
     Binary {

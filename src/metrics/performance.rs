@@ -27,12 +27,14 @@
 //!   or predicted; weighted F1 weights by actual support.
 
 use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
 
 use std::sync::Arc;
 
 use super::accumulator::new_histogram;
 use super::labels::{LabelHistogram, LabelProfile, LabelValue};
 use super::quantile::RelativeSketch;
+use super::snapshot::{counts, hdr};
 use super::{push_finite, DriftConfig, MetricValue, Task};
 use crate::model::{Label, PredictionOutcome};
 
@@ -112,14 +114,16 @@ fn push_rate(
 }
 
 /// Binary classification state.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Binary {
     tp: u64,
     fp: u64,
     tn: u64,
     fn_: u64,
     /// Score histograms of actual positives / negatives (allocated at the first score).
+    #[serde(with = "counts")]
     pos: Vec<u64>,
+    #[serde(with = "counts")]
     neg: Vec<u64>,
     scored: u64,
     log_loss: f64,
@@ -240,7 +244,7 @@ impl Binary {
 }
 
 /// Per-class confusion counts.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct ClassCounts {
     tp: u64,
     fp: u64,
@@ -248,7 +252,7 @@ struct ClassCounts {
 }
 
 /// Multiclass state.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Multiclass {
     n: u64,
     correct: u64,
@@ -360,7 +364,7 @@ impl Multiclass {
 }
 
 /// Regression state.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Regression {
     n: u64,
     sum_err: f64,
@@ -430,7 +434,10 @@ impl Regression {
 }
 
 /// Outcome side of one (model, version, segment, window): revised as labels arrive.
-#[derive(Debug, Clone)]
+///
+/// Serialisable, its label histogram with its label reference inline (see
+/// [`OutcomeAccumulator::share_label_profile`] to share it again).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OutcomeAccumulator {
     labeled: u64,
     expired: u64,
@@ -438,6 +445,7 @@ pub struct OutcomeAccumulator {
     multiclass: Multiclass,
     regression: Regression,
     /// Label delay, ms.
+    #[serde(with = "hdr")]
     delay: Histogram<u64>,
     detections: Detections,
     /// Label drift histogram (from the first label seen after the version's
@@ -529,7 +537,7 @@ pub fn outcome_error(task: &Task, outcome: &PredictionOutcome, label: &Label) ->
 }
 
 /// Change-detector detections attributed to a window (see [`OutcomeAccumulator::observe_detections`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 struct Detections {
     /// Errors fed to the detectors from this window's predictions.
     inputs: u64,
@@ -618,6 +626,16 @@ impl OutcomeAccumulator {
     pub fn finish_label_drift(&self, cfg: &DriftConfig, out: &mut Vec<MetricValue>) {
         if let Some(h) = &self.labels {
             h.finish(cfg, out);
+        }
+    }
+
+    /// Makes the window's label histogram hold `profile` itself when it is
+    /// binned on an equal profile (after deserialisation every histogram has
+    /// its own copy; sharing the version's saves the memory and changes no
+    /// result).
+    pub fn share_label_profile(&mut self, profile: &Arc<LabelProfile>) {
+        if let Some(h) = &mut self.labels {
+            h.share_profile(profile);
         }
     }
 

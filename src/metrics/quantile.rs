@@ -3,6 +3,8 @@
 //! small mergeable sketch of non-negative values with bounded relative error
 //! (the DDSketch construction) for window medians such as `median_abs_error`.
 
+use serde::{Deserialize, Serialize};
+
 /// Quantile `q` in `[0, 1]` of an ascending, NaN-free sample, as numpy's
 /// `np.quantile(x, q)` (method "linear") computes it; `None` when empty.
 pub fn quantile_sorted(sorted: &[f64], q: f64) -> Option<f64> {
@@ -40,11 +42,12 @@ const SKETCH_MAX_BUCKETS: usize = 2048;
 /// A mergeable quantile sketch of non-negative values with relative error
 /// [`SKETCH_ALPHA`] (logarithmic buckets, DDSketch). Memory grows with the
 /// value range (about 230 buckets per decade), capped at 2048 buckets.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RelativeSketch {
     /// Index of `counts[0]`.
     offset: i32,
     /// Counts of the logarithmic buckets `offset..offset + len`.
+    #[serde(with = "super::snapshot::counts")]
     counts: Vec<u64>,
     /// Values too small to bucket (`< 1e-300`, including zero).
     zeros: u64,

@@ -16,6 +16,7 @@ use ahash::RandomState;
 use serde::{Deserialize, Serialize};
 
 use super::quantile::quantile_sorted;
+use super::snapshot::sorted_map;
 use super::DriftConfig;
 use crate::model::{FeatureValue, PredictionEvent};
 
@@ -281,7 +282,8 @@ impl CategoricalProfile {
         p
     }
 
-    fn reindex(&mut self) {
+    /// Rebuilds the category index from `categories`.
+    pub(crate) fn reindex(&mut self) {
         self.index = self
             .categories
             .iter()
@@ -574,11 +576,12 @@ impl Resolved {
 }
 
 /// Per-feature state of a [`ReferenceBuilder`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct BuilderFeature {
     name: String,
     numbers: Vec<f64>,
     non_finite: u64,
+    #[serde(serialize_with = "sorted_map")]
     categories: FastMap<String, u64>,
     categorical: u64,
 }
@@ -636,15 +639,52 @@ impl BuilderFeature {
 
 /// Collects reference events and builds a [`ReferenceProfile`] from exact
 /// quantiles. Keeps every value: meant for reference-sized samples.
-#[derive(Debug, Clone)]
+///
+/// Serialisable without its configuration (a deserialised builder has the
+/// default [`DriftConfig`] until [`ReferenceBuilder::set_config`]) and
+/// without its feature index (rebuilt).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(from = "BuilderData")]
 pub struct ReferenceBuilder {
+    #[serde(skip)]
     cfg: DriftConfig,
     count: u64,
     features: Vec<BuilderFeature>,
+    #[serde(skip)]
     index: FastMap<String, usize>,
     scores: BuilderFeature,
     values: BuilderFeature,
     labels: BuilderFeature,
+}
+
+/// The stored form of a [`ReferenceBuilder`]: the serialised fields, in order.
+#[derive(Deserialize)]
+struct BuilderData {
+    count: u64,
+    features: Vec<BuilderFeature>,
+    scores: BuilderFeature,
+    values: BuilderFeature,
+    labels: BuilderFeature,
+}
+
+impl From<BuilderData> for ReferenceBuilder {
+    fn from(d: BuilderData) -> Self {
+        let index = d
+            .features
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.clone(), i))
+            .collect();
+        ReferenceBuilder {
+            cfg: DriftConfig::default(),
+            count: d.count,
+            features: d.features,
+            index,
+            scores: d.scores,
+            values: d.values,
+            labels: d.labels,
+        }
+    }
 }
 
 impl ReferenceBuilder {
@@ -696,6 +736,12 @@ impl ReferenceBuilder {
     /// Number of events observed.
     pub fn len(&self) -> u64 {
         self.count
+    }
+
+    /// Builds with `cfg`'s bins, grid and category cap from now on (the
+    /// configuration is not serialised: a restored builder gets it back here).
+    pub fn set_config(&mut self, cfg: &DriftConfig) {
+        self.cfg = cfg.clone();
     }
 
     /// True before the first event.

@@ -686,6 +686,8 @@ async fn metrics_counters_move_as_events_flow() {
     cfg.clickhouse = ClickHouseServer::shared().config(&unique_database("mw_metrics"));
     cfg.api.listen = "127.0.0.1:0".into();
     cfg.service.flush_interval = Duration::from_millis(200);
+    let state = tempfile::tempdir().expect("state dir");
+    cfg.state.dir = state.path().to_path_buf();
     let mut service = modelwatch::app::Service::start(cfg.clone())
         .await
         .expect("service");

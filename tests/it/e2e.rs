@@ -122,6 +122,10 @@ severity = "critical"
         ("MODELWATCH_WINDOWS__IDLE_TIMEOUT", "2s".into()),
         ("MODELWATCH_WINDOWS__LABEL_HORIZON", "24h".into()),
         ("MODELWATCH_SERVICE__FLUSH_INTERVAL", "200ms".into()),
+        (
+            "MODELWATCH_STATE__DIR",
+            dir.path().join("state").to_string_lossy().into_owned(),
+        ),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))

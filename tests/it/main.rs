@@ -7,6 +7,7 @@
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
+//! - [`crash`]: the binary killed and restarted, against an uninterrupted run.
 //! - `example_config`: `deploy/modelwatch.example.toml` stays valid and
 //!   documents the real defaults.
 
@@ -16,6 +17,7 @@ mod support;
 mod alerting;
 mod api;
 mod clickhouse;
+mod crash;
 mod e2e;
 mod pipeline;
 

@@ -650,6 +650,10 @@ pub(crate) fn test_config(brokers: &str, database: &str) -> Config {
     cfg.windows.label_horizon = Duration::from_secs(24 * 3600);
     cfg.windows.early_label_ttl = Duration::from_secs(600);
     cfg.service.flush_interval = Duration::from_millis(200);
+    // Each test database gets its own state store, fresh at every run.
+    let state = std::env::temp_dir().join(format!("modelwatch-it-state-{database}"));
+    let _ = std::fs::remove_dir_all(&state);
+    cfg.state.dir = state;
     cfg
 }
 

@@ -1,0 +1,349 @@
+//! The durable state store: checkpoints of the processing core and of the
+//! input positions, in one embedded [redb](https://docs.rs/redb) file.
+//!
+//! A checkpoint is one ACID write transaction: the core's small state
+//! (aggregator, alert lifecycle, watermark, counters) as whole records, the
+//! join state as one record per request id *changed since the previous
+//! checkpoint* (inserted, replaced or deleted), and the positions of every
+//! input partition. Either all of it is on disk or none of it: a crash in
+//! the middle of a checkpoint leaves the previous one. The service takes a
+//! checkpoint only after everything the state has emitted is written
+//! (ClickHouse, alerts topic, dead letters), so the state never runs ahead
+//! of its output; input after the checkpoint is consumed again after a
+//! restart and produces the same rows (see the README, "Durable state").
+//!
+//! Why redb: one file, pure Rust (no C++ toolchain, unlike RocksDB),
+//! multi-table ACID transactions with a single fsync per commit (state and
+//! positions atomically), copy-on-write B-trees with point lookups and
+//! ordered range scans by key, a stable file format, and an exclusive lock
+//! so two instances cannot share a directory. Writes are batched: one
+//! transaction per checkpoint, so the B-tree's per-commit cost is paid every
+//! few seconds, not per event.
+//!
+//! Tables: `meta` (format version, core records), `positions` ((topic,
+//! partition) → next offset), `join` (request id → the request's join state,
+//! MessagePack).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+/// Format of the records: bumped when a record's encoding changes
+/// incompatibly (the service then refuses to start on an older store).
+pub const FORMAT_VERSION: u32 = 1;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const POSITIONS: TableDefinition<(&str, i32), i64> = TableDefinition::new("positions");
+const JOIN: TableDefinition<&str, &[u8]> = TableDefinition::new("join");
+
+/// The file inside `state.dir`.
+pub const FILE_NAME: &str = "modelwatch.redb";
+
+/// What one checkpoint writes.
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    /// Whole records of the core (name → bytes), replaced at each checkpoint.
+    pub records: Vec<(&'static str, Vec<u8>)>,
+    /// Join state changed since the previous checkpoint: the request's new
+    /// record, or `None` when it left the join.
+    pub join: Vec<(Arc<str>, Option<Vec<u8>>)>,
+    /// Next offset to process of every input partition.
+    pub positions: Vec<(String, i32, i64)>,
+}
+
+/// What a checkpoint cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckpointStats {
+    /// Bytes of core records written.
+    pub record_bytes: usize,
+    /// Join records written.
+    pub join_upserts: usize,
+    /// Join records deleted.
+    pub join_deletes: usize,
+    /// Bytes of join records written.
+    pub join_bytes: usize,
+    /// Time of the transaction including its fsync.
+    pub seconds: f64,
+}
+
+/// A checkpoint read back at startup (the join records are streamed with
+/// [`StateStore::for_each_join`]).
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Whole records of the core.
+    pub records: Vec<(String, Vec<u8>)>,
+    /// Next offset to process of every input partition.
+    pub positions: Vec<(String, i32, i64)>,
+    /// Join records stored.
+    pub join_records: u64,
+}
+
+impl Restored {
+    /// The record `name`, if stored.
+    pub fn record(&self, name: &str) -> Option<&[u8]> {
+        self.records
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.as_slice())
+    }
+}
+
+/// The store. Cheap to clone (the database is shared), so a checkpoint can
+/// run on a blocking thread.
+#[derive(Clone)]
+pub struct StateStore {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl StateStore {
+    /// Opens (or creates) the store in directory `dir`. Fails when another
+    /// process has it open, or when it was written by an incompatible version.
+    pub fn open(dir: &Path) -> Result<StateStore> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
+                "the state store {} is in use by another process: each modelwatch instance needs its own state.dir",
+                path.display()
+            ),
+            e => anyhow::anyhow!("cannot open the state store {}: {e}", path.display()),
+        })?;
+        let store = StateStore {
+            db: Arc::new(db),
+            path,
+        };
+        store.init()?;
+        Ok(store)
+    }
+
+    /// Creates the tables and checks the format version.
+    fn init(&self) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let stored = meta
+                .get("format")?
+                .map(|v| v.value().try_into().map(u32::from_le_bytes));
+            match stored {
+                None => {
+                    meta.insert("format", FORMAT_VERSION.to_le_bytes().as_slice())?;
+                }
+                Some(Ok(FORMAT_VERSION)) => {}
+                Some(Ok(v)) => bail!(
+                    "the state store {} has format {v}, this modelwatch reads format {FORMAT_VERSION}: move the directory away to start with empty state",
+                    self.path.display()
+                ),
+                Some(Err(_)) => bail!(
+                    "the state store {} has an unreadable format record",
+                    self.path.display()
+                ),
+            }
+            tx.open_table(POSITIONS)?;
+            tx.open_table(JOIN)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes of the store's file on disk.
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+
+    /// The last checkpoint, or `None` when the store holds none yet.
+    pub fn load(&self) -> Result<Option<Restored>> {
+        let tx = self.db.begin_read()?;
+        let meta = tx.open_table(META)?;
+        if meta.get("core")?.is_none() {
+            return Ok(None);
+        }
+        let mut records = Vec::new();
+        for entry in meta.iter()? {
+            let (k, v) = entry?;
+            if k.value() != "format" {
+                records.push((k.value().to_string(), v.value().to_vec()));
+            }
+        }
+        let mut positions = Vec::new();
+        for entry in tx.open_table(POSITIONS)?.iter()? {
+            let (k, v) = entry?;
+            let (topic, partition) = k.value();
+            positions.push((topic.to_string(), partition, v.value()));
+        }
+        let join_records = tx.open_table(JOIN)?.len()?;
+        Ok(Some(Restored {
+            records,
+            positions,
+            join_records,
+        }))
+    }
+
+    /// Hands every stored join record to `f`, in request-id order.
+    pub fn for_each_join(&self, mut f: impl FnMut(&str, &[u8]) -> Result<()>) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(JOIN)?;
+        let mut n = 0;
+        for entry in table.iter()? {
+            let (k, v) = entry?;
+            f(k.value(), v.value())?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes a checkpoint in one transaction (blocking: it ends with an fsync).
+    pub fn write(&self, c: &Checkpoint) -> Result<CheckpointStats> {
+        let started = Instant::now();
+        let mut stats = CheckpointStats::default();
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            for (name, bytes) in &c.records {
+                meta.insert(*name, bytes.as_slice())?;
+                stats.record_bytes += bytes.len();
+            }
+            let mut positions = tx.open_table(POSITIONS)?;
+            for (topic, partition, offset) in &c.positions {
+                positions.insert((topic.as_str(), *partition), *offset)?;
+            }
+            let mut join = tx.open_table(JOIN)?;
+            for (key, record) in &c.join {
+                match record {
+                    Some(bytes) => {
+                        join.insert(&**key, bytes.as_slice())?;
+                        stats.join_upserts += 1;
+                        stats.join_bytes += bytes.len();
+                    }
+                    None => {
+                        join.remove(&**key)?;
+                        stats.join_deletes += 1;
+                    }
+                }
+            }
+        }
+        tx.commit().context("state checkpoint commit failed")?;
+        stats.seconds = started.elapsed().as_secs_f64();
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint(
+        core: &[u8],
+        join: &[(&str, Option<&[u8]>)],
+        pos: &[(&str, i32, i64)],
+    ) -> Checkpoint {
+        Checkpoint {
+            records: vec![("core", core.to_vec())],
+            join: join
+                .iter()
+                .map(|(k, v)| (Arc::from(*k), v.map(<[u8]>::to_vec)))
+                .collect(),
+            positions: pos
+                .iter()
+                .map(|(t, p, o)| (t.to_string(), *p, *o))
+                .collect(),
+        }
+    }
+
+    fn join_of(store: &StateStore) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        store
+            .for_each_join(|k, v| {
+                out.push((k.to_string(), v.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn checkpoints_apply_incremental_join_changes_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = StateStore::open(dir.path()).unwrap();
+            assert!(
+                store.load().unwrap().is_none(),
+                "a new store holds no checkpoint"
+            );
+            store
+                .write(&checkpoint(
+                    b"one",
+                    &[("a", Some(b"A1")), ("b", Some(b"B1"))],
+                    &[("predictions", 0, 10), ("ground-truth", 0, 4)],
+                ))
+                .unwrap();
+            let s = store
+                .write(&checkpoint(
+                    b"two",
+                    &[("a", None), ("b", Some(b"B2")), ("c", Some(b"C"))],
+                    &[("predictions", 0, 12)],
+                ))
+                .unwrap();
+            assert_eq!((s.join_upserts, s.join_deletes, s.join_bytes), (2, 1, 3));
+        }
+        let store = StateStore::open(dir.path()).unwrap();
+        let r = store.load().unwrap().expect("a checkpoint");
+        assert_eq!(r.record("core"), Some(b"two".as_slice()));
+        assert_eq!(r.join_records, 2);
+        let mut pos = r.positions.clone();
+        pos.sort();
+        assert_eq!(
+            pos,
+            vec![("ground-truth".into(), 0, 4), ("predictions".into(), 0, 12)]
+        );
+        assert_eq!(
+            join_of(&store),
+            vec![("b".into(), b"B2".to_vec()), ("c".into(), b"C".to_vec())]
+        );
+        assert!(store.file_bytes() > 0);
+    }
+
+    #[test]
+    fn a_second_process_on_the_same_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = StateStore::open(dir.path()).unwrap();
+        let err = StateStore::open(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("in use by another process"), "{err}");
+    }
+
+    #[test]
+    fn an_incompatible_format_is_refused_with_the_way_out() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = StateStore::open(dir.path()).unwrap();
+            let tx = store.db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("format", 99u32.to_le_bytes().as_slice())
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let err = StateStore::open(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("format 99") && err.contains("move the directory away"),
+            "{err}"
+        );
+    }
+}

@@ -247,12 +247,24 @@ impl Drop for LagProbe {
     }
 }
 
+/// Join requests held only by the state store: evicted from memory after a
+/// checkpoint when the join exceeded `state.memory_budget`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cold {
+    requests: usize,
+    predictions: usize,
+}
+
 /// Everything a consumed message touches (split from [`Service`] so a
 /// message borrowed from the consumer can be processed in place).
 struct Processing {
     cfg: Config,
     decoder: Decoder,
     core: Core,
+    /// Join requests that are only in the store (beyond the memory budget).
+    cold: Cold,
+    /// The store, for reading cold join requests back.
+    store: StateStore,
     positions: Positions,
     /// Messages skipped because the state already held them.
     redelivered: u64,
@@ -275,14 +287,14 @@ impl Service {
             .await
             .map_err(|e| anyhow::anyhow!("ClickHouse migration failed: {e}"))?;
         let store = StateStore::open(&cfg.state.dir)?;
-        let (core, positions) = match restore_state(&store, &cfg)? {
-            Some((mut core, positions)) => {
+        let (core, positions, cold) = match restore_state(&store, &cfg)? {
+            Some((mut core, positions, cold)) => {
                 let loaded = load_references(&sink, &mut core, true).await?;
                 tracing::info!(
                     profiles = loaded,
                     "reference profiles loaded (new or re-imported)"
                 );
-                (core, positions)
+                (core, positions, cold)
             }
             None => {
                 let mut core = Core::new(&cfg);
@@ -294,7 +306,7 @@ impl Service {
                     firing = core.alert_engine().firing(),
                     "alert state restored from ClickHouse"
                 );
-                (core, Positions::new())
+                (core, Positions::new(), Cold::default())
             }
         };
         let env: std::collections::HashMap<String, String> = std::env::vars().collect();
@@ -315,12 +327,14 @@ impl Service {
             kafka_errors: 0,
             consumed_at_flush: 0,
             lag: LagProbe::start(&cfg.kafka),
-            store,
+            store: store.clone(),
             last_checkpoint: Instant::now(),
             checkpoint_due: false,
             p: Processing {
                 decoder: Decoder::new(cfg.kafka.format),
                 core,
+                cold,
+                store,
                 positions,
                 redelivered: 0,
                 pending: Pending::default(),
@@ -351,7 +365,7 @@ impl Service {
             dead_lettered: Counters::get(&c.dead_lettered_total),
             rows_written: Counters::get(&c.rows_written_total),
             alerts_published: Counters::get(&c.alerts_published_total),
-            pending_predictions: self.p.core.pending_predictions(),
+            pending_predictions: self.p.core.pending_predictions() + self.p.cold.predictions,
         }
     }
 
@@ -522,6 +536,9 @@ impl Service {
     /// Advances the core (or, with `close_all`, closes every window) and
     /// writes everything pending; commits offsets when it all succeeded.
     pub async fn flush(&mut self, wall_ms: i64, close_all: bool) -> Result<()> {
+        if !close_all {
+            self.p.load_expiring(wall_ms)?;
+        }
         let out = if close_all {
             self.p.core.flush(wall_ms)
         } else {
@@ -583,6 +600,7 @@ impl Service {
         let (stats, positions) = stats;
         self.last_checkpoint = Instant::now();
         self.checkpoint_due = false;
+        self.p.evict_over_budget();
         self.telemetry
             .record_checkpoint(&stats, self.store.file_bytes());
         tracing::debug!(
@@ -640,7 +658,8 @@ impl Service {
         self.consumed_at_flush = consumed;
         FlushReport {
             core: self.p.core.stats(),
-            pending_predictions: self.p.core.pending_predictions() as u64,
+            pending_predictions: (self.p.core.pending_predictions() + self.p.cold.predictions)
+                as u64,
             watermark_delay_s: self
                 .p
                 .pending
@@ -698,7 +717,22 @@ impl Processing {
             EventKind::GroundTruth
         };
         let bytes = payload.unwrap_or(&[]);
-        match self.decoder.decode(kind, bytes) {
+        let decoded = self.decoder.decode(kind, bytes);
+        if self.cold.requests > 0 {
+            let id = match &decoded {
+                Ok(InputEvent::Prediction(p)) => Some(&*p.request_id),
+                Ok(InputEvent::GroundTruth(g)) => Some(&*g.request_id),
+                Err(_) => None,
+            };
+            if let Some(id) = id {
+                if let Err(e) = self.load_cold(id) {
+                    // The store answered a checkpoint a moment ago: a read
+                    // failing now is a broken disk, not bad input.
+                    tracing::error!(error = %format!("{e:#}"), request_id = id, "cannot read a join record back from the state store");
+                }
+            }
+        }
+        match decoded {
             Ok(InputEvent::Prediction(p)) => {
                 self.core.on_prediction(&p, wall_ms);
             }
@@ -719,6 +753,68 @@ impl Processing {
                 });
             }
         }
+    }
+}
+
+impl Processing {
+    /// Reads request `id` back from the store into the join when it is cold.
+    fn load_cold(&mut self, id: &str) -> Result<()> {
+        if self.core.join_holds(id) {
+            return Ok(());
+        }
+        if let Some(bytes) = self.store.get_join(id)? {
+            let before = self.core.pending_predictions();
+            self.core.restore_request(id, &bytes)?;
+            let n = self.core.pending_predictions() - before;
+            self.cold.requests = self.cold.requests.saturating_sub(1);
+            self.cold.predictions = self.cold.predictions.saturating_sub(n);
+        }
+        Ok(())
+    }
+
+    /// Before the watermark moves: reads back every cold request that
+    /// expires by then, so the join expires it as if it had stayed in memory.
+    fn load_expiring(&mut self, wall_ms: i64) -> Result<()> {
+        if self.cold.requests == 0 {
+            return Ok(());
+        }
+        let Some(wm) = self.core.watermark_at(wall_ms) else {
+            return Ok(());
+        };
+        let mut due = Vec::new();
+        self.store.expiring(wm, |key| {
+            if !self.core.join_holds(key) {
+                due.push(key.to_string());
+            }
+            Ok(())
+        })?;
+        for key in &due {
+            self.load_cold(key)?;
+        }
+        if !due.is_empty() {
+            tracing::debug!(requests = due.len(), "expiring join requests read back from the state store");
+        }
+        Ok(())
+    }
+
+    /// After a checkpoint: when the join holds more request ids than
+    /// `state.memory_budget` allows, drops unchanged ones from memory (the
+    /// checkpoint holds them) down to 90 % of the budget.
+    fn evict_over_budget(&mut self) {
+        let max = self.cfg.state.max_hot_requests();
+        let held = self.core.join_requests();
+        if held <= max {
+            return;
+        }
+        let (requests, predictions) = self.core.evict_requests(held - max / 10 * 9);
+        self.cold.requests += requests;
+        self.cold.predictions += predictions;
+        tracing::debug!(
+            evicted = requests,
+            cold = self.cold.requests,
+            in_memory = self.core.join_requests(),
+            "join requests over the memory budget left memory (kept in the state store)"
+        );
     }
 }
 
@@ -906,24 +1002,36 @@ pub async fn load_references(
 }
 
 /// Opens the last checkpoint of the store, if any: the core with its join
-/// state, and the input positions.
-fn restore_state(store: &StateStore, cfg: &Config) -> Result<Option<(Core, Positions)>> {
+/// state (as much as `state.memory_budget` allows in memory; the rest stays
+/// cold in the store), the input positions and the cold counts.
+fn restore_state(store: &StateStore, cfg: &Config) -> Result<Option<(Core, Positions, Cold)>> {
     let started = Instant::now();
     let Some(r) = store.load()? else {
         tracing::info!(store = %store.path().display(), "no checkpoint: starting with empty state");
         return Ok(None);
     };
     let mut core = Core::restore(cfg, |name| r.record(name), now_ms())?;
-    store.for_each_join(|key, bytes| Ok(core.restore_request(key, bytes)?))?;
+    let max = cfg.state.max_hot_requests() / 10 * 9;
+    let mut cold = Cold::default();
+    store.for_each_join(|key, bytes| {
+        if core.join_requests() < max {
+            core.restore_request(key, bytes)?;
+        } else {
+            cold.requests += 1;
+            cold.predictions += Core::stored_predictions(bytes)?;
+        }
+        Ok(())
+    })?;
     tracing::info!(
         store = %store.path().display(),
-        pending_predictions = core.pending_predictions(),
+        pending_predictions = core.pending_predictions() + cold.predictions,
         join_records = r.join_records,
+        cold_requests = cold.requests,
         partitions = r.positions.len(),
         seconds = started.elapsed().as_secs_f64(),
         "state restored from the last checkpoint"
     );
-    Ok(Some((core, Positions::restored(r.positions))))
+    Ok(Some((core, Positions::restored(r.positions), cold)))
 }
 
 /// Rebuilds the alert engine's state from the `alerts` table: alerts still

@@ -56,6 +56,24 @@ pub struct StateConfig {
     /// the output they produced is written). Default `5s`.
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
+    /// Memory for the join state (pending predictions and labels). Beyond
+    /// it, requests unchanged since the last checkpoint leave memory and are
+    /// read back from the store when an event or their expiry needs them.
+    /// Counted at [`JOIN_BYTES_PER_REQUEST`] per request id. Default `2GiB`.
+    pub memory_budget: bytesize::ByteSize,
+}
+
+/// Memory of one pending request in the join state, for
+/// `state.memory_budget`: 273 bytes measured per pending prediction (join
+/// entry, expiry queue entry, change-set entry and the prediction's record;
+/// `cargo bench --bench memory`), rounded up.
+pub const JOIN_BYTES_PER_REQUEST: u64 = 320;
+
+impl StateConfig {
+    /// The most request ids the join keeps in memory.
+    pub fn max_hot_requests(&self) -> usize {
+        usize::try_from(self.memory_budget.as_u64() / JOIN_BYTES_PER_REQUEST).unwrap_or(usize::MAX)
+    }
 }
 
 impl Default for StateConfig {
@@ -63,6 +81,7 @@ impl Default for StateConfig {
         StateConfig {
             dir: "modelwatch-state".into(),
             checkpoint_interval: Duration::from_secs(5),
+            memory_budget: bytesize::ByteSize::gib(2),
         }
     }
 }
@@ -939,6 +958,13 @@ impl Config {
         }
         if self.state.dir.as_os_str().is_empty() {
             bail!("invalid configuration: state.dir is empty, expected a directory path such as \"/var/lib/modelwatch\"");
+        }
+        if self.state.max_hot_requests() < 1000 {
+            bail!(
+                "invalid configuration: state.memory_budget = {}, expected at least {} (1000 requests)",
+                self.state.memory_budget,
+                bytesize::ByteSize::b(1000 * JOIN_BYTES_PER_REQUEST)
+            );
         }
         if self.state.checkpoint_interval.is_zero() {
             bail!(

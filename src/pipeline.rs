@@ -46,8 +46,9 @@ pub struct CoreStats {
 pub struct CoreCheckpoint {
     /// `core` (watermark and counters), `aggregator`, `alerts`.
     pub records: Vec<(&'static str, Vec<u8>)>,
-    /// Request id → its join record, or `None` when it left the join.
-    pub join: Vec<(Arc<str>, Option<Vec<u8>>)>,
+    /// Request id → (when it first expires, its join record), or `None`
+    /// when it left the join.
+    pub join: Vec<(Arc<str>, Option<(i64, Vec<u8>)>)>,
 }
 
 /// The `core` record: what is neither join, aggregator nor alert state.
@@ -219,10 +220,16 @@ impl Core {
             stats: self.stats,
         };
         let mut join = Vec::with_capacity(self.join.changed());
-        self.join.drain_changes(|key, r| {
-            let bytes = r.map(|r| rmp_serde::to_vec(&r).expect("join records serialize"));
-            join.push((Arc::from(key), bytes));
-        });
+        let mut changes = Vec::with_capacity(self.join.changed());
+        self.join
+            .drain_changes(|key, r| changes.push((Arc::<str>::from(key), r)));
+        for (key, r) in changes {
+            let record = r.map(|r| {
+                let bytes = rmp_serde::to_vec(&r).expect("join records serialize");
+                (self.join.first_expiry(&r), bytes)
+            });
+            join.push((key, record));
+        }
         CoreCheckpoint {
             records: vec![
                 (
@@ -239,6 +246,37 @@ impl Core {
     /// Join requests changed since the last checkpoint.
     pub fn changed_requests(&self) -> usize {
         self.join.changed()
+    }
+
+    /// True when the join's own copy of `request_id` is the current one: it
+    /// is in memory, or it changed (or left) since the last checkpoint. A
+    /// stored record of any other request id is the current one.
+    pub fn join_holds(&self, request_id: &str) -> bool {
+        self.join.contains(request_id) || self.join.is_changed(request_id)
+    }
+
+    /// Request ids the join holds in memory.
+    pub fn join_requests(&self) -> usize {
+        self.join.requests()
+    }
+
+    /// Drops up to `n` requests unchanged since the last checkpoint from
+    /// memory (their checkpointed records stay the current ones); returns
+    /// how many requests and predictions left memory.
+    pub fn evict_requests(&mut self, n: usize) -> (usize, usize) {
+        self.join.evict_unchanged(n)
+    }
+
+    /// The predictions of a stored join record.
+    pub fn stored_predictions(bytes: &[u8]) -> Result<usize, RestoreError> {
+        let r: StoredRequest<PendingRecord> =
+            rmp_serde::from_slice(bytes).map_err(|e| RestoreError::of("join", e))?;
+        Ok(r.predictions.len())
+    }
+
+    /// The watermark [`Core::advance`] would use at `wall_ms`, without moving it.
+    pub fn watermark_at(&self, wall_ms: i64) -> Option<i64> {
+        self.watermark.peek(wall_ms)
     }
 
     /// Counters so far.
@@ -542,7 +580,7 @@ mod tests {
             self.records = c.records;
             for (k, v) in c.join {
                 match v {
-                    Some(v) => self.join.insert(k.to_string(), v),
+                    Some((_, v)) => self.join.insert(k.to_string(), v),
                     None => self.join.remove(&*k),
                 };
             }

@@ -461,6 +461,69 @@ impl<P> JoinState<P> {
     }
 }
 
+impl<P> JoinState<P> {
+    /// True when the join holds `request_id` in memory (predictions or a label).
+    pub fn contains(&self, request_id: &str) -> bool {
+        self.pending.contains_key(request_id) || self.early.contains_key(request_id)
+    }
+
+    /// True when `request_id` changed since the last [`JoinState::drain_changes`]
+    /// (held in memory, or gone from the join).
+    pub fn is_changed(&self, request_id: &str) -> bool {
+        self.changed.contains(request_id)
+    }
+
+    /// Request ids held in memory.
+    pub fn requests(&self) -> usize {
+        self.pending.len() + self.early.len()
+    }
+
+    /// When a stored request first expires: its earliest prediction's
+    /// horizon or its label's TTL (`i64::MAX` for an empty record).
+    pub fn first_expiry(&self, r: &StoredRequest<P>) -> i64 {
+        let horizon = self.cfg.label_horizon_ms;
+        r.predictions
+            .iter()
+            .map(|(_, ts, _)| ts.saturating_add(horizon))
+            .chain(r.label.as_ref().map(|(_, at, _)| *at))
+            .min()
+            .unwrap_or(i64::MAX)
+    }
+
+    /// Removes from memory up to `n` requests that hold only pending
+    /// predictions and did not change since the last
+    /// [`JoinState::drain_changes`] (so the caller's stored copy is
+    /// current), with their expiry queue entries. Returns how many requests
+    /// and predictions left. The caller keeps them on disk and puts a
+    /// request back with [`JoinState::restore`] before any event or
+    /// expiry touches it.
+    pub fn evict_unchanged(&mut self, n: usize) -> (usize, usize) {
+        if n == 0 {
+            return (0, 0);
+        }
+        let victims: Vec<Arc<str>> = self
+            .pending
+            .keys()
+            .filter(|k| !self.changed.contains(*k) && !self.early.contains_key(*k))
+            .take(n)
+            .cloned()
+            .collect();
+        let mut predictions = 0;
+        for k in &victims {
+            if let Some(req) = self.pending.remove(k) {
+                predictions += req.predictions.len();
+            }
+        }
+        self.pending_predictions -= predictions;
+        let (pending, early) = (&self.pending, &self.early);
+        self.queue.retain(|Reverse((_, side, k))| match side {
+            Side::Prediction => pending.contains_key(k),
+            Side::Label => early.contains_key(k),
+        });
+        (victims.len(), predictions)
+    }
+}
+
 impl<P: Clone> JoinState<P> {
     /// Hands every request changed since the last call to `f`: its current
     /// state, or `None` when it is gone. Clears the change set.

@@ -96,6 +96,13 @@ impl Watermark {
 
     /// The watermark at wall-clock time `wall_ms`, or `None` before any input.
     pub fn current(&mut self, wall_ms: i64) -> Option<i64> {
+        let wm = self.peek(wall_ms);
+        self.emitted = wm;
+        wm
+    }
+
+    /// What [`Watermark::current`] would return at `wall_ms`, without moving it.
+    pub fn peek(&self, wall_ms: i64) -> Option<i64> {
         let by_events = self.max_event_ms.map(|m| m - self.lateness_ms);
         let idle = match self.last_input_wall_ms {
             Some(last) => wall_ms - last >= self.idle_timeout_ms,
@@ -107,12 +114,10 @@ impl Watermark {
         } else {
             by_events
         };
-        let wm = match (self.emitted, candidate) {
+        match (self.emitted, candidate) {
             (Some(e), Some(c)) => Some(e.max(c)),
             (e, c) => e.or(c),
-        };
-        self.emitted = wm;
-        wm
+        }
     }
 
     /// True when the input has been idle for the idle timeout.

@@ -21,8 +21,10 @@
 //! few seconds, not per event.
 //!
 //! Tables: `meta` (format version, core records), `positions` ((topic,
-//! partition) → next offset), `join` (request id → the request's join state,
-//! MessagePack).
+//! partition) → next offset), `join` (request id → first expiry + the
+//! request's join state, MessagePack), `join_expiry` ((first expiry, request
+//! id), an index for loading records that are not in memory before they
+//! expire: see [`StateStore::expiring`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +40,25 @@ pub const FORMAT_VERSION: u32 = 1;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const POSITIONS: TableDefinition<(&str, i32), i64> = TableDefinition::new("positions");
 const JOIN: TableDefinition<&str, &[u8]> = TableDefinition::new("join");
+/// (first expiry, request id) of every join record: what the service loads
+/// back before the watermark passes it, when the record is not in memory.
+const JOIN_EXPIRY: TableDefinition<(i64, &str), ()> = TableDefinition::new("join_expiry");
+
+/// A join record as stored: its first expiry (little-endian i64), then the record.
+fn join_value(expiry: i64, record: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + record.len());
+    v.extend_from_slice(&expiry.to_le_bytes());
+    v.extend_from_slice(record);
+    v
+}
+
+/// Splits a stored join value into (first expiry, record).
+fn split_join_value(v: &[u8]) -> Result<(i64, &[u8])> {
+    match v.split_first_chunk::<8>() {
+        Some((expiry, record)) => Ok((i64::from_le_bytes(*expiry), record)),
+        None => bail!("a join record of the state store is truncated"),
+    }
+}
 
 /// The file inside `state.dir`.
 pub const FILE_NAME: &str = "modelwatch.redb";
@@ -47,9 +68,9 @@ pub const FILE_NAME: &str = "modelwatch.redb";
 pub struct Checkpoint {
     /// Whole records of the core (name → bytes), replaced at each checkpoint.
     pub records: Vec<(&'static str, Vec<u8>)>,
-    /// Join state changed since the previous checkpoint: the request's new
-    /// record, or `None` when it left the join.
-    pub join: Vec<(Arc<str>, Option<Vec<u8>>)>,
+    /// Join state changed since the previous checkpoint: the request's
+    /// first expiry and new record, or `None` when it left the join.
+    pub join: Vec<(Arc<str>, Option<(i64, Vec<u8>)>)>,
     /// Next offset to process of every input partition.
     pub positions: Vec<(String, i32, i64)>,
 }
@@ -153,6 +174,7 @@ impl StateStore {
             }
             tx.open_table(POSITIONS)?;
             tx.open_table(JOIN)?;
+            tx.open_table(JOIN_EXPIRY)?;
         }
         tx.commit()?;
         Ok(())
@@ -203,7 +225,36 @@ impl StateStore {
         let mut n = 0;
         for entry in table.iter()? {
             let (k, v) = entry?;
-            f(k.value(), v.value())?;
+            f(k.value(), split_join_value(v.value())?.1)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The stored join record of one request id (a point lookup).
+    pub fn get_join(&self, request_id: &str) -> Result<Option<Vec<u8>>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(JOIN)?;
+        let Some(v) = table.get(request_id)? else {
+            return Ok(None);
+        };
+        Ok(Some(split_join_value(v.value())?.1.to_vec()))
+    }
+
+    /// Hands `f` the request id of every stored join record that first
+    /// expires at or before `up_to`, earliest first (a range scan of the
+    /// expiry index).
+    pub fn expiring(&self, up_to: i64, mut f: impl FnMut(&str) -> Result<()>) -> Result<u64> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(JOIN_EXPIRY)?;
+        let mut n = 0;
+        for entry in table.range((i64::MIN, "")..)? {
+            let (k, _) = entry?;
+            let (at, key) = k.value();
+            if at > up_to {
+                break;
+            }
+            f(key)?;
             n += 1;
         }
         Ok(n)
@@ -225,17 +276,27 @@ impl StateStore {
                 positions.insert((topic.as_str(), *partition), *offset)?;
             }
             let mut join = tx.open_table(JOIN)?;
+            let mut expiry = tx.open_table(JOIN_EXPIRY)?;
             for (key, record) in &c.join {
-                match record {
-                    Some(bytes) => {
-                        join.insert(&**key, bytes.as_slice())?;
+                let old = match record {
+                    Some((at, bytes)) => {
+                        let value = join_value(*at, bytes);
                         stats.join_upserts += 1;
-                        stats.join_bytes += bytes.len();
+                        stats.join_bytes += value.len();
+                        let old = join.insert(&**key, value.as_slice())?;
+                        let old = old.map(|v| split_join_value(v.value()).map(|(t, _)| t));
+                        expiry.insert((*at, &**key), ())?;
+                        old.transpose()?.filter(|t| t != at)
                     }
                     None => {
-                        join.remove(&**key)?;
                         stats.join_deletes += 1;
+                        let old = join.remove(&**key)?;
+                        let old = old.map(|v| split_join_value(v.value()).map(|(t, _)| t));
+                        old.transpose()?
                     }
+                };
+                if let Some(t) = old {
+                    expiry.remove((t, &**key))?;
                 }
             }
         }
@@ -258,7 +319,7 @@ mod tests {
             records: vec![("core", core.to_vec())],
             join: join
                 .iter()
-                .map(|(k, v)| (Arc::from(*k), v.map(<[u8]>::to_vec)))
+                .map(|(k, v)| (Arc::from(*k), v.map(|v| (v.len() as i64 * 100, v.to_vec()))))
                 .collect(),
             positions: pos
                 .iter()
@@ -301,7 +362,8 @@ mod tests {
                     &[("predictions", 0, 12)],
                 ))
                 .unwrap();
-            assert_eq!((s.join_upserts, s.join_deletes, s.join_bytes), (2, 1, 3));
+            // Two records of 8 bytes of expiry plus "B2" and "C".
+            assert_eq!((s.join_upserts, s.join_deletes, s.join_bytes), (2, 1, 19));
         }
         let store = StateStore::open(dir.path()).unwrap();
         let r = store.load().unwrap().expect("a checkpoint");
@@ -318,6 +380,59 @@ mod tests {
             vec![("b".into(), b"B2".to_vec()), ("c".into(), b"C".to_vec())]
         );
         assert!(store.file_bytes() > 0);
+        assert_eq!(store.get_join("b").unwrap(), Some(b"B2".to_vec()));
+        assert_eq!(store.get_join("a").unwrap(), None, "deleted");
+        // The expiry index follows the records: b moved from 200 to 200
+        // (same length), c is at 100, a's entry is gone.
+        let mut due = Vec::new();
+        store
+            .expiring(150, |k| {
+                due.push(k.to_string());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(due, vec!["c".to_string()]);
+        let mut all = Vec::new();
+        store
+            .expiring(i64::MAX, |k| {
+                all.push(k.to_string());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(all, vec!["c".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn the_expiry_index_moves_with_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let with = |at: i64| Checkpoint {
+            records: vec![("core", vec![1])],
+            join: vec![(Arc::from("r"), Some((at, vec![7])))],
+            positions: vec![],
+        };
+        store.write(&with(500)).unwrap();
+        store.write(&with(100)).unwrap();
+        let due = |up_to| {
+            let mut v = Vec::new();
+            store
+                .expiring(up_to, |k| {
+                    v.push(k.to_string());
+                    Ok(())
+                })
+                .unwrap();
+            v
+        };
+        assert_eq!(due(100), vec!["r".to_string()]);
+        assert_eq!(due(i64::MAX).len(), 1, "the old entry at 500 is gone");
+        store
+            .write(&Checkpoint {
+                records: vec![],
+                join: vec![(Arc::from("r"), None)],
+                positions: vec![],
+            })
+            .unwrap();
+        assert!(due(i64::MAX).is_empty());
     }
 
     #[test]

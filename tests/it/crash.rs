@@ -143,6 +143,8 @@ struct CrashData {
     orphans: u64,
     /// Labels whose event time is before their prediction's.
     early_labels: u64,
+    /// Event time of the first request.
+    t0: i64,
 }
 
 /// A window-aligned time `ago_ms` before now.
@@ -162,6 +164,15 @@ fn encode(n: usize, ev: &InputEvent) -> Vec<u8> {
         1 => encode_avro(ev),
         _ => encode_confluent(ev, 7),
     }
+}
+
+/// A label as JSON with an ignored `padding` field making it `size` bytes.
+fn padded(l: &GroundTruthEvent, size: usize) -> Vec<u8> {
+    let mut v = serde_json::to_value(l).expect("label to JSON");
+    let len = serde_json::to_vec(&v).expect("label JSON").len();
+    let pad = size.saturating_sub(len + 14);
+    v["padding"] = serde_json::Value::String("x".repeat(pad));
+    serde_json::to_vec(&v).expect("label JSON")
 }
 
 /// The scenario of the crash test's traffic (`seed` 11) or of the
@@ -315,15 +326,23 @@ fn crash_dataset(t0: i64) -> CrashData {
             duplicates += 1;
         }
     }
+    // Labels are JSON padded with an unknown (ignored) field to the bytes
+    // the predictions topic spends on the same stretch of event time. The
+    // watermark is shared by both topics and the consumer reads them in
+    // fetches of equal bytes per partition: unpadded, a label (~60 bytes)
+    // covers ~30 times the event time of a prediction's bytes, the
+    // ground-truth topic races ahead in a replay of a backlog and the
+    // watermark closes windows whose predictions were not read yet (an
+    // uninterrupted run then lost half of its windows' predictions).
+    let prediction_bytes: usize = messages.iter().map(|m| m.2.len()).sum();
+    let label_size = prediction_bytes / labels.len().max(1);
     for (i, l) in labels.iter().enumerate() {
         if let Some((_, payload)) = bad_labels.iter().find(|(at, _)| *at == i) {
             let key = format!("bad-l{}", malformed.len() + 1);
             messages.push((Topic::GroundTruth, key.clone(), payload.to_vec()));
             malformed.push(key);
         }
-        n += 1;
-        let ev = InputEvent::GroundTruth(l.clone());
-        messages.push((Topic::GroundTruth, l.request_id.clone(), encode(n, &ev)));
+        messages.push((Topic::GroundTruth, l.request_id.clone(), padded(l, label_size)));
     }
 
     let (mut reference, _) = generate(scenario(
@@ -344,6 +363,7 @@ fn crash_dataset(t0: i64) -> CrashData {
         duplicates,
         orphans,
         early_labels,
+        t0,
     }
 }
 
@@ -359,6 +379,9 @@ async fn produce_messages(brokers: &str, messages: &[Message]) {
         .set("message.timeout.ms", "60000")
         .set("queue.buffering.max.messages", "200000")
         .set("max.in.flight.requests.per.connection", "1")
+        // Small batches: a fetch returns whole batches, so they bound how far
+        // one partition runs ahead of the others in a fetch.
+        .set("batch.size", "262144")
         .create()
         .expect("producer");
     let mut deliveries = Vec::with_capacity(messages.len());
@@ -449,7 +472,7 @@ struct Instance {
 const CONFIG_TOML: &str = r#"
 [drift]
 # Label drift off: its reference is the first labels in arrival order.
-label_reference_size = 100000000
+#label_reference_size = 100000000
 
 [kafka.properties]
 # A killed member is noticed after 6 s instead of 45 s (restarts rejoin fast).
@@ -1099,10 +1122,17 @@ fn assert_reference_is_complete(
             .collect()
     };
     let predictions = count("prediction_count");
-    assert_eq!(
-        predictions.len(),
-        d.predictions.len(),
-        "prediction_count rows per (model, version, window)"
+    let absent: Vec<String> = d
+        .predictions
+        .keys()
+        .filter(|k| !predictions.contains_key(*k))
+        .map(|k| format!("{} {} +{} min", k.0, k.1, (i64::from(k.2) * 1000 - d.t0) / 60_000))
+        .collect();
+    assert!(
+        absent.is_empty(),
+        "{} of {} (model, version, window) have no prediction_count row (their predictions were late): {absent:?}",
+        absent.len(),
+        d.predictions.len()
     );
     let wrong: Vec<_> = d
         .predictions
@@ -1168,6 +1198,20 @@ fn assert_reference_is_complete(
 
 // ---------------------------------------------------------------- the tests
 
+/// Where the instances keep their logs and state: `MODELWATCH_CRASH_LOGS`
+/// (kept after the test) or the test's temporary directory.
+fn logs_dir(tmp: &Path) -> PathBuf {
+    match std::env::var_os("MODELWATCH_CRASH_LOGS") {
+        Some(d) => {
+            let d = PathBuf::from(d).join(format!("{}", now_ms()));
+            std::fs::create_dir_all(&d).expect("MODELWATCH_CRASH_LOGS directory");
+            println!("logs and state in {}", d.display());
+            d
+        }
+        None => tmp.to_path_buf(),
+    }
+}
+
 /// Reads the number of kills and the schedule seed from the environment.
 fn crash_settings() -> (usize, u64) {
     let kills = std::env::var("MODELWATCH_CRASH_KILLS")
@@ -1225,6 +1269,7 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     let broker = TansuBroker::start(PARTITIONS);
     let brokers = broker.bootstrap();
     let dir = tempfile::tempdir().expect("tempdir");
+    let dir_path = logs_dir(dir.path());
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
 
     // Event times from 4 h to 2 h ago: every early label can expire (1 h TTL
@@ -1246,7 +1291,7 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     assert!(d.messages.len() >= 200_000, "{}", d.messages.len());
 
     // The reference: one uninterrupted run.
-    let reference = Instance::new("reference", &brokers, dir.path(), "20m");
+    let reference = Instance::new("reference", &brokers, &dir_path, "20m");
     runtime.block_on(reference.import_references(&d.reference));
     let started = Instant::now();
     let log = reference.spawn(true, 0).wait_success(CHILD_TIMEOUT);
@@ -1287,7 +1332,7 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     );
 
     // The crash run: killed `kills` times, restarted on the same state.
-    let crash = Instance::new("crash", &brokers, dir.path(), "20m");
+    let crash = Instance::new("crash", &brokers, &dir_path, "20m");
     runtime.block_on(crash.import_references(&d.reference));
     let plan = kill_plan(&mut rng, kills, expected);
     let started = Instant::now();
@@ -1323,8 +1368,8 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     );
     assert!(
         metrics.ok() && alerts.ok(),
-        "the crash run differs from the uninterrupted run (seed {seed}, logs in {}):\n{}\n{}",
-        dir.path().display(),
+        "the crash run differs from the uninterrupted run (seed {seed}, logs in {}; set MODELWATCH_CRASH_LOGS=DIR to keep them):\n{}\n{}",
+        dir_path.display(),
         metrics.report("window_metrics FINAL"),
         alerts.report("alerts FINAL")
     );
@@ -1425,7 +1470,8 @@ fn restart_keeps_pending_predictions() {
 
     // Predictions only; the run stops gracefully once it has them all.
     runtime.block_on(produce_messages(&brokers, &prediction_messages));
-    let split = Instance::new("split", &brokers, dir.path(), "20m");
+    let dir_path = logs_dir(dir.path());
+    let split = Instance::new("split", &brokers, &dir_path, "20m");
     let mut r = split.spawn(false, 0);
     wait_predictions_consumed(
         &mut r,
@@ -1455,7 +1501,7 @@ fn restart_keeps_pending_predictions() {
     split.spawn(true, 1).wait_success(CHILD_TIMEOUT);
 
     // A run that saw everything at once.
-    let whole = Instance::new("whole", &brokers, dir.path(), "20m");
+    let whole = Instance::new("whole", &brokers, &dir_path, "20m");
     whole.spawn(true, 0).wait_success(CHILD_TIMEOUT);
 
     let pick = |rows: BTreeMap<MetricKey, MetricRow>| -> BTreeMap<MetricKey, MetricRow> {

@@ -155,7 +155,7 @@ fn pending(n: u64) {
     let started = Instant::now();
     let store = StateStore::open(dir.path()).expect("store");
     let r = store.load().expect("load").expect("a checkpoint");
-    let mut core = Core::restore(&cfg, |name| r.record(name), 0).expect("restore");
+    let mut core = Core::restore(&cfg, |name| r.record(name)).expect("restore");
     store
         .for_each_join(|k, v| Ok(core.restore_request(k, v)?))
         .expect("join records");

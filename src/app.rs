@@ -139,8 +139,10 @@ pub struct Progress {
     pub rows_written: u64,
     /// Alerts published.
     pub alerts_published: u64,
-    /// Pending predictions.
+    /// Pending predictions (in memory and in the state store).
     pub pending_predictions: usize,
+    /// Join requests held only by the state store (beyond the memory budget).
+    pub cold_requests: usize,
 }
 
 /// The running service: one consumer, the processing state, the sinks.
@@ -158,6 +160,9 @@ pub struct Service {
     telemetry: Arc<Telemetry>,
     lag: LagProbe,
     store: StateStore,
+    /// Wall-clock milliseconds spent in flushes (not reading input), for
+    /// the idle check of [`Service::run_until_idle`].
+    busy_ms: Arc<std::sync::atomic::AtomicU64>,
     last_checkpoint: Instant,
     /// The next flush that writes everything also checkpoints (shutdown).
     checkpoint_due: bool,
@@ -328,6 +333,7 @@ impl Service {
             consumed_at_flush: 0,
             lag: LagProbe::start(&cfg.kafka),
             store: store.clone(),
+            busy_ms: Arc::default(),
             last_checkpoint: Instant::now(),
             checkpoint_due: false,
             p: Processing {
@@ -366,6 +372,7 @@ impl Service {
             rows_written: Counters::get(&c.rows_written_total),
             alerts_published: Counters::get(&c.alerts_published_total),
             pending_predictions: self.p.core.pending_predictions() + self.p.cold.predictions,
+            cold_requests: self.p.cold.requests,
         }
     }
 
@@ -468,30 +475,49 @@ impl Service {
     }
 
     /// Consumes until the input has been idle for `windows.idle_timeout`
-    /// (after at least one message) or `shutdown` resolves; then closes every
+    /// (after a message, or once partitions are assigned) or `shutdown` resolves; then closes every
     /// window, writes and commits. For replays and backfills of a finite stream.
     pub async fn run_until_idle(&mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let idle = self.p.cfg.windows.idle_timeout;
         let counters = self.p.counters.clone();
-        let started = Instant::now();
-        // The idle check reads the shared counters: no borrow of `self` needed.
+        let busy = self.busy_ms.clone();
+        let readiness = self.telemetry.readiness.clone();
+        // The idle check reads shared counters: no borrow of `self` needed.
+        // Time the service spends writing (flushes, checkpoints) is not idle
+        // time: the input is not being read then.
         let idle_or_shutdown = async move {
             let mut last_seen = 0;
-            let mut since = Instant::now();
+            let mut last_busy = 0;
+            let mut idle_for = Duration::ZERO;
+            let mut last_poll = Instant::now();
             let poll = async {
                 loop {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     let seen = Counters::get(&counters.predictions_consumed_total)
-                        + Counters::get(&counters.labels_consumed_total);
+                        + Counters::get(&counters.labels_consumed_total)
+                        + Counters::get(&counters.redelivered_total);
+                    let busy_now = busy.load(Ordering::Relaxed);
+                    let waited = last_poll
+                        .elapsed()
+                        .saturating_sub(Duration::from_millis(busy_now - last_busy));
+                    last_poll = Instant::now();
+                    last_busy = busy_now;
                     if seen != last_seen {
                         last_seen = seen;
-                        since = Instant::now();
-                    } else if seen > 0 && since.elapsed() >= idle && started.elapsed() >= idle {
-                        tracing::info!(
-                            consumed = seen,
-                            "input idle: closing every window and exiting"
-                        );
-                        break;
+                        idle_for = Duration::ZERO;
+                    } else if seen > 0 || readiness.partitions_assigned.load(Ordering::Relaxed) > 0
+                    {
+                        // Idle once input was read, or once partitions are
+                        // assigned and deliver nothing (a restart with
+                        // nothing new to read).
+                        idle_for += waited;
+                        if idle_for >= idle {
+                            tracing::info!(
+                                consumed = seen,
+                                "input idle: closing every window and exiting"
+                            );
+                            break;
+                        }
                     }
                 }
             };
@@ -536,6 +562,18 @@ impl Service {
     /// Advances the core (or, with `close_all`, closes every window) and
     /// writes everything pending; commits offsets when it all succeeded.
     pub async fn flush(&mut self, wall_ms: i64, close_all: bool) -> Result<()> {
+        let started = Instant::now();
+        let result = self.flush_inner(wall_ms, close_all).await;
+        // Input waits while the service writes: not idle time.
+        self.p.core.pause_idle(started.elapsed().as_millis() as i64);
+        self.busy_ms.fetch_add(
+            started.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        result
+    }
+
+    async fn flush_inner(&mut self, wall_ms: i64, close_all: bool) -> Result<()> {
         if !close_all {
             self.p.load_expiring(wall_ms)?;
         }
@@ -690,6 +728,7 @@ impl Processing {
                 // Already in the state (a restart or rebalance resumed
                 // from an older committed offset): counted once already.
                 self.redelivered += 1;
+                Counters::add(&self.counters.redelivered_total, 1);
                 if self.redelivered.is_power_of_two() {
                     tracing::info!(
                         skipped = self.redelivered,
@@ -768,6 +807,7 @@ impl Processing {
             let n = self.core.pending_predictions() - before;
             self.cold.requests = self.cold.requests.saturating_sub(1);
             self.cold.predictions = self.cold.predictions.saturating_sub(n);
+            Counters::add(&self.counters.join_loaded_total, 1);
         }
         Ok(())
     }
@@ -792,7 +832,10 @@ impl Processing {
             self.load_cold(key)?;
         }
         if !due.is_empty() {
-            tracing::debug!(requests = due.len(), "expiring join requests read back from the state store");
+            tracing::debug!(
+                requests = due.len(),
+                "expiring join requests read back from the state store"
+            );
         }
         Ok(())
     }
@@ -809,6 +852,7 @@ impl Processing {
         let (requests, predictions) = self.core.evict_requests(held - max / 10 * 9);
         self.cold.requests += requests;
         self.cold.predictions += predictions;
+        Counters::add(&self.counters.join_evicted_total, requests as u64);
         tracing::debug!(
             evicted = requests,
             cold = self.cold.requests,
@@ -1010,7 +1054,7 @@ fn restore_state(store: &StateStore, cfg: &Config) -> Result<Option<(Core, Posit
         tracing::info!(store = %store.path().display(), "no checkpoint: starting with empty state");
         return Ok(None);
     };
-    let mut core = Core::restore(cfg, |name| r.record(name), now_ms())?;
+    let mut core = Core::restore(cfg, |name| r.record(name))?;
     let max = cfg.state.max_hot_requests() / 10 * 9;
     let mut cold = Cold::default();
     store.for_each_join(|key, bytes| {

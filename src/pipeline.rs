@@ -177,12 +177,11 @@ impl Core {
 
     /// A core with the state of a checkpoint: `record` returns the stored
     /// record of a name. The join requests come after, through
-    /// [`Core::restore_request`]. The idle timer of the watermark starts at
-    /// `wall_ms` (the restart), not at the last input before the stop.
+    /// [`Core::restore_request`]. The idle timer of the watermark starts
+    /// with the first input after the restart.
     pub fn restore<'a>(
         cfg: &Config,
         record: impl Fn(&str) -> Option<&'a [u8]>,
-        wall_ms: i64,
     ) -> Result<Core, RestoreError> {
         let mut core = Core::new(cfg);
         let get =
@@ -193,7 +192,6 @@ impl Core {
             cfg.windows.allowed_lateness.as_millis() as i64,
             cfg.windows.idle_timeout.as_millis() as i64,
             r.watermark,
-            wall_ms,
         );
         core.stats = r.stats;
         core.agg = Aggregator::restore(aggregator_config(cfg), get("aggregator")?)
@@ -360,6 +358,12 @@ impl Core {
             self.stats.duplicate_labels += 1;
         }
         self.drain_joined();
+    }
+
+    /// The caller was busy for `ms` of wall-clock time without reading input
+    /// (writing output, checkpointing): not idle time for the watermark.
+    pub fn pause_idle(&mut self, ms: i64) {
+        self.watermark.pause(ms);
     }
 
     /// Records input without an event time (an undecodable message).
@@ -587,16 +591,12 @@ mod tests {
         }
 
         fn restore(&self, cfg: &Config) -> Core {
-            let mut core = Core::restore(
-                cfg,
-                |name| {
-                    self.records
-                        .iter()
-                        .find(|(n, _)| *n == name)
-                        .map(|(_, b)| b.as_slice())
-                },
-                0,
-            )
+            let mut core = Core::restore(cfg, |name| {
+                self.records
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, b)| b.as_slice())
+            })
             .expect("restore");
             for (k, v) in &self.join {
                 core.restore_request(k, v).expect("join record");

@@ -119,6 +119,12 @@ pub struct Counters {
     pub alerts_published_total: AtomicU64,
     /// Offset commits issued.
     pub commits_total: AtomicU64,
+    /// Join requests that left memory for the state store (memory budget).
+    pub join_evicted_total: AtomicU64,
+    /// Join requests read back from the state store.
+    pub join_loaded_total: AtomicU64,
+    /// Messages skipped because the state already held them (redeliveries).
+    pub redelivered_total: AtomicU64,
 }
 
 impl Counters {
@@ -653,6 +659,24 @@ impl Collector for SnapshotCollector {
             "offset_commits",
             "Input offset commits issued",
             Counters::get(&c.commits_total),
+        )?;
+        counter(
+            &mut enc,
+            "join_evicted_requests",
+            "Join requests that left memory for the state store (state.memory_budget)",
+            Counters::get(&c.join_evicted_total),
+        )?;
+        counter(
+            &mut enc,
+            "join_loaded_requests",
+            "Join requests read back from the state store for an event or their expiry",
+            Counters::get(&c.join_loaded_total),
+        )?;
+        counter(
+            &mut enc,
+            "redelivered_messages",
+            "Messages skipped because the restored state already held them",
+            Counters::get(&c.redelivered_total),
         )?;
         counter(
             &mut enc,

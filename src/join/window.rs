@@ -5,9 +5,12 @@
 //! instead (`wall − allowed lateness`, never moving backwards), so a finished
 //! replay or a quiet stream still closes its windows and expires its state.
 //!
+//! The idle timer starts with the first input a process sees: before it
+//! (a consumer still joining its group, a broker not yet answering) nothing
+//! is idle, so a restart in the middle of a replay of old events does not
+//! close every window and expire every prediction by the wall clock.
 //! Checkpoints keep the event-time state ([`WatermarkState`]) but not the
-//! wall-clock time of the last input: after a restart the idle timer starts
-//! again at the restart ([`Watermark::restored`]).
+//! wall-clock time of the last input ([`Watermark::restored`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -49,22 +52,15 @@ impl Watermark {
         }
     }
 
-    /// A watermark with the event-time state of a checkpoint, restarted at
-    /// wall-clock time `wall_ms_now`: the idle timer counts from then, as if
-    /// input had just arrived. A state with nothing seen gives
-    /// [`Watermark::new`].
-    pub fn restored(
-        lateness_ms: i64,
-        idle_timeout_ms: i64,
-        state: WatermarkState,
-        wall_ms_now: i64,
-    ) -> Self {
-        let seen = state.max_event_ms.is_some() || state.emitted.is_some();
+    /// A watermark with the event-time state of a checkpoint. The idle
+    /// timer starts again with the first input after the restart (see the
+    /// module docs). A state with nothing seen gives [`Watermark::new`].
+    pub fn restored(lateness_ms: i64, idle_timeout_ms: i64, state: WatermarkState) -> Self {
         Watermark {
             lateness_ms,
             idle_timeout_ms,
             max_event_ms: state.max_event_ms,
-            last_input_wall_ms: seen.then_some(wall_ms_now),
+            last_input_wall_ms: None,
             emitted: state.emitted,
         }
     }
@@ -82,6 +78,14 @@ impl Watermark {
     pub fn observe(&mut self, event_ms: i64, wall_ms: i64) {
         self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
         self.last_input_wall_ms = Some(wall_ms);
+    }
+
+    /// The process was busy for `ms` without reading input (writing output,
+    /// checkpointing): that time does not count towards the idle timeout.
+    pub fn pause(&mut self, ms: i64) {
+        if let Some(last) = &mut self.last_input_wall_ms {
+            *last = last.saturating_add(ms.max(0));
+        }
     }
 
     /// Records that input arrived (e.g. an undecodable message) without an event time.
@@ -183,20 +187,20 @@ mod tests {
         );
         let bytes = rmp_serde::to_vec(&state).unwrap();
         let state: WatermarkState = rmp_serde::from_slice(&bytes).unwrap();
-        // Restarted an hour later: not idle until the timeout after the restart.
+        // Restarted an hour later: not idle, however long the consumer
+        // takes to get its first message.
         let restart = wall + 3_600_000;
-        let mut r = Watermark::restored(lateness, idle, state, restart);
+        let mut r = Watermark::restored(lateness, idle, state);
         assert_eq!(r.max_event_ms(), Some(1_200_000));
-        assert!(!r.is_idle(restart + idle - 1));
-        assert_eq!(r.current(restart + idle - 1), Some(1_170_000));
-        assert!(r.is_idle(restart + idle));
-        assert_eq!(r.current(restart + idle), Some(restart + idle - lateness));
-        // From here it runs as an uninterrupted one would.
-        r.observe(1_300_000, restart + idle + 5);
-        assert_eq!(
-            r.current(restart + idle + 6),
-            Some(restart + idle - lateness)
-        );
+        assert!(!r.is_idle(restart + 10 * idle));
+        assert_eq!(r.current(restart + 10 * idle), Some(1_170_000));
+        // The first input starts the idle timer.
+        let first = restart + 10 * idle;
+        r.observe(1_300_000, first);
+        assert_eq!(r.current(first + 1), Some(1_270_000));
+        assert!(!r.is_idle(first + idle - 1));
+        assert!(r.is_idle(first + idle));
+        assert_eq!(r.current(first + idle), Some(first + idle - lateness));
         assert_eq!(r.state().max_event_ms, Some(1_300_000));
     }
 
@@ -207,15 +211,28 @@ mod tests {
             max_event_ms: Some(1_000),
             emitted: Some(50_000),
         };
-        let mut r = Watermark::restored(0, 60_000, state, 100_000);
+        let mut r = Watermark::restored(0, 60_000, state);
         assert_eq!(r.current(100_001), Some(50_000));
         r.observe(2_000, 100_002);
         assert_eq!(r.current(100_003), Some(50_000));
     }
 
     #[test]
+    fn busy_time_is_not_idle_time() {
+        let mut w = Watermark::new(0, 1_000);
+        w.observe(5_000, 100);
+        w.pause(10_000);
+        assert!(
+            !w.is_idle(10_100 + 999),
+            "the 10 s spent writing do not count"
+        );
+        assert_eq!(w.current(10_100 + 999), Some(5_000));
+        assert!(w.is_idle(10_100 + 1_000));
+    }
+
+    #[test]
     fn restoring_an_empty_state_is_a_new_watermark() {
-        let mut r = Watermark::restored(0, 10, WatermarkState::default(), 5);
+        let mut r = Watermark::restored(0, 10, WatermarkState::default());
         assert_eq!(r.current(1_000), None);
         assert!(!r.is_idle(1_000));
         assert_eq!(r.state(), WatermarkState::default());

@@ -74,12 +74,20 @@ const SPAN_MS: i64 = 2 * 3_600_000;
 /// them = 3.9 messages per request, about 210 000 messages.
 const REQUESTS: u64 = 54_000;
 /// Longest a `modelwatch` child may run before it is killed.
-const CHILD_TIMEOUT: Duration = Duration::from_secs(150);
+const CHILD_TIMEOUT: Duration = Duration::from_secs(300);
 /// Kills of the crash run unless `MODELWATCH_CRASH_KILLS` says otherwise.
 const DEFAULT_KILLS: usize = 6;
+/// Allowed lateness of the crash test: above the whole event-time span.
+/// Measured against tansu, the consumer does not interleave partitions
+/// evenly in a replay of a backlog (one predictions partition was read
+/// more than an hour of event time after the others, the ground-truth
+/// topic finished while half of the predictions were unread): with 20
+/// minutes, 3 of 4 predictions partitions were late for most windows of
+/// an uninterrupted run. Windows therefore close when the input goes idle.
+const LATENESS: &str = "3h";
 /// Idle timeout of every run: a finished replay exits this long after its
 /// last message.
-const IDLE_TIMEOUT_S: u64 = 5;
+const IDLE_TIMEOUT_S: u64 = 15;
 
 /// Metrics whose values depend on the order in which labels arrive, not
 /// only on which labels arrived: ADWIN and Page-Hinkley run over the
@@ -342,7 +350,11 @@ fn crash_dataset(t0: i64) -> CrashData {
             messages.push((Topic::GroundTruth, key.clone(), payload.to_vec()));
             malformed.push(key);
         }
-        messages.push((Topic::GroundTruth, l.request_id.clone(), padded(l, label_size)));
+        messages.push((
+            Topic::GroundTruth,
+            l.request_id.clone(),
+            padded(l, label_size),
+        ));
     }
 
     let (mut reference, _) = generate(scenario(
@@ -472,7 +484,7 @@ struct Instance {
 const CONFIG_TOML: &str = r#"
 [drift]
 # Label drift off: its reference is the first labels in arrival order.
-#label_reference_size = 100000000
+label_reference_size = 100000000
 
 [kafka.properties]
 # A killed member is noticed after 6 s instead of 45 s (restarts rejoin fast).
@@ -1126,7 +1138,14 @@ fn assert_reference_is_complete(
         .predictions
         .keys()
         .filter(|k| !predictions.contains_key(*k))
-        .map(|k| format!("{} {} +{} min", k.0, k.1, (i64::from(k.2) * 1000 - d.t0) / 60_000))
+        .map(|k| {
+            format!(
+                "{} {} +{} min",
+                k.0,
+                k.1,
+                (i64::from(k.2) * 1000 - d.t0) / 60_000
+            )
+        })
         .collect();
     assert!(
         absent.is_empty(),
@@ -1291,7 +1310,7 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     assert!(d.messages.len() >= 200_000, "{}", d.messages.len());
 
     // The reference: one uninterrupted run.
-    let reference = Instance::new("reference", &brokers, &dir_path, "20m");
+    let reference = Instance::new("reference", &brokers, &dir_path, LATENESS);
     runtime.block_on(reference.import_references(&d.reference));
     let started = Instant::now();
     let log = reference.spawn(true, 0).wait_success(CHILD_TIMEOUT);
@@ -1332,7 +1351,7 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     );
 
     // The crash run: killed `kills` times, restarted on the same state.
-    let crash = Instance::new("crash", &brokers, &dir_path, "20m");
+    let crash = Instance::new("crash", &brokers, &dir_path, LATENESS);
     runtime.block_on(crash.import_references(&d.reference));
     let plan = kill_plan(&mut rng, kills, expected);
     let started = Instant::now();
@@ -1531,43 +1550,5 @@ fn restart_keeps_pending_predictions() {
         diff.ok(),
         "{}",
         diff.report("accuracy / label_count rows after a restart")
-    );
-}
-
-#[test]
-#[ignore]
-fn scratch_dataset_stats() {
-    let t = Instant::now();
-    let g = generate(scenario(
-        aligned_ago(4 * 3_600_000),
-        REQUESTS,
-        11,
-        DriftScenario::Sudden,
-    ));
-    println!("generate {:?} {}", t.elapsed(), g.0.len());
-    let t = Instant::now();
-    let d = crash_dataset(aligned_ago(4 * 3_600_000));
-    let bytes: usize = d.messages.iter().map(|m| m.2.len()).sum();
-    let pbytes: usize = d
-        .messages
-        .iter()
-        .filter(|m| m.0 == Topic::Predictions)
-        .map(|m| m.2.len())
-        .sum();
-    let pn = d
-        .messages
-        .iter()
-        .filter(|m| m.0 == Topic::Predictions)
-        .count();
-    println!(
-        "{} messages, {} bytes ({} predictions {} bytes), {:?}, dups {} early {} windows {}",
-        d.messages.len(),
-        bytes,
-        pn,
-        pbytes,
-        t.elapsed(),
-        d.duplicates,
-        d.early_labels,
-        d.predictions.len()
     );
 }

@@ -8,6 +8,7 @@
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
 //! - [`crash`]: the binary killed and restarted, against an uninterrupted run.
+//! - [`state`]: a join state beyond the memory budget, in a run and across a restart.
 //! - `example_config`: `deploy/modelwatch.example.toml` stays valid and
 //!   documents the real defaults.
 
@@ -20,6 +21,7 @@ mod clickhouse;
 mod crash;
 mod e2e;
 mod pipeline;
+mod state;
 
 mod example_config {
     use std::collections::HashMap;

@@ -164,6 +164,8 @@ pub struct Service {
     /// the idle check of [`Service::run_until_idle`].
     busy_ms: Arc<std::sync::atomic::AtomicU64>,
     last_checkpoint: Instant,
+    /// Wall-clock time the last checkpoint took (encoding and writing).
+    last_checkpoint_cost: Duration,
     /// The next flush that writes everything also checkpoints (shutdown).
     checkpoint_due: bool,
     p: Processing,
@@ -335,6 +337,7 @@ impl Service {
             store: store.clone(),
             busy_ms: Arc::default(),
             last_checkpoint: Instant::now(),
+            last_checkpoint_cost: Duration::ZERO,
             checkpoint_due: false,
             p: Processing {
                 decoder: Decoder::new(cfg.kafka.format),
@@ -601,9 +604,16 @@ impl Service {
                 return Ok(());
             }
         }
-        if self.checkpoint_due
-            || self.last_checkpoint.elapsed() >= self.p.cfg.state.checkpoint_interval
-        {
+        // A large state takes long to checkpoint: checkpoints then come at
+        // least ten times their cost apart, so they take at most ~10 % of
+        // the service's time (the replay after a crash grows accordingly).
+        let every = self
+            .p
+            .cfg
+            .state
+            .checkpoint_interval
+            .max(self.last_checkpoint_cost * 10);
+        if self.checkpoint_due || self.last_checkpoint.elapsed() >= every {
             self.checkpoint().await?;
         }
         Ok(())
@@ -616,6 +626,7 @@ impl Service {
     /// the previous checkpoint plus a replay is the consistent state.
     pub async fn checkpoint(&mut self) -> Result<()> {
         tracing::debug!("checkpoint begin");
+        let started = Instant::now();
         let core = self.p.core.checkpoint();
         let moved = self.p.positions.take_moved();
         let checkpoint = Checkpoint {
@@ -637,12 +648,14 @@ impl Service {
         })?;
         let (stats, positions) = stats;
         self.last_checkpoint = Instant::now();
+        self.last_checkpoint_cost = started.elapsed();
         self.checkpoint_due = false;
         self.p.evict_over_budget();
         self.telemetry
             .record_checkpoint(&stats, self.store.file_bytes());
         tracing::debug!(
-            seconds = stats.seconds,
+            seconds = self.last_checkpoint_cost.as_secs_f64(),
+            write_seconds = stats.seconds,
             record_bytes = stats.record_bytes,
             join_upserts = stats.join_upserts,
             join_deletes = stats.join_deletes,

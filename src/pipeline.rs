@@ -40,6 +40,10 @@ pub struct CoreStats {
     pub windows_closed: u64,
 }
 
+/// A join request's change in a checkpoint: its id, and its first expiry
+/// and record, or `None` when it left the join.
+pub type JoinChange = (Arc<str>, Option<(i64, Vec<u8>)>);
+
 /// The core's state for a checkpoint: whole records (name, MessagePack
 /// bytes) and the join requests changed since the previous checkpoint.
 #[derive(Debug, Default)]
@@ -48,7 +52,7 @@ pub struct CoreCheckpoint {
     pub records: Vec<(&'static str, Vec<u8>)>,
     /// Request id → (when it first expires, its join record), or `None`
     /// when it left the join.
-    pub join: Vec<(Arc<str>, Option<(i64, Vec<u8>)>)>,
+    pub join: Vec<JoinChange>,
 }
 
 /// The `core` record: what is neither join, aggregator nor alert state.
@@ -510,15 +514,15 @@ mod tests {
 
     /// What `window_metrics FINAL` would hold: the newest revision of every
     /// row key, value bit-exact; and the alert transitions by id and status.
+    type RowKey = (String, String, String, i64, i64, String, String);
+    type HistogramKey = (String, String, String, i64, i64, String);
+    type AlertValue = (String, String, u64, u64);
+
     #[derive(Debug, Default, PartialEq)]
     struct Final {
-        rows: std::collections::BTreeMap<
-            (String, String, String, i64, i64, String, String),
-            (u64, u64, u64, Option<u64>),
-        >,
-        histograms:
-            std::collections::BTreeMap<(String, String, String, i64, i64, String), Vec<u64>>,
-        alerts: std::collections::BTreeMap<(String, String), (String, String, u64, u64)>,
+        rows: std::collections::BTreeMap<RowKey, (u64, u64, u64, Option<u64>)>,
+        histograms: std::collections::BTreeMap<HistogramKey, Vec<u64>>,
+        alerts: std::collections::BTreeMap<(String, String), AlertValue>,
     }
 
     impl Final {

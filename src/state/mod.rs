@@ -63,6 +63,8 @@ fn split_join_value(v: &[u8]) -> Result<(i64, &[u8])> {
 /// The file inside `state.dir`.
 pub const FILE_NAME: &str = "modelwatch.redb";
 
+pub use crate::pipeline::JoinChange;
+
 /// What one checkpoint writes.
 #[derive(Debug, Default)]
 pub struct Checkpoint {
@@ -70,7 +72,7 @@ pub struct Checkpoint {
     pub records: Vec<(&'static str, Vec<u8>)>,
     /// Join state changed since the previous checkpoint: the request's
     /// first expiry and new record, or `None` when it left the join.
-    pub join: Vec<(Arc<str>, Option<(i64, Vec<u8>)>)>,
+    pub join: Vec<JoinChange>,
     /// Next offset to process of every input partition.
     pub positions: Vec<(String, i32, i64)>,
 }

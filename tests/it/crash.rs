@@ -87,7 +87,7 @@ const DEFAULT_KILLS: usize = 6;
 const LATENESS: &str = "3h";
 /// Idle timeout of every run: a finished replay exits this long after its
 /// last message.
-const IDLE_TIMEOUT_S: u64 = 15;
+const IDLE_TIMEOUT_S: u64 = 5;
 
 /// Metrics whose values depend on the order in which labels arrive, not
 /// only on which labels arrived: ADWIN and Page-Hinkley run over the
@@ -1291,10 +1291,11 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     let dir_path = logs_dir(dir.path());
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
 
-    // Event times from 4 h to 2 h ago: every early label can expire (1 h TTL
-    // + 20 min lateness) once the input is idle, and every window is still
-    // within its 24 h label horizon.
-    let t0 = aligned_ago(4 * 3_600_000);
+    // Event times from 30 h to 28 h ago: once the input is idle the
+    // watermark (wall clock - 3 h lateness) passes every early label's TTL
+    // (1 h) and every unlabeled prediction's horizon (24 h), so orphan
+    // labels and unlabeled predictions are final in both runs.
+    let t0 = aligned_ago(30 * 3_600_000);
     let d = crash_dataset(t0);
     let started = Instant::now();
     runtime.block_on(produce_messages(&brokers, &d.messages));

@@ -13,6 +13,12 @@
 //!    checkpoint time, store bytes per pending prediction, then recovery
 //!    (open + restore every record) time per million pending predictions.
 //!
+//! 0. `budget` (run first, so the peak RSS is its own): M pending predictions (`MODELWATCH_BENCH_BUDGET_PENDING`,
+//!    default 10,000,000) with `state.memory_budget` = 1 GiB, checkpointed
+//!    and evicted the way the service does (a checkpoint every 500,000
+//!    predictions, then unchanged requests beyond the budget leave memory):
+//!    peak RSS of the process (VmHWM) and the store's size.
+//!
 //! Run: `cargo bench --bench state`. Under `cargo test` it runs once with
 //! small sizes.
 
@@ -171,8 +177,66 @@ fn pending(n: u64) {
     );
 }
 
+/// A line of /proc/self/status, in MiB.
+fn status_mib(field: &str) -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn budget(n: u64) {
+    let mut cfg = bench_config();
+    cfg.windows.label_horizon = Duration::from_secs(7 * 86400);
+    cfg.state.memory_budget = bytesize::ByteSize::gib(1);
+    let max = cfg.state.max_hot_requests();
+    let mut core = Core::new(&cfg);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = StateStore::open(dir.path()).expect("store");
+    let started = Instant::now();
+    let mut seen = 0u64;
+    let mut cold = 0usize;
+    let mut spill = |core: &mut Core| {
+        checkpoint(core, &store);
+        let held = core.join_requests();
+        if held > max {
+            cold += core.evict_requests(held - max / 10 * 9).0;
+        }
+    };
+    for ev in Generator::new(scenario(n, 0.0)) {
+        if let InputEvent::Prediction(p) = ev {
+            core.on_prediction(&p, 0);
+            seen += 1;
+            if seen.is_multiple_of(500_000) {
+                core.advance(0);
+                spill(&mut core);
+            }
+        }
+    }
+    core.advance(0);
+    spill(&mut core);
+    println!(
+        "budget: {} pending predictions with a 1 GiB budget ({max} requests): {} in memory, {cold} only in the store; peak RSS {:.0} MiB, RSS now {:.0} MiB, store {:.0} MiB, {:.0} s",
+        core.pending_predictions() + cold,
+        core.join_requests(),
+        status_mib("VmHWM:"),
+        status_mib("VmRSS:"),
+        store.file_bytes() as f64 / 1048576.0,
+        started.elapsed().as_secs_f64()
+    );
+}
+
 fn main() {
     let benching = std::env::args().any(|a| a == "--bench");
+    // First, so its peak RSS is its own.
+    budget(env_or(
+        "MODELWATCH_BENCH_BUDGET_PENDING",
+        if benching { 10_000_000 } else { 10_000 },
+    ));
     let every = Duration::from_millis(env_or("MODELWATCH_BENCH_CHECKPOINT_MS", 1000));
     throughput(
         env_or(

@@ -659,6 +659,8 @@ impl Service {
             record_bytes = stats.record_bytes,
             join_upserts = stats.join_upserts,
             join_deletes = stats.join_deletes,
+            consumed = Counters::get(&self.p.counters.predictions_consumed_total)
+                + Counters::get(&self.p.counters.labels_consumed_total),
             "checkpoint written"
         );
         if moved {

@@ -671,10 +671,6 @@ impl Running {
         )
     }
 
-    fn line_count(&self) -> usize {
-        self.lines.lock().unwrap().len()
-    }
-
     /// Reaps the child, collects the rest of its log, writes it to its file.
     fn finish(&mut self) -> (ExitStatus, String) {
         let status = self.child.wait().expect("wait for modelwatch");
@@ -779,61 +775,75 @@ impl Drop for Running {
 /// How one crash-run process ends.
 #[derive(Debug, Clone)]
 enum Kill {
-    /// SIGKILL this long after the start.
-    After(Duration),
-    /// SIGKILL on the first line containing `pattern` after `after_lines`
-    /// log lines; at `fallback` after the start when no such line came.
+    /// Once a checkpoint holds at least `consumed` messages of this process,
+    /// SIGKILL `then` later (during ingest, wherever it is).
+    AfterCheckpoint { consumed: u64, then: Duration },
+    /// Once a checkpoint holds at least `consumed` messages of this process,
+    /// SIGKILL on the next log line containing `pattern` (in the middle of
+    /// a checkpoint or of a ClickHouse insert).
     OnLine {
         pattern: &'static str,
-        after_lines: usize,
-        fallback: Duration,
+        consumed: u64,
     },
+}
+
+/// Longest a crash-run process may take to reach its kill point.
+const KILL_POINT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Reads log lines until a `checkpoint written` line with at least
+/// `consumed` messages; panics with the log when none comes in time.
+fn wait_checkpoint(r: &mut Running, consumed: u64) {
+    let deadline = r.started + KILL_POINT_TIMEOUT;
+    while let Some(line) = r.next_line(deadline) {
+        if line.contains("checkpoint written")
+            && field_value(&line, "consumed").is_some_and(|n| n >= consumed)
+        {
+            return;
+        }
+    }
+    panic!(
+        "no checkpoint holding {consumed} messages within {KILL_POINT_TIMEOUT:?}:\n{}",
+        r.tail(100)
+    );
 }
 
 /// Runs one crash-run process until its kill; returns what happened.
 fn run_until_killed(instance: &Instance, attempt: usize, kill: &Kill) -> String {
     let mut r = instance.spawn(false, attempt);
     let what = match kill {
-        Kill::After(d) => {
-            let deadline = r.started + *d;
+        Kill::AfterCheckpoint { consumed, then } => {
+            wait_checkpoint(&mut r, *consumed);
+            let deadline = Instant::now() + *then;
             while Instant::now() < deadline {
                 r.next_line(deadline);
             }
-            r.assert_running();
-            format!("timed kill at {:.2} s", r.started.elapsed().as_secs_f64())
+            let _ = r.child.kill();
+            format!(
+                "killed at {:.2} s, {then:?} after a checkpoint of {consumed}+ messages",
+                r.started.elapsed().as_secs_f64()
+            )
         }
-        Kill::OnLine {
-            pattern,
-            after_lines,
-            fallback,
-        } => {
-            let deadline = r.started + *fallback;
-            let mut seen = 0usize;
+        Kill::OnLine { pattern, consumed } => {
+            wait_checkpoint(&mut r, *consumed);
+            let deadline = Instant::now() + KILL_POINT_TIMEOUT;
             let mut hit = None;
             while let Some(line) = r.next_line(deadline) {
-                seen += 1;
-                if seen > *after_lines && line.contains(pattern) {
+                if line.contains(pattern) {
                     hit = Some(line);
                     break;
                 }
             }
+            // Kill first, report after: the point is to die mid-operation.
+            let _ = r.child.kill();
             match hit {
-                // Kill first, assert later: the point is to die mid-operation.
-                Some(line) => {
-                    let _ = r.child.kill();
-                    format!(
-                        "killed at {:.2} s on log line {seen}: {line}",
-                        r.started.elapsed().as_secs_f64()
-                    )
-                }
-                None => {
-                    r.assert_running();
-                    format!(
-                        "no {pattern:?} line after {after_lines} lines (saw {}): timed kill at {:.2} s",
-                        r.line_count(),
-                        r.started.elapsed().as_secs_f64()
-                    )
-                }
+                Some(line) => format!(
+                    "killed at {:.2} s on: {line}",
+                    r.started.elapsed().as_secs_f64()
+                ),
+                None => panic!(
+                    "no {pattern:?} line within {KILL_POINT_TIMEOUT:?}:\n{}",
+                    r.tail(100)
+                ),
             }
         }
     };
@@ -1248,24 +1258,28 @@ fn crash_settings() -> (usize, u64) {
     (kills, seed)
 }
 
-/// The kill schedule: half at random times within the run's expected
-/// duration, half on a checkpoint or a ClickHouse insert, in random order.
-fn kill_plan(rng: &mut StdRng, kills: usize, expected: Duration) -> Vec<Kill> {
-    let hi = expected.as_secs_f64().clamp(0.6, 4.0);
+/// The kill schedule, in random order: a third during ingest (a random
+/// moment after a checkpoint), a third in the middle of a checkpoint, a
+/// third in the middle of a ClickHouse insert; each once the process has
+/// checkpointed 2 000 to 40 000 messages of its own, so every kill comes
+/// after progress and every restart restores a real state.
+fn kill_plan(rng: &mut StdRng, kills: usize) -> Vec<Kill> {
     let mut plan: Vec<Kill> = (0..kills)
         .map(|i| {
-            if i % 2 == 0 {
-                Kill::After(Duration::from_secs_f64(rng.gen_range(0.3..hi)))
-            } else {
-                Kill::OnLine {
-                    pattern: if rng.gen_bool(0.5) {
-                        "checkpoint begin"
-                    } else {
-                        "clickhouse write begin"
-                    },
-                    after_lines: rng.gen_range(5..60),
-                    fallback: Duration::from_secs_f64(rng.gen_range(2.0..4.0)),
-                }
+            let consumed = rng.gen_range(2_000..40_000);
+            match i % 3 {
+                0 => Kill::AfterCheckpoint {
+                    consumed,
+                    then: Duration::from_secs_f64(rng.gen_range(0.0..1.5)),
+                },
+                1 => Kill::OnLine {
+                    pattern: "checkpoint begin",
+                    consumed,
+                },
+                _ => Kill::OnLine {
+                    pattern: "clickhouse write begin",
+                    consumed,
+                },
             }
         })
         .collect();
@@ -1354,7 +1368,7 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     // The crash run: killed `kills` times, restarted on the same state.
     let crash = Instance::new("crash", &brokers, &dir_path, LATENESS);
     runtime.block_on(crash.import_references(&d.reference));
-    let plan = kill_plan(&mut rng, kills, expected);
+    let plan = kill_plan(&mut rng, kills);
     let started = Instant::now();
     for (i, kill) in plan.iter().enumerate() {
         let what = run_until_killed(&crash, i, kill);
@@ -1362,6 +1376,23 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     }
     let log = crash.spawn(true, plan.len()).wait_success(CHILD_TIMEOUT);
     assert!(log.contains("input idle"), "{log}");
+    // Not vacuous: the restarts restored checkpoints holding join state and
+    // skipped input the checkpoints already held.
+    let mut restored = Vec::new();
+    for i in 1..=plan.len() {
+        let text = std::fs::read_to_string(dir_path.join("crash").join(format!("run-{i}.log")))
+            .unwrap_or_default();
+        let records = text
+            .lines()
+            .find(|l| l.contains("state restored from the last checkpoint"))
+            .and_then(|l| field_value(l, "join_records"));
+        restored.push(records.unwrap_or(0));
+    }
+    println!("join records restored by the restarts: {restored:?}");
+    assert!(
+        restored.iter().all(|n| *n > 0),
+        "every restart restores a join state: {restored:?}"
+    );
     println!(
         "crash run: {} kills, then to completion: {:.1} s",
         plan.len(),

@@ -477,6 +477,13 @@ struct Instance {
     env: Vec<(String, String)>,
     database: String,
     group: String,
+    /// Each run joins a consumer group of its own (`<group>-<attempt>`).
+    /// Seen against tansu 0.6: a process that restarts after a SIGKILL in
+    /// the killed member's group is assigned no partition for minutes (the
+    /// dead member is not expired), so the crash runs use a new group each
+    /// time; it starts at the beginning of the topics, and the service skips
+    /// everything below its checkpointed positions.
+    group_per_run: bool,
     logs: PathBuf,
 }
 
@@ -531,6 +538,7 @@ impl Instance {
             env,
             database,
             group,
+            group_per_run: false,
             logs: root,
         }
     }
@@ -585,6 +593,14 @@ impl Instance {
         cmd.args(&args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info,modelwatch=debug")
+            .env(
+                "MODELWATCH_KAFKA__GROUP_ID",
+                if self.group_per_run {
+                    format!("{}-{attempt}", self.group)
+                } else {
+                    self.group.clone()
+                },
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -785,6 +801,10 @@ enum Kill {
         pattern: &'static str,
         consumed: u64,
     },
+    /// SIGKILL in the middle of a ClickHouse write of at least `rows`
+    /// window rows: once the input is idle the watermark follows the wall
+    /// clock and closes the windows (the lateness is above the data's span).
+    InWindowWrite { rows: u64 },
 }
 
 /// Longest a crash-run process may take to reach its kill point.
@@ -822,6 +842,29 @@ fn run_until_killed(instance: &Instance, attempt: usize, kill: &Kill) -> String 
                 "killed at {:.2} s, {then:?} after a checkpoint of {consumed}+ messages",
                 r.started.elapsed().as_secs_f64()
             )
+        }
+        Kill::InWindowWrite { rows } => {
+            let deadline = r.started + CHILD_TIMEOUT;
+            let mut hit = None;
+            while let Some(line) = r.next_line(deadline) {
+                if line.contains("clickhouse write begin")
+                    && field_value(&line, "rows").is_some_and(|n| n >= *rows)
+                {
+                    hit = Some(line);
+                    break;
+                }
+            }
+            let _ = r.child.kill();
+            match hit {
+                Some(line) => format!(
+                    "killed at {:.2} s on: {line}",
+                    r.started.elapsed().as_secs_f64()
+                ),
+                None => panic!(
+                    "no write of {rows}+ rows within {CHILD_TIMEOUT:?}:\n{}",
+                    r.tail(100)
+                ),
+            }
         }
         Kill::OnLine { pattern, consumed } => {
             wait_checkpoint(&mut r, *consumed);
@@ -865,10 +908,10 @@ fn run_until_killed(instance: &Instance, attempt: usize, kill: &Kill) -> String 
 // ---------------------------------------------------------------- ClickHouse
 
 /// (model, version, segment, window start s, window s, metric, feature).
-type MetricKey = (String, String, String, u32, u32, String, String);
+pub(crate) type MetricKey = (String, String, String, u32, u32, String, String);
 
 /// `window_metrics FINAL` without the service's own rows.
-async fn read_metrics(sink: &ClickHouseSink) -> BTreeMap<MetricKey, MetricRow> {
+pub(crate) async fn read_metrics(sink: &ClickHouseSink) -> BTreeMap<MetricKey, MetricRow> {
     let rows: Vec<MetricRow> = sink
         .client()
         .query("SELECT ?fields FROM window_metrics FINAL WHERE model_id != '__service__'")
@@ -975,7 +1018,7 @@ fn worst(a: Same, b: Same) -> Same {
 
 /// The outcome of comparing two outputs.
 #[derive(Default)]
-struct Diff {
+pub(crate) struct Diff {
     compared: usize,
     missing: Vec<String>,
     extra: Vec<String>,
@@ -989,11 +1032,11 @@ struct Diff {
 }
 
 impl Diff {
-    fn ok(&self) -> bool {
+    pub(crate) fn ok(&self) -> bool {
         self.missing.is_empty() && self.extra.is_empty() && self.differing.is_empty()
     }
 
-    fn report(&self, what: &str) -> String {
+    pub(crate) fn report(&self, what: &str) -> String {
         let mut s = format!(
             "{what}: {} compared, {} missing, {} extra, {} differ; equal within 1e-9 but not bit for bit: {:?}; differing by metric: {:?}; order-dependent values that differ (ignored): {:?}",
             self.compared,
@@ -1018,7 +1061,7 @@ impl Diff {
     }
 }
 
-fn compare_metrics(
+pub(crate) fn compare_metrics(
     want: &BTreeMap<MetricKey, MetricRow>,
     got: &BTreeMap<MetricKey, MetricRow>,
 ) -> Diff {
@@ -1262,7 +1305,8 @@ fn crash_settings() -> (usize, u64) {
 /// moment after a checkpoint), a third in the middle of a checkpoint, a
 /// third in the middle of a ClickHouse insert; each once the process has
 /// checkpointed 2 000 to 40 000 messages of its own, so every kill comes
-/// after progress and every restart restores a real state.
+/// after progress and every restart restores a real state; then one more in
+/// the middle of a large write of window rows.
 fn kill_plan(rng: &mut StdRng, kills: usize) -> Vec<Kill> {
     let mut plan: Vec<Kill> = (0..kills)
         .map(|i| {
@@ -1287,6 +1331,11 @@ fn kill_plan(rng: &mut StdRng, kills: usize) -> Vec<Kill> {
     for i in (1..plan.len()).rev() {
         let j = rng.gen_range(0..=i);
         plan.swap(i, j);
+    }
+    // Last: once everything is consumed, in the middle of writing the
+    // windows the idle watermark closes.
+    if kills > 0 {
+        plan.push(Kill::InWindowWrite { rows: 1_000 });
     }
     plan
 }
@@ -1366,7 +1415,8 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     );
 
     // The crash run: killed `kills` times, restarted on the same state.
-    let crash = Instance::new("crash", &brokers, &dir_path, LATENESS);
+    let mut crash = Instance::new("crash", &brokers, &dir_path, LATENESS);
+    crash.group_per_run = true;
     runtime.block_on(crash.import_references(&d.reference));
     let plan = kill_plan(&mut rng, kills);
     let started = Instant::now();
@@ -1379,9 +1429,12 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     // Not vacuous: the restarts restored checkpoints holding join state and
     // skipped input the checkpoints already held.
     let mut restored = Vec::new();
+    let mut skipping = 0;
     for i in 1..=plan.len() {
         let text = std::fs::read_to_string(dir_path.join("crash").join(format!("run-{i}.log")))
             .unwrap_or_default();
+        skipping +=
+            usize::from(text.contains("skipping messages the restored state already holds"));
         let records = text
             .lines()
             .find(|l| l.contains("state restored from the last checkpoint"))
@@ -1392,6 +1445,11 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     assert!(
         restored.iter().all(|n| *n > 0),
         "every restart restores a join state: {restored:?}"
+    );
+    assert_eq!(
+        skipping,
+        plan.len(),
+        "every restart skips the input its checkpoint holds"
     );
     println!(
         "crash run: {} kills, then to completion: {:.1} s",

@@ -20,6 +20,7 @@ use modelwatch::model::InputEvent;
 use modelwatch::pipeline::drift_config;
 use modelwatch::sinks::clickhouse::{ClickHouseSink, MetricRow};
 
+use crate::crash::{compare_metrics, read_metrics, MetricKey};
 use crate::pipeline::{aligned_ago, producer, test_config, PARTITIONS};
 use crate::support::clickhouse::unique_database;
 
@@ -27,8 +28,7 @@ use crate::support::clickhouse::unique_database;
 /// predictions of the stream.
 const SMALL_BUDGET: u64 = 1_000 * modelwatch::config::JOIN_BYTES_PER_REQUEST;
 
-type Key = (String, String, String, u32, String, String);
-type Value = (f64, u64, Option<f64>);
+type Rows = BTreeMap<MetricKey, MetricRow>;
 
 fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
     let c = MockCluster::new(1).expect("mock cluster");
@@ -87,7 +87,7 @@ async fn produce(p: &FutureProducer, events: &[InputEvent]) {
 /// order), and the label reference never completes (it is built from the
 /// first labels seen). The remaining order dependence is floating-point
 /// addition: sums over labels can differ in the last bits, so values
-/// compare to a relative 1e-12.
+/// compare to a relative 1e-9 (the crash test's comparison).
 fn config(brokers: &str, database: &str) -> Config {
     let mut cfg = test_config(brokers, database);
     cfg.state.checkpoint_interval = Duration::from_millis(300);
@@ -120,32 +120,6 @@ async fn import_references(cfg: &Config, predictions: &[InputEvent]) {
     }
 }
 
-/// `window_metrics FINAL` without the per-process service rows.
-async fn read_final(cfg: &Config) -> BTreeMap<Key, Value> {
-    let sink = ClickHouseSink::new(&cfg.clickhouse);
-    let rows: Vec<MetricRow> = sink
-        .client()
-        .query("SELECT ?fields FROM window_metrics FINAL WHERE model_id != '__service__'")
-        .fetch_all()
-        .await
-        .expect("read window_metrics FINAL");
-    rows.into_iter()
-        .map(|r| {
-            (
-                (
-                    r.model_id,
-                    r.model_version,
-                    r.segment,
-                    r.window_start,
-                    r.metric,
-                    r.feature,
-                ),
-                (r.value, r.samples, r.p_value),
-            )
-        })
-        .collect()
-}
-
 async fn run_idle(service: &mut Service) {
     tokio::time::timeout(
         Duration::from_secs(120),
@@ -157,7 +131,7 @@ async fn run_idle(service: &mut Service) {
 }
 
 /// Everything at once with the whole join state in memory.
-async fn reference(predictions: &[InputEvent], labels: &[InputEvent]) -> BTreeMap<Key, Value> {
+async fn reference(predictions: &[InputEvent], labels: &[InputEvent]) -> Rows {
     let c = cluster();
     let brokers = c.bootstrap_servers();
     let cfg = config(&brokers, &unique_database("mw_state_ref"));
@@ -173,48 +147,17 @@ async fn reference(predictions: &[InputEvent], labels: &[InputEvent]) -> BTreeMa
         0,
         "the default budget holds this stream in memory"
     );
-    read_final(&cfg).await
+    read_metrics(&ClickHouseSink::new(&cfg.clickhouse)).await
 }
 
-fn close(a: f64, b: f64) -> bool {
-    a == b || (a - b).abs() <= 1e-12 * a.abs().max(b.abs())
+/// Asserts that two `window_metrics FINAL` are the same, value for value.
+fn assert_same(want: &Rows, got: &Rows) {
+    let diff = compare_metrics(want, got);
+    assert!(diff.ok(), "{}", diff.report("window_metrics FINAL"));
 }
 
-fn same(a: &Value, b: Option<&Value>) -> bool {
-    b.is_some_and(|b| {
-        close(a.0, b.0)
-            && a.1 == b.1
-            && match (a.2, b.2) {
-                (Some(x), Some(y)) => close(x, y),
-                (x, y) => x == y,
-            }
-    })
-}
-
-fn assert_same(want: &BTreeMap<Key, Value>, got: &BTreeMap<Key, Value>) {
-    let differ: Vec<_> = want
-        .iter()
-        .filter(|(k, v)| !same(v, got.get(*k)))
-        .take(20)
-        .map(|(k, v)| format!("{k:?}: want {v:?}, got {:?}", got.get(k)))
-        .collect();
-    let extra: Vec<_> = got
-        .keys()
-        .filter(|k| !want.contains_key(*k))
-        .take(10)
-        .collect();
-    assert!(
-        differ.is_empty() && extra.is_empty(),
-        "{} of {} rows differ, e.g.:\n{}\nextra rows: {extra:?}",
-        want.iter().filter(|(k, v)| !same(v, got.get(*k))).count(),
-        want.len(),
-        differ.join("\n")
-    );
-    assert_eq!(want.len(), got.len());
-}
-
-fn metric_count(rows: &BTreeMap<Key, Value>, metric: &str) -> usize {
-    rows.keys().filter(|k| k.4 == metric).count()
+fn metric_count(rows: &Rows, metric: &str) -> usize {
+    rows.keys().filter(|k| k.5 == metric).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,7 +194,10 @@ async fn a_join_state_beyond_the_memory_budget_gives_the_same_metrics() {
     assert!(evicted > 300, "requests left memory: {evicted}");
     assert!(loaded > 100, "requests read back: {loaded}");
     drop(service);
-    assert_same(&want, &read_final(&cfg).await);
+    assert_same(
+        &want,
+        &read_metrics(&ClickHouseSink::new(&cfg.clickhouse)).await,
+    );
 
     // 2. A restart whose state exceeds the budget: the predictions are
     //    consumed and checkpointed (graceful stop) before any label exists;
@@ -306,5 +252,8 @@ async fn a_join_state_beyond_the_memory_budget_gives_the_same_metrics() {
     );
     assert_eq!(after.core.orphans, 0, "every label met its prediction");
     drop(second);
-    assert_same(&want, &read_final(&cfg).await);
+    assert_same(
+        &want,
+        &read_metrics(&ClickHouseSink::new(&cfg.clickhouse)).await,
+    );
 }

@@ -573,6 +573,12 @@ impl Service {
             started.elapsed().as_millis() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        tracing::debug!(
+            consumed = Counters::get(&self.p.counters.predictions_consumed_total)
+                + Counters::get(&self.p.counters.labels_consumed_total),
+            seconds = started.elapsed().as_secs_f64(),
+            "flushed"
+        );
         result
     }
 

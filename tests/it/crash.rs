@@ -6,7 +6,7 @@
 //!
 //! - [`killed_and_restarted_run_equals_an_uninterrupted_run`]: about 210 000
 //!   messages (two versions of a binary classifier and a regression model
-//!   scoring the same requests, 25 features, two segment keys, 1-minute
+//!   scoring the same requests, 25 features, two segment keys, 5-minute
 //!   windows over two hours of event time, labels 0-10 minutes after their
 //!   prediction, ~10 % never labeled, early labels, duplicates, orphan labels,
 //!   malformed messages, a feature drift halfway). A reference run
@@ -67,7 +67,7 @@ const REG_MODEL: &str = "fraud-amount";
 /// Versions of [`MODEL`].
 const VERSIONS: [&str; 2] = ["v1", "v2"];
 /// Window size.
-const WINDOW_MS: i64 = 60_000;
+const WINDOW_MS: i64 = 300_000;
 /// Event time covered by the crash test's predictions.
 const SPAN_MS: i64 = 2 * 3_600_000;
 /// Requests of the crash test: 3 predictions each + a label for 90 % of
@@ -516,7 +516,7 @@ impl Instance {
                 ClickHouseServer::shared().url().to_string(),
             ),
             ("MODELWATCH_CLICKHOUSE__DATABASE", database.clone()),
-            ("MODELWATCH_WINDOWS__SIZES", "1m".into()),
+            ("MODELWATCH_WINDOWS__SIZES", "5m".into()),
             ("MODELWATCH_WINDOWS__ALLOWED_LATENESS", lateness.into()),
             (
                 "MODELWATCH_WINDOWS__IDLE_TIMEOUT",
@@ -791,16 +791,12 @@ impl Drop for Running {
 /// How one crash-run process ends.
 #[derive(Debug, Clone)]
 enum Kill {
-    /// Once a checkpoint holds at least `consumed` messages of this process,
-    /// SIGKILL `then` later (during ingest, wherever it is).
-    AfterCheckpoint { consumed: u64, then: Duration },
-    /// Once a checkpoint holds at least `consumed` messages of this process,
-    /// SIGKILL on the next log line containing `pattern` (in the middle of
-    /// a checkpoint or of a ClickHouse insert).
-    OnLine {
-        pattern: &'static str,
-        consumed: u64,
-    },
+    /// Once this process has consumed `consumed` messages (its own, not
+    /// counting those it skips), SIGKILL `then` later: during ingest.
+    AfterConsumed { consumed: u64, then: Duration },
+    /// Once this process has consumed `consumed` messages, SIGKILL on its
+    /// next `checkpoint begin` line: in the middle of a checkpoint.
+    InCheckpoint { consumed: u64 },
     /// SIGKILL in the middle of a ClickHouse write of at least `rows`
     /// window rows: once the input is idle the watermark follows the wall
     /// clock and closes the windows (the lateness is above the data's span).
@@ -810,19 +806,36 @@ enum Kill {
 /// Longest a crash-run process may take to reach its kill point.
 const KILL_POINT_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Reads log lines until a `checkpoint written` line with at least
-/// `consumed` messages; panics with the log when none comes in time.
-fn wait_checkpoint(r: &mut Running, consumed: u64) {
+/// Reads log lines until one says this process has consumed `consumed`
+/// messages (the service logs it at every flush); panics with the log when
+/// none comes in time.
+fn wait_consumed(r: &mut Running, consumed: u64) {
     let deadline = r.started + KILL_POINT_TIMEOUT;
     while let Some(line) = r.next_line(deadline) {
-        if line.contains("checkpoint written")
-            && field_value(&line, "consumed").is_some_and(|n| n >= consumed)
-        {
+        if field_value(&line, "consumed").is_some_and(|n| n >= consumed) {
             return;
         }
     }
     panic!(
-        "no checkpoint holding {consumed} messages within {KILL_POINT_TIMEOUT:?}:\n{}",
+        "the process did not consume {consumed} messages within {KILL_POINT_TIMEOUT:?}:\n{}",
+        r.tail(100)
+    );
+}
+
+/// Reads log lines until one contains `pattern` and satisfies `ok`, then
+/// SIGKILLs the process at once; returns the line.
+fn kill_on_line(r: &mut Running, pattern: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + CHILD_TIMEOUT;
+    while let Some(line) = r.next_line(deadline) {
+        if line.contains(pattern) && ok(&line) {
+            // Kill first, report after: the point is to die mid-operation.
+            let _ = r.child.kill();
+            return line;
+        }
+    }
+    let _ = r.child.kill();
+    panic!(
+        "no {pattern:?} line within {CHILD_TIMEOUT:?}:\n{}",
         r.tail(100)
     );
 }
@@ -831,63 +844,32 @@ fn wait_checkpoint(r: &mut Running, consumed: u64) {
 fn run_until_killed(instance: &Instance, attempt: usize, kill: &Kill) -> String {
     let mut r = instance.spawn(false, attempt);
     let what = match kill {
-        Kill::AfterCheckpoint { consumed, then } => {
-            wait_checkpoint(&mut r, *consumed);
+        Kill::AfterConsumed { consumed, then } => {
+            wait_consumed(&mut r, *consumed);
             let deadline = Instant::now() + *then;
             while Instant::now() < deadline {
                 r.next_line(deadline);
             }
+            r.assert_running();
             let _ = r.child.kill();
+            format!("killed at {:.2} s", r.started.elapsed().as_secs_f64())
+        }
+        Kill::InCheckpoint { consumed } => {
+            wait_consumed(&mut r, *consumed);
+            let line = kill_on_line(&mut r, "checkpoint begin", |_| true);
             format!(
-                "killed at {:.2} s, {then:?} after a checkpoint of {consumed}+ messages",
+                "killed at {:.2} s on: {line}",
                 r.started.elapsed().as_secs_f64()
             )
         }
         Kill::InWindowWrite { rows } => {
-            let deadline = r.started + CHILD_TIMEOUT;
-            let mut hit = None;
-            while let Some(line) = r.next_line(deadline) {
-                if line.contains("clickhouse write begin")
-                    && field_value(&line, "rows").is_some_and(|n| n >= *rows)
-                {
-                    hit = Some(line);
-                    break;
-                }
-            }
-            let _ = r.child.kill();
-            match hit {
-                Some(line) => format!(
-                    "killed at {:.2} s on: {line}",
-                    r.started.elapsed().as_secs_f64()
-                ),
-                None => panic!(
-                    "no write of {rows}+ rows within {CHILD_TIMEOUT:?}:\n{}",
-                    r.tail(100)
-                ),
-            }
-        }
-        Kill::OnLine { pattern, consumed } => {
-            wait_checkpoint(&mut r, *consumed);
-            let deadline = Instant::now() + KILL_POINT_TIMEOUT;
-            let mut hit = None;
-            while let Some(line) = r.next_line(deadline) {
-                if line.contains(pattern) {
-                    hit = Some(line);
-                    break;
-                }
-            }
-            // Kill first, report after: the point is to die mid-operation.
-            let _ = r.child.kill();
-            match hit {
-                Some(line) => format!(
-                    "killed at {:.2} s on: {line}",
-                    r.started.elapsed().as_secs_f64()
-                ),
-                None => panic!(
-                    "no {pattern:?} line within {KILL_POINT_TIMEOUT:?}:\n{}",
-                    r.tail(100)
-                ),
-            }
+            let line = kill_on_line(&mut r, "clickhouse write begin", |l| {
+                field_value(l, "rows").is_some_and(|n| n >= *rows)
+            });
+            format!(
+                "killed at {:.2} s on: {line}",
+                r.started.elapsed().as_secs_f64()
+            )
         }
     };
     let log = r.kill();
@@ -1238,7 +1220,7 @@ fn assert_reference_is_complete(
             version.clone(),
             String::new(),
             *window,
-            60,
+            (WINDOW_MS / 1000) as u32,
             "accuracy".to_string(),
             String::new(),
         );
@@ -1301,29 +1283,26 @@ fn crash_settings() -> (usize, u64) {
     (kills, seed)
 }
 
-/// The kill schedule, in random order: a third during ingest (a random
-/// moment after a checkpoint), a third in the middle of a checkpoint, a
-/// third in the middle of a ClickHouse insert; each once the process has
-/// checkpointed 2 000 to 40 000 messages of its own, so every kill comes
-/// after progress and every restart restores a real state; then one more in
-/// the middle of a large write of window rows.
+/// The kill schedule, in random order: two thirds during ingest (right
+/// after, or up to 2 s after, the process consumed 1 000 to 8 000 messages
+/// of its own), one third in the middle of a checkpoint (the first one
+/// after that); then one more in the middle of writing the windows the
+/// idle watermark closes. Every kill comes after progress, so every
+/// restart restores a real state.
 fn kill_plan(rng: &mut StdRng, kills: usize) -> Vec<Kill> {
     let mut plan: Vec<Kill> = (0..kills)
         .map(|i| {
-            let consumed = rng.gen_range(2_000..40_000);
+            let consumed = rng.gen_range(1_000..8_000);
             match i % 3 {
-                0 => Kill::AfterCheckpoint {
+                0 => Kill::AfterConsumed {
                     consumed,
-                    then: Duration::from_secs_f64(rng.gen_range(0.0..1.5)),
+                    then: Duration::ZERO,
                 },
-                1 => Kill::OnLine {
-                    pattern: "checkpoint begin",
+                1 => Kill::AfterConsumed {
                     consumed,
+                    then: Duration::from_secs_f64(rng.gen_range(0.0..2.0)),
                 },
-                _ => Kill::OnLine {
-                    pattern: "clickhouse write begin",
-                    consumed,
-                },
+                _ => Kill::InCheckpoint { consumed },
             }
         })
         .collect();
@@ -1332,8 +1311,6 @@ fn kill_plan(rng: &mut StdRng, kills: usize) -> Vec<Kill> {
         let j = rng.gen_range(0..=i);
         plan.swap(i, j);
     }
-    // Last: once everything is consumed, in the middle of writing the
-    // windows the idle watermark closes.
     if kills > 0 {
         plan.push(Kill::InWindowWrite { rows: 1_000 });
     }

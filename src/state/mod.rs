@@ -60,6 +60,12 @@ fn split_join_value(v: &[u8]) -> Result<(i64, &[u8])> {
     }
 }
 
+/// redb's page cache. Its default (1 GiB) would sit on top of
+/// `state.memory_budget`; reads of cold join records are point lookups and
+/// one range scan per flush, which a small cache serves (the OS page cache
+/// holds the file).
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// The file inside `state.dir`.
 pub const FILE_NAME: &str = "modelwatch.redb";
 
@@ -137,7 +143,10 @@ impl StateStore {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
         let path = dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(|e| match e {
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
                 "the state store {} is in use by another process: each modelwatch instance needs its own state.dir",
                 path.display()
@@ -277,17 +286,23 @@ impl StateStore {
             for (topic, partition, offset) in &c.positions {
                 positions.insert((topic.as_str(), *partition), *offset)?;
             }
+            // B-tree inserts in key order touch each page once: the
+            // changes are sorted by request id, the expiry index updates by
+            // (expiry, request id).
+            let mut order: Vec<&JoinChange> = c.join.iter().collect();
+            order.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            let mut unindex: Vec<(i64, &str)> = Vec::new();
+            let mut index: Vec<(i64, &str)> = Vec::new();
             let mut join = tx.open_table(JOIN)?;
-            let mut expiry = tx.open_table(JOIN_EXPIRY)?;
-            for (key, record) in &c.join {
+            for (key, record) in order {
                 let old = match record {
                     Some((at, bytes)) => {
                         let value = join_value(*at, bytes);
                         stats.join_upserts += 1;
                         stats.join_bytes += value.len();
+                        index.push((*at, key));
                         let old = join.insert(&**key, value.as_slice())?;
                         let old = old.map(|v| split_join_value(v.value()).map(|(t, _)| t));
-                        expiry.insert((*at, &**key), ())?;
                         old.transpose()?.filter(|t| t != at)
                     }
                     None => {
@@ -298,8 +313,17 @@ impl StateStore {
                     }
                 };
                 if let Some(t) = old {
-                    expiry.remove((t, &**key))?;
+                    unindex.push((t, key));
                 }
+            }
+            unindex.sort_unstable();
+            index.sort_unstable();
+            let mut expiry = tx.open_table(JOIN_EXPIRY)?;
+            for k in unindex {
+                expiry.remove(k)?;
+            }
+            for k in index {
+                expiry.insert(k, ())?;
             }
         }
         tx.commit().context("state checkpoint commit failed")?;

@@ -35,7 +35,7 @@ use crate::pipeline::{Core, CoreStats, Output};
 use crate::sinks::clickhouse::{ClickHouseSink, HistogramRow, MetricRow, SinkError, VersionRow};
 use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue};
 use crate::sinks::webhook::{DeliveryRecord, Notifier};
-use crate::state::{Checkpoint, StateStore};
+use crate::state::{Checkpoint, JoinReader, StateStore};
 use crate::telemetry::{Counters, FlushReport, Telemetry};
 
 /// Messages handled per wake-up of the consumer loop before it looks at its
@@ -272,9 +272,10 @@ struct Processing {
     cold: Cold,
     /// The store, for reading cold join requests back.
     store: StateStore,
+    /// A read snapshot of the store for those reads, taken at the first
+    /// read after each checkpoint.
+    reader: Option<JoinReader>,
     positions: Positions,
-    /// Messages skipped because the state already held them.
-    redelivered: u64,
     pending: Pending,
     counters: Arc<Counters>,
 }
@@ -344,8 +345,8 @@ impl Service {
                 core,
                 cold,
                 store,
+                reader: None,
                 positions,
-                redelivered: 0,
                 pending: Pending::default(),
                 counters: telemetry.counters.clone(),
                 cfg,
@@ -369,8 +370,7 @@ impl Service {
         let c = &self.p.counters;
         Progress {
             core: self.p.core.stats(),
-            consumed: Counters::get(&c.predictions_consumed_total)
-                + Counters::get(&c.labels_consumed_total),
+            consumed: c.consumed(),
             dead_lettered: Counters::get(&c.dead_lettered_total),
             rows_written: Counters::get(&c.rows_written_total),
             alerts_published: Counters::get(&c.alerts_published_total),
@@ -496,9 +496,7 @@ impl Service {
             let poll = async {
                 loop {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    let seen = Counters::get(&counters.predictions_consumed_total)
-                        + Counters::get(&counters.labels_consumed_total)
-                        + Counters::get(&counters.redelivered_total);
+                    let seen = counters.consumed() + Counters::get(&counters.redelivered_total);
                     let busy_now = busy.load(Ordering::Relaxed);
                     let waited = last_poll
                         .elapsed()
@@ -574,8 +572,7 @@ impl Service {
             std::sync::atomic::Ordering::Relaxed,
         );
         tracing::debug!(
-            consumed = Counters::get(&self.p.counters.predictions_consumed_total)
-                + Counters::get(&self.p.counters.labels_consumed_total),
+            consumed = self.p.counters.consumed(),
             seconds = started.elapsed().as_secs_f64(),
             "flushed"
         );
@@ -656,6 +653,7 @@ impl Service {
         self.last_checkpoint = Instant::now();
         self.last_checkpoint_cost = started.elapsed();
         self.checkpoint_due = false;
+        self.p.reader = None;
         self.p.evict_over_budget();
         self.telemetry
             .record_checkpoint(&stats, self.store.file_bytes());
@@ -665,8 +663,7 @@ impl Service {
             record_bytes = stats.record_bytes,
             join_upserts = stats.join_upserts,
             join_deletes = stats.join_deletes,
-            consumed = Counters::get(&self.p.counters.predictions_consumed_total)
-                + Counters::get(&self.p.counters.labels_consumed_total),
+            consumed = self.p.counters.consumed(),
             "checkpoint written"
         );
         if moved {
@@ -708,8 +705,7 @@ impl Service {
         }
         let r = &self.telemetry.readiness;
         r.partitions_assigned.store(assigned, Ordering::Relaxed);
-        let consumed = Counters::get(&self.p.counters.predictions_consumed_total)
-            + Counters::get(&self.p.counters.labels_consumed_total);
+        let consumed = self.p.counters.consumed();
         // Kafka answers if nothing failed since the last flush or messages still flow.
         let ok = self.kafka_errors == 0 || consumed > self.consumed_at_flush;
         r.kafka_ok.store(ok, Ordering::Relaxed);
@@ -748,11 +744,11 @@ impl Processing {
             Step::Redelivered => {
                 // Already in the state (a restart or rebalance resumed
                 // from an older committed offset): counted once already.
-                self.redelivered += 1;
                 Counters::add(&self.counters.redelivered_total, 1);
-                if self.redelivered.is_power_of_two() {
+                let skipped = Counters::get(&self.counters.redelivered_total);
+                if skipped.is_power_of_two() {
                     tracing::info!(
-                        skipped = self.redelivered,
+                        skipped,
                         topic,
                         partition,
                         offset,
@@ -817,12 +813,20 @@ impl Processing {
 }
 
 impl Processing {
+    /// The read snapshot of the store since the last checkpoint.
+    fn reader(&mut self) -> Result<&JoinReader> {
+        if self.reader.is_none() {
+            self.reader = Some(self.store.join_reader()?);
+        }
+        Ok(self.reader.as_ref().expect("just set"))
+    }
+
     /// Reads request `id` back from the store into the join when it is cold.
     fn load_cold(&mut self, id: &str) -> Result<()> {
         if self.core.join_holds(id) {
             return Ok(());
         }
-        if let Some(bytes) = self.store.get_join(id)? {
+        if let Some(bytes) = self.reader()?.get(id)? {
             let before = self.core.pending_predictions();
             self.core.restore_request(id, &bytes)?;
             let n = self.core.pending_predictions() - before;
@@ -843,8 +847,10 @@ impl Processing {
             return Ok(());
         };
         let mut due = Vec::new();
-        self.store.expiring(wm, |key| {
-            if !self.core.join_holds(key) {
+        self.reader()?;
+        let (core, reader) = (&self.core, self.reader.as_ref().expect("opened above"));
+        reader.expiring(wm, |key| {
+            if !core.join_holds(key) {
                 due.push(key.to_string());
             }
             Ok(())

@@ -157,10 +157,7 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
         pace: Some(Pace {
             consumed: {
                 let c = counters.clone();
-                Arc::new(move || {
-                    Counters::get(&c.predictions_consumed_total)
-                        + Counters::get(&c.labels_consumed_total)
-                })
+                Arc::new(move || c.consumed())
             },
             max_lead: 20_000,
         }),
@@ -196,8 +193,7 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
             let mut last_print = Instant::now() - Duration::from_secs(10);
             loop {
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                let consumed = Counters::get(&counters.predictions_consumed_total)
-                    + Counters::get(&counters.labels_consumed_total);
+                let consumed = counters.consumed();
                 let target = expected.load(Ordering::SeqCst);
                 if last_print.elapsed() >= Duration::from_secs(1) {
                     last_print = Instant::now();

@@ -6,9 +6,7 @@
 
 use crate::alerting::AlertEngine;
 use crate::config::{Config, TaskKind};
-use crate::join::{
-    window_start, JoinConfig, JoinState, Joined, LabelInsert, PredictionInsert, Watermark,
-};
+use crate::join::{JoinConfig, JoinState, Joined, LabelInsert, PredictionInsert, Watermark};
 use crate::join::{StoredRequest, WatermarkState};
 use crate::metrics::aggregator::{Aggregator, AggregatorConfig, Emitted, PendingRecord};
 use crate::metrics::{DriftConfig, ReferenceProfile, Task};
@@ -100,7 +98,6 @@ pub struct Core {
     engine: AlertEngine,
     joined: Vec<Joined<PendingRecord>>,
     stats: CoreStats,
-    largest_window_ms: i64,
 }
 
 /// The statistics settings derived from the configuration.
@@ -159,8 +156,6 @@ impl Core {
     /// A core for this configuration.
     pub fn new(cfg: &Config) -> Self {
         let ms = |d: std::time::Duration| d.as_millis() as i64;
-        let sizes = cfg.window_sizes_ms();
-        let largest_window_ms = sizes.iter().copied().max().unwrap_or(300_000);
         Core {
             join: JoinState::new(JoinConfig {
                 label_horizon_ms: ms(cfg.windows.label_horizon),
@@ -175,7 +170,6 @@ impl Core {
             engine: AlertEngine::from_config(cfg),
             joined: Vec::new(),
             stats: CoreStats::default(),
-            largest_window_ms,
         }
     }
 
@@ -319,12 +313,6 @@ impl Core {
     /// Installs a reference profile for a model version.
     pub fn set_reference(&mut self, model_id: &str, version: &str, profile: ReferenceProfile) {
         self.agg.set_reference(model_id, version, profile);
-    }
-
-    /// The event time by which the effect of an event at `ts` is in the
-    /// emitted rows (end of its largest window): used for offset commits.
-    pub fn due_time(&self, ts: i64) -> i64 {
-        window_start(ts, self.largest_window_ms) + self.largest_window_ms
     }
 
     /// Processes one prediction that arrived at wall-clock `wall_ms`.
@@ -502,14 +490,6 @@ mod tests {
         assert_eq!(metric(&out, "v1", "accuracy"), Some(1.0));
         assert_eq!(metric(&out, "v2", "accuracy"), Some(0.0));
         assert_eq!(metric(&out, "", "orphan_label_count"), Some(1.0));
-    }
-
-    #[test]
-    fn due_time_is_the_end_of_the_largest_window() {
-        let c = core();
-        assert_eq!(c.due_time(0), 60_000);
-        assert_eq!(c.due_time(59_999), 60_000);
-        assert_eq!(c.due_time(60_000), 120_000);
     }
 
     /// What `window_metrics FINAL` would hold: the newest revision of every

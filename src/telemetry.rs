@@ -138,6 +138,12 @@ impl Counters {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
+
+    /// Messages consumed from both input topics (not counting those skipped
+    /// as already in the state).
+    pub fn consumed(&self) -> u64 {
+        Self::get(&self.predictions_consumed_total) + Self::get(&self.labels_consumed_total)
+    }
 }
 
 /// Label set of the labelled families: `(name, value)` pairs.

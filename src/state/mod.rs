@@ -120,6 +120,39 @@ impl Restored {
     }
 }
 
+/// A read snapshot of the stored join records ([`StateStore::join_reader`]).
+pub struct JoinReader {
+    join: redb::ReadOnlyTable<&'static str, &'static [u8]>,
+    expiry: redb::ReadOnlyTable<(i64, &'static str), ()>,
+}
+
+impl JoinReader {
+    /// The stored join record of one request id (a point lookup).
+    pub fn get(&self, request_id: &str) -> Result<Option<Vec<u8>>> {
+        let Some(v) = self.join.get(request_id)? else {
+            return Ok(None);
+        };
+        Ok(Some(split_join_value(v.value())?.1.to_vec()))
+    }
+
+    /// Hands `f` the request id of every stored join record that first
+    /// expires at or before `up_to`, earliest first (a range scan of the
+    /// expiry index).
+    pub fn expiring(&self, up_to: i64, mut f: impl FnMut(&str) -> Result<()>) -> Result<u64> {
+        let mut n = 0;
+        for entry in self.expiry.range((i64::MIN, "")..)? {
+            let (k, _) = entry?;
+            let (at, key) = k.value();
+            if at > up_to {
+                break;
+            }
+            f(key)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
 /// The store. Cheap to clone (the database is shared), so a checkpoint can
 /// run on a blocking thread.
 #[derive(Clone)]
@@ -242,33 +275,17 @@ impl StateStore {
         Ok(n)
     }
 
-    /// The stored join record of one request id (a point lookup).
-    pub fn get_join(&self, request_id: &str) -> Result<Option<Vec<u8>>> {
+    /// A read snapshot of the join records: the lookups of requests that
+    /// are not in memory go through one snapshot per checkpoint, not one
+    /// read transaction per event. Records that are not in memory do not
+    /// change until they are read back, so a snapshot taken after the last
+    /// checkpoint holds their current state.
+    pub fn join_reader(&self) -> Result<JoinReader> {
         let tx = self.db.begin_read()?;
-        let table = tx.open_table(JOIN)?;
-        let Some(v) = table.get(request_id)? else {
-            return Ok(None);
-        };
-        Ok(Some(split_join_value(v.value())?.1.to_vec()))
-    }
-
-    /// Hands `f` the request id of every stored join record that first
-    /// expires at or before `up_to`, earliest first (a range scan of the
-    /// expiry index).
-    pub fn expiring(&self, up_to: i64, mut f: impl FnMut(&str) -> Result<()>) -> Result<u64> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(JOIN_EXPIRY)?;
-        let mut n = 0;
-        for entry in table.range((i64::MIN, "")..)? {
-            let (k, _) = entry?;
-            let (at, key) = k.value();
-            if at > up_to {
-                break;
-            }
-            f(key)?;
-            n += 1;
-        }
-        Ok(n)
+        Ok(JoinReader {
+            join: tx.open_table(JOIN)?,
+            expiry: tx.open_table(JOIN_EXPIRY)?,
+        })
     }
 
     /// Writes a checkpoint in one transaction (blocking: it ends with an fsync).
@@ -406,12 +423,20 @@ mod tests {
             vec![("b".into(), b"B2".to_vec()), ("c".into(), b"C".to_vec())]
         );
         assert!(store.file_bytes() > 0);
-        assert_eq!(store.get_join("b").unwrap(), Some(b"B2".to_vec()));
-        assert_eq!(store.get_join("a").unwrap(), None, "deleted");
+        assert_eq!(
+            store.join_reader().unwrap().get("b").unwrap(),
+            Some(b"B2".to_vec())
+        );
+        assert_eq!(
+            store.join_reader().unwrap().get("a").unwrap(),
+            None,
+            "deleted"
+        );
         // The expiry index follows the records: b moved from 200 to 200
         // (same length), c is at 100, a's entry is gone.
         let mut due = Vec::new();
-        store
+        let reader = store.join_reader().unwrap();
+        reader
             .expiring(150, |k| {
                 due.push(k.to_string());
                 Ok(())
@@ -419,7 +444,7 @@ mod tests {
             .unwrap();
         assert_eq!(due, vec!["c".to_string()]);
         let mut all = Vec::new();
-        store
+        reader
             .expiring(i64::MAX, |k| {
                 all.push(k.to_string());
                 Ok(())
@@ -442,6 +467,8 @@ mod tests {
         let due = |up_to| {
             let mut v = Vec::new();
             store
+                .join_reader()
+                .unwrap()
                 .expiring(up_to, |k| {
                     v.push(k.to_string());
                     Ok(())

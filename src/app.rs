@@ -25,9 +25,10 @@ use futures::FutureExt;
 use rdkafka::message::Message;
 
 use crate::config::Config;
-use crate::ingest::consumer::{commit, input_consumer, InputConsumer};
+use crate::ingest::consumer::{commit, input_consumer, Assignment, InputConsumer};
 use crate::ingest::decode::{Decoder, EventKind};
 use crate::ingest::offsets::{Positions, Step};
+use crate::join::Source;
 use crate::metrics::aggregator::{WindowHistogram, WindowRow};
 use crate::metrics::ReferenceProfile;
 use crate::model::{AlertEvent, InputEvent};
@@ -176,7 +177,8 @@ pub struct Service {
 /// never does it. Consumer lag = high watermark - position.
 struct LagProbe {
     partitions: Arc<std::sync::Mutex<Vec<(String, i32)>>>,
-    highs: Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>>,
+    /// (low, high) watermark offsets per partition.
+    highs: Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), (i64, i64)>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -205,11 +207,11 @@ impl LagProbe {
                             if stop.load(Ordering::Relaxed) {
                                 break;
                             }
-                            if let Ok((_, high)) =
+                            if let Ok(offsets) =
                                 consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1))
                             {
                                 if let Ok(mut h) = highs.lock() {
-                                    h.insert((topic, partition), high);
+                                    h.insert((topic, partition), offsets);
                                 }
                             }
                         }
@@ -233,8 +235,18 @@ impl LagProbe {
             .lock()
             .ok()?
             .get(&(topic.to_owned(), partition))
-            .copied()
+            .map(|(_, high)| *high)
             .filter(|h| *h >= 0)
+    }
+
+    /// The (low, high) watermark offsets of a partition, if fetched.
+    fn offsets(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
+        self.highs
+            .lock()
+            .ok()?
+            .get(&(topic.to_owned(), partition))
+            .copied()
+            .filter(|(low, high)| *low >= 0 && *high >= 0)
     }
 
     fn watch(&self, positions: &rdkafka::TopicPartitionList) {
@@ -450,6 +462,7 @@ impl Service {
                                 None => break,
                             }
                         }
+                        self.apply_assignment();
                     }
                     Err(e) => self.log_consumer_error(&e),
                 },
@@ -580,6 +593,8 @@ impl Service {
     }
 
     async fn flush_inner(&mut self, wall_ms: i64, close_all: bool) -> Result<()> {
+        self.apply_assignment();
+        self.update_backlog();
         if !close_all {
             self.p.load_expiring(wall_ms)?;
         }
@@ -677,6 +692,64 @@ impl Service {
             Counters::add(&self.p.counters.commits_total, 1);
         }
         Ok(())
+    }
+
+    /// Hands the partition assignment changes librdkafka reported to the
+    /// core's watermark. A revoked partition is checkpointed at the next
+    /// flush (the positions committed then are where its next owner starts).
+    fn apply_assignment(&mut self) {
+        use rdkafka::consumer::Consumer;
+        for change in self.consumer.context().take_changes() {
+            let predictions = &self.p.cfg.kafka.predictions_topic;
+            let sources = |list: &[(String, i32)]| -> Vec<Source> {
+                list.iter()
+                    .map(|(t, p)| {
+                        if t == predictions {
+                            Source::predictions(*p)
+                        } else {
+                            Source::labels(*p)
+                        }
+                    })
+                    .collect()
+            };
+            match change {
+                Assignment::Assigned(list) => self.p.core.assign_sources(sources(&list)),
+                Assignment::Revoked(list) => {
+                    self.p.core.revoke_sources(&sources(&list));
+                    self.checkpoint_due = true;
+                }
+            }
+        }
+    }
+
+    /// Tells the core which prediction partitions have unread messages
+    /// (position behind the broker's high watermark, as last fetched by the
+    /// lag probe): those hold the watermark back even while the broker
+    /// serves other partitions, so a backlog replay makes nothing late.
+    fn update_backlog(&mut self) {
+        use rdkafka::consumer::Consumer;
+        let Ok(positions) = self.consumer.position() else {
+            return;
+        };
+        for e in positions.elements() {
+            if e.topic() != self.p.cfg.kafka.predictions_topic {
+                continue;
+            }
+            let Some((low, high)) = self.lag.offsets(e.topic(), e.partition()) else {
+                continue;
+            };
+            // Before the first message of a partition is delivered, the
+            // checkpointed position is where the consumer stands.
+            let position = match e.offset() {
+                rdkafka::Offset::Offset(o) => Some(o),
+                _ => self.p.positions.get(e.topic(), e.partition()),
+            }
+            .unwrap_or(low)
+            .max(low);
+            self.p
+                .core
+                .set_backlog(Source::predictions(e.partition()), position < high);
+        }
     }
 
     /// What this flush saw, for telemetry: core counters, join state size,
@@ -790,10 +863,10 @@ impl Processing {
         }
         match decoded {
             Ok(InputEvent::Prediction(p)) => {
-                self.core.on_prediction(&p, wall_ms);
+                self.core.on_prediction_from(partition, &p, wall_ms);
             }
             Ok(InputEvent::GroundTruth(g)) => {
-                self.core.on_label(&g, wall_ms);
+                self.core.on_label_from(partition, &g, wall_ms);
             }
             Err(e) => {
                 Counters::add(&self.counters.decode_failures_total, 1);

@@ -7,7 +7,7 @@
 use crate::alerting::AlertEngine;
 use crate::config::{Config, TaskKind};
 use crate::join::{JoinConfig, JoinState, Joined, LabelInsert, PredictionInsert, Watermark};
-use crate::join::{StoredRequest, WatermarkState};
+use crate::join::{Source, StoredRequest, WatermarkState};
 use crate::metrics::aggregator::{Aggregator, AggregatorConfig, Emitted, PendingRecord};
 use crate::metrics::{DriftConfig, ReferenceProfile, Task};
 use crate::model::{AlertEvent, GroundTruthEvent, Label, PredictionEvent};
@@ -315,10 +315,25 @@ impl Core {
         self.agg.set_reference(model_id, version, profile);
     }
 
-    /// Processes one prediction that arrived at wall-clock `wall_ms`.
+    /// Processes one prediction that arrived at wall-clock `wall_ms` (from
+    /// partition 0: see [`Core::on_prediction_from`]).
     pub fn on_prediction(&mut self, ev: &PredictionEvent, wall_ms: i64) {
+        self.on_prediction_from(0, ev, wall_ms)
+    }
+
+    /// Processes one label that arrived at wall-clock `wall_ms` (from
+    /// partition 0: see [`Core::on_label_from`]).
+    pub fn on_label(&mut self, ev: &GroundTruthEvent, wall_ms: i64) {
+        self.on_label_from(0, ev, wall_ms)
+    }
+
+    /// Processes one prediction from partition `partition` of the
+    /// predictions topic that arrived at wall-clock `wall_ms`. The
+    /// watermark follows each partition on its own ([`crate::join::window`]).
+    pub fn on_prediction_from(&mut self, partition: i32, ev: &PredictionEvent, wall_ms: i64) {
         self.stats.predictions += 1;
-        self.watermark.observe(ev.timestamp, wall_ms);
+        self.watermark
+            .observe(Source::predictions(partition), ev.timestamp, wall_ms);
         let v = self.agg.version_id(ev);
         let agg = &mut self.agg;
         // A duplicate (same request id, model and version) is counted and
@@ -339,10 +354,12 @@ impl Core {
         self.drain_joined();
     }
 
-    /// Processes one label that arrived at wall-clock `wall_ms`.
-    pub fn on_label(&mut self, ev: &GroundTruthEvent, wall_ms: i64) {
+    /// Processes one label from partition `partition` of the labels topic
+    /// that arrived at wall-clock `wall_ms`.
+    pub fn on_label_from(&mut self, partition: i32, ev: &GroundTruthEvent, wall_ms: i64) {
         self.stats.labels += 1;
-        self.watermark.observe(ev.timestamp, wall_ms);
+        self.watermark
+            .observe(Source::labels(partition), ev.timestamp, wall_ms);
         if let LabelInsert::Duplicate =
             self.join
                 .insert_label(&ev.request_id, Label::of(ev), &mut self.joined)
@@ -350,6 +367,30 @@ impl Core {
             self.stats.duplicate_labels += 1;
         }
         self.drain_joined();
+    }
+
+    /// The caller now reads these input partitions (a Kafka assignment):
+    /// a prediction partition that has delivered nothing yet holds the
+    /// watermark back until it delivers or is idle.
+    pub fn assign_sources(&mut self, sources: impl IntoIterator<Item = Source>) {
+        self.watermark.assign(sources);
+    }
+
+    /// The caller no longer reads these input partitions (revoked).
+    pub fn revoke_sources(&mut self, sources: &[Source]) {
+        self.watermark.revoke(sources);
+    }
+
+    /// Whether an input partition has unread messages (the broker's high
+    /// watermark is past the position): such a partition is never idle, so
+    /// a partition the broker is slow to serve makes nothing late.
+    pub fn set_backlog(&mut self, source: Source, backlog: bool) {
+        self.watermark.set_backlog(source, backlog);
+    }
+
+    /// The input partitions holding the watermark back at `wall_ms`.
+    pub fn watermark_holders(&self, wall_ms: i64) -> Vec<Source> {
+        self.watermark.holding(wall_ms)
     }
 
     /// The caller was busy for `ms` of wall-clock time without reading input

@@ -23,8 +23,48 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Logs partition assignment changes.
-pub struct IngestContext;
+/// A change of the partitions this consumer reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    /// These (topic, partition) are now read by this consumer.
+    Assigned(Vec<(String, i32)>),
+    /// These are no longer read by this consumer.
+    Revoked(Vec<(String, i32)>),
+}
+
+/// Logs partition assignment changes and queues them for the service loop
+/// ([`IngestContext::take_changes`]): librdkafka calls the rebalance
+/// callbacks from inside a poll, where the service's state is out of reach.
+#[derive(Default)]
+pub struct IngestContext {
+    changes: std::sync::Mutex<Vec<Assignment>>,
+    pending: std::sync::atomic::AtomicBool,
+}
+
+impl IngestContext {
+    fn push(&self, change: Assignment) {
+        if let Ok(mut c) = self.changes.lock() {
+            c.push(change);
+            self.pending
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The assignment changes since the last call, oldest first (cheap when
+    /// there are none: one atomic load).
+    pub fn take_changes(&self) -> Vec<Assignment> {
+        if !self
+            .pending
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Vec::new();
+        }
+        self.changes
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+    }
+}
 
 impl ClientContext for IngestContext {}
 
@@ -35,9 +75,16 @@ impl ConsumerContext for IngestContext {
                 tracing::info!(partitions = %describe(tpl), "partitions assigned")
             }
             Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = %describe(tpl), "partitions revoked")
+                tracing::info!(partitions = %describe(tpl), "partitions revoked");
+                self.push(Assignment::Revoked(list(tpl)));
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = r {
+            self.push(Assignment::Assigned(list(tpl)));
         }
     }
 
@@ -46,6 +93,13 @@ impl ConsumerContext for IngestContext {
             tracing::warn!(error = %e, "offset commit failed");
         }
     }
+}
+
+fn list(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
 }
 
 fn describe(tpl: &TopicPartitionList) -> String {
@@ -73,7 +127,7 @@ pub fn input_consumer(cfg: &KafkaConfig) -> Result<InputConsumer> {
         c.set(k, v);
     }
     let consumer: InputConsumer = c
-        .create_with_context(IngestContext)
+        .create_with_context(IngestContext::default())
         .with_context(|| format!("cannot create a Kafka consumer for {}", cfg.brokers))?;
     consumer
         .subscribe(&[&cfg.predictions_topic, &cfg.ground_truth_topic])

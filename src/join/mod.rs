@@ -5,4 +5,4 @@ pub mod state;
 pub mod window;
 
 pub use state::{JoinConfig, JoinState, Joined, LabelInsert, PredictionInsert, StoredRequest};
-pub use window::{window_start, Watermark, WatermarkState};
+pub use window::{window_start, Source, Watermark, WatermarkState};

@@ -180,6 +180,8 @@ struct LagProbe {
     /// (low, high) watermark offsets per partition.
     highs: Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), (i64, i64)>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The partition list changed: fetch now, not at the next round.
+    changed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LagProbe {
@@ -188,13 +190,15 @@ impl LagProbe {
             partitions: Arc::default(),
             highs: Arc::default(),
             stop: Arc::default(),
+            changed: Arc::default(),
         };
         let consumer: Option<rdkafka::consumer::BaseConsumer> =
             crate::ingest::consumer::client_config(cfg).create().ok();
-        let (partitions, highs, stop) = (
+        let (partitions, highs, stop, changed) = (
             probe.partitions.clone(),
             probe.highs.clone(),
             probe.stop.clone(),
+            probe.changed.clone(),
         );
         if let Some(consumer) = consumer {
             let spawned = std::thread::Builder::new()
@@ -216,7 +220,9 @@ impl LagProbe {
                             }
                         }
                         for _ in 0..50 {
-                            if stop.load(Ordering::Relaxed) {
+                            if stop.load(Ordering::Relaxed)
+                                || changed.swap(false, Ordering::Relaxed)
+                            {
                                 break;
                             }
                             std::thread::sleep(Duration::from_millis(100));
@@ -250,12 +256,16 @@ impl LagProbe {
     }
 
     fn watch(&self, positions: &rdkafka::TopicPartitionList) {
+        let list: Vec<(String, i32)> = positions
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
         if let Ok(mut p) = self.partitions.lock() {
-            *p = positions
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect();
+            if *p != list {
+                *p = list;
+                self.changed.store(true, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -442,6 +452,7 @@ impl Service {
                         labels = p.core.labels,
                         matched = p.core.matched,
                         pending = p.pending_predictions,
+                        late = p.core.late_predictions,
                         dead_lettered = p.dead_lettered,
                         rows_written = p.rows_written,
                         alerts = p.alerts_published,
@@ -450,6 +461,10 @@ impl Service {
                 }
                 m = self.consumer.recv() => match m {
                     Ok(msg) => {
+                        // The assignment first: the watermark must know
+                        // every partition before the first message counts.
+                        let changes = rdkafka::consumer::Consumer::context(&self.consumer).take_changes();
+                        self.checkpoint_due |= self.p.apply_assignment(changes);
                         let now = now_ms();
                         self.p.handle(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.payload(), now);
                         drop(msg);
@@ -699,27 +714,8 @@ impl Service {
     /// flush (the positions committed then are where its next owner starts).
     fn apply_assignment(&mut self) {
         use rdkafka::consumer::Consumer;
-        for change in self.consumer.context().take_changes() {
-            let predictions = &self.p.cfg.kafka.predictions_topic;
-            let sources = |list: &[(String, i32)]| -> Vec<Source> {
-                list.iter()
-                    .map(|(t, p)| {
-                        if t == predictions {
-                            Source::predictions(*p)
-                        } else {
-                            Source::labels(*p)
-                        }
-                    })
-                    .collect()
-            };
-            match change {
-                Assignment::Assigned(list) => self.p.core.assign_sources(sources(&list)),
-                Assignment::Revoked(list) => {
-                    self.p.core.revoke_sources(&sources(&list));
-                    self.checkpoint_due = true;
-                }
-            }
-        }
+        let changes = self.consumer.context().take_changes();
+        self.checkpoint_due |= self.p.apply_assignment(changes);
     }
 
     /// Tells the core which prediction partitions have unread messages
@@ -886,6 +882,36 @@ impl Processing {
 }
 
 impl Processing {
+    /// Hands partition assignment changes to the core's watermark; says
+    /// whether a partition was revoked (a checkpoint is then due: the
+    /// positions committed with it are where the partition's next owner
+    /// starts).
+    fn apply_assignment(&mut self, changes: Vec<Assignment>) -> bool {
+        let mut revoked = false;
+        for change in changes {
+            let predictions = &self.cfg.kafka.predictions_topic;
+            let sources = |list: &[(String, i32)]| -> Vec<Source> {
+                list.iter()
+                    .map(|(t, p)| {
+                        if t == predictions {
+                            Source::predictions(*p)
+                        } else {
+                            Source::labels(*p)
+                        }
+                    })
+                    .collect()
+            };
+            match change {
+                Assignment::Assigned(list) => self.core.assign_sources(sources(&list)),
+                Assignment::Revoked(list) => {
+                    self.core.revoke_sources(&sources(&list));
+                    revoked = true;
+                }
+            }
+        }
+        revoked
+    }
+
     /// The read snapshot of the store since the last checkpoint.
     fn reader(&mut self) -> Result<&JoinReader> {
         if self.reader.is_none() {
@@ -1205,6 +1231,19 @@ pub async fn run(cfg: Config, exit_when_idle: bool) -> Result<()> {
     } else {
         service.run_until(shutdown_signal()).await
     };
+    let p = service.progress();
+    tracing::info!(
+        consumed = p.consumed,
+        predictions = p.core.predictions,
+        labels = p.core.labels,
+        matched = p.core.matched,
+        expired = p.core.expired,
+        orphans = p.core.orphans,
+        late_predictions = p.core.late_predictions,
+        late_labels = p.core.late_labels,
+        pending = p.pending_predictions,
+        "stopped"
+    );
     // The API stops last: /metrics and /readyz stay up while the service drains.
     if let Some(api) = api {
         api.stop().await;

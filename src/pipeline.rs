@@ -36,6 +36,14 @@ pub struct CoreStats {
     pub alerts: u64,
     /// Windows closed.
     pub windows_closed: u64,
+    /// Predictions that arrived after their window closed: counted here
+    /// and left out of that window's metrics. (Kept by the aggregator's
+    /// own record of a checkpoint, not this one.)
+    #[serde(skip)]
+    pub late_predictions: u64,
+    /// Labels whose prediction was late.
+    #[serde(skip)]
+    pub late_labels: u64,
 }
 
 /// A join request's change in a checkpoint: its id, and its first expiry
@@ -277,7 +285,12 @@ impl Core {
 
     /// Counters so far.
     pub fn stats(&self) -> CoreStats {
-        self.stats
+        let agg = self.agg.stats();
+        CoreStats {
+            late_predictions: agg.late_predictions,
+            late_labels: agg.late_labels,
+            ..self.stats
+        }
     }
 
     /// The aggregator (for reference installation and inspection).
@@ -369,9 +382,10 @@ impl Core {
         self.drain_joined();
     }
 
-    /// The caller now reads these input partitions (a Kafka assignment):
-    /// a prediction partition that has delivered nothing yet holds the
-    /// watermark back until it delivers or is idle.
+    /// The caller now reads exactly these input partitions (a Kafka
+    /// assignment): a prediction partition that has delivered nothing yet
+    /// holds the watermark back until it delivers, or until
+    /// [`Core::set_backlog`] says it has nothing to deliver and it is idle.
     pub fn assign_sources(&mut self, sources: impl IntoIterator<Item = Source>) {
         self.watermark.assign(sources);
     }

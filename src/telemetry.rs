@@ -412,6 +412,11 @@ impl Telemetry {
                 d(totals.core.orphans, base.core.orphans),
             ),
             row(
+                "late_prediction_count",
+                "",
+                d(totals.core.late_predictions, base.core.late_predictions),
+            ),
+            row(
                 "join_duplicate_count",
                 "",
                 d(
@@ -714,6 +719,16 @@ impl Collector for SnapshotCollector {
                 core.orphans,
             ),
             ("windows_closed", "Windows closed", core.windows_closed),
+            (
+                "late_predictions",
+                "Predictions that arrived after their window closed (left out of its metrics)",
+                core.late_predictions,
+            ),
+            (
+                "late_labels",
+                "Labels whose prediction arrived after its window closed",
+                core.late_labels,
+            ),
         ] {
             counter(&mut enc, name, help, v)?;
         }

@@ -119,6 +119,7 @@ pub const SERVICE_METRICS: &[&str] = &[
     "join_match_count",
     "join_expiration_count",
     "join_orphan_count",
+    "late_prediction_count",
     "join_duplicate_count",
     "window_closed_count",
     "row_written_count",

@@ -18,9 +18,10 @@
 //!
 //! A source is active until it has had no input for `idle_timeout` (wall
 //! clock); when the caller says it has a backlog (unread messages, known
-//! from the broker's high watermark), for ten times that: a partition the
-//! broker is slow to serve holds the watermark back instead of being left
-//! behind. A source
+//! from the broker's high watermark, and assumed for a partition just
+//! assigned), for ten times that and at least five minutes: a partition
+//! the broker is slow to serve holds the watermark back instead of being
+//! left behind. A source
 //! the caller announced ([`Watermark::assign`]) but that has delivered
 //! nothing yet holds the watermark back until it is idle. When every source
 //! is idle, the watermark follows the wall clock instead (`wall − allowed
@@ -76,18 +77,23 @@ pub struct WatermarkState {
     pub max_event_ms: Option<i64>,
     /// The highest watermark handed out.
     pub emitted: Option<i64>,
-    /// The newest event time seen per source. (Absent from checkpoints
-    /// written before per-source watermarks: they restore with none.)
+    /// The sources read, with the newest event time seen in each (`None`:
+    /// assigned, nothing seen yet). Absent from checkpoints written before
+    /// per-source watermarks: they restore with none.
     #[serde(default)]
-    pub sources: Vec<(Source, i64)>,
+    pub sources: Vec<(Source, Option<i64>)>,
 }
 
 /// A source with unread messages counts as idle only after this many idle
-/// timeouts without input: long enough for a broker that serves one
-/// partition after another, bounded because a backlog that never drains
-/// (a transaction marker after the last message, records a
-/// `read_committed` consumer never gets) must not hold windows open forever.
+/// timeouts without input, and not before [`BACKLOG_IDLE_MIN_MS`]: long
+/// enough for a broker that serves one partition after another, bounded
+/// because a backlog that never drains (a transaction marker after the
+/// last message, records a `read_committed` consumer never gets) must not
+/// hold windows open forever.
 pub const BACKLOG_IDLE_FACTOR: i64 = 10;
+
+/// See [`BACKLOG_IDLE_FACTOR`]: five minutes.
+pub const BACKLOG_IDLE_MIN_MS: i64 = 300_000;
 
 /// What the watermark knows of one source.
 #[derive(Debug, Clone, Copy)]
@@ -139,14 +145,17 @@ impl Watermark {
         let mut w = Watermark::new(lateness_ms, idle_timeout_ms);
         w.max_event_ms = state.max_event_ms;
         w.emitted = state.emitted;
+        // Nothing is known of the backlogs after a restart (there usually
+        // is one): each source holds the watermark back until it delivers,
+        // the caller says it has no backlog, or the backlog timeout.
         w.clocks = state
             .sources
             .into_iter()
             .map(|(source, max)| Clock {
                 source,
-                max_event_ms: Some(max),
+                max_event_ms: max,
                 last_input_wall_ms: None,
-                backlog: false,
+                backlog: true,
             })
             .collect();
         w
@@ -154,10 +163,10 @@ impl Watermark {
 
     /// The event-time state, for a checkpoint (see [`Watermark::restored`]).
     pub fn state(&self) -> WatermarkState {
-        let mut sources: Vec<(Source, i64)> = self
+        let mut sources: Vec<(Source, Option<i64>)> = self
             .clocks
             .iter()
-            .filter_map(|c| Some((c.source, c.max_event_ms?)))
+            .map(|c| (c.source, c.max_event_ms))
             .collect();
         sources.sort_unstable();
         WatermarkState {
@@ -209,12 +218,18 @@ impl Watermark {
         self.first_input_wall_ms.get_or_insert(wall_ms);
     }
 
-    /// The caller now reads these sources: one that has delivered nothing
-    /// yet holds the watermark back until it is idle (or, with a backlog,
-    /// until it delivers).
+    /// The caller now reads exactly these sources (a Kafka assignment):
+    /// others stop holding the watermark back. Until the caller says
+    /// otherwise ([`Watermark::set_backlog`]) each is taken to have a
+    /// backlog (nothing is known of it yet), so one that has delivered
+    /// nothing holds the watermark back until it delivers, or for the
+    /// bounded backlog timeout.
     pub fn assign(&mut self, sources: impl IntoIterator<Item = Source>) {
-        for s in sources.into_iter().filter(|s| !s.labels) {
-            self.clock(s);
+        let sources: Vec<Source> = sources.into_iter().filter(|s| !s.labels).collect();
+        self.clocks.retain(|c| sources.contains(&c.source));
+        self.last_clock = 0;
+        for s in sources {
+            self.clock(s).backlog = true;
         }
     }
 
@@ -265,7 +280,7 @@ impl Watermark {
 
     fn source_idle(&self, c: &Clock, wall_ms: i64) -> bool {
         let timeout = if c.backlog {
-            BACKLOG_IDLE_FACTOR * self.idle_timeout_ms
+            (BACKLOG_IDLE_FACTOR * self.idle_timeout_ms).max(BACKLOG_IDLE_MIN_MS)
         } else {
             self.idle_timeout_ms
         };
@@ -386,7 +401,7 @@ mod tests {
             WatermarkState {
                 max_event_ms: Some(1_200_000),
                 emitted: Some(1_170_000),
-                sources: vec![(P0, 1_200_000)],
+                sources: vec![(P0, Some(1_200_000))],
             }
         );
         let bytes = rmp_serde::to_vec(&state).unwrap();
@@ -398,10 +413,17 @@ mod tests {
         assert_eq!(r.max_event_ms(), Some(1_200_000));
         assert!(!r.is_idle(restart + 10 * idle));
         assert_eq!(r.current(restart + 10 * idle), Some(1_170_000));
-        // The first input starts the idle timer.
+        // The first input starts the idle timer (and the caller learns
+        // that the partition has no backlog left).
         let first = restart + 10 * idle;
         r.observe(P0, 1_300_000, first);
         assert_eq!(r.current(first + 1), Some(1_270_000));
+        assert_eq!(
+            r.current(first + idle),
+            Some(1_270_000),
+            "a backlog is assumed"
+        );
+        r.set_backlog(P0, false);
         assert!(!r.is_idle(first + idle - 1));
         assert!(r.is_idle(first + idle));
         assert_eq!(r.current(first + idle), Some(first + idle - lateness));
@@ -481,12 +503,19 @@ mod tests {
         w.set_backlog(P1, true);
         // The broker does not serve partition 1 for a while: it still
         // holds the watermark back, so its backlog will not be late.
-        assert_eq!(w.current(9_999), Some(10_000));
-        assert_eq!(w.holding(9_999), vec![P1]);
+        assert_eq!(w.current(BACKLOG_IDLE_MIN_MS - 1), Some(10_000));
+        assert_eq!(w.holding(BACKLOG_IDLE_MIN_MS - 1), vec![P1]);
         // Not forever: a backlog that never drains is given up on.
-        assert_eq!(w.current(10_000), Some(50_000), "all idle");
+        assert_eq!(
+            w.current(BACKLOG_IDLE_MIN_MS),
+            Some(BACKLOG_IDLE_MIN_MS),
+            "all idle"
+        );
         w.set_backlog(P1, false);
-        assert_eq!(w.current(10_001), Some(50_000));
+        assert_eq!(
+            w.current(BACKLOG_IDLE_MIN_MS + 1),
+            Some(BACKLOG_IDLE_MIN_MS + 1)
+        );
         // Only sources read now take a backlog.
         w.set_backlog(Source::predictions(7), true);
         assert_eq!(w.state().sources.len(), 2);
@@ -496,6 +525,9 @@ mod tests {
     fn an_assigned_partition_holds_the_watermark_until_it_delivers_or_is_idle() {
         let mut w = Watermark::new(0, 1_000);
         w.assign([P0, P1, Source::labels(0)]);
+        // The caller learnt that neither has a backlog.
+        w.set_backlog(P0, false);
+        w.set_backlog(P1, false);
         w.observe(P0, 50_000, 100);
         assert_eq!(
             w.current(200),
@@ -506,10 +538,10 @@ mod tests {
         // Idle timers of silent partitions start with the first input.
         w.observe(P0, 60_000, 1_000);
         assert_eq!(w.current(1_100), Some(60_000), "partition 1 is idle now");
-        // With a backlog it would have held on.
+        // With a backlog (or before anything is known) it holds on.
         let mut b = Watermark::new(0, 1_000);
         b.assign([P0, P1]);
-        b.set_backlog(P1, true);
+        b.set_backlog(P0, false);
         b.observe(P0, 50_000, 100);
         assert_eq!(b.current(5_000), None);
         assert_eq!(b.holding(5_000), vec![P1]);
@@ -518,6 +550,10 @@ mod tests {
         // A revoked partition no longer holds it back.
         b.revoke(&[P1]);
         assert_eq!(b.current(5_003), Some(50_000));
+        // An assignment is complete: a partition left out of it is revoked.
+        b.observe(P1, 1_000, 5_004);
+        b.assign([P0]);
+        assert_eq!(b.holding(5_005), vec![P0]);
     }
 
     #[test]
@@ -530,19 +566,36 @@ mod tests {
         w.observe(Source::labels(0), 90_000, 2);
         assert_eq!(w.current(3), Some(50_000));
         assert_eq!(w.max_event_ms(), Some(90_000));
-        assert_eq!(w.state().sources, vec![(P0, 50_000)]);
+        assert_eq!(w.state().sources, vec![(P0, Some(50_000))]);
     }
 
     #[test]
     fn per_partition_event_times_survive_a_checkpoint() {
         let mut w = Watermark::new(0, 1_000);
+        let p2 = Source::predictions(2);
+        w.assign([P0, P1, p2]);
         w.observe(P1, 20_000, 0);
         w.observe(P0, 70_000, 0);
         let state = w.state();
-        assert_eq!(state.sources, vec![(P0, 70_000), (P1, 20_000)]);
+        assert_eq!(
+            state.sources,
+            vec![(P0, Some(70_000)), (P1, Some(20_000)), (p2, None)]
+        );
         let bytes = rmp_serde::to_vec(&state).unwrap();
         let mut r = Watermark::restored(0, 1_000, rmp_serde::from_slice(&bytes).unwrap());
-        assert_eq!(r.current(10), Some(20_000));
+        // Partition 2 delivered nothing before the checkpoint: after the
+        // restart it still holds the watermark back, before any input and
+        // after (its backlog is unknown), until the caller knows better.
+        assert_eq!(r.current(10), None);
+        r.observe(P1, 30_000, 20);
+        r.observe(P0, 80_000, 20);
+        assert_eq!(r.current(5_000), None);
+        r.set_backlog(p2, false);
+        assert_eq!(r.current(5_000), Some(30_000));
+        // The assignment after the restart no longer has partition 1.
+        r.assign([P0, p2]);
+        r.set_backlog(p2, false);
+        assert_eq!(r.current(5_001), Some(80_000));
         // A checkpoint from before per-partition event times.
         #[derive(Serialize)]
         struct Old {

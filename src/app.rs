@@ -172,13 +172,16 @@ pub struct Service {
     p: Processing,
 }
 
+/// (low, high) watermark offsets per (topic, partition).
+type PartitionOffsets = std::collections::HashMap<(String, i32), (i64, i64)>;
+
 /// High watermarks of the assigned partitions, fetched every few seconds
 /// by a thread of its own: asking the broker blocks, so the service loop
 /// never does it. Consumer lag = high watermark - position.
 struct LagProbe {
     partitions: Arc<std::sync::Mutex<Vec<(String, i32)>>>,
     /// (low, high) watermark offsets per partition.
-    highs: Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), (i64, i64)>>>,
+    highs: Arc<std::sync::Mutex<PartitionOffsets>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// The partition list changed: fetch now, not at the next round.
     changed: Arc<std::sync::atomic::AtomicBool>,

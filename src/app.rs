@@ -16,7 +16,7 @@
 //! delivers again below a checkpointed position are skipped.
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -154,6 +154,8 @@ pub struct Service {
     dlq: DeadLetterQueue,
     notifier: Notifier,
     last_error_log: Option<Instant>,
+    /// When the service last warned that it shares its group.
+    last_share_warning: Option<Instant>,
     /// Consumer errors since the last flush (readiness).
     kafka_errors: u64,
     /// Messages consumed at the last flush (readiness).
@@ -185,6 +187,8 @@ struct LagProbe {
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// The partition list changed: fetch now, not at the next round.
     changed: Arc<std::sync::atomic::AtomicBool>,
+    /// Partitions of both input topics together (0 until known).
+    input_partitions: Arc<AtomicU64>,
 }
 
 impl LagProbe {
@@ -194,7 +198,13 @@ impl LagProbe {
             highs: Arc::default(),
             stop: Arc::default(),
             changed: Arc::default(),
+            input_partitions: Arc::default(),
         };
+        let topics = [
+            cfg.predictions_topic.clone(),
+            cfg.ground_truth_topic.clone(),
+        ];
+        let input_partitions = probe.input_partitions.clone();
         let consumer: Option<rdkafka::consumer::BaseConsumer> =
             crate::ingest::consumer::client_config(cfg).create().ok();
         let (partitions, highs, stop, changed) = (
@@ -209,6 +219,19 @@ impl LagProbe {
                 .spawn(move || {
                     use rdkafka::consumer::Consumer;
                     while !stop.load(Ordering::Relaxed) {
+                        let mut total = 0;
+                        for topic in &topics {
+                            if let Ok(m) =
+                                consumer.fetch_metadata(Some(topic), Duration::from_secs(1))
+                            {
+                                total += m
+                                    .topics()
+                                    .iter()
+                                    .map(|t| t.partitions().len())
+                                    .sum::<usize>();
+                            }
+                        }
+                        input_partitions.store(total as u64, Ordering::Relaxed);
                         let list = partitions.lock().map(|p| p.clone()).unwrap_or_default();
                         for (topic, partition) in list {
                             if stop.load(Ordering::Relaxed) {
@@ -357,6 +380,7 @@ impl Service {
             consumer,
             sink,
             last_error_log: None,
+            last_share_warning: None,
             kafka_errors: 0,
             consumed_at_flush: 0,
             lag: LagProbe::start(&cfg.kafka),
@@ -777,6 +801,22 @@ impl Service {
         }
         let r = &self.telemetry.readiness;
         r.partitions_assigned.store(assigned, Ordering::Relaxed);
+        let total = self.lag.input_partitions.load(Ordering::Relaxed);
+        r.input_partitions.store(total, Ordering::Relaxed);
+        if assigned > 0 && assigned < total {
+            let due = self
+                .last_share_warning
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+            if due {
+                self.last_share_warning = Some(Instant::now());
+                tracing::warn!(
+                    assigned,
+                    input_partitions = total,
+                    group = %self.p.cfg.kafka.group_id,
+                    "this instance reads only part of the input: another member of its consumer group reads the rest, and window metrics are exact only with one instance per group (README: Partition moves)"
+                );
+            }
+        }
         let consumed = self.p.counters.consumed();
         // Kafka answers if nothing failed since the last flush or messages still flow.
         let ok = self.kafka_errors == 0 || consumed > self.consumed_at_flush;

@@ -155,6 +155,9 @@ pub type Labels = Vec<(String, String)>;
 pub struct Readiness {
     /// Input partitions currently assigned to this instance.
     pub partitions_assigned: AtomicU64,
+    /// Partitions of both input topics together (0 until known): more
+    /// than assigned means another instance shares the consumer group.
+    pub input_partitions: AtomicU64,
     /// Whether the last Kafka interaction (consume or commit) succeeded.
     pub kafka_ok: AtomicBool,
     /// Whether the service loop is running (false before start and after stop).

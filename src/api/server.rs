@@ -231,6 +231,7 @@ async fn readyz(State(s): State<ApiState>) -> Response {
             "service_running": running,
             "kafka_reachable": kafka,
             "partitions_assigned": partitions,
+            "input_partitions": r.input_partitions.load(std::sync::atomic::Ordering::Relaxed),
             "clickhouse_reachable": clickhouse.is_ok(),
             "clickhouse_error": clickhouse.err(),
         }

@@ -25,7 +25,7 @@ use futures::FutureExt;
 use rdkafka::message::Message;
 
 use crate::config::Config;
-use crate::ingest::consumer::{commit, input_consumer, Assignment, InputConsumer};
+use crate::ingest::consumer::{commit, input_consumer, release_revoked, Assignment, InputConsumer};
 use crate::ingest::decode::{Decoder, EventKind};
 use crate::ingest::offsets::{Positions, Step};
 use crate::join::Source;
@@ -38,6 +38,7 @@ use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue}
 use crate::sinks::webhook::{DeliveryRecord, Notifier};
 use crate::state::{Checkpoint, JoinReader, StateStore};
 use crate::telemetry::{Counters, FlushReport, Telemetry};
+use rdkafka::consumer::Consumer;
 
 /// Messages handled per wake-up of the consumer loop before it looks at its
 /// timers again.
@@ -444,15 +445,26 @@ impl Service {
             .readiness
             .kafka_ok
             .store(true, Ordering::Relaxed);
+        // Revoked partitions wait for a checkpoint while the loop runs.
+        self.consumer.context().hold_revocations(true);
         let result = self.run_loop(&mut tick, &mut report, shutdown).await;
+        // From now on revocations are carried out at once (the consumer's
+        // close revokes everything).
+        self.consumer.context().hold_revocations(false);
         self.telemetry
             .readiness
             .running
             .store(false, Ordering::Relaxed);
-        result?;
+        if let Err(e) = result {
+            release_revoked(&self.consumer)?;
+            return Err(e);
+        }
         tracing::info!("shutting down: writing what is due, checkpointing, committing offsets");
         self.checkpoint_due = true;
-        self.flush(now_ms(), false).await?;
+        let flushed = self.flush(now_ms(), false).await;
+        // A revocation still held (the checkpoint failed) is given up now.
+        release_revoked(&self.consumer)?;
+        flushed?;
         if self.checkpoint_due {
             tracing::warn!("the last output could not be written: the state stays at the previous checkpoint and its input will be consumed again at the next start");
         }
@@ -723,16 +735,41 @@ impl Service {
             consumed = self.p.counters.consumed(),
             "checkpoint written"
         );
-        if moved {
-            if let Err(e) = commit(&self.consumer, &positions) {
-                self.telemetry
-                    .readiness
-                    .kafka_ok
-                    .store(false, Ordering::Relaxed);
-                return Err(e);
+        // Partitions revoked but held for this checkpoint are given up
+        // now, after a synchronous commit: their next owner starts exactly
+        // where this state ends.
+        let releasing = self.consumer.context().holds_revocation();
+        if moved || releasing {
+            // Only partitions this instance reads: a position of a partition
+            // that moved away would overwrite its new owner's commits.
+            let assigned = self.consumer.assignment().ok();
+            let positions: Vec<_> = positions
+                .into_iter()
+                .filter(|(t, p, _)| {
+                    assigned
+                        .as_ref()
+                        .is_none_or(|a| a.find_partition(t, *p).is_some())
+                })
+                .collect();
+            match commit(&self.consumer, &positions, releasing) {
+                Ok(()) => Counters::add(&self.p.counters.commits_total, 1),
+                // The group may refuse commits while it rebalances (MockCluster
+                // does): the state is checkpointed, and this process skips
+                // what it gets again; the partitions are given up anyway.
+                Err(e) if releasing => tracing::warn!(
+                    error = %format!("{e:#}"),
+                    "cannot commit before giving up revoked partitions: their next owner starts at the previous commit"
+                ),
+                Err(e) => {
+                    self.telemetry
+                        .readiness
+                        .kafka_ok
+                        .store(false, Ordering::Relaxed);
+                    return Err(e);
+                }
             }
-            Counters::add(&self.p.counters.commits_total, 1);
         }
+        release_revoked(&self.consumer)?;
         Ok(())
     }
 
@@ -740,7 +777,6 @@ impl Service {
     /// core's watermark. A revoked partition is checkpointed at the next
     /// flush (the positions committed then are where its next owner starts).
     fn apply_assignment(&mut self) {
-        use rdkafka::consumer::Consumer;
         let changes = self.consumer.context().take_changes();
         self.checkpoint_due |= self.p.apply_assignment(changes);
     }
@@ -750,7 +786,6 @@ impl Service {
     /// lag probe): those hold the watermark back even while the broker
     /// serves other partitions, so a backlog replay makes nothing late.
     fn update_backlog(&mut self) {
-        use rdkafka::consumer::Consumer;
         let Ok(positions) = self.consumer.position() else {
             return;
         };
@@ -779,7 +814,6 @@ impl Service {
     /// watermark delay, window-close latencies, consumer lag; also updates
     /// readiness (partitions assigned, Kafka answering).
     fn flush_report(&mut self, wall_ms: i64, closed_ends: &[i64]) -> FlushReport {
-        use rdkafka::consumer::Consumer;
         let mut lag = Vec::new();
         let mut assigned = 0u64;
         if let Ok(positions) = self.consumer.position() {

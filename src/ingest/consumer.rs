@@ -7,8 +7,12 @@
 //! same instance, so a prediction and its label meet in one process.
 
 use anyhow::{Context, Result};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
+    StreamConsumer,
+};
 use rdkafka::error::KafkaResult;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
@@ -35,10 +39,22 @@ pub enum Assignment {
 /// Logs partition assignment changes and queues them for the service loop
 /// ([`IngestContext::take_changes`]): librdkafka calls the rebalance
 /// callbacks from inside a poll, where the service's state is out of reach.
+///
+/// While the service runs ([`IngestContext::hold_revocations`]), revoked
+/// partitions are not given up in the callback: the service writes what is
+/// due, checkpoints, commits the checkpointed positions and only then
+/// releases them ([`release_revoked`]), so the next owner starts exactly
+/// where this instance's state ends. librdkafka lets the application
+/// finish a revocation later; the group waits for it (at most
+/// `max.poll.interval.ms`). A lost assignment (session timeout) is given
+/// up at once: it already belongs to someone else.
 #[derive(Default)]
 pub struct IngestContext {
     changes: std::sync::Mutex<Vec<Assignment>>,
     pending: std::sync::atomic::AtomicBool,
+    hold: std::sync::atomic::AtomicBool,
+    /// A revocation held until the next checkpoint.
+    held: std::sync::Mutex<Option<TopicPartitionList>>,
 }
 
 impl IngestContext {
@@ -48,6 +64,17 @@ impl IngestContext {
             self.pending
                 .store(true, std::sync::atomic::Ordering::Release);
         }
+    }
+
+    /// Whether revocations wait for [`release_revoked`] (while the service
+    /// loop runs) or are carried out in the callback.
+    pub fn hold_revocations(&self, hold: bool) {
+        self.hold.store(hold, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a revocation waits for [`release_revoked`].
+    pub fn holds_revocation(&self) -> bool {
+        self.held.lock().map(|h| h.is_some()).unwrap_or(false)
     }
 
     /// The assignment changes since the last call, oldest first (cheap when
@@ -69,6 +96,44 @@ impl IngestContext {
 impl ClientContext for IngestContext {}
 
 impl ConsumerContext for IngestContext {
+    fn rebalance(
+        &self,
+        base: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let revoke = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS;
+        if revoke && self.hold.load(std::sync::atomic::Ordering::Acquire) && !base.assignment_lost()
+        {
+            tracing::info!(partitions = %describe(tpl), "partitions revoked: given up after the next checkpoint");
+            if let Ok(mut h) = self.held.lock() {
+                *h = Some(tpl.clone());
+            }
+            self.push(Assignment::Revoked(list(tpl)));
+            return;
+        }
+        // What rdkafka's default does, through the safe API.
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            e => Rebalance::Error(rdkafka::error::KafkaError::Rebalance(e.into())),
+        };
+        self.pre_rebalance(base, &rebalance);
+        let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let done = match (err, cooperative) {
+            (RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, true) => {
+                base.incremental_assign(tpl)
+            }
+            (RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS, false) => base.assign(tpl),
+            (_, true) => base.incremental_unassign(tpl),
+            (_, false) => base.unassign(),
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "rebalance: cannot apply the assignment change");
+        }
+        self.post_rebalance(base, &rebalance);
+    }
+
     fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance<'_>) {
         match r {
             Rebalance::Assign(tpl) => {
@@ -140,8 +205,40 @@ pub fn input_consumer(cfg: &KafkaConfig) -> Result<InputConsumer> {
     Ok(consumer)
 }
 
-/// Commits the given positions (the next offset to read) asynchronously.
-pub fn commit(consumer: &InputConsumer, positions: &[(String, i32, i64)]) -> Result<()> {
+/// Gives up the partitions of a held revocation (see [`IngestContext`]),
+/// once their state is checkpointed and their positions committed; says
+/// whether there was one.
+pub fn release_revoked(consumer: &InputConsumer) -> Result<bool> {
+    let held = consumer
+        .context()
+        .held
+        .lock()
+        .ok()
+        .and_then(|mut h| h.take());
+    let Some(tpl) = held else {
+        return Ok(false);
+    };
+    let done = if matches!(
+        consumer.rebalance_protocol(),
+        RebalanceProtocol::Cooperative
+    ) {
+        consumer.incremental_unassign(&tpl)
+    } else {
+        consumer.unassign()
+    };
+    done.context("cannot give up revoked partitions")?;
+    tracing::info!(partitions = %describe(&tpl), "revoked partitions given up after their checkpoint");
+    Ok(true)
+}
+
+/// Commits the given positions (the next offset to read); synchronously
+/// with `sync` (before revoked partitions are given up), else in the
+/// background.
+pub fn commit(
+    consumer: &InputConsumer,
+    positions: &[(String, i32, i64)],
+    sync: bool,
+) -> Result<()> {
     if positions.is_empty() {
         return Ok(());
     }
@@ -150,7 +247,10 @@ pub fn commit(consumer: &InputConsumer, positions: &[(String, i32, i64)]) -> Res
         tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
             .context("invalid offset")?;
     }
-    consumer
-        .commit(&tpl, CommitMode::Async)
-        .context("offset commit failed")
+    let mode = if sync {
+        CommitMode::Sync
+    } else {
+        CommitMode::Async
+    };
+    consumer.commit(&tpl, mode).context("offset commit failed")
 }

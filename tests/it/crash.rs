@@ -59,7 +59,7 @@ use crate::support::tansu::TansuBroker;
 use crate::support::{kill_child, spawn_watchdog};
 
 /// Input partitions of both topics.
-pub(crate) const PARTITIONS: i32 = 4;
+const PARTITIONS: i32 = 4;
 /// The binary classifier (two versions on the same requests).
 const MODEL: &str = "fraud-detector";
 /// The regression model on the same requests (version `v1`).
@@ -448,7 +448,7 @@ fn end_offsets(brokers: &str, topic: &str) -> Vec<i64> {
 }
 
 /// The offsets `group` committed on `topic` (0 where none).
-pub(crate) fn committed(brokers: &str, group: &str, topic: &str) -> Vec<i64> {
+fn committed(brokers: &str, group: &str, topic: &str) -> Vec<i64> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -677,7 +677,7 @@ impl Running {
 
     /// The last `n` log lines (for failure messages; the whole log is in
     /// the instance's directory).
-    pub(crate) fn tail(&self, n: usize) -> String {
+    fn tail(&self, n: usize) -> String {
         let lines = self.lines.lock().unwrap();
         let from = lines.len().saturating_sub(n);
         format!(
@@ -690,7 +690,7 @@ impl Running {
     }
 
     /// Reaps the child, collects the rest of its log, writes it to its file.
-    pub(crate) fn finish(&mut self) -> (ExitStatus, String) {
+    fn finish(&mut self) -> (ExitStatus, String) {
         let status = self.child.wait().expect("wait for modelwatch");
         for r in self.readers.drain(..) {
             let _ = r.join();
@@ -775,7 +775,7 @@ impl Running {
 
     /// Waits for the next log line until `deadline`; `None` at the deadline
     /// (or when the child closed its output).
-    pub(crate) fn next_line(&self, deadline: Instant) -> Option<String> {
+    fn next_line(&self, deadline: Instant) -> Option<String> {
         let left = deadline.saturating_duration_since(Instant::now());
         match self.rx.recv_timeout(left) {
             Ok(l) => Some(l),
@@ -1520,7 +1520,7 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
 
 /// Waits until the log reports `n` predictions processed or `group`
 /// committed the end of the predictions topic.
-pub(crate) fn wait_predictions_consumed(r: &mut Running, brokers: &str, group: &str, n: u64) {
+fn wait_predictions_consumed(r: &mut Running, brokers: &str, group: &str, n: u64) {
     let ends = end_offsets(brokers, "predictions");
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last_check = Instant::now();

@@ -9,6 +9,8 @@
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
 //! - [`crash`]: the binary killed and restarted, against an uninterrupted run.
 //! - [`state`]: a join state beyond the memory budget, in a run and across a restart.
+//! - [`budget`]: the binary's peak RSS across a restart whose state is
+//!   larger than the memory budget.
 //! - `example_config`: `deploy/modelwatch.example.toml` stays valid and
 //!   documents the real defaults.
 
@@ -17,6 +19,7 @@ mod support;
 
 mod alerting;
 mod api;
+mod budget;
 mod clickhouse;
 mod crash;
 mod e2e;

@@ -24,6 +24,7 @@ mod clickhouse;
 mod crash;
 mod e2e;
 mod pipeline;
+mod rebalance;
 mod state;
 
 mod example_config {

@@ -131,6 +131,10 @@ async fn partitions_that_move_away_and_back_are_counted_once() {
     println!("second member: {visit:?}");
     assert!(visit.took > 0, "{visit:?}");
     assert!(
+        visit.read > 0,
+        "the second member read messages it never committed: {visit:?}"
+    );
+    assert!(
         visit.service_saw.0 < visit.service_saw.1,
         "the service saw that it shared its group: {visit:?}"
     );

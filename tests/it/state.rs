@@ -30,7 +30,7 @@ const SMALL_BUDGET: u64 = 1_000 * modelwatch::config::JOIN_BYTES_PER_REQUEST;
 
 type Rows = BTreeMap<MetricKey, MetricRow>;
 
-fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+pub(crate) fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
     let c = MockCluster::new(1).expect("mock cluster");
     for t in ["predictions", "ground-truth"] {
         c.create_topic(t, PARTITIONS, 1).expect("topic");
@@ -47,7 +47,7 @@ fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> 
 /// lateness plus the early-label TTL, so no interleaving of partitions and
 /// topics makes an event late or a label an orphan: the result is the same
 /// whatever order the consumer reads in.
-fn stream() -> (Vec<InputEvent>, Vec<InputEvent>) {
+pub(crate) fn stream() -> (Vec<InputEvent>, Vec<InputEvent>) {
     let events = Generator::new(Scenario {
         seed: 17,
         start_ms: aligned_ago(2 * 86_400_000),
@@ -60,7 +60,7 @@ fn stream() -> (Vec<InputEvent>, Vec<InputEvent>) {
     events.partition(|e| matches!(e, InputEvent::Prediction(_)))
 }
 
-async fn produce(p: &FutureProducer, events: &[InputEvent]) {
+pub(crate) async fn produce(p: &FutureProducer, events: &[InputEvent]) {
     for chunk in events.chunks(2_000) {
         let sends = chunk.iter().map(|e| {
             let (topic, key) = match e {
@@ -88,7 +88,7 @@ async fn produce(p: &FutureProducer, events: &[InputEvent]) {
 /// first labels seen). The remaining order dependence is floating-point
 /// addition: sums over labels can differ in the last bits, so values
 /// compare to a relative 1e-9 (the crash test's comparison).
-fn config(brokers: &str, database: &str) -> Config {
+pub(crate) fn config(brokers: &str, database: &str) -> Config {
     let mut cfg = test_config(brokers, database);
     cfg.state.checkpoint_interval = Duration::from_millis(300);
     cfg.drift.label_reference_size = 1_000_000;
@@ -103,7 +103,7 @@ fn config(brokers: &str, database: &str) -> Config {
 
 /// Stores the reference profile of both versions, from their first 2 000
 /// predictions in stream order.
-async fn import_references(cfg: &Config, predictions: &[InputEvent]) {
+pub(crate) async fn import_references(cfg: &Config, predictions: &[InputEvent]) {
     let sink = ClickHouseSink::new(&cfg.clickhouse);
     sink.migrate().await.expect("migrate");
     for version in ["v1", "v2"] {
@@ -126,7 +126,7 @@ async fn import_references(cfg: &Config, predictions: &[InputEvent]) {
     }
 }
 
-async fn run_idle(service: &mut Service) {
+pub(crate) async fn run_idle(service: &mut Service) {
     tokio::time::timeout(
         Duration::from_secs(120),
         service.run_until_idle(std::future::pending()),
@@ -171,7 +171,7 @@ fn request_ids(events: &[InputEvent]) -> usize {
 }
 
 /// Everything at once with the whole join state in memory.
-async fn reference(predictions: &[InputEvent], labels: &[InputEvent]) -> Rows {
+pub(crate) async fn reference(predictions: &[InputEvent], labels: &[InputEvent]) -> Rows {
     let c = cluster();
     let brokers = c.bootstrap_servers();
     let cfg = config(&brokers, &unique_database("mw_state_ref"));
@@ -191,7 +191,7 @@ async fn reference(predictions: &[InputEvent], labels: &[InputEvent]) -> Rows {
 }
 
 /// Asserts that two `window_metrics FINAL` are the same, value for value.
-fn assert_same(want: &Rows, got: &Rows) {
+pub(crate) fn assert_same(want: &Rows, got: &Rows) {
     let diff = compare_metrics(want, got);
     assert!(diff.ok(), "{}", diff.report("window_metrics FINAL"));
 }

@@ -26,8 +26,16 @@
 //! request does next depends only on its stored state: the expiry queue may
 //! hold stale entries, but they are skipped, so the queue rebuilt at restore
 //! behaves as the original one.
+//!
+//! Change tracking is cheap on the common path: each in-memory entry has a
+//! "changed since the checkpoint" flag, and a key is appended to a list
+//! only when it becomes changed. A changed request that left memory keeps
+//! its place in the list and is also held in a small set of departed keys,
+//! so it is still reported (as gone) and, if it comes back before the
+//! checkpoint, reported once with its current state.
 
 use std::cmp::Reverse;
+use std::collections::hash_map::Entry;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
 
@@ -115,12 +123,16 @@ struct EarlyLabel {
     expires_at: i64,
     /// Models already completed by this label (for duplicate detection).
     matched_models: Vec<u32>,
+    /// Changed since the last [`JoinState::drain_changes`] (see `JoinState::changes`).
+    changed: bool,
 }
 
 struct PendingRequest<P> {
     predictions: Vec<PendingPrediction<P>>,
     /// The earliest expiry among the predictions: the request's live queue entry.
     expires_at: i64,
+    /// Changed since the last [`JoinState::drain_changes`] (see `JoinState::changes`).
+    changed: bool,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -142,8 +154,18 @@ pub struct JoinState<P> {
     /// [`JoinState::restore`] rebuilds.
     queue: BinaryHeap<Reverse<(i64, Side, Arc<str>)>>,
     pending_predictions: usize,
-    /// Requests changed since the last [`JoinState::drain_changes`].
-    changed: AHashSet<Arc<str>>,
+    /// Requests changed since the last [`JoinState::drain_changes`], each
+    /// once, in the order they first changed. A key is in the list exactly
+    /// when its entries in `pending` and `early` have `changed` set (both
+    /// of them, when a restore put the key in both maps) or, when it is in
+    /// neither map, when it is in `departed`.
+    changes: Vec<Arc<str>>,
+    /// The keys of `changes` that are no longer in memory: changed requests
+    /// that matched fully, expired or were expired early since the last
+    /// [`JoinState::drain_changes`]. Never holds a key of `pending` or
+    /// `early`: a key coming back is taken out (and keeps its place in
+    /// `changes`).
+    departed: AHashSet<Arc<str>>,
 }
 
 /// The key of `map` equal to `id` (which must be present), sharing its allocation.
@@ -162,7 +184,8 @@ impl<P> JoinState<P> {
             early: AHashMap::new(),
             queue: BinaryHeap::new(),
             pending_predictions: 0,
-            changed: AHashSet::new(),
+            changes: Vec::new(),
+            departed: AHashSet::new(),
         }
     }
 
@@ -178,7 +201,61 @@ impl<P> JoinState<P> {
 
     /// Number of changed requests not yet drained by [`JoinState::drain_changes`].
     pub fn changed(&self) -> usize {
-        self.changed.len()
+        self.changes.len()
+    }
+
+    /// The key for a request id not in memory, which becomes changed: the
+    /// departed key when it changed before (already listed), else a new
+    /// key appended to `changes`.
+    fn arriving_key(&mut self, request_id: &str) -> Arc<str> {
+        if !self.departed.is_empty() {
+            if let Some(key) = self.departed.take(request_id) {
+                return key;
+            }
+        }
+        let key: Arc<str> = Arc::from(request_id);
+        self.changes.push(key.clone());
+        key
+    }
+
+    /// Records a change of `key`, which just left `pending` (`from_pending`)
+    /// or `early` with its flag `was_changed`. Usually it left memory and
+    /// joins `departed`; after a restore of both predictions and a label it
+    /// may still be in the other map, whose entry is then marked (its flag
+    /// equals `was_changed`: the flags of a key are kept equal).
+    fn departed_key(&mut self, key: Arc<str>, was_changed: bool, from_pending: bool) {
+        let other = if from_pending {
+            self.early.get_mut(&key).map(|e| &mut e.changed)
+        } else {
+            self.pending.get_mut(&key).map(|r| &mut r.changed)
+        };
+        match other {
+            Some(flag) => {
+                *flag = true;
+                if !was_changed {
+                    self.changes.push(key);
+                }
+            }
+            None => {
+                if !was_changed {
+                    self.changes.push(key.clone());
+                }
+                self.departed.insert(key);
+            }
+        }
+    }
+
+    /// Marks the in-memory request `request_id` changed in both maps and
+    /// lists it (the caller saw its flag unset, so it is not listed yet).
+    fn mark_changed(&mut self, request_id: &str) {
+        let in_pending = self.pending.get_mut(request_id).map(|r| r.changed = true);
+        let in_early = self.early.get_mut(request_id).map(|e| e.changed = true);
+        let key = match (in_pending, in_early) {
+            (Some(()), _) => key_of(&self.pending, request_id),
+            (None, Some(())) => key_of(&self.early, request_id),
+            (None, None) => unreachable!("request in memory"),
+        };
+        self.changes.push(key);
     }
 
     /// Puts back one request from a checkpoint (at startup, before any
@@ -188,11 +265,25 @@ impl<P> JoinState<P> {
     /// The predictions expire at their timestamp plus the configured
     /// horizon; the label at the stored `expires_at`.
     pub fn restore(&mut self, request_id: &str, r: StoredRequest<P>) {
-        let key: Arc<str> = Arc::from(request_id);
+        // A request that changed since the last drain stays changed.
+        let mut changed = false;
         if let Some(old) = self.pending.remove(request_id) {
             self.pending_predictions -= old.predictions.len();
+            changed |= old.changed;
         }
-        self.early.remove(request_id);
+        if let Some(old) = self.early.remove(request_id) {
+            changed |= old.changed;
+        }
+        let key = match self.departed.take(request_id) {
+            Some(key) => {
+                changed = true;
+                key
+            }
+            None => Arc::from(request_id),
+        };
+        if changed && r.predictions.is_empty() && r.label.is_none() {
+            self.departed.insert(key.clone());
+        }
         let horizon = self.cfg.label_horizon_ms;
         if let Some(expires_at) = r
             .predictions
@@ -213,6 +304,7 @@ impl<P> JoinState<P> {
                 PendingRequest {
                     predictions,
                     expires_at,
+                    changed,
                 },
             );
         }
@@ -225,6 +317,7 @@ impl<P> JoinState<P> {
                     label: Arc::new(label),
                     expires_at,
                     matched_models,
+                    changed,
                 },
             );
         }
@@ -264,8 +357,8 @@ impl<P> JoinState<P> {
                 prediction_ts: ts,
                 label: early.label.clone(),
             });
-            if !self.changed.contains(request_id) {
-                self.changed.insert(key_of(&self.early, request_id));
+            if !early.changed {
+                self.mark_changed(request_id);
             }
             return PredictionInsert::Matched;
         }
@@ -280,25 +373,28 @@ impl<P> JoinState<P> {
                 payload: payload(),
             });
             self.pending_predictions += 1;
+            // Not in `early` (checked above), so this is the key's only flag.
+            let listed = std::mem::replace(&mut req.changed, true);
             if expires_at < req.expires_at {
                 // Expires before its siblings: it becomes the request's live entry.
                 req.expires_at = expires_at;
                 let key = key_of(&self.pending, request_id);
+                if !listed {
+                    self.changes.push(key.clone());
+                }
                 self.queue
-                    .push(Reverse((expires_at, Side::Prediction, key.clone())));
-                self.changed.insert(key);
-            } else if !self.changed.contains(request_id) {
-                self.changed.insert(key_of(&self.pending, request_id));
+                    .push(Reverse((expires_at, Side::Prediction, key)));
+            } else if !listed {
+                self.changes.push(key_of(&self.pending, request_id));
             }
             return PredictionInsert::Pending;
         }
         if self.pending_predictions >= self.cfg.max_pending {
             self.evict_one(out);
         }
-        let key: Arc<str> = Arc::from(request_id);
+        let key = self.arriving_key(request_id);
         self.queue
             .push(Reverse((expires_at, Side::Prediction, key.clone())));
-        self.changed.insert(key.clone());
         self.pending.insert(
             key,
             PendingRequest {
@@ -308,6 +404,7 @@ impl<P> JoinState<P> {
                     payload: payload(),
                 }],
                 expires_at,
+                changed: true,
             },
         );
         self.pending_predictions += 1;
@@ -339,21 +436,25 @@ impl<P> JoinState<P> {
                         label: label.clone(),
                     });
                 }
+                // The key moves from `pending` to `early`, with its flag.
+                if !req.changed {
+                    self.changes.push(key.clone());
+                }
                 (key, models, n)
             }
-            None => (Arc::from(request_id), Vec::new(), 0),
+            None => (self.arriving_key(request_id), Vec::new(), 0),
         };
         // A matched label is kept until its TTL too, so sibling predictions
         // (other models scoring the same request) arriving later still match.
         self.queue
             .push(Reverse((expires_at, Side::Label, key.clone())));
-        self.changed.insert(key.clone());
         self.early.insert(
             key,
             EarlyLabel {
                 label,
                 expires_at,
                 matched_models,
+                changed: true,
             },
         );
         if n > 0 {
@@ -388,9 +489,11 @@ impl<P> JoinState<P> {
     ) {
         match side {
             Side::Prediction => {
-                let Some(req) = self.pending.get_mut(&key) else {
+                // One lookup for reading and removing the request.
+                let Entry::Occupied(mut entry) = self.pending.entry(key) else {
                     return;
                 };
+                let req = entry.get_mut();
                 if req.expires_at != at {
                     return; // stale
                 }
@@ -413,21 +516,28 @@ impl<P> JoinState<P> {
                 }
                 self.pending_predictions -= before - req.predictions.len();
                 if req.predictions.is_empty() {
-                    self.pending.remove(&key);
+                    let (key, req) = entry.remove_entry();
+                    self.departed_key(key, req.changed, true);
                 } else {
                     req.expires_at = next;
+                    let listed = req.changed;
+                    let key = entry.key().clone();
                     self.queue
                         .push(Reverse((next, Side::Prediction, key.clone())));
+                    if !listed {
+                        self.mark_changed(&key);
+                    }
                 }
-                self.changed.insert(key);
             }
             Side::Label => {
-                if self.early.get(&key).is_some_and(|e| e.expires_at == at) {
-                    let e = self.early.remove(&key).expect("present");
-                    if e.matched_models.is_empty() {
-                        out.push(Joined::Orphan { label: e.label });
+                if let Entry::Occupied(entry) = self.early.entry(key) {
+                    if entry.get().expires_at == at {
+                        let (key, e) = entry.remove_entry();
+                        if e.matched_models.is_empty() {
+                            out.push(Joined::Orphan { label: e.label });
+                        }
+                        self.departed_key(key, e.changed, false);
                     }
-                    self.changed.insert(key);
                 }
             }
         }
@@ -447,7 +557,7 @@ impl<P> JoinState<P> {
                             prediction_ts: p.ts,
                         });
                     }
-                    self.changed.insert(key);
+                    self.departed_key(key, req.changed, true);
                     return;
                 }
             } else if self.early.get(&key).is_some_and(|e| e.expires_at == at) {
@@ -455,7 +565,7 @@ impl<P> JoinState<P> {
                 if e.matched_models.is_empty() {
                     out.push(Joined::Orphan { label: e.label });
                 }
-                self.changed.insert(key);
+                self.departed_key(key, e.changed, false);
             }
         }
     }
@@ -470,7 +580,14 @@ impl<P> JoinState<P> {
     /// True when `request_id` changed since the last [`JoinState::drain_changes`]
     /// (held in memory, or gone from the join).
     pub fn is_changed(&self, request_id: &str) -> bool {
-        self.changed.contains(request_id)
+        // The flags of a key in both maps are equal: either one tells.
+        if let Some(r) = self.pending.get(request_id) {
+            r.changed
+        } else if let Some(e) = self.early.get(request_id) {
+            e.changed
+        } else {
+            self.departed.contains(request_id)
+        }
     }
 
     /// Request ids held in memory.
@@ -503,8 +620,9 @@ impl<P> JoinState<P> {
         }
         let victims: Vec<Arc<str>> = self
             .pending
-            .keys()
-            .filter(|k| !self.changed.contains(*k) && !self.early.contains_key(*k))
+            .iter()
+            .filter(|(k, r)| !r.changed && !self.early.contains_key(*k))
+            .map(|(k, _)| k)
             .take(n)
             .cloned()
             .collect();
@@ -525,12 +643,21 @@ impl<P> JoinState<P> {
 }
 
 impl<P: Clone> JoinState<P> {
-    /// Hands every request changed since the last call to `f`: its current
-    /// state, or `None` when it is gone. Clears the change set.
+    /// Hands every request changed since the last call to `f`, once each
+    /// and in the order they first changed: its current state, or `None`
+    /// when it is gone. Clears the change set.
     pub fn drain_changes(&mut self, mut f: impl FnMut(&str, Option<StoredRequest<P>>)) {
-        for key in self.changed.drain() {
-            let pending = self.pending.get(&key);
-            let early = self.early.get(&key);
+        self.departed.clear();
+        let mut changes = std::mem::take(&mut self.changes);
+        for key in changes.drain(..) {
+            let pending = self.pending.get_mut(&key).map(|r| {
+                r.changed = false;
+                &*r
+            });
+            let early = self.early.get_mut(&key).map(|e| {
+                e.changed = false;
+                &*e
+            });
             let stored = (pending.is_some() || early.is_some()).then(|| StoredRequest {
                 predictions: pending.map_or_else(Vec::new, |r| {
                     r.predictions
@@ -542,6 +669,8 @@ impl<P: Clone> JoinState<P> {
             });
             f(&key, stored);
         }
+        // Keeps the list's allocation for the next interval.
+        self.changes = changes;
     }
 }
 
@@ -785,6 +914,33 @@ mod tests {
             .collect()
     }
 
+    /// Checks the change tracking's invariants: each key listed once; a
+    /// listed key is flagged in every map holding it, or departed when in
+    /// none; every flagged entry is listed; `departed` holds only listed
+    /// keys out of memory; `is_changed` agrees.
+    fn check_changes<P>(j: &JoinState<P>) {
+        let listed: std::collections::BTreeSet<&str> = j.changes.iter().map(|k| &**k).collect();
+        assert_eq!(listed.len(), j.changes.len(), "a key listed twice");
+        assert_eq!(j.changed(), listed.len());
+        for k in &listed {
+            let (p, e) = (j.pending.get(*k), j.early.get(*k));
+            assert!(p.is_none_or(|r| r.changed), "{k} listed, unflagged");
+            assert!(e.is_none_or(|e| e.changed), "{k} listed, unflagged");
+            let in_memory = p.is_some() || e.is_some();
+            assert_eq!(j.departed.contains(*k), !in_memory, "{k}");
+            assert!(j.is_changed(k));
+        }
+        for (k, r) in &j.pending {
+            assert_eq!(r.changed, listed.contains(&**k), "{k}");
+            assert_eq!(j.is_changed(k), r.changed);
+        }
+        for (k, e) in &j.early {
+            assert_eq!(e.changed, listed.contains(&**k), "{k}");
+            assert_eq!(j.is_changed(k), e.changed);
+        }
+        assert!(j.departed.iter().all(|k| listed.contains(&**k)));
+    }
+
     /// Drains the changes into `store` (insert on `Some`, remove on `None`).
     fn drain_into<P: Clone>(j: &mut JoinState<P>, store: &mut BTreeMap<String, StoredRequest<P>>) {
         j.drain_changes(|k, r| match r {
@@ -978,6 +1134,181 @@ mod tests {
         assert_eq!(j.pending_predictions(), 0);
     }
 
+    /// A request that left memory since the checkpoint is reported gone;
+    /// one that comes back before the checkpoint is reported once, as it is
+    /// now, in the order requests first changed.
+    #[test]
+    fn departed_and_returning_requests_are_reported_once() {
+        let mut j = join();
+        let mut out = vec![];
+        j.insert_prediction("r1", 0, 10, "a", &mut out);
+        j.insert_prediction("r2", 0, 20, "b", &mut out);
+        let mut store = BTreeMap::new();
+        drain_into(&mut j, &mut store);
+        j.expire(20 + H, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(!j.contains("r1") && j.is_changed("r1"));
+        assert!(!j.contains("r2") && j.is_changed("r2"));
+        assert_eq!(j.changed(), 2);
+        check_changes(&j);
+        // r1 comes back, then moves from its predictions to its label.
+        j.insert_prediction("r1", 1, 30, "c", &mut out);
+        assert_eq!(j.changed(), 2);
+        check_changes(&j);
+        j.insert_label("r1", label(40, "1"), &mut out);
+        assert_eq!(j.changed(), 2);
+        check_changes(&j);
+        let mut got = vec![];
+        j.drain_changes(|k, r| got.push((k.to_string(), r)));
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "r1".to_string(),
+                    Some(StoredRequest {
+                        predictions: vec![],
+                        label: Some((label(40, "1"), 40 + TTL, vec![1])),
+                    })
+                ),
+                ("r2".to_string(), None),
+            ]
+        );
+        check_changes(&j);
+        // A label that leaves and a new one for the same request: once.
+        j.expire(40 + TTL, &mut out);
+        assert!(!j.contains("r1") && j.is_changed("r1"));
+        assert_eq!(
+            j.insert_label("r1", label(50, "0"), &mut out),
+            LabelInsert::Early
+        );
+        assert_eq!(j.changed(), 1);
+        check_changes(&j);
+        let mut got = vec![];
+        j.drain_changes(|k, r| got.push((k.to_string(), r.is_some())));
+        assert_eq!(got, vec![("r1".to_string(), true)]);
+    }
+
+    /// A restore may put one request id in both maps (predictions and a
+    /// label): its changes are tracked as one request's.
+    #[test]
+    fn a_restored_request_with_predictions_and_a_label_is_one_change() {
+        let mut j = join();
+        let mut out = vec![];
+        j.restore(
+            "r1",
+            StoredRequest {
+                predictions: vec![(0, 10, "a"), (1, 200, "b")],
+                label: Some((label(20, "1"), 5_000, vec![])),
+            },
+        );
+        assert_eq!(j.changed(), 0);
+        check_changes(&j);
+        // A partial expiry of the predictions.
+        j.expire(10 + H, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(j.changed(), 1);
+        check_changes(&j);
+        let mut store = BTreeMap::new();
+        drain_into(&mut j, &mut store);
+        assert_eq!(store["r1"].predictions, vec![(1, 200, "b")]);
+        assert!(store["r1"].label.is_some());
+        check_changes(&j);
+        // A prediction matching the label.
+        assert_eq!(
+            j.insert_prediction("r1", 2, 300, "c", &mut out),
+            PredictionInsert::Matched
+        );
+        assert_eq!(j.changed(), 1);
+        check_changes(&j);
+        drain_into(&mut j, &mut store);
+        assert_eq!(store["r1"].label.as_ref().unwrap().2, vec![2]);
+        // The predictions leave (the label stays), then the label.
+        j.expire(200 + H, &mut out);
+        assert!(j.contains("r1") && j.is_changed("r1"));
+        check_changes(&j);
+        drain_into(&mut j, &mut store);
+        assert_eq!(store["r1"].predictions, vec![]);
+        j.expire(5_000, &mut out);
+        assert!(!j.contains("r1") && j.is_changed("r1"));
+        check_changes(&j);
+        drain_into(&mut j, &mut store);
+        assert!(store.is_empty());
+        // The label leaves first (unchanged since the drain), predictions stay.
+        j.restore(
+            "r2",
+            StoredRequest {
+                predictions: vec![(0, 10, "a")],
+                label: Some((label(20, "1"), 30, vec![])),
+            },
+        );
+        j.expire(30, &mut out);
+        assert!(j.contains("r2") && j.is_changed("r2"));
+        assert_eq!(j.changed(), 1);
+        check_changes(&j);
+    }
+
+    /// Restoring a request that changed since the last drain keeps it
+    /// changed (and gone, when the restored record is empty); restoring
+    /// one that did not is no change.
+    #[test]
+    fn restoring_a_changed_request_keeps_it_changed() {
+        let mut j = join();
+        let mut out = vec![];
+        let empty = || StoredRequest {
+            predictions: vec![],
+            label: None,
+        };
+        j.insert_prediction("r1", 0, 10, "a", &mut out);
+        j.restore(
+            "r1",
+            StoredRequest {
+                predictions: vec![(1, 20, "b")],
+                label: None,
+            },
+        );
+        assert!(j.is_changed("r1"));
+        check_changes(&j);
+        j.restore("r1", empty());
+        assert!(!j.contains("r1") && j.is_changed("r1"));
+        check_changes(&j);
+        j.restore(
+            "r1",
+            StoredRequest {
+                predictions: vec![],
+                label: Some((label(20, "1"), 30, vec![])),
+            },
+        );
+        assert!(j.contains("r1") && j.is_changed("r1"));
+        check_changes(&j);
+        j.restore("r2", empty());
+        assert!(!j.is_changed("r2"));
+        assert_eq!(j.changed(), 1);
+        check_changes(&j);
+        let mut got = vec![];
+        j.drain_changes(|k, r| got.push((k.to_string(), r.map(|r| r.label.is_some()))));
+        assert_eq!(got, vec![("r1".to_string(), Some(true))]);
+    }
+
+    /// Only requests unchanged since the last drain holding only
+    /// predictions are evicted; eviction is no change.
+    #[test]
+    fn only_unchanged_prediction_requests_are_evicted() {
+        let mut j = join();
+        let mut out = vec![];
+        j.insert_prediction("r1", 0, 10, "a", &mut out);
+        j.insert_prediction("r2", 0, 10, "b", &mut out);
+        j.insert_label("r3", label(10, "1"), &mut out);
+        assert_eq!(j.evict_unchanged(10), (0, 0));
+        let mut store = BTreeMap::new();
+        drain_into(&mut j, &mut store);
+        j.insert_prediction("r2", 1, 11, "c", &mut out);
+        assert_eq!(j.evict_unchanged(10), (1, 1));
+        assert!(!j.contains("r1") && !j.is_changed("r1"));
+        assert!(j.contains("r2") && j.contains("r3"));
+        assert_eq!(j.changed(), 1);
+        check_changes(&j);
+    }
+
     mod proptests {
         use super::*;
         use proptest::prelude::*;
@@ -1016,7 +1347,7 @@ mod tests {
         /// Applies `op` (the `i`-th) at watermark `now`.
         fn apply(j: &mut JoinState<Pay>, now: &mut i64, i: usize, op: &Op) -> Step {
             let mut out = vec![];
-            match *op {
+            let step = match *op {
                 Op::Prediction { req, model, dt } => {
                     let ts = *now + dt;
                     let r = j.insert_prediction(
@@ -1042,13 +1373,22 @@ mod tests {
                     Step::Expire(out)
                 }
                 Op::Drain => {
+                    let expected: Vec<String> = (0..8)
+                        .map(|r| format!("r{r}"))
+                        .filter(|k| j.is_changed(k))
+                        .collect();
+                    assert_eq!(expected.len(), j.changed());
                     let mut got = BTreeMap::new();
                     j.drain_changes(|k, r| {
-                        got.insert(k.to_string(), r);
+                        assert!(got.insert(k.to_string(), r).is_none(), "{k} twice");
                     });
+                    assert_eq!(got.keys().cloned().collect::<Vec<_>>(), expected);
+                    assert!((0..8).all(|r| !j.is_changed(&format!("r{r}"))));
                     Step::Drain(got)
                 }
-            }
+            };
+            check_changes(j);
+            step
         }
 
         proptest! {
@@ -1100,6 +1440,71 @@ mod tests {
                 let n = prefix.len() + continuation.len();
                 prop_assert_eq!(apply(&mut a, &mut now, n, &end), apply(&mut b, &mut now_b, n, &end));
                 prop_assert_eq!((a.pending_predictions(), a.early_labels()), (0, 0));
+            }
+
+            /// Eviction as the service uses it: up to a few requests
+            /// unchanged since the last drain leave memory before each op;
+            /// one is restored from the drained store before an event for
+            /// it, or an expiry due for it, when the join does not hold it.
+            /// That join behaves, and reports changes, as one that never
+            /// evicts.
+            #[test]
+            fn evicting_unchanged_requests_changes_nothing(
+                ops in proptest::collection::vec(
+                    (op(), prop_oneof![3 => Just(0usize), 1 => 1usize..4]),
+                    0..160,
+                ),
+            ) {
+                let cfg = JoinConfig {
+                    label_horizon_ms: H,
+                    early_label_ttl_ms: TTL,
+                    max_pending: 1_000,
+                };
+                let mut a: JoinState<Pay> = JoinState::new(cfg);
+                let mut c: JoinState<Pay> = JoinState::new(cfg);
+                let mut store: BTreeMap<String, StoredRequest<Pay>> = BTreeMap::new();
+                let (mut now_a, mut now_c) = (0, 0);
+                for (i, (op, evict)) in ops.iter().enumerate() {
+                    a.evict_unchanged(*evict);
+                    check_changes(&a);
+                    let due: Vec<String> = match *op {
+                        Op::Prediction { req, .. } | Op::Label { req, .. } => vec![format!("r{req}")],
+                        Op::Expire { advance } => store
+                            .iter()
+                            .filter(|(_, r)| a.first_expiry(r) <= now_a + advance)
+                            .map(|(k, _)| k.clone())
+                            .collect(),
+                        Op::Drain => vec![],
+                    };
+                    for k in due {
+                        if !a.contains(&k) && !a.is_changed(&k) {
+                            if let Some(r) = store.get(&k) {
+                                a.restore(&k, r.clone());
+                            }
+                        }
+                    }
+                    let sa = apply(&mut a, &mut now_a, i, op);
+                    let sc = apply(&mut c, &mut now_c, i, op);
+                    if let Step::Drain(got) = &sa {
+                        for (k, r) in got {
+                            match r {
+                                Some(r) => { store.insert(k.clone(), r.clone()); }
+                                None => { store.remove(k); }
+                            }
+                        }
+                    }
+                    prop_assert_eq!(sa, sc, "op {} {:?}", i, op);
+                    prop_assert_eq!(a.changed(), c.changed());
+                    for r in 0..8 {
+                        let k = format!("r{r}");
+                        prop_assert_eq!(a.is_changed(&k), c.is_changed(&k));
+                        prop_assert_eq!(
+                            c.contains(&k),
+                            a.contains(&k) || (!a.is_changed(&k) && store.contains_key(&k)),
+                            "{}", k
+                        );
+                    }
+                }
             }
         }
     }

@@ -295,7 +295,7 @@ fn a_restart_beyond_the_memory_budget_stays_within_it() {
     let mut first = budget.spawn(false, 0);
     budget.env.pop();
     let first_peak = sample_peak_rss(first.child.id());
-    wait_consumed(&mut first, REQUESTS, Duration::from_secs(240));
+    wait_consumed(&mut first, "", REQUESTS, Duration::from_secs(240));
     first.stop(Duration::from_secs(180));
     let first_peak = first_peak.join().expect("RSS sampler");
     println!(

@@ -815,11 +815,13 @@ impl Drop for Running {
 /// How one crash-run process ends.
 #[derive(Debug, Clone)]
 enum Kill {
-    /// Once this process has consumed `consumed` messages (its own, not
-    /// counting those it skips), SIGKILL `then` later: during ingest.
+    /// Once this process has checkpointed after consuming `consumed`
+    /// messages (its own, not counting those it skips), SIGKILL `then`
+    /// later: during ingest.
     AfterConsumed { consumed: u64, then: Duration },
-    /// Once this process has consumed `consumed` messages, SIGKILL on its
-    /// next `checkpoint begin` line: in the middle of a checkpoint.
+    /// Once this process has checkpointed after consuming `consumed`
+    /// messages, SIGKILL on its next `checkpoint begin` line: in the middle
+    /// of a checkpoint.
     InCheckpoint { consumed: u64 },
     /// SIGKILL in the middle of a ClickHouse write of at least `rows`
     /// window rows: windows closed by the watermark in the middle of the
@@ -831,18 +833,19 @@ enum Kill {
 /// Longest a crash-run process may take to reach its kill point.
 const KILL_POINT_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Reads log lines until one says this process has consumed `consumed`
-/// messages (the service logs it at every flush); panics with the log when
-/// none comes `within` the process's start.
-pub(crate) fn wait_consumed(r: &mut Running, consumed: u64, within: Duration) {
+/// Reads log lines until one containing `pattern` says this process has
+/// consumed `consumed` messages (the service logs it at every flush, and in
+/// every `checkpoint written` line); panics with the log when none comes
+/// `within` the process's start.
+pub(crate) fn wait_consumed(r: &mut Running, pattern: &str, consumed: u64, within: Duration) {
     let deadline = r.started + within;
     while let Some(line) = r.next_line(deadline) {
-        if field_value(&line, "consumed").is_some_and(|n| n >= consumed) {
+        if line.contains(pattern) && field_value(&line, "consumed").is_some_and(|n| n >= consumed) {
             return;
         }
     }
     panic!(
-        "the process did not consume {consumed} messages within {within:?}:\n{}",
+        "no {pattern:?} line with {consumed} messages consumed within {within:?}:\n{}",
         r.tail(100)
     );
 }
@@ -886,7 +889,9 @@ fn run_until_killed(instance: &Instance, attempt: usize, kill: &Kill) -> String 
     let mut r = instance.spawn(false, attempt);
     let what = match kill {
         Kill::AfterConsumed { consumed, then } => {
-            wait_consumed(&mut r, *consumed, KILL_POINT_TIMEOUT);
+            // A checkpoint first: every restart must have state to restore
+            // (a process killed a second after its start may have none).
+            wait_consumed(&mut r, "checkpoint written", *consumed, KILL_POINT_TIMEOUT);
             let deadline = Instant::now() + *then;
             while Instant::now() < deadline {
                 r.next_line(deadline);
@@ -896,7 +901,9 @@ fn run_until_killed(instance: &Instance, attempt: usize, kill: &Kill) -> String 
             format!("killed at {:.2} s", r.started.elapsed().as_secs_f64())
         }
         Kill::InCheckpoint { consumed } => {
-            wait_consumed(&mut r, *consumed, KILL_POINT_TIMEOUT);
+            // A checkpoint first: every restart must have state to restore
+            // (a process killed a second after its start may have none).
+            wait_consumed(&mut r, "checkpoint written", *consumed, KILL_POINT_TIMEOUT);
             let line = kill_on_line(&mut r, "checkpoint begin", |_| true);
             format!(
                 "killed at {:.2} s on: {line}",

@@ -279,11 +279,7 @@ impl Watermark {
     }
 
     fn source_idle(&self, c: &Clock, wall_ms: i64) -> bool {
-        // A backlog holds only while other input flows (a broker serving
-        // one partition after another). When nothing at all arrives for
-        // the idle timeout, the input is idle as before, whatever the
-        // (possibly stale or missing) backlog information says.
-        let timeout = if c.backlog && !self.is_idle(wall_ms) {
+        let timeout = if c.backlog {
             (BACKLOG_IDLE_FACTOR * self.idle_timeout_ms).max(BACKLOG_IDLE_MIN_MS)
         } else {
             self.idle_timeout_ms
@@ -422,6 +418,11 @@ mod tests {
         let first = restart + 10 * idle;
         r.observe(P0, 1_300_000, first);
         assert_eq!(r.current(first + 1), Some(1_270_000));
+        assert_eq!(
+            r.current(first + idle),
+            Some(1_270_000),
+            "a backlog is assumed"
+        );
         r.set_backlog(P0, false);
         assert!(!r.is_idle(first + idle - 1));
         assert!(r.is_idle(first + idle));
@@ -500,21 +501,21 @@ mod tests {
         w.observe(P0, 50_000, 0);
         w.observe(P1, 10_000, 0);
         w.set_backlog(P1, true);
-        // The broker does not serve partition 1 for a while (while other
-        // input flows): it still holds the watermark back, so its backlog
-        // will not be late.
-        w.touch(BACKLOG_IDLE_MIN_MS - 2);
+        // The broker does not serve partition 1 for a while: it still
+        // holds the watermark back, so its backlog will not be late.
         assert_eq!(w.current(BACKLOG_IDLE_MIN_MS - 1), Some(10_000));
         assert_eq!(w.holding(BACKLOG_IDLE_MIN_MS - 1), vec![P1]);
         // Not forever: a backlog that never drains is given up on.
-        assert_eq!(w.current(BACKLOG_IDLE_MIN_MS), Some(50_000), "given up on");
-        // Once nothing at all arrives, a backlog holds nothing back.
-        let mut q = Watermark::new(0, 1_000);
-        q.observe(P0, 50_000, 0);
-        q.observe(P1, 10_000, 0);
-        q.set_backlog(P1, true);
-        assert_eq!(q.current(999), Some(10_000));
-        assert_eq!(q.current(1_000), Some(50_000), "the whole input is idle");
+        assert_eq!(
+            w.current(BACKLOG_IDLE_MIN_MS),
+            Some(BACKLOG_IDLE_MIN_MS),
+            "all idle"
+        );
+        w.set_backlog(P1, false);
+        assert_eq!(
+            w.current(BACKLOG_IDLE_MIN_MS + 1),
+            Some(BACKLOG_IDLE_MIN_MS + 1)
+        );
         // Only sources read now take a backlog.
         w.set_backlog(Source::predictions(7), true);
         assert_eq!(w.state().sources.len(), 2);
@@ -542,7 +543,6 @@ mod tests {
         b.assign([P0, P1]);
         b.set_backlog(P0, false);
         b.observe(P0, 50_000, 100);
-        b.touch(4_990);
         assert_eq!(b.current(5_000), None);
         assert_eq!(b.holding(5_000), vec![P1]);
         b.observe(P1, 40_000, 5_001);
@@ -589,7 +589,6 @@ mod tests {
         assert_eq!(r.current(10), None);
         r.observe(P1, 30_000, 20);
         r.observe(P0, 80_000, 20);
-        r.touch(4_990);
         assert_eq!(r.current(5_000), None);
         r.set_backlog(p2, false);
         assert_eq!(r.current(5_000), Some(30_000));

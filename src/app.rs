@@ -147,6 +147,28 @@ pub struct Progress {
     pub cold_requests: usize,
 }
 
+impl Progress {
+    /// Logs every counter under `what` (`progress` every 10 s, `stopped`
+    /// at the end of `run`).
+    fn log(&self, what: &str) {
+        tracing::info!(
+            consumed = self.consumed,
+            predictions = self.core.predictions,
+            labels = self.core.labels,
+            matched = self.core.matched,
+            expired = self.core.expired,
+            orphans = self.core.orphans,
+            late_predictions = self.core.late_predictions,
+            late_labels = self.core.late_labels,
+            pending = self.pending_predictions,
+            dead_lettered = self.dead_lettered,
+            rows_written = self.rows_written,
+            alerts = self.alerts_published,
+            "{what}"
+        );
+    }
+}
+
 /// The running service: one consumer, the processing state, the sinks.
 pub struct Service {
     consumer: InputConsumer,
@@ -484,19 +506,7 @@ impl Service {
                 _ = &mut shutdown => break,
                 _ = tick.tick() => self.flush(now_ms(), false).await?,
                 _ = report.tick() => {
-                    let p = self.progress();
-                    tracing::info!(
-                        consumed = p.consumed,
-                        predictions = p.core.predictions,
-                        labels = p.core.labels,
-                        matched = p.core.matched,
-                        pending = p.pending_predictions,
-                        late = p.core.late_predictions,
-                        dead_lettered = p.dead_lettered,
-                        rows_written = p.rows_written,
-                        alerts = p.alerts_published,
-                        "progress"
-                    );
+                    self.progress().log("progress");
                 }
                 m = self.consumer.recv() => match m {
                     Ok(msg) => {
@@ -1308,19 +1318,7 @@ pub async fn run(cfg: Config, exit_when_idle: bool) -> Result<()> {
     } else {
         service.run_until(shutdown_signal()).await
     };
-    let p = service.progress();
-    tracing::info!(
-        consumed = p.consumed,
-        predictions = p.core.predictions,
-        labels = p.core.labels,
-        matched = p.core.matched,
-        expired = p.core.expired,
-        orphans = p.core.orphans,
-        late_predictions = p.core.late_predictions,
-        late_labels = p.core.late_labels,
-        pending = p.pending_predictions,
-        "stopped"
-    );
+    service.progress().log("stopped");
     // The API stops last: /metrics and /readyz stay up while the service drains.
     if let Some(api) = api {
         api.stop().await;

@@ -197,8 +197,16 @@ pub struct Service {
     p: Processing,
 }
 
-/// (low, high) watermark offsets per (topic, partition).
-type PartitionOffsets = std::collections::HashMap<(String, i32), (i64, i64)>;
+/// (low, high) watermark offsets per (topic, partition), with when they
+/// were fetched.
+type PartitionOffsets = std::collections::HashMap<(String, i32), (i64, i64, Instant)>;
+
+/// The lag probe fetches every [`PROBE_INTERVAL`]; offsets older than this
+/// (fetches failing, a broker not answering) say nothing about a backlog.
+const PROBE_FRESH: Duration = Duration::from_secs(15);
+
+/// How often the lag probe asks for the high watermarks.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// High watermarks of the assigned partitions, fetched every few seconds
 /// by a thread of its own: asking the broker blocks, so the service loop
@@ -212,6 +220,8 @@ struct LagProbe {
     changed: Arc<std::sync::atomic::AtomicBool>,
     /// Partitions of both input topics together (0 until known).
     input_partitions: Arc<AtomicU64>,
+    /// When the watched partition list last changed.
+    watched_since: Instant,
 }
 
 impl LagProbe {
@@ -222,6 +232,7 @@ impl LagProbe {
             stop: Arc::default(),
             changed: Arc::default(),
             input_partitions: Arc::default(),
+            watched_since: Instant::now(),
         };
         let topics = [
             cfg.predictions_topic.clone(),
@@ -264,11 +275,15 @@ impl LagProbe {
                                 consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1))
                             {
                                 if let Ok(mut h) = highs.lock() {
-                                    h.insert((topic, partition), offsets);
+                                    h.insert(
+                                        (topic, partition),
+                                        (offsets.0, offsets.1, Instant::now()),
+                                    );
                                 }
                             }
                         }
-                        for _ in 0..50 {
+                        let rounds = PROBE_INTERVAL.as_millis() / 100;
+                        for _ in 0..rounds {
                             if stop.load(Ordering::Relaxed)
                                 || changed.swap(false, Ordering::Relaxed)
                             {
@@ -290,21 +305,28 @@ impl LagProbe {
             .lock()
             .ok()?
             .get(&(topic.to_owned(), partition))
-            .map(|(_, high)| *high)
+            .map(|(_, high, _)| *high)
             .filter(|h| *h >= 0)
     }
 
-    /// The (low, high) watermark offsets of a partition, if fetched.
-    fn offsets(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
+    /// The (low, high) watermark offsets of a partition, if fetched within
+    /// [`PROBE_FRESH`].
+    fn fresh_offsets(&self, topic: &str, partition: i32) -> Option<(i64, i64)> {
         self.highs
             .lock()
             .ok()?
             .get(&(topic.to_owned(), partition))
-            .copied()
-            .filter(|(low, high)| *low >= 0 && *high >= 0)
+            .filter(|(low, high, at)| *low >= 0 && *high >= 0 && at.elapsed() < PROBE_FRESH)
+            .map(|(low, high, _)| (*low, *high))
     }
 
-    fn watch(&self, positions: &rdkafka::TopicPartitionList) {
+    /// Whether the watched partitions changed within [`PROBE_FRESH`]: the
+    /// probe may not have fetched the new ones yet.
+    fn recently_changed(&self) -> bool {
+        self.watched_since.elapsed() < PROBE_FRESH
+    }
+
+    fn watch(&mut self, positions: &rdkafka::TopicPartitionList) {
         let list: Vec<(String, i32)> = positions
             .elements()
             .iter()
@@ -314,6 +336,7 @@ impl LagProbe {
             if *p != list {
                 *p = list;
                 self.changed.store(true, Ordering::Relaxed);
+                self.watched_since = Instant::now();
             }
         }
     }
@@ -562,6 +585,8 @@ impl Service {
         let counters = self.p.counters.clone();
         let busy = self.busy_ms.clone();
         let readiness = self.telemetry.readiness.clone();
+        let went_idle = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let idle_flag = went_idle.clone();
         // The idle check reads shared counters: no borrow of `self` needed.
         // Time the service spends writing (flushes, checkpoints) is not idle
         // time: the input is not being read then.
@@ -600,11 +625,20 @@ impl Service {
                 }
             };
             tokio::select! {
-                _ = poll => {},
+                _ = poll => idle_flag.store(true, Ordering::Relaxed),
                 _ = shutdown => {},
             }
         };
         self.run_until(idle_or_shutdown).await?;
+        if went_idle.load(Ordering::Relaxed) {
+            // The input is over: the watermark follows the wall clock now,
+            // so unlabeled predictions and orphan labels past their horizon
+            // expire in this advance, not only if some flush happened to
+            // come between the watermark's idle timer and the idle check
+            // (a SIGTERM mid-replay expires nothing early).
+            self.p.core.end_input();
+            self.flush(now_ms(), false).await?;
+        }
         self.checkpoint_due = true;
         self.flush(now_ms(), true).await?;
         self.finish_notifications().await;
@@ -795,15 +829,27 @@ impl Service {
     /// (position behind the broker's high watermark, as last fetched by the
     /// lag probe): those hold the watermark back even while the broker
     /// serves other partitions, so a backlog replay makes nothing late.
+    ///
+    /// Only what the probe confirmed recently counts. A partition the
+    /// probe has no fresh offsets for is taken to have a backlog just after
+    /// an assignment (the probe has not fetched it yet; the restart of a
+    /// replay usually has one) and to have none otherwise (fetches failing:
+    /// plain idleness rules, a stale answer holds nothing open).
     fn update_backlog(&mut self) {
         let Ok(positions) = self.consumer.position() else {
             return;
         };
+        // A new assignment starts the probe's clock before it is judged.
+        self.lag.watch(&positions);
         for e in positions.elements() {
             if e.topic() != self.p.cfg.kafka.predictions_topic {
                 continue;
             }
-            let Some((low, high)) = self.lag.offsets(e.topic(), e.partition()) else {
+            let source = Source::predictions(e.partition());
+            let Some((low, high)) = self.lag.fresh_offsets(e.topic(), e.partition()) else {
+                if !self.lag.recently_changed() {
+                    self.p.core.set_backlog(source, false);
+                }
                 continue;
             };
             // Before the first message of a partition is delivered, the
@@ -814,9 +860,7 @@ impl Service {
             }
             .unwrap_or(low)
             .max(low);
-            self.p
-                .core
-                .set_backlog(Source::predictions(e.partition()), position < high);
+            self.p.core.set_backlog(source, position < high);
         }
     }
 
@@ -1279,8 +1323,11 @@ fn restore_state(store: &StateStore, cfg: &Config) -> Result<Option<(Core, Posit
         }
         Ok(())
     })?;
+    let stats = core.stats();
     tracing::info!(
         store = %store.path().display(),
+        predictions = stats.predictions,
+        labels = stats.labels,
         pending_predictions = core.pending_predictions() + cold.predictions,
         join_records = r.join_records,
         cold_requests = cold.requests,

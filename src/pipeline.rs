@@ -402,6 +402,13 @@ impl Core {
         self.watermark.set_backlog(source, backlog);
     }
 
+    /// The input is finished (see [`Watermark::end_input`]): the next
+    /// [`Core::advance`] moves the watermark to the wall clock minus the
+    /// allowed lateness, expiring and closing what that allows.
+    pub fn end_input(&mut self) {
+        self.watermark.end_input();
+    }
+
     /// The input partitions holding the watermark back at `wall_ms`.
     pub fn watermark_holders(&self, wall_ms: i64) -> Vec<Source> {
         self.watermark.holding(wall_ms)

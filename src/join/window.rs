@@ -121,6 +121,8 @@ pub struct Watermark {
     last_clock: usize,
     /// The highest watermark handed out: it never goes backwards.
     emitted: Option<i64>,
+    /// The caller declared the input finished ([`Watermark::end_input`]).
+    ended: bool,
 }
 
 impl Watermark {
@@ -135,6 +137,7 @@ impl Watermark {
             clocks: Vec::new(),
             last_clock: 0,
             emitted: None,
+            ended: false,
         }
     }
 
@@ -266,6 +269,15 @@ impl Watermark {
         }
     }
 
+    /// The caller has decided the input is finished (a replay run until
+    /// idle, about to exit): from now on every source is idle and the
+    /// watermark follows the wall clock, whatever backlog the caller
+    /// reported. Without it the last advance before an exit would depend
+    /// on which of two timers fired first.
+    pub fn end_input(&mut self) {
+        self.ended = true;
+    }
+
     /// The newest event time seen.
     pub fn max_event_ms(&self) -> Option<i64> {
         self.max_event_ms
@@ -279,6 +291,9 @@ impl Watermark {
     }
 
     fn source_idle(&self, c: &Clock, wall_ms: i64) -> bool {
+        if self.ended {
+            return true;
+        }
         let timeout = if c.backlog {
             (BACKLOG_IDLE_FACTOR * self.idle_timeout_ms).max(BACKLOG_IDLE_MIN_MS)
         } else {
@@ -339,8 +354,10 @@ impl Watermark {
 
     /// True when the input as a whole has been idle for the idle timeout.
     pub fn is_idle(&self, wall_ms: i64) -> bool {
-        self.last_input_wall_ms
-            .is_some_and(|last| wall_ms - last >= self.idle_timeout_ms)
+        self.ended
+            || self
+                .last_input_wall_ms
+                .is_some_and(|last| wall_ms - last >= self.idle_timeout_ms)
     }
 }
 
@@ -519,6 +536,24 @@ mod tests {
         // Only sources read now take a backlog.
         w.set_backlog(Source::predictions(7), true);
         assert_eq!(w.state().sources.len(), 2);
+    }
+
+    #[test]
+    fn an_ended_input_follows_the_wall_clock_whatever_the_backlog() {
+        let mut w = Watermark::new(1_000, 5_000);
+        w.observe(P0, 50_000, 0);
+        w.observe(P1, 10_000, 0);
+        w.set_backlog(P1, true);
+        // One second after the last input: partition 1 holds the watermark.
+        assert_eq!(w.current(1_000), Some(9_000));
+        assert!(!w.is_idle(1_000));
+        w.end_input();
+        // Declared over: every source is idle at once, the wall clock rules
+        // (and the event time, where it is ahead of the wall clock).
+        assert!(w.is_idle(1_000));
+        assert!(w.holding(1_000).is_empty());
+        assert_eq!(w.current(1_000), Some(49_000));
+        assert_eq!(w.current(80_000), Some(79_000));
     }
 
     #[test]

@@ -815,14 +815,15 @@ impl Drop for Running {
 /// How one crash-run process ends.
 #[derive(Debug, Clone)]
 enum Kill {
-    /// Once this process has checkpointed after consuming `consumed`
-    /// messages (its own, not counting those it skips), SIGKILL `then`
-    /// later: during ingest.
-    AfterConsumed { consumed: u64, then: Duration },
-    /// Once this process has checkpointed after consuming `consumed`
-    /// messages, SIGKILL on its next `checkpoint begin` line: in the middle
-    /// of a checkpoint.
-    InCheckpoint { consumed: u64 },
+    /// Once this process has written a checkpoint and the crash run as a
+    /// whole has read `at` messages of the input (what the restored
+    /// checkpoint holds plus what this process consumed since), SIGKILL
+    /// `then` later: during ingest.
+    AfterConsumed { at: u64, then: Duration },
+    /// Once this process has written a checkpoint and the crash run has
+    /// read `at` messages, SIGKILL on the next `checkpoint begin` line: in
+    /// the middle of a checkpoint.
+    InCheckpoint { at: u64 },
     /// SIGKILL in the middle of a ClickHouse write of at least `rows`
     /// window rows: windows closed by the watermark in the middle of the
     /// replay, or all the rest once the input is idle and the watermark
@@ -832,6 +833,37 @@ enum Kill {
 
 /// Longest a crash-run process may take to reach its kill point.
 const KILL_POINT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Reads log lines until this process has written a checkpoint and the
+/// crash run has read `at` input messages: the predictions and labels of
+/// the checkpoint it restored (its `state restored` line) plus what it
+/// consumed since (every flush logs that). Kill points set this way lie
+/// inside the input however much each process reads past its own: a plan
+/// of per-process counts ran out of input on a slow machine, and a restart
+/// holding all of it never reached its kill point.
+fn wait_input_read(r: &mut Running, at: u64) {
+    let deadline = r.started + KILL_POINT_TIMEOUT;
+    let mut restored = 0;
+    let mut checkpointed = false;
+    let mut read = 0;
+    while let Some(line) = r.next_line(deadline) {
+        if line.contains("state restored from the last checkpoint") {
+            restored = field_value(&line, "predictions").unwrap_or(0)
+                + field_value(&line, "labels").unwrap_or(0);
+        }
+        checkpointed |= line.contains("checkpoint written");
+        if let Some(consumed) = field_value(&line, "consumed") {
+            read = restored + consumed;
+        }
+        if checkpointed && read >= at {
+            return;
+        }
+    }
+    panic!(
+        "no checkpoint with {at} input messages read within {KILL_POINT_TIMEOUT:?} (read {read}, checkpointed: {checkpointed}):\n{}",
+        r.tail(100)
+    );
+}
 
 /// Reads log lines until one containing `pattern` says this process has
 /// consumed `consumed` messages (the service logs it at every flush, and in
@@ -888,10 +920,10 @@ fn assert_nothing_late(log: &str, what: &str) {
 fn run_until_killed(instance: &Instance, attempt: usize, kill: &Kill) -> String {
     let mut r = instance.spawn(false, attempt);
     let what = match kill {
-        Kill::AfterConsumed { consumed, then } => {
+        Kill::AfterConsumed { at, then } => {
             // A checkpoint first: every restart must have state to restore
             // (a process killed a second after its start may have none).
-            wait_consumed(&mut r, "checkpoint written", *consumed, KILL_POINT_TIMEOUT);
+            wait_input_read(&mut r, *at);
             let deadline = Instant::now() + *then;
             while Instant::now() < deadline {
                 r.next_line(deadline);
@@ -900,10 +932,8 @@ fn run_until_killed(instance: &Instance, attempt: usize, kill: &Kill) -> String 
             let _ = r.child.kill();
             format!("killed at {:.2} s", r.started.elapsed().as_secs_f64())
         }
-        Kill::InCheckpoint { consumed } => {
-            // A checkpoint first: every restart must have state to restore
-            // (a process killed a second after its start may have none).
-            wait_consumed(&mut r, "checkpoint written", *consumed, KILL_POINT_TIMEOUT);
+        Kill::InCheckpoint { at } => {
+            wait_input_read(&mut r, *at);
             let line = kill_on_line(&mut r, "checkpoint begin", |_| true);
             format!(
                 "killed at {:.2} s on: {line}",
@@ -1337,28 +1367,38 @@ fn crash_settings() -> (usize, u64) {
 /// after that); then one more in the middle of writing the windows the
 /// idle watermark closes. Every kill comes after progress, so every
 /// restart restores a real state.
-fn kill_plan(rng: &mut StdRng, kills: usize) -> Vec<Kill> {
+fn kill_plan(rng: &mut StdRng, kills: usize, input: u64) -> Vec<Kill> {
     let mut plan: Vec<Kill> = (0..kills)
-        .map(|i| {
-            let consumed = rng.gen_range(1_000..8_000);
-            match i % 4 {
-                3 => Kill::InWindowWrite { rows: 1_000 },
-                0 => Kill::AfterConsumed {
-                    consumed,
-                    then: Duration::ZERO,
-                },
-                1 => Kill::AfterConsumed {
-                    consumed,
-                    then: Duration::from_secs_f64(rng.gen_range(0.0..2.0)),
-                },
-                _ => Kill::InCheckpoint { consumed },
-            }
+        .map(|i| match i % 4 {
+            3 => Kill::InWindowWrite { rows: 1_000 },
+            0 => Kill::AfterConsumed {
+                at: 0,
+                then: Duration::ZERO,
+            },
+            1 => Kill::AfterConsumed {
+                at: 0,
+                then: Duration::from_secs_f64(rng.gen_range(0.0..2.0)),
+            },
+            _ => Kill::InCheckpoint { at: 0 },
         })
         .collect();
     // Fisher-Yates with the seeded generator.
     for i in (1..plan.len()).rev() {
         let j = rng.gen_range(0..=i);
         plan.swap(i, j);
+    }
+    // Ingest and checkpoint kills at increasing points of the input, up to
+    // 80 % of it: whatever a process reads past its kill point, the input
+    // is not over before the last kill (which needs the close at idle).
+    let mut points: Vec<u64> = (0..plan.len())
+        .map(|_| rng.gen_range(input / 20..input * 4 / 5))
+        .collect();
+    points.sort_unstable();
+    for (kill, point) in plan.iter_mut().zip(points) {
+        match kill {
+            Kill::AfterConsumed { at, .. } | Kill::InCheckpoint { at } => *at = point,
+            Kill::InWindowWrite { .. } => {}
+        }
     }
     if kills > 0 {
         // The biggest writes: the close at idle (or a burst of windows).
@@ -1451,7 +1491,7 @@ fn killed_and_restarted_run_equals_an_uninterrupted_run() {
     let mut crash = Instance::new("crash", &brokers, &dir_path, LATENESS);
     crash.group_per_run = true;
     runtime.block_on(crash.import_references(&d.reference));
-    let plan = kill_plan(&mut rng, kills);
+    let plan = kill_plan(&mut rng, kills, d.messages.len() as u64);
     let started = Instant::now();
     for (i, kill) in plan.iter().enumerate() {
         let what = run_until_killed(&crash, i, kill);

@@ -194,6 +194,11 @@ pub struct Service {
     last_checkpoint_cost: Duration,
     /// The next flush that writes everything also checkpoints (shutdown).
     checkpoint_due: bool,
+    /// A group rebalance took partitions away and has not assigned any
+    /// since: the time up to here is not idle time.
+    rebalancing_since: Option<Instant>,
+    /// When that rebalance began (bounds the pause).
+    rebalance_started: Option<Instant>,
     p: Processing,
 }
 
@@ -204,6 +209,10 @@ type PartitionOffsets = std::collections::HashMap<(String, i32), (i64, i64, Inst
 /// The lag probe fetches every [`PROBE_INTERVAL`]; offsets older than this
 /// (fetches failing, a broker not answering) say nothing about a backlog.
 const PROBE_FRESH: Duration = Duration::from_secs(15);
+
+/// The longest a rebalance pauses the idle timeout (see
+/// `Service::apply_assignment`).
+const REBALANCE_PAUSE_MAX: Duration = Duration::from_secs(300);
 
 /// How often the lag probe asks for the high watermarks.
 const PROBE_INTERVAL: Duration = Duration::from_secs(5);
@@ -435,6 +444,8 @@ impl Service {
             last_checkpoint: Instant::now(),
             last_checkpoint_cost: Duration::ZERO,
             checkpoint_due: false,
+            rebalancing_since: None,
+            rebalance_started: None,
             p: Processing {
                 decoder: Decoder::new(cfg.kafka.format),
                 core,
@@ -820,8 +831,43 @@ impl Service {
     /// Hands the partition assignment changes librdkafka reported to the
     /// core's watermark. A revoked partition is checkpointed at the next
     /// flush (the positions committed then are where its next owner starts).
+    ///
+    /// The time between a revocation and the next assignment (a group
+    /// rebalance: a member joining or leaving) does not count towards the
+    /// idle timeout, like time spent writing: the input is silent because
+    /// the group is rebalancing, not because the stream went quiet. Taken
+    /// for quiet, it let the watermark jump to the wall clock in a replay
+    /// and expire predictions whose labels sat in partitions on their way
+    /// back (the rebalance test, CI). At most [`REBALANCE_PAUSE_MAX`].
     fn apply_assignment(&mut self) {
         let changes = self.consumer.context().take_changes();
+        let now = Instant::now();
+        if let Some(since) = self.rebalancing_since {
+            let ms = now.duration_since(since).as_millis() as u64;
+            self.p.core.pause_idle(ms as i64);
+            self.busy_ms.fetch_add(ms, Ordering::Relaxed);
+            self.rebalancing_since = Some(now);
+        }
+        match changes.last() {
+            Some(Assignment::Revoked(_)) => {
+                self.rebalancing_since.get_or_insert(now);
+                self.rebalance_started.get_or_insert(now);
+            }
+            Some(Assignment::Assigned(_)) => {
+                self.rebalancing_since = None;
+                self.rebalance_started = None;
+            }
+            None => {}
+        }
+        if self
+            .rebalance_started
+            .is_some_and(|t| t.elapsed() >= REBALANCE_PAUSE_MAX)
+        {
+            // Revoked and never assigned again (a cooperative rebalance that
+            // only took partitions away): the rest is idle time again.
+            self.rebalancing_since = None;
+            self.rebalance_started = None;
+        }
         self.checkpoint_due |= self.p.apply_assignment(changes);
     }
 

@@ -194,11 +194,12 @@ pub struct Service {
     last_checkpoint_cost: Duration,
     /// The next flush that writes everything also checkpoints (shutdown).
     checkpoint_due: bool,
-    /// A group rebalance took partitions away and has not assigned any
-    /// since: the time up to here is not idle time.
-    rebalancing_since: Option<Instant>,
-    /// When that rebalance began (bounds the pause).
+    /// A group rebalance took partitions away (at this time) and has not
+    /// assigned any since: see [`Service::apply_assignment`].
     rebalance_started: Option<Instant>,
+    /// When the last flush ended: the time since is the gap a rebalance
+    /// in progress keeps from counting as idle.
+    last_flush_end: Instant,
     p: Processing,
 }
 
@@ -444,8 +445,8 @@ impl Service {
             last_checkpoint: Instant::now(),
             last_checkpoint_cost: Duration::ZERO,
             checkpoint_due: false,
-            rebalancing_since: None,
             rebalance_started: None,
+            last_flush_end: Instant::now(),
             p: Processing {
                 decoder: Decoder::new(cfg.kafka.format),
                 core,
@@ -686,13 +687,15 @@ impl Service {
     /// writes everything pending; commits offsets when it all succeeded.
     pub async fn flush(&mut self, wall_ms: i64, close_all: bool) -> Result<()> {
         let started = Instant::now();
+        if self.rebalance_started.is_some() {
+            // The group rebalanced since the last flush: no input, and not
+            // because the stream went quiet.
+            self.not_idle(started.duration_since(self.last_flush_end));
+        }
         let result = self.flush_inner(wall_ms, close_all).await;
         // Input waits while the service writes: not idle time.
-        self.p.core.pause_idle(started.elapsed().as_millis() as i64);
-        self.busy_ms.fetch_add(
-            started.elapsed().as_millis() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.not_idle(started.elapsed());
+        self.last_flush_end = Instant::now();
         tracing::debug!(
             consumed = self.p.counters.consumed(),
             seconds = started.elapsed().as_secs_f64(),
@@ -701,9 +704,24 @@ impl Service {
         result
     }
 
+    /// Time in which the service read no input for reasons of its own
+    /// (writing, a group rebalance): it does not count towards the idle
+    /// timeout, neither the watermark's nor `run_until_idle`'s.
+    fn not_idle(&mut self, d: Duration) {
+        let ms = d.as_millis() as u64;
+        self.p.core.pause_idle(ms as i64);
+        self.busy_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
     async fn flush_inner(&mut self, wall_ms: i64, close_all: bool) -> Result<()> {
         self.apply_assignment();
-        self.update_backlog();
+        // Read once per flush: for the backlog, the lag probe and the report.
+        let positions = self.consumer.position().ok();
+        if let Some(positions) = &positions {
+            // A new assignment starts the probe's clock before it is judged.
+            self.lag.watch(positions);
+            self.update_backlog(positions);
+        }
         if !close_all {
             self.p.load_expiring(wall_ms)?;
         }
@@ -716,7 +734,11 @@ impl Service {
         let written = self.write_pending().await;
         // Telemetry of this flush, whether or not the write went through.
         let closed = std::mem::take(&mut self.p.pending.closed_ends);
-        let report = self.flush_report(wall_ms, if written.is_ok() { &closed } else { &[] });
+        let report = self.flush_report(
+            positions.as_ref(),
+            wall_ms,
+            if written.is_ok() { &closed } else { &[] },
+        );
         if written.is_err() {
             self.p.pending.closed_ends = closed;
         }
@@ -834,29 +856,19 @@ impl Service {
     ///
     /// The time between a revocation and the next assignment (a group
     /// rebalance: a member joining or leaving) does not count towards the
-    /// idle timeout, like time spent writing: the input is silent because
-    /// the group is rebalancing, not because the stream went quiet. Taken
-    /// for quiet, it let the watermark jump to the wall clock in a replay
-    /// and expire predictions whose labels sat in partitions on their way
-    /// back (the rebalance test, CI). At most [`REBALANCE_PAUSE_MAX`].
+    /// idle timeout, like time spent writing ([`Service::flush`]): the
+    /// input is silent because the group is rebalancing, not because the
+    /// stream went quiet. Taken for quiet, it let the watermark jump to the
+    /// wall clock in a replay and expire predictions whose labels sat in
+    /// partitions on their way back (the rebalance test, CI). At most
+    /// [`REBALANCE_PAUSE_MAX`].
     fn apply_assignment(&mut self) {
         let changes = self.consumer.context().take_changes();
-        let now = Instant::now();
-        if let Some(since) = self.rebalancing_since {
-            let ms = now.duration_since(since).as_millis() as u64;
-            self.p.core.pause_idle(ms as i64);
-            self.busy_ms.fetch_add(ms, Ordering::Relaxed);
-            self.rebalancing_since = Some(now);
-        }
         match changes.last() {
             Some(Assignment::Revoked(_)) => {
-                self.rebalancing_since.get_or_insert(now);
-                self.rebalance_started.get_or_insert(now);
+                self.rebalance_started.get_or_insert_with(Instant::now);
             }
-            Some(Assignment::Assigned(_)) => {
-                self.rebalancing_since = None;
-                self.rebalance_started = None;
-            }
+            Some(Assignment::Assigned(_)) => self.rebalance_started = None,
             None => {}
         }
         if self
@@ -865,7 +877,6 @@ impl Service {
         {
             // Revoked and never assigned again (a cooperative rebalance that
             // only took partitions away): the rest is idle time again.
-            self.rebalancing_since = None;
             self.rebalance_started = None;
         }
         self.checkpoint_due |= self.p.apply_assignment(changes);
@@ -881,12 +892,7 @@ impl Service {
     /// an assignment (the probe has not fetched it yet; the restart of a
     /// replay usually has one) and to have none otherwise (fetches failing:
     /// plain idleness rules, a stale answer holds nothing open).
-    fn update_backlog(&mut self) {
-        let Ok(positions) = self.consumer.position() else {
-            return;
-        };
-        // A new assignment starts the probe's clock before it is judged.
-        self.lag.watch(&positions);
+    fn update_backlog(&mut self, positions: &rdkafka::TopicPartitionList) {
         for e in positions.elements() {
             if e.topic() != self.p.cfg.kafka.predictions_topic {
                 continue;
@@ -913,10 +919,15 @@ impl Service {
     /// What this flush saw, for telemetry: core counters, join state size,
     /// watermark delay, window-close latencies, consumer lag; also updates
     /// readiness (partitions assigned, Kafka answering).
-    fn flush_report(&mut self, wall_ms: i64, closed_ends: &[i64]) -> FlushReport {
+    fn flush_report(
+        &mut self,
+        positions: Option<&rdkafka::TopicPartitionList>,
+        wall_ms: i64,
+        closed_ends: &[i64],
+    ) -> FlushReport {
         let mut lag = Vec::new();
         let mut assigned = 0u64;
-        if let Ok(positions) = self.consumer.position() {
+        if let Some(positions) = positions {
             for e in positions.elements() {
                 assigned += 1;
                 let position = match e.offset() {
@@ -931,7 +942,6 @@ impl Service {
                     ));
                 }
             }
-            self.lag.watch(&positions);
         }
         let r = &self.telemetry.readiness;
         r.partitions_assigned.store(assigned, Ordering::Relaxed);

@@ -380,6 +380,12 @@ struct Processing {
     /// read after each checkpoint.
     reader: Option<JoinReader>,
     positions: Positions,
+    /// Partitions to seek back to an offset before the next message
+    /// ([`Step::Rewind`]).
+    rewinds: Vec<(String, i32, i64)>,
+    /// Assignment changes applied here, for the service's rebalance
+    /// bookkeeping ([`Service::apply_assignment`]).
+    applied_changes: Vec<Assignment>,
     pending: Pending,
     counters: Arc<Counters>,
 }
@@ -454,6 +460,8 @@ impl Service {
                 store,
                 reader: None,
                 positions,
+                rewinds: Vec::new(),
+                applied_changes: Vec::new(),
                 pending: Pending::default(),
                 counters: telemetry.counters.clone(),
                 cfg,
@@ -545,18 +553,14 @@ impl Service {
                 }
                 m = self.consumer.recv() => match m {
                     Ok(msg) => {
-                        // The assignment first: the watermark must know
-                        // every partition before the first message counts.
-                        let changes = rdkafka::consumer::Consumer::context(&self.consumer).take_changes();
-                        self.checkpoint_due |= self.p.apply_assignment(changes);
                         let now = now_ms();
-                        self.p.handle(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.payload(), now);
+                        consume(&self.consumer, &mut self.p, &msg, now);
                         drop(msg);
                         // Drain what is already buffered without going back
                         // through the select (bounded, so flushes stay timely).
                         for _ in 0..MAX_DRAIN {
                             match self.consumer.recv().now_or_never() {
-                                Some(Ok(m)) => self.p.handle(m.topic(), m.partition(), m.offset(), m.key(), m.payload(), now),
+                                Some(Ok(m)) => consume(&self.consumer, &mut self.p, &m, now),
                                 Some(Err(e)) => { self.log_consumer_error(&e); break; }
                                 None => break,
                             }
@@ -610,7 +614,9 @@ impl Service {
             let poll = async {
                 loop {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    let seen = counters.consumed() + Counters::get(&counters.redelivered_total);
+                    let seen = counters.consumed()
+                        + Counters::get(&counters.redelivered_total)
+                        + Counters::get(&counters.input_rewinds_total);
                     let busy_now = busy.load(Ordering::Relaxed);
                     let waited = last_poll
                         .elapsed()
@@ -864,6 +870,8 @@ impl Service {
     /// [`REBALANCE_PAUSE_MAX`].
     fn apply_assignment(&mut self) {
         let changes = self.consumer.context().take_changes();
+        self.p.apply_assignment(changes);
+        let changes = std::mem::take(&mut self.p.applied_changes);
         match changes.last() {
             Some(Assignment::Revoked(_)) => {
                 self.rebalance_started.get_or_insert_with(Instant::now);
@@ -879,7 +887,11 @@ impl Service {
             // only took partitions away): the rest is idle time again.
             self.rebalance_started = None;
         }
-        self.checkpoint_due |= self.p.apply_assignment(changes);
+        // A revoked partition: a checkpoint is due (the positions committed
+        // with it are where the partition's next owner starts).
+        self.checkpoint_due |= changes
+            .iter()
+            .any(|c| matches!(c, Assignment::Revoked(_)));
     }
 
     /// Tells the core which prediction partitions have unread messages
@@ -1013,13 +1025,23 @@ impl Processing {
                 }
                 return;
             }
-            Step::Gap(n) => tracing::debug!(
-                topic,
-                partition,
-                offset,
-                missing = n,
-                "offsets skipped by Kafka (compaction, transaction markers, or a group commit past this state)"
-            ),
+            Step::Rewind(to) => {
+                // Not applied: the partition is read again from `to`.
+                Counters::add(&self.counters.input_rewinds_total, 1);
+                self.rewinds.push((topic.to_string(), partition, to));
+                return;
+            }
+            Step::Gap(n) => {
+                Counters::add(&self.counters.input_offset_gaps_total, 1);
+                Counters::add(&self.counters.input_offsets_missing_total, n as u64);
+                tracing::warn!(
+                    topic,
+                    partition,
+                    offset,
+                    missing = n,
+                    "offsets missing from the input (compaction, transaction markers, or deleted by retention before they were read)"
+                );
+            }
         }
         let kind = if topic == self.cfg.kafka.predictions_topic {
             Counters::add(&self.counters.predictions_consumed_total, 1);
@@ -1069,13 +1091,11 @@ impl Processing {
 }
 
 impl Processing {
-    /// Hands partition assignment changes to the core's watermark; says
-    /// whether a partition was revoked (a checkpoint is then due: the
-    /// positions committed with it are where the partition's next owner
-    /// starts).
-    fn apply_assignment(&mut self, changes: Vec<Assignment>) -> bool {
-        let mut revoked = false;
-        for change in changes {
+    /// Hands partition assignment changes to the core's watermark and the
+    /// positions (an assigned partition starts a new fetch, checked against
+    /// its position); keeps them for the service's bookkeeping.
+    fn apply_assignment(&mut self, changes: Vec<Assignment>) {
+        for change in &changes {
             let predictions = &self.cfg.kafka.predictions_topic;
             let sources = |list: &[(String, i32)]| -> Vec<Source> {
                 list.iter()
@@ -1089,14 +1109,16 @@ impl Processing {
                     .collect()
             };
             match change {
-                Assignment::Assigned(list) => self.core.assign_sources(sources(&list)),
-                Assignment::Revoked(list) => {
-                    self.core.revoke_sources(&sources(&list));
-                    revoked = true;
+                Assignment::Assigned(list) => {
+                    for (t, p) in list {
+                        self.positions.reassigned(t, *p);
+                    }
+                    self.core.assign_sources(sources(list))
                 }
+                Assignment::Revoked(list) => self.core.revoke_sources(&sources(list)),
             }
         }
-        revoked
+        self.applied_changes.extend(changes);
     }
 
     /// The read snapshot of the store since the last checkpoint.
@@ -1282,6 +1304,61 @@ impl Service {
             p.letters.clear();
         }
         Ok(())
+    }
+}
+
+/// Processes one consumed message: assignment changes first (the watermark
+/// must know every partition, and the positions which partitions start a
+/// new fetch, before the message counts; the service's own bookkeeping of
+/// them follows in [`Service::apply_assignment`]), then the message, then
+/// the seek back the positions may ask for ([`crate::ingest::offsets`]: the
+/// resume invariant).
+fn consume(
+    consumer: &InputConsumer,
+    p: &mut Processing,
+    msg: &rdkafka::message::BorrowedMessage<'_>,
+    now: i64,
+) {
+    let changes = consumer.context().take_changes();
+    if !changes.is_empty() {
+        p.apply_assignment(changes);
+    }
+    p.handle(
+        msg.topic(),
+        msg.partition(),
+        msg.offset(),
+        msg.key(),
+        msg.payload(),
+        now,
+    );
+    if !p.rewinds.is_empty() {
+        rewind(consumer, p);
+    }
+}
+
+/// Seeks partitions back that resumed past their position: the messages
+/// fetched before the seek are discarded by librdkafka, the ones after it
+/// are checked again by the positions.
+fn rewind(consumer: &InputConsumer, p: &mut Processing) {
+    for (topic, partition, to) in std::mem::take(&mut p.rewinds) {
+        let position = p.positions.get(&topic, partition);
+        tracing::warn!(
+            topic = %topic,
+            partition,
+            position,
+            seek_to = to,
+            "the broker resumed a partition past the state's position (a fetch inside a record batch answered with the next batch): reading it again from further back"
+        );
+        if let Err(e) = consumer.seek(
+            &topic,
+            partition,
+            rdkafka::Offset::Offset(to),
+            Duration::from_secs(5),
+        ) {
+            // The next message of the partition is checked again and asks
+            // for a rewind from further back (bounded).
+            tracing::warn!(topic = %topic, partition, error = %e, "cannot seek a partition back");
+        }
     }
 }
 

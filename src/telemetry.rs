@@ -125,6 +125,13 @@ pub struct Counters {
     pub join_loaded_total: AtomicU64,
     /// Messages skipped because the state already held them (redeliveries).
     pub redelivered_total: AtomicU64,
+    /// Partitions sought back because the broker resumed them past the
+    /// state's position ([`crate::ingest::offsets::Step::Rewind`]).
+    pub input_rewinds_total: AtomicU64,
+    /// Gaps in an input partition's offsets that reading again did not fill.
+    pub input_offset_gaps_total: AtomicU64,
+    /// Offsets missing in those gaps.
+    pub input_offsets_missing_total: AtomicU64,
 }
 
 impl Counters {
@@ -691,6 +698,24 @@ impl Collector for SnapshotCollector {
             "redelivered_messages",
             "Messages skipped because the restored state already held them",
             Counters::get(&c.redelivered_total),
+        )?;
+        counter(
+            &mut enc,
+            "input_rewinds",
+            "Input partitions read again from further back because the broker resumed them past the state's position",
+            Counters::get(&c.input_rewinds_total),
+        )?;
+        counter(
+            &mut enc,
+            "input_offset_gaps",
+            "Gaps in an input partition's offsets that reading again did not fill (compaction, transaction markers, retention)",
+            Counters::get(&c.input_offset_gaps_total),
+        )?;
+        counter(
+            &mut enc,
+            "input_offsets_missing",
+            "Offsets missing in input_offset_gaps",
+            Counters::get(&c.input_offsets_missing_total),
         )?;
         counter(
             &mut enc,

@@ -433,7 +433,7 @@ pub(crate) async fn produce_messages(brokers: &str, messages: &[Message]) {
 }
 
 /// End offsets of `topic`'s partitions.
-fn end_offsets(brokers: &str, topic: &str) -> Vec<i64> {
+pub(crate) fn end_offsets(brokers: &str, topic: &str) -> Vec<i64> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
@@ -448,7 +448,7 @@ fn end_offsets(brokers: &str, topic: &str) -> Vec<i64> {
 }
 
 /// The offsets `group` committed on `topic` (0 where none).
-fn committed(brokers: &str, group: &str, topic: &str) -> Vec<i64> {
+pub(crate) fn committed(brokers: &str, group: &str, topic: &str) -> Vec<i64> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -477,7 +477,7 @@ pub(crate) struct Instance {
     name: &'static str,
     pub(crate) config_file: PathBuf,
     pub(crate) env: Vec<(String, String)>,
-    database: String,
+    pub(crate) database: String,
     pub(crate) group: String,
     /// Each run joins a consumer group of its own (`<group>-<attempt>`).
     /// Seen against tansu 0.6: a process that restarts after a SIGKILL in
@@ -503,12 +503,24 @@ label_reference_size = 100000000
 
 impl Instance {
     pub(crate) fn new(name: &'static str, brokers: &str, dir: &Path, lateness: &str) -> Instance {
+        Self::with_config(name, brokers, dir, lateness, CONFIG_TOML)
+    }
+
+    /// An instance whose configuration file holds `toml` (the environment
+    /// sets the rest, as in [`Instance::new`]).
+    pub(crate) fn with_config(
+        name: &'static str,
+        brokers: &str,
+        dir: &Path,
+        lateness: &str,
+        toml: &str,
+    ) -> Instance {
         let database = unique_database(&format!("mw_crash_{name}"));
         let group = format!("{database}-group");
         let root = dir.join(name);
         std::fs::create_dir_all(&root).expect("instance dir");
         let config_file = root.join("modelwatch.toml");
-        std::fs::write(&config_file, CONFIG_TOML).expect("write config");
+        std::fs::write(&config_file, toml).expect("write config");
         let state = root.join("state");
         let env: Vec<(String, String)> = [
             ("MODELWATCH_KAFKA__BROKERS", brokers.to_string()),
@@ -543,6 +555,12 @@ impl Instance {
             group_per_run: false,
             logs: root,
         }
+    }
+
+    /// Sets (or replaces) one environment variable of every run.
+    pub(crate) fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     /// The configuration the binary loads (same file, same environment).
@@ -638,7 +656,7 @@ impl Instance {
 }
 
 /// Removes ANSI escape sequences (colored log output).
-fn strip_ansi(s: &str) -> String {
+pub(crate) fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -671,13 +689,13 @@ pub(crate) struct Running {
 }
 
 impl Running {
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
 
     /// The last `n` log lines (for failure messages; the whole log is in
     /// the instance's directory).
-    fn tail(&self, n: usize) -> String {
+    pub(crate) fn tail(&self, n: usize) -> String {
         let lines = self.lines.lock().unwrap();
         let from = lines.len().saturating_sub(n);
         format!(
@@ -690,7 +708,7 @@ impl Running {
     }
 
     /// Reaps the child, collects the rest of its log, writes it to its file.
-    fn finish(&mut self) -> (ExitStatus, String) {
+    pub(crate) fn finish(&mut self) -> (ExitStatus, String) {
         let status = self.child.wait().expect("wait for modelwatch");
         for r in self.readers.drain(..) {
             let _ = r.join();
@@ -704,7 +722,7 @@ impl Running {
     }
 
     /// SIGKILL (`Child::kill`), then reap.
-    fn kill(&mut self) -> String {
+    pub(crate) fn kill(&mut self) -> String {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
         }
@@ -775,7 +793,7 @@ impl Running {
 
     /// Waits for the next log line until `deadline`; `None` at the deadline
     /// (or when the child closed its output).
-    fn next_line(&self, deadline: Instant) -> Option<String> {
+    pub(crate) fn next_line(&self, deadline: Instant) -> Option<String> {
         let left = deadline.saturating_duration_since(Instant::now());
         match self.rx.recv_timeout(left) {
             Ok(l) => Some(l),
@@ -788,7 +806,7 @@ impl Running {
     }
 
     /// Panics with the log when the child exited (it should be running).
-    fn assert_running(&mut self) {
+    pub(crate) fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!(
                 "{} exited early ({status}):\n{}",
@@ -902,7 +920,7 @@ fn kill_on_line(r: &mut Running, pattern: &str, ok: impl Fn(&str) -> bool) -> St
 
 /// Asserts that the `stopped` line of a process's log reports no late
 /// prediction or label: each was counted in its window.
-fn assert_nothing_late(log: &str, what: &str) {
+pub(crate) fn assert_nothing_late(log: &str, what: &str) {
     let stopped = log
         .lines()
         .find(|l| l.contains(" stopped "))
@@ -998,7 +1016,7 @@ pub(crate) async fn read_metrics(sink: &ClickHouseSink) -> BTreeMap<MetricKey, M
 /// The compared columns of `alerts` (not `fired_at`: wall clock; not
 /// `message`: prose around the same values).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, clickhouse::Row)]
-struct AlertRow {
+pub(crate) struct AlertRow {
     alert_id: String,
     rule: String,
     status: String,
@@ -1017,9 +1035,9 @@ struct AlertRow {
 }
 
 /// (alert id, status, model, window start ms).
-type AlertKey = (String, String, String, i64);
+pub(crate) type AlertKey = (String, String, String, i64);
 
-async fn read_alerts(sink: &ClickHouseSink) -> BTreeMap<AlertKey, AlertRow> {
+pub(crate) async fn read_alerts(sink: &ClickHouseSink) -> BTreeMap<AlertKey, AlertRow> {
     let rows: Vec<AlertRow> = sink
         .client()
         .query("SELECT ?fields FROM alerts FINAL")
@@ -1170,7 +1188,7 @@ pub(crate) fn compare_metrics(
     d
 }
 
-fn compare_alerts(want: &BTreeMap<AlertKey, AlertRow>, got: &BTreeMap<AlertKey, AlertRow>) -> Diff {
+pub(crate) fn compare_alerts(want: &BTreeMap<AlertKey, AlertRow>, got: &BTreeMap<AlertKey, AlertRow>) -> Diff {
     let mut d = Diff::default();
     for (k, w) in want {
         let Some(g) = got.get(k) else {

@@ -23,6 +23,7 @@ mod budget;
 mod clickhouse;
 mod crash;
 mod e2e;
+mod live_crash;
 mod pipeline;
 mod rebalance;
 mod state;

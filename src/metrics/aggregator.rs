@@ -40,7 +40,7 @@ use crate::metrics::{
     DataAccumulator, DriftConfig, FeatureHistogram, MetricValue, OutcomeAccumulator,
     ReferenceBuilder, ReferenceProfile, Resolved, Task,
 };
-use crate::model::{PredictionEvent, PredictionOutcome};
+use crate::model::{Label, PredictionEvent, PredictionOutcome};
 
 /// The name that absorbs values beyond a cardinality cap.
 pub const OTHER: &str = "__other__";
@@ -186,9 +186,11 @@ struct VersionState {
     first_seen_ms: i64,
     last_seen_ms: i64,
     dirty: bool,
-    /// ADWIN / Page-Hinkley on the version's errors, in label arrival order.
+    /// ADWIN / Page-Hinkley on the version's errors, fed window by window
+    /// as windows become final, in a canonical order within each window.
     detectors: ErrorDetectors,
-    /// Collects the first labels into the label reference, until it exists.
+    /// Collects the labels of the first final windows (canonical order)
+    /// into the label reference, until it exists.
     label_builder: Option<LabelReferenceBuilder>,
     /// The label reference of label drift.
     label_profile: Option<Arc<LabelProfile>>,
@@ -207,6 +209,16 @@ struct Cell {
     /// Predictions of the window, kept when the data accumulator is freed at close.
     predictions: u64,
     outcome_written: Option<u64>,
+    /// The labeled predictions of the window (prediction time, error fed
+    /// to the change detectors or NaN, label), kept in the all-traffic cell
+    /// of the smallest window size until the window is final: then they
+    /// feed the version's detectors and label reference builder in a
+    /// canonical order ([`Aggregator::advance`]).
+    #[serde(default)]
+    labeled: Vec<(i64, f64, Arc<Label>)>,
+    /// The revision whose label drift rows were written.
+    #[serde(default)]
+    label_drift_written: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -561,6 +573,8 @@ impl Aggregator {
                     duplicates: 0,
                     predictions: 0,
                     outcome_written: None,
+                    labeled: Vec::new(),
+                    label_drift_written: None,
                 });
                 let same_profile = match (&cell.profile, &profile) {
                     (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -627,26 +641,19 @@ impl Aggregator {
                     self.stats.late_labels += 1;
                     return;
                 }
-                let st = &mut self.versions[payload.version as usize];
+                let st = &self.versions[payload.version as usize];
                 let Some(task) = st.task.as_ref() else {
                     return;
                 };
-                // The detectors see every evaluable label once, in arrival order.
-                let detected =
-                    outcome_error(task, &payload.outcome, &label).map(|e| st.detectors.update(e));
-                // Label drift: the first labels become the reference, later ones are compared.
+                // Order-independent: the detectors and the label reference
+                // builder are fed when the window is final, in a canonical
+                // order (see `Aggregator::feed_final`); until then the
+                // smallest window keeps what they need.
+                let error = outcome_error(task, &payload.outcome, &label);
                 let value = label_value(task, &label);
-                let label_profile = match (&st.label_profile, value) {
-                    (Some(p), Some(_)) => Some(p.clone()),
-                    (None, Some(v)) => {
-                        if let Some(p) = st.label_builder.as_mut().and_then(|b| b.observe(v)) {
-                            st.label_profile = Some(Arc::new(p));
-                            st.label_builder = None;
-                        }
-                        None
-                    }
-                    _ => None,
-                };
+                let keep = error.is_some() || (value.is_some() && st.label_builder.is_some());
+                let label_profile = st.label_profile.as_ref();
+                let smallest = self.cfg.window_sizes_ms.iter().copied().min();
                 let delay = label.timestamp - prediction_ts;
                 for &size in &self.cfg.window_sizes_ms {
                     let start = window_start(prediction_ts, size);
@@ -655,11 +662,15 @@ impl Aggregator {
                             if let Some(c) = w.cells.get_mut(&(payload.version, seg)) {
                                 c.outcome
                                     .observe_labeled(task, &payload.outcome, &label, delay);
-                                if let (0, Some((adwin, ph))) = (seg, detected) {
-                                    c.outcome.observe_detections(adwin, ph);
+                                if seg == 0 && keep && Some(size) == smallest {
+                                    c.labeled.push((
+                                        prediction_ts,
+                                        error.unwrap_or(f64::NAN),
+                                        label.clone(),
+                                    ));
                                 }
-                                if let (Some(p), Some(v)) = (&label_profile, value) {
-                                    c.outcome.observe_label(p, v);
+                                if let Some(v) = value {
+                                    c.outcome.observe_label_value(label_profile, v);
                                 }
                             }
                         }
@@ -729,7 +740,17 @@ impl Aggregator {
             .collect();
         keys.sort_unstable_by_key(|&(size, start)| (start + size, size));
         let mut metrics = Vec::new();
+        let smallest = self.cfg.window_sizes_ms.iter().copied().min();
         for key in keys {
+            let horizon = self.cfg.label_horizon_ms;
+            if Some(key.0) == smallest
+                && self
+                    .windows
+                    .get(&key)
+                    .is_some_and(|w| w.end() + horizon <= watermark)
+            {
+                self.feed_final(key);
+            }
             let Some(w) = self.windows.get_mut(&key) else {
                 continue;
             };
@@ -796,20 +817,31 @@ impl Aggregator {
                     );
                 }
                 let revision = cell.outcome.observations();
-                if cell.outcome_written != Some(revision) {
-                    cell.outcome_written = Some(revision);
-                    if let Some(task) = st.task.as_ref() {
-                        metrics.clear();
+                if let Some(task) = st.task.as_ref() {
+                    metrics.clear();
+                    if cell.outcome_written != Some(revision) {
+                        cell.outcome_written = Some(revision);
                         let predictions = if cell.data.count() > 0 {
                             cell.data.count()
                         } else {
                             cell.predictions
                         };
                         cell.outcome.finish(task, predictions, &mut metrics);
-                        cell.outcome
-                            .finish_label_drift(&self.cfg.drift, &mut metrics);
-                        out.rows.extend(metrics.drain(..).map(|m| row(m, revision)));
                     }
+                    // Label drift: all the window's labels on the version's
+                    // label reference, once it exists (also at a revision
+                    // that added no label: the reference may be new).
+                    if let Some(lp) = &st.label_profile {
+                        if cell.label_drift_written != Some(revision) && cell.outcome.bin_labels(lp) {
+                            cell.label_drift_written = Some(revision);
+                            cell.outcome
+                                .finish_label_drift(&self.cfg.drift, &mut metrics);
+                        }
+                    }
+                    if final_now && ck.1 == 0 {
+                        cell.outcome.finish_detections(&mut metrics);
+                    }
+                    out.rows.extend(metrics.drain(..).map(|m| row(m, revision)));
                 }
                 if closing_now {
                     // Drift state is final: keep only the count (for coverage)
@@ -838,6 +870,65 @@ impl Aggregator {
             }
             if final_now {
                 self.windows.remove(&key);
+            }
+        }
+    }
+
+    /// The window `key` (of the smallest size) is final: no label can
+    /// change it any more. Its labeled predictions feed each version's
+    /// change detectors and, until it is complete, its label reference
+    /// builder, sorted by prediction time, then error, then label: an
+    /// order that does not depend on how the consumer interleaved
+    /// partitions, so a replay after a crash (or another instance) computes
+    /// the same detections and the same label reference. Windows become
+    /// final in the order of their ends. Each detection counts in the
+    /// all-traffic cell of every window holding the prediction.
+    fn feed_final(&mut self, key: (i64, i64)) {
+        let Some(w) = self.windows.get_mut(&key) else {
+            return;
+        };
+        let mut batches: Vec<(u32, Vec<(i64, f64, Arc<Label>)>)> = w
+            .cells
+            .iter_mut()
+            .filter(|((_, seg), c)| *seg == 0 && !c.labeled.is_empty())
+            .map(|(&(v, _), c)| (v, std::mem::take(&mut c.labeled)))
+            .collect();
+        batches.sort_unstable_by_key(|(v, _)| *v);
+        for (v, mut labeled) in batches {
+            labeled.sort_by(|a, b| {
+                a.0.cmp(&b.0)
+                    .then(a.1.total_cmp(&b.1))
+                    .then_with(|| a.2.actual_label.cmp(&b.2.actual_label))
+                    .then_with(|| {
+                        let x = a.2.actual_value.unwrap_or(f64::NAN);
+                        x.total_cmp(&b.2.actual_value.unwrap_or(f64::NAN))
+                    })
+                    .then(a.2.timestamp.cmp(&b.2.timestamp))
+            });
+            let st = &mut self.versions[v as usize];
+            let Some(task) = st.task.clone() else {
+                continue;
+            };
+            for (ts, error, label) in &labeled {
+                if error.is_finite() {
+                    let (adwin, ph) = st.detectors.update(*error);
+                    for &size in &self.cfg.window_sizes_ms {
+                        if let Some(c) = self
+                            .windows
+                            .get_mut(&(size, window_start(*ts, size)))
+                            .and_then(|w| w.cells.get_mut(&(v, 0)))
+                        {
+                            c.outcome.observe_detections(adwin, ph);
+                        }
+                    }
+                }
+                if let (Some(b), Some(value)) = (st.label_builder.as_mut(), label_value(&task, label))
+                {
+                    if let Some(p) = b.observe(value) {
+                        st.label_profile = Some(Arc::new(p));
+                        st.label_builder = None;
+                    }
+                }
             }
         }
     }
@@ -1130,7 +1221,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::model::{Entries, FeatureValue, Label};
+    use crate::model::{Entries, FeatureValue};
 
     const MIN: i64 = 60_000;
 

@@ -448,9 +448,42 @@ pub struct OutcomeAccumulator {
     #[serde(with = "hdr")]
     delay: Histogram<u64>,
     detections: Detections,
-    /// Label drift histogram (from the first label seen after the version's
-    /// label reference exists).
+    /// Label drift histogram: the window's labels binned on the version's
+    /// label reference, once it exists.
     labels: Option<LabelHistogram>,
+    /// The window's labels that came while the version had no label
+    /// reference yet: binned once it exists ([`OutcomeAccumulator::bin_labels`]),
+    /// so a window's label drift covers all its labels whenever the
+    /// reference completed (order-independent; see `super::aggregator`).
+    #[serde(default)]
+    unbinned: UnbinnedLabels,
+}
+
+/// Label values kept until a label reference exists to bin them on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct UnbinnedLabels {
+    /// Classes (classification) and their counts.
+    classes: std::collections::BTreeMap<Box<str>, u64>,
+    /// Values (regression).
+    values: Vec<f64>,
+}
+
+impl UnbinnedLabels {
+    fn is_empty(&self) -> bool {
+        self.classes.is_empty() && self.values.is_empty()
+    }
+
+    fn push(&mut self, v: LabelValue<'_>) {
+        match v {
+            LabelValue::Class(c) => match self.classes.get_mut(c) {
+                Some(n) => *n += 1,
+                None => {
+                    self.classes.insert(c.into(), 1);
+                }
+            },
+            LabelValue::Value(x) => self.values.push(x),
+        }
+    }
 }
 
 impl Default for OutcomeAccumulator {
@@ -557,6 +590,7 @@ impl OutcomeAccumulator {
             delay: new_histogram(),
             detections: Detections::default(),
             labels: None,
+            unbinned: UnbinnedLabels::default(),
         }
     }
 
@@ -621,6 +655,56 @@ impl OutcomeAccumulator {
         }
     }
 
+    /// Adds one label to the window's label distribution: binned on the
+    /// version's label reference `profile` when there is one, else kept
+    /// until there is ([`OutcomeAccumulator::bin_labels`]).
+    pub fn observe_label_value(
+        &mut self,
+        profile: Option<&Arc<LabelProfile>>,
+        value: LabelValue<'_>,
+    ) {
+        match profile {
+            Some(p) => {
+                self.bin_labels(p);
+                self.observe_label(p, value);
+            }
+            None => self.unbinned.push(value),
+        }
+    }
+
+    /// Bins the labels kept while there was no label reference on `profile`
+    /// (the version's reference, now complete). Says whether the window has
+    /// label drift rows to write.
+    pub fn bin_labels(&mut self, profile: &Arc<LabelProfile>) -> bool {
+        if !self.unbinned.is_empty() {
+            let u = std::mem::take(&mut self.unbinned);
+            for (class, n) in &u.classes {
+                for _ in 0..*n {
+                    self.observe_label(profile, LabelValue::Class(class));
+                }
+            }
+            for &x in &u.values {
+                self.observe_label(profile, LabelValue::Value(x));
+            }
+        }
+        self.labels.is_some()
+    }
+
+    /// `adwin_drift` / `page_hinkley_drift`: detections of the change
+    /// detectors on errors of this window's predictions, when any were fed
+    /// (the aggregator feeds them when the window is final).
+    pub fn finish_detections(&self, out: &mut Vec<MetricValue>) {
+        let d = self.detections;
+        if d.inputs > 0 {
+            out.push(MetricValue::model("adwin_drift", d.adwin as f64, d.inputs));
+            out.push(MetricValue::model(
+                "page_hinkley_drift",
+                d.page_hinkley as f64,
+                d.inputs,
+            ));
+        }
+    }
+
     /// Label drift rows (`feature = '__label__'`), when the window has labels
     /// binned on a label reference.
     pub fn finish_label_drift(&self, cfg: &DriftConfig, out: &mut Vec<MetricValue>) {
@@ -661,6 +745,10 @@ impl OutcomeAccumulator {
             (None, Some(b)) => self.labels = Some(b.clone()),
             _ => {}
         }
+        for (class, n) in &other.unbinned.classes {
+            *self.unbinned.classes.entry(class.clone()).or_default() += n;
+        }
+        self.unbinned.values.extend_from_slice(&other.unbinned.values);
     }
 
     /// Labeled + expired predictions: grows with every change, used as the row revision.
@@ -669,9 +757,8 @@ impl OutcomeAccumulator {
     }
 
     /// Computes `label_count`, `unlabeled_count`, `label_coverage`
-    /// (labels / `prediction_count`), the task's performance metrics,
-    /// `adwin_drift` / `page_hinkley_drift` (detections on errors of this
-    /// window's predictions, when any were fed) and `label_delay_p50|p95` (ms).
+    /// (labels / `prediction_count`), the task's performance metrics and
+    /// `label_delay_p50|p95` (ms).
     pub fn finish(&self, task: &Task, prediction_count: u64, out: &mut Vec<MetricValue>) {
         out.push(MetricValue::model(
             "label_count",
@@ -696,15 +783,6 @@ impl OutcomeAccumulator {
             Task::Multiclass => self.multiclass.finish(out),
             Task::Regression => self.regression.finish(out),
         }
-        let d = self.detections;
-        if d.inputs > 0 {
-            out.push(MetricValue::model("adwin_drift", d.adwin as f64, d.inputs));
-            out.push(MetricValue::model(
-                "page_hinkley_drift",
-                d.page_hinkley as f64,
-                d.inputs,
-            ));
-        }
         if !self.delay.is_empty() {
             let n = self.delay.len();
             for (metric, q) in [("label_delay_p50", 0.5), ("label_delay_p95", 0.95)] {
@@ -728,6 +806,8 @@ impl OutcomeAccumulator {
                 .sum::<usize>()
             + self.regression.abs_err.approx_bytes()
             + self.labels.as_ref().map_or(0, LabelHistogram::approx_bytes)
+            + self.unbinned.values.capacity() * 8
+            + self.unbinned.classes.keys().map(|c| c.len() + 40).sum::<usize>()
             + self.delay.distinct_values() * 8
     }
 }

@@ -90,6 +90,10 @@ fn detectors_count_detections_in_the_prediction_window_of_the_all_traffic_cell()
     feed(&mut agg, &w1);
     let mut out = Emitted::default();
     agg.advance(20 * MINUTE, &mut out);
+    // Both windows closed, neither final (60 min horizon): no detection yet.
+    assert!(latest(&out.rows, 0, "", "accuracy", "").is_some());
+    assert!(out.rows.iter().all(|r| r.value.metric != "adwin_drift"));
+    agg.advance(80 * MINUTE, &mut out);
     let get = |start, segment, metric| {
         latest(&out.rows, start, segment, metric, "").map(|r| (r.value.value, r.value.samples))
     };
@@ -138,12 +142,16 @@ fn label_drift_compares_later_labels_with_the_first_ones() {
     feed(&mut agg, &w1);
     let mut out = Emitted::default();
     agg.advance(20 * MINUTE, &mut out);
+    // The reference comes from final windows: none yet (60 min horizon).
+    assert!(out.rows.iter().all(|r| r.value.feature != "__label__"));
+    agg.advance(80 * MINUTE, &mut out);
     let get = |start, segment, metric| {
         latest(&out.rows, start, segment, metric, "__label__")
             .map(|r| (r.value.value, r.value.samples))
     };
-    // only the 100 labels after the reference count in window 0, all stable
-    assert_eq!(get(0, "", "drift_detected"), Some((0.0, 100)));
+    // Window 0's first 200 labels (by prediction time) are the reference;
+    // its drift rows compare all 300 with it: stable.
+    assert_eq!(get(0, "", "drift_detected"), Some((0.0, 300)));
     assert_eq!(get(0, "", "psi").map(|v| v.0 < 1e-6), Some(true));
     assert_eq!(get(10 * MINUTE, "", "drift_detected"), Some((1.0, 300)));
     assert!(get(10 * MINUTE, "", "psi").expect("psi").0 > 0.5);
@@ -152,4 +160,106 @@ fn label_drift_compares_later_labels_with_the_first_ones() {
         get(10 * MINUTE, "country=xx", "drift_detected"),
         Some((1.0, 300))
     );
+}
+
+/// Label drift and the change detectors do not depend on the order in which
+/// labels arrive (issue #17: a replay after a crash, or partitions
+/// interleaved differently, must write the same rows): the same labeled
+/// predictions fed in three orders give the same rows, bit for bit.
+#[test]
+fn detectors_and_label_drift_do_not_depend_on_label_arrival_order() {
+    let drift = DriftConfig {
+        label_reference_size: 250,
+        ..Default::default()
+    };
+    // Three windows of 300; within each, the first half is mostly right
+    // and mostly negative, the second mostly wrong and positive: the
+    // detections and the first 250 labels depend on the order of feeding.
+    let events: Vec<(i64, f64, &str)> = (0..900)
+        .map(|i| {
+            let ts = i * 2000;
+            let late_half = i % 300 >= 150;
+            let actual = if late_half { i % 4 != 0 } else { i % 10 == 0 };
+            let right = if late_half { i % 3 == 0 } else { i % 25 != 0 };
+            let score = if actual == right { 0.9 } else { 0.1 };
+            (ts, score, if actual { "1" } else { "0" })
+        })
+        .collect();
+    let run = |order: &[usize]| -> Vec<String> {
+        let mut agg = aggregator(drift.clone());
+        // Every prediction first (as the watermark needs), labels in `order`.
+        let records: Vec<_> = events
+            .iter()
+            .map(|&(ts, score, _)| agg.observe_prediction(&prediction(ts, score)))
+            .collect();
+        let mut records: Vec<Option<_>> = records.into_iter().map(Some).collect();
+        let mut out = Emitted::default();
+        for (n, &i) in order.iter().enumerate() {
+            let (ts, _, actual) = events[i];
+            agg.observe_joined(Joined::Matched {
+                payload: records[i].take().expect("each label once"),
+                prediction_ts: ts,
+                label: Arc::new(Label {
+                    actual_label: Some(actual.into()),
+                    actual_value: None,
+                    timestamp: ts + 1000,
+                }),
+            });
+            if n % 97 == 0 {
+                // Revisions at different points of each order.
+                agg.advance(ts, &mut out);
+            }
+        }
+        agg.advance(200 * MINUTE, &mut out);
+        let mut rows: Vec<String> = out
+            .rows
+            .iter()
+            .filter(|r| {
+                ["adwin_drift", "page_hinkley_drift"].contains(&r.value.metric)
+                    || r.value.feature == "__label__"
+            })
+            .map(|r| {
+                format!(
+                    "{} {} {} {} {:?} {} {:?} {}",
+                    r.window_start_ms,
+                    r.segment,
+                    r.value.metric,
+                    r.value.feature,
+                    r.value.value.to_bits(),
+                    r.value.samples,
+                    r.value.p_value.map(f64::to_bits),
+                    r.revision
+                )
+            })
+            .collect();
+        rows.sort();
+        rows.dedup();
+        // The last write of each row (highest revision) is what FINAL reads.
+        let mut last: std::collections::BTreeMap<String, String> = Default::default();
+        for r in rows {
+            let key: String = r.split(' ').take(4).collect::<Vec<_>>().join(" ");
+            last.insert(key, r);
+        }
+        last.into_values().collect()
+    };
+    let arrival: Vec<usize> = (0..events.len()).collect();
+    let reversed: Vec<usize> = arrival.iter().rev().copied().collect();
+    // Two partitions read one after the other.
+    let interleaved: Vec<usize> = arrival
+        .iter()
+        .filter(|i| *i % 2 == 1)
+        .chain(arrival.iter().filter(|i| *i % 2 == 0))
+        .copied()
+        .collect();
+    let want = run(&arrival);
+    assert!(
+        want.iter().any(|r| r.contains("adwin_drift")),
+        "detector rows: {want:?}"
+    );
+    assert!(
+        want.iter().any(|r| r.contains("__label__")),
+        "label drift rows: {want:?}"
+    );
+    assert_eq!(run(&reversed), want);
+    assert_eq!(run(&interleaved), want);
 }

@@ -26,10 +26,9 @@
 //! the "crash" run a second uninterrupted run, which shows that the
 //! comparison is deterministic).
 //!
-//! What the comparison leaves out, and why (see the `ORDER_DEPENDENT`
-//! constant): values that depend on the order in which the consumer
-//! interleaves partitions, which two correct uninterrupted runs need not
-//! share.
+//! The comparison covers every row, label drift and the change detectors
+//! included: they are computed in an order independent of how the consumer
+//! interleaves partitions (issue #17, `metrics::aggregator`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read};
@@ -90,17 +89,6 @@ const LATENESS: &str = "20m";
 /// Idle timeout of every run: a finished replay exits this long after its
 /// last message.
 const IDLE_TIMEOUT_S: u64 = 5;
-
-/// Metrics whose values depend on the order in which labels arrive, not
-/// only on which labels arrived: ADWIN and Page-Hinkley run over the
-/// version's error stream in label arrival order, and that order depends on
-/// how the consumer interleaves the four ground-truth partitions (two
-/// uninterrupted runs over the same topics differ). They are compared for
-/// presence (same keys), not for value. Label drift (`feature =
-/// '__label__'`) is switched off instead (`drift.label_reference_size`
-/// above the number of labels): its reference is "the first N labels of the
-/// version", also an arrival-order notion.
-const ORDER_DEPENDENT: [&str; 2] = ["adwin_drift", "page_hinkley_drift"];
 
 /// One test at a time: each drives several processes on a 2-core machine,
 /// and their timing matters (kills, idle timeouts).
@@ -386,6 +374,16 @@ fn crash_dataset(t0: i64) -> CrashData {
 /// Produces `messages` in order, keyed, murmur2-partitioned, without waiting
 /// for each delivery (per-partition order is kept: one connection, no retries).
 pub(crate) async fn produce_messages(brokers: &str, messages: &[Message]) {
+    produce_to(brokers, messages, |_| None).await
+}
+
+/// [`produce_messages`], each message to the partition `partition_of` says
+/// (`None`: by its key).
+pub(crate) async fn produce_to(
+    brokers: &str,
+    messages: &[Message],
+    partition_of: impl Fn(&Message) -> Option<i32>,
+) {
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("partitioner", "murmur2_random")
@@ -399,8 +397,12 @@ pub(crate) async fn produce_messages(brokers: &str, messages: &[Message]) {
         .create()
         .expect("producer");
     let mut deliveries = Vec::with_capacity(messages.len());
-    for (topic, key, payload) in messages {
+    for m in messages {
+        let (topic, key, payload) = m;
         let mut record = FutureRecord::to(topic.name()).key(key).payload(payload);
+        if let Some(p) = partition_of(m) {
+            record = record.partition(p);
+        }
         loop {
             match p.send_result(record) {
                 Ok(d) => {
@@ -491,10 +493,6 @@ pub(crate) struct Instance {
 
 /// The configuration file of every run: what the environment cannot say.
 const CONFIG_TOML: &str = r#"
-[drift]
-# Label drift off: its reference is the first labels in arrival order.
-label_reference_size = 100000000
-
 [kafka.properties]
 # A killed member is noticed after 6 s instead of 45 s (restarts rejoin fast).
 "session.timeout.ms" = "6000"
@@ -575,7 +573,7 @@ impl Instance {
 
     /// Stores the reference profile of every (model, version) of `events`
     /// in this instance's database, as `modelwatch reference import` does.
-    async fn import_references(&self, events: &[PredictionEvent]) {
+    pub(crate) async fn import_references(&self, events: &[PredictionEvent]) {
         let cfg = self.config();
         let sink = self.sink();
         sink.migrate().await.expect("migrate");
@@ -1105,8 +1103,6 @@ pub(crate) struct Diff {
     close: BTreeMap<String, usize>,
     /// Rows that differ, by metric.
     differing_by_metric: BTreeMap<String, usize>,
-    /// Order-dependent rows whose values differ (not failures), by metric.
-    order_dependent: BTreeMap<String, usize>,
 }
 
 impl Diff {
@@ -1116,14 +1112,13 @@ impl Diff {
 
     pub(crate) fn report(&self, what: &str) -> String {
         let mut s = format!(
-            "{what}: {} compared, {} missing, {} extra, {} differ; equal within 1e-9 but not bit for bit: {:?}; differing by metric: {:?}; order-dependent values that differ (ignored): {:?}",
+            "{what}: {} compared, {} missing, {} extra, {} differ; equal within 1e-9 but not bit for bit: {:?}; differing by metric: {:?}",
             self.compared,
             self.missing.len(),
             self.extra.len(),
             self.differing.len(),
             self.close,
             self.differing_by_metric,
-            self.order_dependent,
         );
         let all = self
             .differing
@@ -1154,12 +1149,6 @@ pub(crate) fn compare_metrics(
         let floats = worst(same_f64(w.value, g.value), same_opt(w.p_value, g.p_value));
         let ints = w.samples == g.samples && w.revision == g.revision;
         let verdict = if ints { floats } else { Same::No };
-        if ORDER_DEPENDENT.contains(&k.5.as_str()) {
-            if verdict != Same::Bits {
-                *d.order_dependent.entry(k.5.clone()).or_default() += 1;
-            }
-            continue;
-        }
         match verdict {
             Same::Bits => {}
             Same::Close => *d.close.entry(k.5.clone()).or_default() += 1,

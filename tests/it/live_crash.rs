@@ -31,13 +31,13 @@ use std::time::{Duration, Instant};
 
 use modelwatch::generate::Scenario;
 use modelwatch::ingest::decode::encode_json;
-use modelwatch::model::InputEvent;
+use modelwatch::model::{InputEvent, PredictionEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::crash::{
     assert_nothing_late, compare_alerts, compare_metrics, field_value, generate, logs_dir,
-    metric_sum, produce_messages, read_alerts, read_metrics, serial, Instance, Message, MetricKey,
+    metric_sum, produce_to, read_alerts, read_metrics, serial, Instance, Message, MetricKey,
     Topic, CHILD_TIMEOUT,
 };
 use crate::support::tansu::TansuBroker;
@@ -56,14 +56,49 @@ const CONFIG_TOML: &str = r#"
 "session.timeout.ms" = "6000"
 "#;
 
-/// The events, in batches: 1 000 predictions, then the labels of their requests.
-fn batches() -> (Vec<Vec<Message>>, BTreeMap<(String, String, u32), u64>) {
+/// Batches during which the last partition of both topics gets nothing: it
+/// has delivered nothing at the first processes' checkpoints.
+const QUIET_BATCHES: usize = 8;
+
+/// The partition of a request (both topics: co-partitioned): FNV-1a of the
+/// id over all partitions, or over all but the last in the first
+/// [`QUIET_BATCHES`] batches.
+fn partition_of(request_id: &str, batch: usize) -> i32 {
+    let h = request_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let n = if batch < QUIET_BATCHES {
+        PARTITIONS - 1
+    } else {
+        PARTITIONS
+    };
+    (h % n as u64) as i32
+}
+
+/// Every (model, version) scores the same requests.
+type Expected = BTreeMap<(String, String, u32), u64>;
+
+/// The events, in batches of (message, partition): 1 000 predictions, then
+/// the labels of their requests; the labels expected per (model, version,
+/// window); reference events of every version.
+fn batches() -> (Vec<Vec<(Message, i32)>>, Expected, Vec<PredictionEvent>) {
     let s = Scenario {
         seed: 17,
         count: REQUESTS,
         label_fraction: 0.8,
         ..Scenario::default()
     };
+    let (mut reference, _) = generate(Scenario {
+        seed: 1_000_017,
+        count: 2_000,
+        start_ms: s.start_ms - 86_400_000,
+        ..s.clone()
+    });
+    for p in &mut reference {
+        p.request_id = format!("ref-{}", p.request_id);
+    }
     let (predictions, labels) = generate(s);
     let mut label_of: BTreeMap<String, Vec<_>> = BTreeMap::new();
     for l in labels {
@@ -72,8 +107,8 @@ fn batches() -> (Vec<Vec<Message>>, BTreeMap<(String, String, u32), u64>) {
     // Labels per (model, version, one-minute window of the prediction).
     let mut expected = BTreeMap::new();
     let mut out = Vec::new();
-    for chunk in predictions.chunks(BATCH) {
-        let mut batch: Vec<Message> = Vec::with_capacity(2 * BATCH);
+    for (b, chunk) in predictions.chunks(BATCH).enumerate() {
+        let mut batch = Vec::with_capacity(2 * BATCH);
         let mut ids = Vec::new();
         for p in chunk {
             if label_of.contains_key(&p.request_id) {
@@ -86,17 +121,19 @@ fn batches() -> (Vec<Vec<Message>>, BTreeMap<(String, String, u32), u64>) {
                 ids.push(p.request_id.clone());
             }
             let ev = InputEvent::Prediction(p.clone());
-            batch.push((Topic::Predictions, p.request_id.clone(), encode_json(&ev)));
+            let to = partition_of(&p.request_id, b);
+            batch.push(((Topic::Predictions, p.request_id.clone(), encode_json(&ev)), to));
         }
         for id in ids {
             for l in label_of.remove(&id).unwrap_or_default() {
                 let ev = InputEvent::GroundTruth(l);
-                batch.push((Topic::GroundTruth, id.clone(), encode_json(&ev)));
+                let to = partition_of(&id, b);
+                batch.push(((Topic::GroundTruth, id.clone(), encode_json(&ev)), to));
             }
         }
         out.push(batch);
     }
-    (out, expected)
+    (out, expected, reference)
 }
 
 /// One instance with the report's settings (everything else default).
@@ -129,14 +166,25 @@ fn seed() -> u64 {
 }
 
 /// Produces the batches live on a thread of its own.
-fn produce_live(brokers: String, batches: Vec<Vec<Message>>) -> std::thread::JoinHandle<()> {
+fn produce_live(
+    brokers: String,
+    batches: Vec<Vec<(Message, i32)>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let started = Instant::now();
-        for (i, batch) in batches.iter().enumerate() {
+        for (i, batch) in batches.into_iter().enumerate() {
             let due = started + BATCH_EVERY * i as u32;
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            rt.block_on(produce_messages(&brokers, batch));
+            let (messages, partitions): (Vec<Message>, Vec<i32>) = batch.into_iter().unzip();
+            let key_partition: BTreeMap<&str, i32> = messages
+                .iter()
+                .zip(&partitions)
+                .map(|(m, p)| (m.1.as_str(), *p))
+                .collect();
+            rt.block_on(produce_to(&brokers, &messages, |m| {
+                key_partition.get(m.1.as_str()).copied()
+            }));
         }
     })
 }
@@ -147,7 +195,8 @@ fn produce_live(brokers: String, batches: Vec<Vec<Message>>) -> std::thread::Joi
 fn crash_run(crash: &Instance, rng: &mut StdRng, started: Instant) -> Vec<String> {
     let mut restored = Vec::new();
     let kills = [
-        Duration::from_secs(3),
+        // The first process: killed before or right after its first checkpoint.
+        Duration::from_secs_f64(rng.gen_range(0.5..3.0)),
         Duration::from_secs_f64(rng.gen_range(2.0..5.0)),
         Duration::from_secs_f64(rng.gen_range(2.0..5.0)),
     ];
@@ -204,7 +253,7 @@ fn killed_under_live_input_equals_an_uninterrupted_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dir_path = logs_dir(dir.path());
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let (batches, expected) = batches();
+    let (batches, expected, reference) = batches();
     let total_labels: u64 = expected.values().sum();
     let messages: usize = batches.iter().map(Vec::len).sum();
 
@@ -214,6 +263,11 @@ fn killed_under_live_input_equals_an_uninterrupted_run() {
         let brokers = broker.bootstrap();
         let name = |what: &str| -> &'static str { Box::leak(format!("{what}_{run}").into_boxed_str()) };
         let crash = instance(name("live_crash"), &brokers, &dir_path);
+        let whole = instance(name("live_whole"), &brokers, &dir_path);
+        // Imported references (the first-N reference of a version without
+        // one is built in arrival order: README, "Recovery").
+        runtime.block_on(crash.import_references(&reference));
+        runtime.block_on(whole.import_references(&reference));
         let started = Instant::now();
         let producer = produce_live(brokers.clone(), batches.clone());
         let restored = crash_run(&crash, &mut rng, started);
@@ -232,7 +286,6 @@ fn killed_under_live_input_equals_an_uninterrupted_run() {
         );
 
         // The uninterrupted run over the same topics.
-        let whole = instance(name("live_whole"), &brokers, &dir_path);
         let log = whole.spawn(true, 0).wait_success(CHILD_TIMEOUT);
         assert_nothing_late(&log, "uninterrupted run");
         let want = runtime.block_on(read_metrics(&whole.sink()));

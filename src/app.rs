@@ -889,9 +889,7 @@ impl Service {
         }
         // A revoked partition: a checkpoint is due (the positions committed
         // with it are where the partition's next owner starts).
-        self.checkpoint_due |= changes
-            .iter()
-            .any(|c| matches!(c, Assignment::Revoked(_)));
+        self.checkpoint_due |= changes.iter().any(|c| matches!(c, Assignment::Revoked(_)));
     }
 
     /// Tells the core which prediction partitions have unread messages

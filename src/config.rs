@@ -386,8 +386,9 @@ pub struct DriftSettings {
     /// Benjamini-Hochberg-adjusted p-value below which a large shift is not
     /// chance (every method also needs it). Default 0.05.
     pub p_value_threshold: f64,
-    /// The first N labels of a version form its reference label distribution
-    /// (label drift, `__label__`). Default 1000.
+    /// The first N labels of a version, taken from its first final windows
+    /// by prediction time (order-independent), form its reference label
+    /// distribution (label drift, `__label__`). Default 1000.
     pub label_reference_size: usize,
 }
 

@@ -271,7 +271,13 @@ mod tests {
         }
         assert_eq!(
             targets,
-            vec![100_000 - 1024, 100_000 - 4096, 100_000 - 16_384, 100_000 - 65_536, 0]
+            vec![
+                100_000 - 1024,
+                100_000 - 4096,
+                100_000 - 16_384,
+                100_000 - 65_536,
+                0
+            ]
         );
         assert_eq!(p.get("g", 0), Some(100_501));
         // The next resume past the position rewinds afresh.

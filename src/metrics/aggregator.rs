@@ -196,6 +196,11 @@ struct VersionState {
     label_profile: Option<Arc<LabelProfile>>,
 }
 
+/// A labeled prediction kept until its window is final (see
+/// [`Cell::labeled`]): prediction time, error (NaN: none), the label while
+/// the label reference needs it.
+type Labeled = (i64, f64, Option<Arc<Label>>);
+
 /// One (model, version, segment) of a window. Serialised without its
 /// profile (see [`VersionState`]).
 #[derive(Serialize, Deserialize)]
@@ -210,12 +215,14 @@ struct Cell {
     predictions: u64,
     outcome_written: Option<u64>,
     /// The labeled predictions of the window (prediction time, error fed
-    /// to the change detectors or NaN, label), kept in the all-traffic cell
-    /// of the smallest window size until the window is final: then they
-    /// feed the version's detectors and label reference builder in a
-    /// canonical order ([`Aggregator::advance`]).
+    /// to the change detectors or NaN, the label while the version's label
+    /// reference is incomplete), kept in the all-traffic cell of the
+    /// smallest window size until the window is final: then they feed the
+    /// version's detectors and label reference builder in a canonical order
+    /// ([`Aggregator::feed_final`]). 16 bytes each once the label reference
+    /// exists.
     #[serde(default)]
-    labeled: Vec<(i64, f64, Arc<Label>)>,
+    labeled: Vec<Labeled>,
     /// The revision whose label drift rows were written.
     #[serde(default)]
     label_drift_written: Option<u64>,
@@ -324,7 +331,12 @@ impl Aggregator {
         self.windows
             .values()
             .flat_map(|w| w.cells.values())
-            .map(|c| c.data.approx_bytes() + c.outcome.approx_bytes())
+            .map(|c| {
+                c.data.approx_bytes()
+                    + c.outcome.approx_bytes()
+                    + c.labeled.capacity() * std::mem::size_of::<Labeled>()
+                    + c.labeled.iter().filter(|l| l.2.is_some()).count() * 64
+            })
             .sum()
     }
 
@@ -651,7 +663,8 @@ impl Aggregator {
                 // smallest window keeps what they need.
                 let error = outcome_error(task, &payload.outcome, &label);
                 let value = label_value(task, &label);
-                let keep = error.is_some() || (value.is_some() && st.label_builder.is_some());
+                let for_reference = value.is_some() && st.label_builder.is_some();
+                let keep = error.is_some() || for_reference;
                 let label_profile = st.label_profile.as_ref();
                 let smallest = self.cfg.window_sizes_ms.iter().copied().min();
                 let delay = label.timestamp - prediction_ts;
@@ -666,7 +679,7 @@ impl Aggregator {
                                     c.labeled.push((
                                         prediction_ts,
                                         error.unwrap_or(f64::NAN),
-                                        label.clone(),
+                                        for_reference.then(|| label.clone()),
                                     ));
                                 }
                                 if let Some(v) = value {
@@ -832,7 +845,8 @@ impl Aggregator {
                     // label reference, once it exists (also at a revision
                     // that added no label: the reference may be new).
                     if let Some(lp) = &st.label_profile {
-                        if cell.label_drift_written != Some(revision) && cell.outcome.bin_labels(lp) {
+                        if cell.label_drift_written != Some(revision) && cell.outcome.bin_labels(lp)
+                        {
                             cell.label_drift_written = Some(revision);
                             cell.outcome
                                 .finish_label_drift(&self.cfg.drift, &mut metrics);
@@ -887,7 +901,7 @@ impl Aggregator {
         let Some(w) = self.windows.get_mut(&key) else {
             return;
         };
-        let mut batches: Vec<(u32, Vec<(i64, f64, Arc<Label>)>)> = w
+        let mut batches: Vec<(u32, Vec<Labeled>)> = w
             .cells
             .iter_mut()
             .filter(|((_, seg), c)| *seg == 0 && !c.labeled.is_empty())
@@ -898,12 +912,17 @@ impl Aggregator {
             labeled.sort_by(|a, b| {
                 a.0.cmp(&b.0)
                     .then(a.1.total_cmp(&b.1))
-                    .then_with(|| a.2.actual_label.cmp(&b.2.actual_label))
-                    .then_with(|| {
-                        let x = a.2.actual_value.unwrap_or(f64::NAN);
-                        x.total_cmp(&b.2.actual_value.unwrap_or(f64::NAN))
+                    .then_with(|| match (&a.2, &b.2) {
+                        (Some(a), Some(b)) => a
+                            .actual_label
+                            .cmp(&b.actual_label)
+                            .then_with(|| {
+                                let x = a.actual_value.unwrap_or(f64::NAN);
+                                x.total_cmp(&b.actual_value.unwrap_or(f64::NAN))
+                            })
+                            .then(a.timestamp.cmp(&b.timestamp)),
+                        (a, b) => a.is_some().cmp(&b.is_some()),
                     })
-                    .then(a.2.timestamp.cmp(&b.2.timestamp))
             });
             let st = &mut self.versions[v as usize];
             let Some(task) = st.task.clone() else {
@@ -922,8 +941,8 @@ impl Aggregator {
                         }
                     }
                 }
-                if let (Some(b), Some(value)) = (st.label_builder.as_mut(), label_value(&task, label))
-                {
+                let value = label.as_deref().and_then(|l| label_value(&task, l));
+                if let (Some(b), Some(value)) = (st.label_builder.as_mut(), value) {
                     if let Some(p) = b.observe(value) {
                         st.label_profile = Some(Arc::new(p));
                         st.label_builder = None;

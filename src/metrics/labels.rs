@@ -5,10 +5,13 @@
 //! **Reference.** Labels are not part of the prediction events a reference
 //! profile is built from (imported files or the first production events), so
 //! the label reference is its own sample: the first `label_reference_size`
-//! evaluable labels of the version (default 1000), in label arrival order,
-//! collected by the aggregator through [`LabelReferenceBuilder`]. Labels
-//! that go into the reference are not compared with it (no window holds a
-//! label histogram before the reference exists). The label reference (and the
+//! evaluable labels of the version (default 1000) in a canonical order that
+//! does not depend on how labels arrive: windows as they become final
+//! (`label_horizon` past their end), and within a window by prediction
+//! time, error, label (collected by the aggregator through
+//! [`LabelReferenceBuilder`]). A window's labels that come before the
+//! reference exists are kept and binned once it does, so every window
+//! compares all its labels with it. The label reference (and the
 //! builder collecting it) are part of the aggregator's snapshot, so a restored
 //! service compares with the same reference.
 //!

@@ -134,12 +134,15 @@
 //!
 //! **Change detectors** (`adwin_drift`, `page_hinkley_drift`): one ADWIN and
 //! one Page-Hinkley detector per (model, version), River's defaults (see
-//! [`detectors`]), fed with the error of every evaluable labeled outcome in
-//! label arrival order: 0 / 1 for classification (wrong class), the absolute
-//! error for regression. Each detection is counted in the window of the
-//! prediction whose label triggered it, on the all-traffic row (segment
-//! `''`) only; `samples` is the number of errors of that window fed to the
-//! detectors. Like every performance row they are revised as labels arrive.
+//! [`detectors`]), fed with the error of every evaluable labeled outcome:
+//! 0 / 1 for classification (wrong class), the absolute error for
+//! regression. They are fed window by window as windows become final, in a
+//! canonical order (prediction time, error, label), so the rows do not
+//! depend on how partitions interleave (a replay writes the same ones).
+//! Each detection is counted in the window of the prediction whose label
+//! triggered it, on the all-traffic row (segment `''`) only; `samples` is
+//! the number of errors of that window fed to the detectors. The rows are
+//! written at the window's final revision.
 
 pub mod accumulator;
 pub mod aggregator;

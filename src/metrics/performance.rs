@@ -748,7 +748,9 @@ impl OutcomeAccumulator {
         for (class, n) in &other.unbinned.classes {
             *self.unbinned.classes.entry(class.clone()).or_default() += n;
         }
-        self.unbinned.values.extend_from_slice(&other.unbinned.values);
+        self.unbinned
+            .values
+            .extend_from_slice(&other.unbinned.values);
     }
 
     /// Labeled + expired predictions: grows with every change, used as the row revision.
@@ -807,7 +809,12 @@ impl OutcomeAccumulator {
             + self.regression.abs_err.approx_bytes()
             + self.labels.as_ref().map_or(0, LabelHistogram::approx_bytes)
             + self.unbinned.values.capacity() * 8
-            + self.unbinned.classes.keys().map(|c| c.len() + 40).sum::<usize>()
+            + self
+                .unbinned
+                .classes
+                .keys()
+                .map(|c| c.len() + 40)
+                .sum::<usize>()
             + self.delay.distinct_values() * 8
     }
 }

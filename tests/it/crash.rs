@@ -1177,7 +1177,10 @@ pub(crate) fn compare_metrics(
     d
 }
 
-pub(crate) fn compare_alerts(want: &BTreeMap<AlertKey, AlertRow>, got: &BTreeMap<AlertKey, AlertRow>) -> Diff {
+pub(crate) fn compare_alerts(
+    want: &BTreeMap<AlertKey, AlertRow>,
+    got: &BTreeMap<AlertKey, AlertRow>,
+) -> Diff {
     let mut d = Diff::default();
     for (k, w) in want {
         let Some(g) = got.get(k) else {

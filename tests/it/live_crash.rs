@@ -35,10 +35,12 @@ use modelwatch::model::{InputEvent, PredictionEvent};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use modelwatch::state::StateStore;
+
 use crate::crash::{
-    assert_nothing_late, compare_alerts, compare_metrics, field_value, generate, logs_dir,
-    metric_sum, produce_to, read_alerts, read_metrics, serial, Instance, Message, MetricKey,
-    Topic, CHILD_TIMEOUT,
+    assert_nothing_late, committed, compare_alerts, compare_metrics, field_value, generate,
+    logs_dir, metric_sum, produce_to, read_alerts, read_metrics, serial, Instance, Message,
+    MetricKey, Topic, CHILD_TIMEOUT,
 };
 use crate::support::tansu::TansuBroker;
 
@@ -64,11 +66,9 @@ const QUIET_BATCHES: usize = 8;
 /// id over all partitions, or over all but the last in the first
 /// [`QUIET_BATCHES`] batches.
 fn partition_of(request_id: &str, batch: usize) -> i32 {
-    let h = request_id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+    let h = request_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     let n = if batch < QUIET_BATCHES {
         PARTITIONS - 1
     } else {
@@ -77,13 +77,16 @@ fn partition_of(request_id: &str, batch: usize) -> i32 {
     (h % n as u64) as i32
 }
 
-/// Every (model, version) scores the same requests.
+/// Labels per (model, version, window start s).
 type Expected = BTreeMap<(String, String, u32), u64>;
+
+/// Batches of (message, partition), in production order.
+type Batches = Vec<Vec<(Message, i32)>>;
 
 /// The events, in batches of (message, partition): 1 000 predictions, then
 /// the labels of their requests; the labels expected per (model, version,
 /// window); reference events of every version.
-fn batches() -> (Vec<Vec<(Message, i32)>>, Expected, Vec<PredictionEvent>) {
+fn batches() -> (Batches, Expected, Vec<PredictionEvent>) {
     let s = Scenario {
         seed: 17,
         count: REQUESTS,
@@ -122,7 +125,10 @@ fn batches() -> (Vec<Vec<(Message, i32)>>, Expected, Vec<PredictionEvent>) {
             }
             let ev = InputEvent::Prediction(p.clone());
             let to = partition_of(&p.request_id, b);
-            batch.push(((Topic::Predictions, p.request_id.clone(), encode_json(&ev)), to));
+            batch.push((
+                (Topic::Predictions, p.request_id.clone(), encode_json(&ev)),
+                to,
+            ));
         }
         for id in ids {
             for l in label_of.remove(&id).unwrap_or_default() {
@@ -147,9 +153,13 @@ fn instance(name: &'static str, brokers: &str, dir: &std::path::Path) -> Instanc
 }
 
 /// Labels counted per (model, version, window) in `rows`.
-fn label_counts(rows: &BTreeMap<MetricKey, modelwatch::sinks::clickhouse::MetricRow>) -> BTreeMap<(String, String, u32), u64> {
+fn label_counts(
+    rows: &BTreeMap<MetricKey, modelwatch::sinks::clickhouse::MetricRow>,
+) -> BTreeMap<(String, String, u32), u64> {
     rows.iter()
-        .filter(|(k, _)| k.5 == "label_count" && k.2.is_empty() && k.6.is_empty() && !k.0.is_empty())
+        .filter(|(k, _)| {
+            k.5 == "label_count" && k.2.is_empty() && k.6.is_empty() && !k.0.is_empty()
+        })
         .map(|(k, r)| ((k.0.clone(), k.1.clone(), k.3), r.value as u64))
         .collect()
 }
@@ -166,10 +176,7 @@ fn seed() -> u64 {
 }
 
 /// Produces the batches live on a thread of its own.
-fn produce_live(
-    brokers: String,
-    batches: Vec<Vec<(Message, i32)>>,
-) -> std::thread::JoinHandle<()> {
+fn produce_live(brokers: String, batches: Vec<Vec<(Message, i32)>>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         let started = Instant::now();
@@ -192,7 +199,7 @@ fn produce_live(
 /// The crash run: three processes SIGKILLed while events are produced,
 /// each restart after the killed member's session timeout, then one to
 /// the end (`--exit-when-idle`). Returns the restored-state lines.
-fn crash_run(crash: &Instance, rng: &mut StdRng, started: Instant) -> Vec<String> {
+fn crash_run(crash: &Instance, brokers: &str, rng: &mut StdRng, started: Instant) -> Vec<String> {
     let mut restored = Vec::new();
     let kills = [
         // The first process: killed before or right after its first checkpoint.
@@ -219,6 +226,7 @@ fn crash_run(crash: &Instance, rng: &mut StdRng, started: Instant) -> Vec<String
                 .filter(|l| l.contains("state restored") || l.contains("no checkpoint"))
                 .map(str::to_owned),
         );
+        assert_commits_within_checkpoint(crash, brokers);
         let pause = Duration::from_secs_f64(rng.gen_range(8.0..10.0));
         println!(
             "crash run {i}: killed {:.1} s after its start ({:.1} s into production), restart in {:.1} s",
@@ -228,9 +236,7 @@ fn crash_run(crash: &Instance, rng: &mut StdRng, started: Instant) -> Vec<String
         );
         std::thread::sleep(pause);
     }
-    let log = crash
-        .spawn(true, kills.len())
-        .wait_success(CHILD_TIMEOUT);
+    let log = crash.spawn(true, kills.len()).wait_success(CHILD_TIMEOUT);
     assert_nothing_late(&log, "the last crash-run process");
     restored.extend(
         log.lines()
@@ -238,6 +244,34 @@ fn crash_run(crash: &Instance, rng: &mut StdRng, started: Instant) -> Vec<String
             .map(str::to_owned),
     );
     restored
+}
+
+/// The other half of the resume invariant: after a kill, no offset the
+/// group committed lies past the position of the last checkpoint in the
+/// state directory, and no partition the checkpoint does not cover has a
+/// commit.
+fn assert_commits_within_checkpoint(crash: &Instance, brokers: &str) {
+    let cfg = crash.config();
+    let store = StateStore::open(&cfg.state.dir).expect("open the killed process's state");
+    let positions = store
+        .load()
+        .expect("read the last checkpoint")
+        .map(|r| r.positions)
+        .unwrap_or_default();
+    drop(store);
+    for topic in ["predictions", "ground-truth"] {
+        let committed = committed(brokers, &crash.group, topic);
+        for (p, c) in committed.iter().enumerate() {
+            let at = positions
+                .iter()
+                .find(|(t, q, _)| t == topic && *q == p as i32)
+                .map(|(_, _, o)| *o);
+            assert!(
+                *c <= at.unwrap_or(0),
+                "{topic}[{p}]: committed {c}, past the checkpoint's position {at:?}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -261,7 +295,8 @@ fn killed_under_live_input_equals_an_uninterrupted_run() {
     for run in 0..runs {
         let broker = TansuBroker::start(PARTITIONS);
         let brokers = broker.bootstrap();
-        let name = |what: &str| -> &'static str { Box::leak(format!("{what}_{run}").into_boxed_str()) };
+        let name =
+            |what: &str| -> &'static str { Box::leak(format!("{what}_{run}").into_boxed_str()) };
         let crash = instance(name("live_crash"), &brokers, &dir_path);
         let whole = instance(name("live_whole"), &brokers, &dir_path);
         // Imported references (the first-N reference of a version without
@@ -270,7 +305,7 @@ fn killed_under_live_input_equals_an_uninterrupted_run() {
         runtime.block_on(whole.import_references(&reference));
         let started = Instant::now();
         let producer = produce_live(brokers.clone(), batches.clone());
-        let restored = crash_run(&crash, &mut rng, started);
+        let restored = crash_run(&crash, &brokers, &mut rng, started);
         producer.join().expect("producer thread");
         println!(
             "run {run}: {messages} messages produced live; crash run done at {:.1} s; restores:\n  {}",

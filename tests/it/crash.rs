@@ -1360,15 +1360,19 @@ fn crash_settings() -> (usize, u64) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(DEFAULT_KILLS);
-    let seed = std::env::var("MODELWATCH_CRASH_SEED")
+    (kills, seed_from_env("MODELWATCH_CRASH_SEED"))
+}
+
+/// A schedule seed: environment variable `var`, else the clock.
+pub(crate) fn seed_from_env(var: &str) -> u64 {
+    std::env::var(var)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64)
-        });
-    (kills, seed)
+        })
 }
 
 /// The kill schedule, in random order: two thirds during ingest (right

@@ -23,8 +23,8 @@
 //! interleaves partitions.
 //!
 //! `MODELWATCH_LIVE_CRASH_SEED` fixes the kill and restart times (the seed
-//! is printed); `MODELWATCH_LIVE_CRASH_RUNS` repeats the crash run that many
-//! times against one reference run.
+//! is printed); `MODELWATCH_LIVE_CRASH_RUNS` repeats the whole test that
+//! many times (a new broker, crash run and uninterrupted run each time).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -32,15 +32,14 @@ use std::time::{Duration, Instant};
 use modelwatch::generate::Scenario;
 use modelwatch::ingest::decode::encode_json;
 use modelwatch::model::{InputEvent, PredictionEvent};
+use modelwatch::state::StateStore;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use modelwatch::state::StateStore;
-
 use crate::crash::{
     assert_nothing_late, committed, compare_alerts, compare_metrics, field_value, generate,
-    logs_dir, metric_sum, produce_to, read_alerts, read_metrics, serial, Instance, Message,
-    MetricKey, Topic, CHILD_TIMEOUT,
+    logs_dir, metric_sum, produce_to, read_alerts, read_metrics, seed_from_env, serial, Instance,
+    Message, MetricKey, Topic, CHILD_TIMEOUT,
 };
 use crate::support::tansu::TansuBroker;
 
@@ -164,17 +163,6 @@ fn label_counts(
         .collect()
 }
 
-fn seed() -> u64 {
-    std::env::var("MODELWATCH_LIVE_CRASH_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        })
-}
-
 /// Produces the batches live on a thread of its own.
 fn produce_live(brokers: String, batches: Vec<Vec<(Message, i32)>>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -277,7 +265,7 @@ fn assert_commits_within_checkpoint(crash: &Instance, brokers: &str) {
 #[test]
 fn killed_under_live_input_equals_an_uninterrupted_run() {
     let _serial = serial();
-    let seed = seed();
+    let seed = seed_from_env("MODELWATCH_LIVE_CRASH_SEED");
     let runs: usize = std::env::var("MODELWATCH_LIVE_CRASH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -25,7 +25,9 @@ use futures::FutureExt;
 use rdkafka::message::Message;
 
 use crate::config::Config;
-use crate::ingest::consumer::{commit, input_consumer, release_revoked, Assignment, InputConsumer};
+use crate::ingest::consumer::{
+    commit, group_instance_id, input_consumer, release_revoked, Assignment, InputConsumer,
+};
 use crate::ingest::decode::{Decoder, EventKind};
 use crate::ingest::offsets::{Positions, Step};
 use crate::join::Source;
@@ -433,7 +435,16 @@ impl Service {
             tracing::info!(webhooks = notifier.len(), "webhook notifier started");
         }
         let producer = producer(&cfg.kafka)?;
-        let consumer = input_consumer(&cfg.kafka)?;
+        let instance_id = group_instance_id(&cfg.kafka, store.instance_id()?);
+        match &instance_id {
+            Some(id) => {
+                tracing::info!(group = %cfg.kafka.group_id, instance = %id, "static consumer group member: a restart rejoins as the same member and gets its partitions back at once")
+            }
+            None => {
+                tracing::info!(group = %cfg.kafka.group_id, "dynamic consumer group member (group.instance.id is empty): a restart waits until the broker expires the previous member (session.timeout.ms)")
+            }
+        }
+        let consumer = input_consumer(&cfg.kafka, instance_id.as_deref())?;
         let telemetry = Arc::new(Telemetry::for_config(&cfg));
         Ok(Service {
             alerts: AlertPublisher::new(producer.clone(), &cfg.kafka.alerts_topic),
@@ -726,7 +737,7 @@ impl Service {
         if let Some(positions) = &positions {
             // A new assignment starts the probe's clock before it is judged.
             self.lag.watch(positions);
-            self.update_backlog(positions);
+            self.update_backlog(positions, wall_ms);
         }
         if !close_all {
             self.p.load_expiring(wall_ms)?;
@@ -902,14 +913,21 @@ impl Service {
     /// an assignment (the probe has not fetched it yet; the restart of a
     /// replay usually has one) and to have none otherwise (fetches failing:
     /// plain idleness rules, a stale answer holds nothing open).
-    fn update_backlog(&mut self, positions: &rdkafka::TopicPartitionList) {
+    ///
+    /// When the broker confirms that no assigned partition of either topic
+    /// has unread messages and this process has read nothing yet (a restart
+    /// after the input ended), the idle timer starts now: what is due closes
+    /// after `idle_timeout`, as in an uninterrupted run, instead of waiting
+    /// for the next message (a model scoring in daily batches would wait a
+    /// day).
+    fn update_backlog(&mut self, positions: &rdkafka::TopicPartitionList, wall_ms: i64) {
+        let mut confirmed_empty = positions.count() > 0;
         for e in positions.elements() {
-            if e.topic() != self.p.cfg.kafka.predictions_topic {
-                continue;
-            }
+            let predictions = e.topic() == self.p.cfg.kafka.predictions_topic;
             let source = Source::predictions(e.partition());
             let Some((low, high)) = self.lag.fresh_offsets(e.topic(), e.partition()) else {
-                if !self.lag.recently_changed() {
+                confirmed_empty = false;
+                if predictions && !self.lag.recently_changed() {
                     self.p.core.set_backlog(source, false);
                 }
                 continue;
@@ -922,7 +940,13 @@ impl Service {
             }
             .unwrap_or(low)
             .max(low);
-            self.p.core.set_backlog(source, position < high);
+            confirmed_empty &= position >= high;
+            if predictions {
+                self.p.core.set_backlog(source, position < high);
+            }
+        }
+        if confirmed_empty {
+            self.p.core.no_backlog_confirmed(wall_ms);
         }
     }
 

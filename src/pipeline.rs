@@ -402,6 +402,14 @@ impl Core {
         self.watermark.set_backlog(source, backlog);
     }
 
+    /// The broker confirmed at `wall_ms` that no input partition has unread
+    /// messages: when this process has read nothing yet (a restart after the
+    /// input ended), the idle timer starts now (see
+    /// [`Watermark::start_idle_clock`]).
+    pub fn no_backlog_confirmed(&mut self, wall_ms: i64) {
+        self.watermark.start_idle_clock(wall_ms);
+    }
+
     /// The input is finished (see [`Watermark::end_input`]): the next
     /// [`Core::advance`] moves the watermark to the wall clock minus the
     /// allowed lateness, expiring and closing what that allows.

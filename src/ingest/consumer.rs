@@ -17,14 +17,35 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
 
-/// Base client settings: brokers plus every pass-through property.
+/// The consumer's static group membership property: set by
+/// [`input_consumer`] alone (an empty value in `[kafka.properties]` turns
+/// static membership off).
+pub const GROUP_INSTANCE_ID: &str = "group.instance.id";
+
+/// Base client settings: brokers plus every pass-through property (but
+/// [`GROUP_INSTANCE_ID`], which only the input consumer takes).
 pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers);
-    for (k, v) in &cfg.properties {
+    for (k, v) in cfg
+        .properties
+        .iter()
+        .filter(|(k, _)| *k != GROUP_INSTANCE_ID)
+    {
         c.set(k, v);
     }
     c
+}
+
+/// The `group.instance.id` of the input consumer: the configured one, none
+/// when it is configured empty (dynamic membership), else `default` (the
+/// state's own, see [`crate::state::StateStore::instance_id`]).
+pub fn group_instance_id(cfg: &KafkaConfig, default: String) -> Option<String> {
+    match cfg.properties.get(GROUP_INSTANCE_ID) {
+        Some(id) if id.is_empty() => None,
+        Some(id) => Some(id.clone()),
+        None => Some(default),
+    }
 }
 
 /// A change of the partitions this consumer reads.
@@ -178,8 +199,13 @@ fn describe(tpl: &TopicPartitionList) -> String {
 /// The input consumer type.
 pub type InputConsumer = StreamConsumer<IngestContext>;
 
-/// Creates the consumer of both input topics and subscribes it.
-pub fn input_consumer(cfg: &KafkaConfig) -> Result<InputConsumer> {
+/// Creates the consumer of both input topics and subscribes it, as the
+/// static group member `instance_id` (`group.instance.id`, unless the
+/// configuration's Kafka properties set one): a member that restarts under
+/// the same id gets its partitions back at once, where a dynamic member
+/// waits until the broker expires the dead one (`session.timeout.ms`, 45 s
+/// by default).
+pub fn input_consumer(cfg: &KafkaConfig, instance_id: Option<&str>) -> Result<InputConsumer> {
     let mut c = client_config(cfg);
     c.set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
@@ -188,8 +214,15 @@ pub fn input_consumer(cfg: &KafkaConfig) -> Result<InputConsumer> {
         .set("partition.assignment.strategy", "range")
         .set("enable.partition.eof", "false");
     // Pass-through properties win over our defaults.
-    for (k, v) in &cfg.properties {
+    for (k, v) in cfg
+        .properties
+        .iter()
+        .filter(|(k, _)| *k != GROUP_INSTANCE_ID)
+    {
         c.set(k, v);
+    }
+    if let Some(id) = instance_id {
+        c.set(GROUP_INSTANCE_ID, id);
     }
     let consumer: InputConsumer = c
         .create_with_context(IngestContext::default())

@@ -269,6 +269,19 @@ impl Watermark {
         }
     }
 
+    /// The caller knows at `wall_ms` that there is nothing to read (the
+    /// broker reports no unread message on any input partition): if no
+    /// input came since the process started (a restart after the input
+    /// ended), the idle timers start now, as if input had just arrived.
+    /// Without it a restored watermark would wait for the next message to
+    /// start them, and the windows the state holds would stay open until
+    /// new input comes.
+    pub fn start_idle_clock(&mut self, wall_ms: i64) {
+        if self.first_input_wall_ms.is_none() {
+            self.touch(wall_ms);
+        }
+    }
+
     /// The caller has decided the input is finished (a replay run until
     /// idle, about to exit): from now on every source is idle and the
     /// watermark follows the wall clock, whatever backlog the caller
@@ -369,6 +382,31 @@ mod tests {
         labels: false,
         partition: 0,
     };
+
+    /// Issue #11: a restart after the input ended, with nothing to read,
+    /// closes what is due after the idle timeout, as an uninterrupted run
+    /// would; without the broker's word it waits for input.
+    #[test]
+    fn a_restart_with_nothing_to_read_goes_idle_from_the_confirmation() {
+        let state = WatermarkState {
+            max_event_ms: Some(1_000_000),
+            emitted: Some(970_000),
+            sources: vec![(P0, Some(1_000_000))],
+        };
+        let wall = 50_000_000;
+        let mut waiting = Watermark::restored(30_000, 60_000, state.clone());
+        assert_eq!(waiting.current(wall + 3_600_000), Some(970_000));
+        let mut w = Watermark::restored(30_000, 60_000, state);
+        w.set_backlog(P0, false);
+        w.start_idle_clock(wall);
+        assert_eq!(w.current(wall + 59_999), Some(970_000));
+        assert_eq!(w.current(wall + 60_000), Some(wall + 60_000 - 30_000));
+        // Input that came first keeps its own clock.
+        let mut fed = Watermark::new(30_000, 60_000);
+        fed.observe(P0, 2_000_000, wall);
+        fed.start_idle_clock(wall + 50_000);
+        assert!(fed.is_idle(wall + 60_000));
+    }
 
     #[test]
     fn window_start_floors_including_negative_times() {

@@ -38,6 +38,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 pub const FORMAT_VERSION: u32 = 1;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// The key of [`StateStore::instance_id`] in the meta table.
+const INSTANCE_ID: &str = "instance_id";
 const POSITIONS: TableDefinition<(&str, i32), i64> = TableDefinition::new("positions");
 const JOIN: TableDefinition<&str, &[u8]> = TableDefinition::new("join");
 /// (first expiry, request id) of every join record: what the service loads
@@ -224,6 +227,32 @@ impl StateStore {
         Ok(())
     }
 
+    /// The consumer group instance id of the service that owns this state
+    /// (Kafka static membership, `group.instance.id`): made once, at the
+    /// first start on the directory, and kept with the state, so a
+    /// restarted instance rejoins its group as the same member and gets
+    /// its partitions back at once, while two instances (two state
+    /// directories) never share an id.
+    pub fn instance_id(&self) -> Result<String> {
+        let tx = self.db.begin_write()?;
+        let id = {
+            let mut meta = tx.open_table(META)?;
+            let stored = meta
+                .get(INSTANCE_ID)?
+                .map(|v| String::from_utf8_lossy(v.value()).into_owned());
+            match stored {
+                Some(id) => id,
+                None => {
+                    let id = format!("modelwatch-{:016x}", rand::random::<u64>());
+                    meta.insert(INSTANCE_ID, id.as_bytes())?;
+                    id
+                }
+            }
+        };
+        tx.commit()?;
+        Ok(id)
+    }
+
     /// The store's file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -244,7 +273,7 @@ impl StateStore {
         let mut records = Vec::new();
         for entry in meta.iter()? {
             let (k, v) = entry?;
-            if k.value() != "format" {
+            if k.value() != "format" && k.value() != INSTANCE_ID {
                 records.push((k.value().to_string(), v.value().to_vec()));
             }
         }

@@ -493,10 +493,8 @@ pub(crate) struct Instance {
 
 /// The configuration file of every run: what the environment cannot say.
 const CONFIG_TOML: &str = r#"
-[kafka.properties]
-# A killed member is noticed after 6 s instead of 45 s (restarts rejoin fast).
-"session.timeout.ms" = "6000"
-"heartbeat.interval.ms" = "500"
+# Default Kafka settings: a restart rejoins its group at once as the same
+# static member (group.instance.id kept in state.dir).
 "#;
 
 impl Instance {

@@ -38,7 +38,7 @@ use crate::pipeline::{Core, CoreStats, Output};
 use crate::sinks::clickhouse::{ClickHouseSink, HistogramRow, MetricRow, SinkError, VersionRow};
 use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue};
 use crate::sinks::webhook::{DeliveryRecord, Notifier};
-use crate::state::{Checkpoint, JoinReader, StateStore};
+use crate::state::{Checkpoint, Identity, JoinReader, StateStore};
 use crate::telemetry::{Counters, FlushReport, Telemetry};
 use rdkafka::consumer::Consumer;
 
@@ -407,6 +407,7 @@ impl Service {
             .await
             .map_err(|e| anyhow::anyhow!("ClickHouse migration failed: {e}"))?;
         let store = StateStore::open(&cfg.state.dir)?;
+        store.claim(&Identity::of(&cfg))?;
         let (core, positions, cold) = match restore_state(&store, &cfg)? {
             Some((mut core, positions, cold)) => {
                 let loaded = load_references(&sink, &mut core, true).await?;
@@ -1508,7 +1509,10 @@ pub async fn restore_alerts(sink: &ClickHouseSink, core: &mut Core, cfg: &Config
 
 /// `modelwatch run`: the service until SIGINT / SIGTERM (or, with
 /// `exit_when_idle`, until the input has been idle for `windows.idle_timeout`).
-pub async fn run(cfg: Config, exit_when_idle: bool) -> Result<()> {
+pub async fn run(cfg: Config, exit_when_idle: bool, reset_state: bool) -> Result<()> {
+    if reset_state && crate::state::reset(&cfg.state.dir)? {
+        tracing::warn!(dir = %cfg.state.dir.display(), "state discarded (--reset-state): starting with empty state from the group's committed offsets");
+    }
     let mut service = Service::start(cfg.clone()).await?;
     let api = if cfg.api.enabled {
         Some(crate::api::ApiServer::start(&cfg, service.telemetry()).await?)

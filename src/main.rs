@@ -53,6 +53,11 @@ struct RunArgs {
     /// closing every window (replays and backfills of a finite stream).
     #[arg(long)]
     exit_when_idle: bool,
+    /// Discard the state in state.dir first (its pending predictions and
+    /// open windows are lost): for a state.dir that belonged to another
+    /// pipeline, or a deliberate fresh start.
+    #[arg(long)]
+    reset_state: bool,
 }
 
 #[derive(Args, Debug)]
@@ -180,7 +185,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command, cfg: Config) -> Result<()> {
     match command {
-        Command::Run(a) => app::run(cfg, a.exit_when_idle).await,
+        Command::Run(a) => app::run(cfg, a.exit_when_idle, a.reset_state).await,
         Command::Demo(a) => {
             demo::run(
                 cfg,

@@ -32,6 +32,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
 
 /// Format of the records: bumped when a record's encoding changes
 /// incompatibly (the service then refuses to start on an older store).
@@ -41,6 +42,79 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// The key of [`StateStore::instance_id`] in the meta table.
 const INSTANCE_ID: &str = "instance_id";
+
+/// The key of [`StateStore::claim`]'s identity in the meta table.
+const IDENTITY: &str = "identity";
+
+/// What a state belongs to ([`StateStore::claim`]): the settings that make
+/// its checkpoint meaningless for another configuration: other input
+/// topics (its positions and watermark are of these), another ClickHouse
+/// database (its open windows' rows belong there). Not part of it: the
+/// consumer group (the state's positions, not the group's commits, decide
+/// where the input resumes, so renaming the group is safe), window sizes
+/// and horizons (new windows take the new ones).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// `kafka.predictions_topic`.
+    pub predictions_topic: String,
+    /// `kafka.ground_truth_topic`.
+    pub ground_truth_topic: String,
+    /// `clickhouse.url`.
+    pub clickhouse_url: String,
+    /// `clickhouse.database`.
+    pub clickhouse_database: String,
+}
+
+impl Identity {
+    /// The identity of a configuration.
+    pub fn of(cfg: &crate::config::Config) -> Identity {
+        Identity {
+            predictions_topic: cfg.kafka.predictions_topic.clone(),
+            ground_truth_topic: cfg.kafka.ground_truth_topic.clone(),
+            clickhouse_url: cfg.clickhouse.url.clone(),
+            clickhouse_database: cfg.clickhouse.database.clone(),
+        }
+    }
+
+    /// `setting is "stored" there and "new" here`, for every difference.
+    fn differences(&self, new: &Identity) -> Vec<String> {
+        [
+            (
+                "kafka.predictions_topic",
+                &self.predictions_topic,
+                &new.predictions_topic,
+            ),
+            (
+                "kafka.ground_truth_topic",
+                &self.ground_truth_topic,
+                &new.ground_truth_topic,
+            ),
+            ("clickhouse.url", &self.clickhouse_url, &new.clickhouse_url),
+            (
+                "clickhouse.database",
+                &self.clickhouse_database,
+                &new.clickhouse_database,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(key, a, b)| format!("{key} is {a:?} there and {b:?} here"))
+        .collect()
+    }
+}
+
+/// Deletes the state store in `dir` (`modelwatch run --reset-state`);
+/// says whether there was one.
+pub fn reset(dir: &Path) -> Result<bool> {
+    let path = dir.join(FILE_NAME);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot remove the state store {}", path.display()))
+        }
+    }
+}
 const POSITIONS: TableDefinition<(&str, i32), i64> = TableDefinition::new("positions");
 const JOIN: TableDefinition<&str, &[u8]> = TableDefinition::new("join");
 /// (first expiry, request id) of every join record: what the service loads
@@ -253,6 +327,44 @@ impl StateStore {
         Ok(id)
     }
 
+    /// Binds the store to the pipeline `identity` at its first start and
+    /// refuses any other afterwards: a checkpoint restored into another
+    /// pipeline (other topics, group or database) would skip that
+    /// pipeline's input below positions of a different topic and count its
+    /// events late against another watermark. The error names every
+    /// differing setting with both values and the ways out.
+    pub fn claim(&self, identity: &Identity) -> Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut meta = tx.open_table(META)?;
+            let stored = meta
+                .get(IDENTITY)?
+                .map(|v| serde_json::from_slice::<Identity>(v.value()));
+            match stored {
+                Some(Ok(stored)) => {
+                    let differences = stored.differences(identity);
+                    if !differences.is_empty() {
+                        bail!(
+                            "the state in {} belongs to another pipeline: {}. Give this configuration a state.dir of its own, or start it with `modelwatch run --reset-state` to discard that state (its pending predictions and open windows are lost)",
+                            self.path.display(),
+                            differences.join("; ")
+                        );
+                    }
+                }
+                Some(Err(e)) => bail!(
+                    "the state store {} has an unreadable identity record: {e}",
+                    self.path.display()
+                ),
+                None => {
+                    let json = serde_json::to_vec(identity).context("identity")?;
+                    meta.insert(IDENTITY, json.as_slice())?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// The store's file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -273,7 +385,7 @@ impl StateStore {
         let mut records = Vec::new();
         for entry in meta.iter()? {
             let (k, v) = entry?;
-            if k.value() != "format" && k.value() != INSTANCE_ID {
+            if !["format", INSTANCE_ID, IDENTITY].contains(&k.value()) {
                 records.push((k.value().to_string(), v.value().to_vec()));
             }
         }
@@ -381,6 +493,55 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn identity(topic: &str, database: &str) -> Identity {
+        Identity {
+            predictions_topic: topic.into(),
+            ground_truth_topic: "ground-truth".into(),
+            clickhouse_url: "http://127.0.0.1:8123".into(),
+            clickhouse_database: database.into(),
+        }
+    }
+
+    /// Issue #11: a second pipeline started on the same state.dir is
+    /// refused with both values of every differing setting; the same one
+    /// is not; after a reset the directory takes the new one.
+    #[test]
+    fn a_state_refuses_another_pipeline_and_reset_frees_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = identity("predictions", "modelwatch");
+        {
+            let store = StateStore::open(dir.path()).unwrap();
+            store.claim(&a).unwrap();
+            store.claim(&a).unwrap();
+            let e = store
+                .claim(&identity("other-predictions", "other"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(
+                    r#"kafka.predictions_topic is "predictions" there and "other-predictions" here"#
+                ),
+                "{e}"
+            );
+            assert!(
+                e.contains(r#"clickhouse.database is "modelwatch" there and "other" here"#),
+                "{e}"
+            );
+            assert!(e.contains("--reset-state"), "{e}");
+            assert!(!e.contains("ground_truth"), "{e}");
+        }
+        assert!(reset(dir.path()).unwrap());
+        assert!(!reset(dir.path()).unwrap(), "nothing left to reset");
+        let store = StateStore::open(dir.path()).unwrap();
+        store
+            .claim(&identity("other-predictions", "other"))
+            .unwrap();
+        assert!(
+            store.load().unwrap().is_none(),
+            "the identity is not a checkpoint"
+        );
+    }
 
     fn checkpoint(
         core: &[u8],

@@ -1089,6 +1089,25 @@ impl Processing {
                 }
             }
         }
+        // Event time is bounded by the wall clock: one event dated in the
+        // future would move the watermark past all live traffic (and, being
+        // checkpointed, keep it there across restarts).
+        let skew_ms = self.cfg.limits.max_future_skew.as_millis() as i64;
+        let decoded = decoded.and_then(|ev| {
+            let ts = match &ev {
+                InputEvent::Prediction(p) => p.timestamp,
+                InputEvent::GroundTruth(g) => g.timestamp,
+            };
+            if ts > wall_ms.saturating_add(skew_ms) {
+                Err(crate::ingest::decode::DecodeError::Timestamp(format!(
+                    "timestamp {ts} is {} s ahead of the wall clock (limits.max_future_skew = {})",
+                    (ts - wall_ms) / 1000,
+                    humantime::format_duration(self.cfg.limits.max_future_skew)
+                )))
+            } else {
+                Ok(ev)
+            }
+        });
         match decoded {
             Ok(InputEvent::Prediction(p)) => {
                 self.core.on_prediction_from(partition, &p, wall_ms);

@@ -424,6 +424,11 @@ pub struct LimitsConfig {
     pub max_categories: usize,
     /// Most pending predictions kept waiting for labels; beyond it the oldest expire early. Default 10000000.
     pub max_pending: usize,
+    /// How far ahead of the wall clock an event's timestamp may be; a later
+    /// one is dead-lettered (kind `timestamp`), so one event dated in the
+    /// future cannot move the watermark past all live traffic. Default `1h`.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -434,6 +439,7 @@ impl Default for LimitsConfig {
             max_versions_per_model: 20,
             max_categories: 200,
             max_pending: 10_000_000,
+            max_future_skew: Duration::from_secs(3600),
         }
     }
 }
@@ -1017,6 +1023,9 @@ impl Config {
             if v == 0 {
                 bail!("invalid configuration: {name} must be at least 1");
             }
+        }
+        if l.max_future_skew.is_zero() {
+            bail!("invalid configuration: limits.max_future_skew must be positive (e.g. \"1h\")");
         }
         for (model, m) in &self.models {
             if let Some(t) = m.threshold {

@@ -212,6 +212,11 @@ pub enum DecodeError {
     /// Decoded, but a field value is invalid.
     #[error("invalid event: {0}")]
     Validation(String),
+    /// Valid, but its timestamp is out of the bounds the wall clock sets
+    /// (`limits.max_future_skew`): checked by the service, not here (the
+    /// decoder has no clock).
+    #[error("event time out of bounds: {0}")]
+    Timestamp(String),
 }
 
 impl DecodeError {
@@ -226,6 +231,7 @@ impl DecodeError {
             DecodeError::Format { .. } => "format",
             DecodeError::WrongType { .. } => "wrong_type",
             DecodeError::Validation(_) => "validation",
+            DecodeError::Timestamp(_) => "timestamp",
         }
     }
 }

@@ -189,6 +189,19 @@ pub(crate) fn dataset(t0: i64) -> Dataset {
             "bad-4".into(),
             br#"{"request_id":"bad-4","timestamp":1700000000000}"#.to_vec(),
         ),
+        // Dated in 2999 (issue #11): beyond limits.max_future_skew, a
+        // dead letter of kind `timestamp`. Accepted, the prediction moved
+        // the watermark past every other event, which were all late.
+        (
+            Input::Predictions,
+            "bad-future-p".into(),
+            br#"{"request_id":"bad-future-p","model_id":"clf","model_version":"v1","timestamp":32472144000000,"score":0.5}"#.to_vec(),
+        ),
+        (
+            Input::GroundTruth,
+            "bad-future-l".into(),
+            br#"{"request_id":"r1","timestamp":32472144000000,"actual_label":"1"}"#.to_vec(),
+        ),
     ];
     d.reference = reference_events(t0);
     d
@@ -728,6 +741,14 @@ pub(crate) fn assert_dead_letters(brokers: &str, d: &Dataset) {
         };
         let reason = header("modelwatch.error").expect("modelwatch.error header");
         assert!(!reason.is_empty(), "{key}: empty reason");
+        if key.starts_with("bad-future") {
+            assert_eq!(
+                header("modelwatch.error.kind").as_deref(),
+                Some("timestamp"),
+                "{key}: {reason}"
+            );
+            assert!(reason.contains("limits.max_future_skew"), "{reason}");
+        }
         let topic = match input {
             Input::Predictions => "predictions",
             Input::GroundTruth => "ground-truth",

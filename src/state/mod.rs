@@ -46,23 +46,22 @@ const INSTANCE_ID: &str = "instance_id";
 /// The key of [`StateStore::claim`]'s identity in the meta table.
 const IDENTITY: &str = "identity";
 
-/// What a state belongs to ([`StateStore::claim`]): the settings that make
-/// its checkpoint meaningless for another configuration: other input
-/// topics (its positions and watermark are of these), another ClickHouse
-/// database (its open windows' rows belong there). Not part of it: the
-/// consumer group (the state's positions, not the group's commits, decide
-/// where the input resumes, so renaming the group is safe), window sizes
-/// and horizons (new windows take the new ones).
+/// What a state belongs to ([`StateStore::claim`]): the input topics. Its
+/// positions, join state and watermark are of that input, so restoring it
+/// for other topics would skip their messages below positions of another
+/// topic and count them late against another watermark. Not part of it:
+/// the consumer group (the state's positions, not the group's commits,
+/// decide where input resumes, so renaming the group is safe), the
+/// ClickHouse URL and database (moving the output to another server or
+/// database carries the open windows over; the memory-budget test writes
+/// one state's continuation to two databases), window sizes and horizons
+/// (new windows take the new ones).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     /// `kafka.predictions_topic`.
     pub predictions_topic: String,
     /// `kafka.ground_truth_topic`.
     pub ground_truth_topic: String,
-    /// `clickhouse.url`.
-    pub clickhouse_url: String,
-    /// `clickhouse.database`.
-    pub clickhouse_database: String,
 }
 
 impl Identity {
@@ -71,8 +70,6 @@ impl Identity {
         Identity {
             predictions_topic: cfg.kafka.predictions_topic.clone(),
             ground_truth_topic: cfg.kafka.ground_truth_topic.clone(),
-            clickhouse_url: cfg.clickhouse.url.clone(),
-            clickhouse_database: cfg.clickhouse.database.clone(),
         }
     }
 
@@ -88,12 +85,6 @@ impl Identity {
                 "kafka.ground_truth_topic",
                 &self.ground_truth_topic,
                 &new.ground_truth_topic,
-            ),
-            ("clickhouse.url", &self.clickhouse_url, &new.clickhouse_url),
-            (
-                "clickhouse.database",
-                &self.clickhouse_database,
-                &new.clickhouse_database,
             ),
         ]
         .into_iter()
@@ -494,12 +485,10 @@ impl StateStore {
 mod tests {
     use super::*;
 
-    fn identity(topic: &str, database: &str) -> Identity {
+    fn identity(predictions: &str, labels: &str) -> Identity {
         Identity {
-            predictions_topic: topic.into(),
-            ground_truth_topic: "ground-truth".into(),
-            clickhouse_url: "http://127.0.0.1:8123".into(),
-            clickhouse_database: database.into(),
+            predictions_topic: predictions.into(),
+            ground_truth_topic: labels.into(),
         }
     }
 
@@ -509,7 +498,7 @@ mod tests {
     #[test]
     fn a_state_refuses_another_pipeline_and_reset_frees_it() {
         let dir = tempfile::tempdir().unwrap();
-        let a = identity("predictions", "modelwatch");
+        let a = identity("predictions", "ground-truth");
         {
             let store = StateStore::open(dir.path()).unwrap();
             store.claim(&a).unwrap();

@@ -504,27 +504,27 @@ mod tests {
             store.claim(&a).unwrap();
             store.claim(&a).unwrap();
             let e = store
-                .claim(&identity("other-predictions", "other"))
+                .claim(&identity("other-predictions", "other-labels"))
                 .unwrap_err()
                 .to_string();
-            assert!(
-                e.contains(
-                    r#"kafka.predictions_topic is "predictions" there and "other-predictions" here"#
-                ),
-                "{e}"
-            );
-            assert!(
-                e.contains(r#"clickhouse.database is "modelwatch" there and "other" here"#),
-                "{e}"
-            );
-            assert!(e.contains("--reset-state"), "{e}");
-            assert!(!e.contains("ground_truth"), "{e}");
+            for want in [
+                r#"kafka.predictions_topic is "predictions" there and "other-predictions" here"#,
+                r#"kafka.ground_truth_topic is "ground-truth" there and "other-labels" here"#,
+                "--reset-state",
+            ] {
+                assert!(e.contains(want), "{e}");
+            }
+            let e = store
+                .claim(&identity("predictions", "other-labels"))
+                .unwrap_err()
+                .to_string();
+            assert!(!e.contains("predictions_topic"), "only what differs: {e}");
         }
         assert!(reset(dir.path()).unwrap());
         assert!(!reset(dir.path()).unwrap(), "nothing left to reset");
         let store = StateStore::open(dir.path()).unwrap();
         store
-            .claim(&identity("other-predictions", "other"))
+            .claim(&identity("other-predictions", "other-labels"))
             .unwrap();
         assert!(
             store.load().unwrap().is_none(),

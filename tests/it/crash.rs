@@ -494,7 +494,9 @@ pub(crate) struct Instance {
 /// The configuration file of every run: what the environment cannot say.
 const CONFIG_TOML: &str = r#"
 # Default Kafka settings: a restart rejoins its group at once as the same
-# static member (group.instance.id kept in state.dir).
+# static member (group.instance.id kept in state.dir). Tests append their
+# own properties to this table.
+[kafka.properties]
 "#;
 
 impl Instance {

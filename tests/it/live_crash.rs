@@ -166,6 +166,26 @@ fn label_counts(
         .collect()
 }
 
+/// Produces `batch`, each message to its partition; returns the messages.
+fn produce_partitioned(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    batch: Vec<(Message, i32)>,
+) -> Vec<Message> {
+    let (messages, partitions): (Vec<Message>, Vec<i32>) = batch.into_iter().unzip();
+    {
+        let key_partition: BTreeMap<&str, i32> = messages
+            .iter()
+            .zip(&partitions)
+            .map(|(m, p)| (m.1.as_str(), *p))
+            .collect();
+        rt.block_on(produce_to(brokers, &messages, |m| {
+            key_partition.get(m.1.as_str()).copied()
+        }));
+    }
+    messages
+}
+
 /// Produces the batches live on a thread of its own.
 fn produce_live(brokers: String, batches: Vec<Vec<(Message, i32)>>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -174,15 +194,7 @@ fn produce_live(brokers: String, batches: Vec<Vec<(Message, i32)>>) -> std::thre
         for (i, batch) in batches.into_iter().enumerate() {
             let due = started + BATCH_EVERY * i as u32;
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            let (messages, partitions): (Vec<Message>, Vec<i32>) = batch.into_iter().unzip();
-            let key_partition: BTreeMap<&str, i32> = messages
-                .iter()
-                .zip(&partitions)
-                .map(|(m, p)| (m.1.as_str(), *p))
-                .collect();
-            rt.block_on(produce_to(&brokers, &messages, |m| {
-                key_partition.get(m.1.as_str()).copied()
-            }));
+            produce_partitioned(&rt, &brokers, batch);
         }
     })
 }
@@ -406,16 +418,11 @@ fn a_restart_rejoins_at_once_and_closes_what_is_due_without_new_input() {
     let dir_path = logs_dir(dir.path());
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (batches, _, reference) = batches();
-    let messages: Vec<(Message, i32)> = batches.into_iter().take(20).flatten().collect();
-    let (messages, partitions): (Vec<Message>, Vec<i32>) = messages.into_iter().unzip();
-    let key_partition: BTreeMap<&str, i32> = messages
-        .iter()
-        .zip(&partitions)
-        .map(|(m, p)| (m.1.as_str(), *p))
-        .collect();
-    runtime.block_on(produce_to(&brokers, &messages, |m| {
-        key_partition.get(m.1.as_str()).copied()
-    }));
+    let messages = produce_partitioned(
+        &runtime,
+        &brokers,
+        batches.into_iter().take(20).flatten().collect(),
+    );
 
     let restart = |name| {
         let i = instance(name, &brokers, &dir_path);

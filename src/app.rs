@@ -1075,23 +1075,10 @@ impl Processing {
         };
         let bytes = payload.unwrap_or(&[]);
         let decoded = self.decoder.decode(kind, bytes);
-        if self.cold.requests > 0 {
-            let id = match &decoded {
-                Ok(InputEvent::Prediction(p)) => Some(&*p.request_id),
-                Ok(InputEvent::GroundTruth(g)) => Some(&*g.request_id),
-                Err(_) => None,
-            };
-            if let Some(id) = id {
-                if let Err(e) = self.load_cold(id) {
-                    // The store answered a checkpoint a moment ago: a read
-                    // failing now is a broken disk, not bad input.
-                    tracing::error!(error = %format!("{e:#}"), request_id = id, "cannot read a join record back from the state store");
-                }
-            }
-        }
-        // Event time is bounded by the wall clock: one event dated in the
-        // future would move the watermark past all live traffic (and, being
-        // checkpointed, keep it there across restarts).
+        // Event time is bounded by the wall clock, before any state is read
+        // for the event: one event dated in the future would move the
+        // watermark past all live traffic (and, being checkpointed, keep it
+        // there across restarts).
         let skew_ms = self.cfg.limits.max_future_skew.as_millis() as i64;
         let decoded = decoded.and_then(|ev| {
             let ts = match &ev {
@@ -1108,6 +1095,20 @@ impl Processing {
                 Ok(ev)
             }
         });
+        if self.cold.requests > 0 {
+            let id = match &decoded {
+                Ok(InputEvent::Prediction(p)) => Some(&*p.request_id),
+                Ok(InputEvent::GroundTruth(g)) => Some(&*g.request_id),
+                Err(_) => None,
+            };
+            if let Some(id) = id {
+                if let Err(e) = self.load_cold(id) {
+                    // The store answered a checkpoint a moment ago: a read
+                    // failing now is a broken disk, not bad input.
+                    tracing::error!(error = %format!("{e:#}"), request_id = id, "cannot read a join record back from the state store");
+                }
+            }
+        }
         match decoded {
             Ok(InputEvent::Prediction(p)) => {
                 self.core.on_prediction_from(partition, &p, wall_ms);

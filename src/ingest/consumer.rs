@@ -101,9 +101,11 @@ impl IngestContext {
     /// The assignment changes since the last call, oldest first (cheap when
     /// there are none: one atomic load).
     pub fn take_changes(&self) -> Vec<Assignment> {
-        if !self
-            .pending
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        // Called for every message: a plain load while nothing changed.
+        if !self.pending.load(std::sync::atomic::Ordering::Acquire)
+            || !self
+                .pending
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
         {
             return Vec::new();
         }

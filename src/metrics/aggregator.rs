@@ -335,7 +335,9 @@ impl Aggregator {
                 c.data.approx_bytes()
                     + c.outcome.approx_bytes()
                     + c.labeled.capacity() * std::mem::size_of::<Labeled>()
-                    + c.labeled.iter().filter(|l| l.2.is_some()).count() * 64
+                    // Labels are kept only while the label reference is
+                    // incomplete: a prefix of the list.
+                    + c.labeled.partition_point(|l| l.2.is_some()) * 64
             })
             .sum()
     }
@@ -755,20 +757,14 @@ impl Aggregator {
         let mut metrics = Vec::new();
         let smallest = self.cfg.window_sizes_ms.iter().copied().min();
         for key in keys {
-            let horizon = self.cfg.label_horizon_ms;
-            if Some(key.0) == smallest
-                && self
-                    .windows
-                    .get(&key)
-                    .is_some_and(|w| w.end() + horizon <= watermark)
-            {
+            let final_now = key.1 + key.0 + self.cfg.label_horizon_ms <= watermark;
+            if final_now && Some(key.0) == smallest {
                 self.feed_final(key);
             }
             let Some(w) = self.windows.get_mut(&key) else {
                 continue;
             };
             let closing_now = !w.data_closed;
-            let final_now = w.end() + self.cfg.label_horizon_ms <= watermark;
             let revise_now = closing_now
                 || final_now
                 || watermark - w.last_revision_at >= self.cfg.revision_interval_ms;

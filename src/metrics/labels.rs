@@ -279,8 +279,13 @@ impl LabelHistogram {
     /// Adds one label value (ignored when its kind does not match the profile).
     #[inline]
     pub fn observe(&mut self, v: LabelValue<'_>) {
+        self.observe_n(v, 1);
+    }
+
+    /// Adds `n` labels of value `v`.
+    pub fn observe_n(&mut self, v: LabelValue<'_>, n: u64) {
         if let Some(c) = self.profile.bin(v).and_then(|b| self.counts.get_mut(b)) {
-            *c += 1;
+            *c += n;
         }
     }
 

@@ -647,11 +647,16 @@ impl OutcomeAccumulator {
     /// version's label reference `profile` (see [`super::labels`]). A label
     /// binned on another profile than the window's first is ignored.
     pub fn observe_label(&mut self, profile: &Arc<LabelProfile>, value: LabelValue<'_>) {
+        self.observe_labels(profile, value, 1);
+    }
+
+    /// [`OutcomeAccumulator::observe_label`] for `n` labels of one value.
+    fn observe_labels(&mut self, profile: &Arc<LabelProfile>, value: LabelValue<'_>, n: u64) {
         let h = self
             .labels
             .get_or_insert_with(|| LabelHistogram::new(profile.clone()));
         if h.is_on(profile) {
-            h.observe(value);
+            h.observe_n(value, n);
         }
     }
 
@@ -679,9 +684,7 @@ impl OutcomeAccumulator {
         if !self.unbinned.is_empty() {
             let u = std::mem::take(&mut self.unbinned);
             for (class, n) in &u.classes {
-                for _ in 0..*n {
-                    self.observe_label(profile, LabelValue::Class(class));
-                }
+                self.observe_labels(profile, LabelValue::Class(class), *n);
             }
             for &x in &u.values {
                 self.observe_label(profile, LabelValue::Value(x));

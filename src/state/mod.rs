@@ -46,6 +46,28 @@ const INSTANCE_ID: &str = "instance_id";
 /// The key of [`StateStore::claim`]'s identity in the meta table.
 const IDENTITY: &str = "identity";
 
+const POSITIONS: TableDefinition<(&str, i32), i64> = TableDefinition::new("positions");
+const JOIN: TableDefinition<&str, &[u8]> = TableDefinition::new("join");
+/// (first expiry, request id) of every join record: what the service loads
+/// back before the watermark passes it, when the record is not in memory.
+const JOIN_EXPIRY: TableDefinition<(i64, &str), ()> = TableDefinition::new("join_expiry");
+
+/// A join record as stored: its first expiry (little-endian i64), then the record.
+fn join_value(expiry: i64, record: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + record.len());
+    v.extend_from_slice(&expiry.to_le_bytes());
+    v.extend_from_slice(record);
+    v
+}
+
+/// Splits a stored join value into (first expiry, record).
+fn split_join_value(v: &[u8]) -> Result<(i64, &[u8])> {
+    match v.split_first_chunk::<8>() {
+        Some((expiry, record)) => Ok((i64::from_le_bytes(*expiry), record)),
+        None => bail!("a join record of the state store is truncated"),
+    }
+}
+
 /// What a state belongs to ([`StateStore::claim`]): the input topics. Its
 /// positions, join state and watermark are of that input, so restoring it
 /// for other topics would skip their messages below positions of another
@@ -104,27 +126,6 @@ pub fn reset(dir: &Path) -> Result<bool> {
         Err(e) => {
             Err(e).with_context(|| format!("cannot remove the state store {}", path.display()))
         }
-    }
-}
-const POSITIONS: TableDefinition<(&str, i32), i64> = TableDefinition::new("positions");
-const JOIN: TableDefinition<&str, &[u8]> = TableDefinition::new("join");
-/// (first expiry, request id) of every join record: what the service loads
-/// back before the watermark passes it, when the record is not in memory.
-const JOIN_EXPIRY: TableDefinition<(i64, &str), ()> = TableDefinition::new("join_expiry");
-
-/// A join record as stored: its first expiry (little-endian i64), then the record.
-fn join_value(expiry: i64, record: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(8 + record.len());
-    v.extend_from_slice(&expiry.to_le_bytes());
-    v.extend_from_slice(record);
-    v
-}
-
-/// Splits a stored join value into (first expiry, record).
-fn split_join_value(v: &[u8]) -> Result<(i64, &[u8])> {
-    match v.split_first_chunk::<8>() {
-        Some((expiry, record)) => Ok((i64::from_le_bytes(*expiry), record)),
-        None => bail!("a join record of the state store is truncated"),
     }
 }
 
@@ -319,11 +320,8 @@ impl StateStore {
     }
 
     /// Binds the store to the pipeline `identity` at its first start and
-    /// refuses any other afterwards: a checkpoint restored into another
-    /// pipeline (other topics, group or database) would skip that
-    /// pipeline's input below positions of a different topic and count its
-    /// events late against another watermark. The error names every
-    /// differing setting with both values and the ways out.
+    /// refuses any other afterwards (see [`Identity`]). The error names
+    /// every differing setting with both values and the ways out.
     pub fn claim(&self, identity: &Identity) -> Result<()> {
         let tx = self.db.begin_write()?;
         {

@@ -57,6 +57,8 @@ fn join_benches(c: &mut Criterion) {
         label_horizon_ms: 3_600_000,
         early_label_ttl_ms: 600_000,
         max_pending: 10_000_000,
+        max_pending_per_model: usize::MAX,
+        max_early_labels: usize::MAX,
     };
     let ids: Vec<String> = (0..100_000).map(|i| format!("req-3-{i}")).collect();
     let label = Label {

@@ -36,6 +36,7 @@ use crate::metrics::ReferenceProfile;
 use crate::model::{AlertEvent, InputEvent};
 use crate::pipeline::{Core, CoreStats, Output};
 use crate::sinks::clickhouse::{ClickHouseSink, HistogramRow, MetricRow, SinkError, VersionRow};
+use crate::ingest::bounds::EventBounds;
 use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue};
 use crate::sinks::webhook::{DeliveryRecord, Notifier};
 use crate::state::{Checkpoint, Identity, JoinReader, StateStore};
@@ -373,6 +374,8 @@ struct Cold {
 struct Processing {
     cfg: Config,
     decoder: Decoder,
+    /// The per-event bounds of `[limits]`.
+    bounds: EventBounds,
     core: Core,
     /// Join requests that are only in the store (beyond the memory budget).
     cold: Cold,
@@ -467,6 +470,7 @@ impl Service {
             last_flush_end: Instant::now(),
             p: Processing {
                 decoder: Decoder::new(cfg.kafka.format),
+                bounds: EventBounds::new(&cfg.limits),
                 core,
                 cold,
                 store,
@@ -1074,27 +1078,12 @@ impl Processing {
             EventKind::GroundTruth
         };
         let bytes = payload.unwrap_or(&[]);
-        let decoded = self.decoder.decode(kind, bytes);
-        // Event time is bounded by the wall clock, before any state is read
-        // for the event: one event dated in the future would move the
-        // watermark past all live traffic (and, being checkpointed, keep it
-        // there across restarts).
-        let skew_ms = self.cfg.limits.max_future_skew.as_millis() as i64;
-        let decoded = decoded.and_then(|ev| {
-            let ts = match &ev {
-                InputEvent::Prediction(p) => p.timestamp,
-                InputEvent::GroundTruth(g) => g.timestamp,
-            };
-            if ts > wall_ms.saturating_add(skew_ms) {
-                Err(crate::ingest::decode::DecodeError::Timestamp(format!(
-                    "timestamp {ts} is {} s ahead of the wall clock (limits.max_future_skew = {})",
-                    (ts - wall_ms) / 1000,
-                    humantime::format_duration(self.cfg.limits.max_future_skew)
-                )))
-            } else {
-                Ok(ev)
-            }
-        });
+        // Bounded before any state is read for the event: event time by
+        // the wall clock, sizes by `[limits]` (crate::ingest::bounds).
+        let decoded = self
+            .decoder
+            .decode(kind, bytes)
+            .and_then(|ev| self.bounds.check(&ev, wall_ms).map(|()| ev));
         if self.cold.requests > 0 {
             let id = match &decoded {
                 Ok(InputEvent::Prediction(p)) => Some(&*p.request_id),
@@ -1118,6 +1107,9 @@ impl Processing {
             }
             Err(e) => {
                 Counters::add(&self.counters.decode_failures_total, 1);
+                if let Some(limit) = e.limit() {
+                    self.counters.add_event_limit_hit(limit);
+                }
                 self.core.on_undecodable(wall_ms);
                 self.pending.letters.push(DeadLetter {
                     topic: topic.to_string(),

@@ -429,6 +429,41 @@ pub struct LimitsConfig {
     /// future cannot move the watermark past all live traffic. Default `1h`.
     #[serde(with = "humantime_serde")]
     pub max_future_skew: Duration,
+    /// How far behind the wall clock an event's timestamp may be; an older
+    /// one is dead-lettered (kind `timestamp`). Raise it to replay history.
+    /// Default `365days`.
+    #[serde(with = "humantime_serde")]
+    pub max_event_age: Duration,
+    /// Most features per event (and entries of `class_probabilities`); a
+    /// larger event is dead-lettered (kind `limit`). Also the most distinct
+    /// features a version's reference profile learns: later ones are
+    /// ignored (counted). Default 1000.
+    pub max_features: usize,
+    /// Most segment keys per event (a larger event is dead-lettered, kind
+    /// `limit`) and distinct segment keys in all (a key beyond them is
+    /// ignored, counted). Default 32.
+    pub max_segment_keys: usize,
+    /// Longest string of an event in bytes (request id, model, version,
+    /// feature names and string values, segment keys and values, labels);
+    /// a longer one makes the event a dead letter (kind `limit`). Default 1024.
+    pub max_identifier_bytes: usize,
+    /// Distinct values a categorical feature counts while its reference is
+    /// built (the profile keeps the `max_categories` most frequent); later
+    /// new values are left out of the reference (counted). Default 10000.
+    pub max_reference_categories: usize,
+    /// Most labels waiting for their prediction; beyond it the one expiring
+    /// soonest becomes an orphan early (counted). Default 1000000.
+    pub max_early_labels: usize,
+    /// Most pending predictions of one (model, version); beyond it the
+    /// version's new predictions are not kept waiting for a label (counted
+    /// as expired at once), so one model's flood cannot push the others'
+    /// predictions out of `max_pending`. Default 5000000.
+    pub max_pending_per_model: usize,
+    /// Most alert series (rule, model, version, segment, feature) tracked;
+    /// beyond it resolved series that were quiet longest are forgotten
+    /// first, and a new series finds no room only when every tracked one
+    /// is firing (counted). Default 100000.
+    pub max_alert_series: usize,
 }
 
 impl Default for LimitsConfig {
@@ -440,6 +475,14 @@ impl Default for LimitsConfig {
             max_categories: 200,
             max_pending: 10_000_000,
             max_future_skew: Duration::from_secs(3600),
+            max_event_age: Duration::from_secs(365 * 86_400),
+            max_features: 1000,
+            max_segment_keys: 32,
+            max_identifier_bytes: 1024,
+            max_reference_categories: 10_000,
+            max_early_labels: 1_000_000,
+            max_pending_per_model: 5_000_000,
+            max_alert_series: 100_000,
         }
     }
 }
@@ -1019,13 +1062,25 @@ impl Config {
             ("limits.max_versions_per_model", l.max_versions_per_model),
             ("limits.max_categories", l.max_categories),
             ("limits.max_pending", l.max_pending),
+            ("limits.max_features", l.max_features),
+            ("limits.max_segment_keys", l.max_segment_keys),
+            ("limits.max_identifier_bytes", l.max_identifier_bytes),
+            ("limits.max_reference_categories", l.max_reference_categories),
+            ("limits.max_early_labels", l.max_early_labels),
+            ("limits.max_pending_per_model", l.max_pending_per_model),
+            ("limits.max_alert_series", l.max_alert_series),
         ] {
             if v == 0 {
                 bail!("invalid configuration: {name} must be at least 1");
             }
         }
-        if l.max_future_skew.is_zero() {
-            bail!("invalid configuration: limits.max_future_skew must be positive (e.g. \"1h\")");
+        for (name, d) in [
+            ("limits.max_future_skew", l.max_future_skew),
+            ("limits.max_event_age", l.max_event_age),
+        ] {
+            if d.is_zero() {
+                bail!("invalid configuration: {name} must be positive (e.g. \"1h\")");
+            }
         }
         for (model, m) in &self.models {
             if let Some(t) = m.threshold {

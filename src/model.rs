@@ -391,3 +391,65 @@ mod tests {
         assert_eq!(p.timestamp, 1);
     }
 }
+
+/// How often each input-driven cap of `[limits]` was hit (the key is the
+/// setting's name), for the `limit_hits` counter and `__service__` rows.
+/// A hit is one value folded, left out or refused because of the cap.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitHits {
+    /// Models folded into `__other__`.
+    pub max_models: u64,
+    /// Versions folded into `__other__`.
+    pub max_versions_per_model: u64,
+    /// Segment values folded into `key=__other__`.
+    pub max_segment_values: u64,
+    /// Segment keys left out of an event's segments.
+    pub max_segment_keys: u64,
+    /// Features left out of a reference profile.
+    pub max_features: u64,
+    /// Categories left out of a reference profile being built.
+    pub max_reference_categories: u64,
+    /// Pending predictions expired early for room.
+    pub max_pending: u64,
+    /// Predictions of one version not kept waiting for their label.
+    pub max_pending_per_model: u64,
+    /// Early labels made orphans early for room.
+    pub max_early_labels: u64,
+    /// Alert series that found no room.
+    pub max_alert_series: u64,
+}
+
+impl LimitHits {
+    /// (setting name, hits), every cap.
+    pub fn entries(&self) -> [(&'static str, u64); 10] {
+        [
+            ("max_models", self.max_models),
+            ("max_versions_per_model", self.max_versions_per_model),
+            ("max_segment_values", self.max_segment_values),
+            ("max_segment_keys", self.max_segment_keys),
+            ("max_features", self.max_features),
+            ("max_reference_categories", self.max_reference_categories),
+            ("max_pending", self.max_pending),
+            ("max_pending_per_model", self.max_pending_per_model),
+            ("max_early_labels", self.max_early_labels),
+            ("max_alert_series", self.max_alert_series),
+        ]
+    }
+
+    /// The sum of two counts, cap by cap.
+    pub fn plus(&self, o: &LimitHits) -> LimitHits {
+        LimitHits {
+            max_models: self.max_models + o.max_models,
+            max_versions_per_model: self.max_versions_per_model + o.max_versions_per_model,
+            max_segment_values: self.max_segment_values + o.max_segment_values,
+            max_segment_keys: self.max_segment_keys + o.max_segment_keys,
+            max_features: self.max_features + o.max_features,
+            max_reference_categories: self.max_reference_categories + o.max_reference_categories,
+            max_pending: self.max_pending + o.max_pending,
+            max_pending_per_model: self.max_pending_per_model + o.max_pending_per_model,
+            max_early_labels: self.max_early_labels + o.max_early_labels,
+            max_alert_series: self.max_alert_series + o.max_alert_series,
+        }
+    }
+}

@@ -10,7 +10,7 @@ use crate::join::{JoinConfig, JoinState, Joined, LabelInsert, PredictionInsert, 
 use crate::join::{Source, StoredRequest, WatermarkState};
 use crate::metrics::aggregator::{Aggregator, AggregatorConfig, Emitted, PendingRecord};
 use crate::metrics::{DriftConfig, ReferenceProfile, Task};
-use crate::model::{AlertEvent, GroundTruthEvent, Label, PredictionEvent};
+use crate::model::{AlertEvent, GroundTruthEvent, Label, LimitHits, PredictionEvent};
 use std::sync::Arc;
 
 /// Counters of the core, for telemetry and summaries.
@@ -44,6 +44,11 @@ pub struct CoreStats {
     /// Labels whose prediction was late.
     #[serde(skip)]
     pub late_labels: u64,
+    /// Caps of `[limits]` hit, by cap ([`Core::stats`] sums every
+    /// part's; the `core` record stores the join's, which its own state
+    /// does not keep).
+    #[serde(default)]
+    pub limits: LimitHits,
 }
 
 /// A join request's change in a checkpoint: its id, and its first expiry
@@ -122,6 +127,8 @@ pub fn drift_config(cfg: &Config) -> DriftConfig {
         method_overrides: cfg.drift.methods.clone(),
         wasserstein_threshold: cfg.drift.wasserstein_threshold,
         large_reference_rows: cfg.drift.large_reference_rows,
+        max_reference_features: cfg.limits.max_features,
+        max_reference_categories: cfg.limits.max_reference_categories,
         ..DriftConfig::default()
     }
 }
@@ -138,6 +145,7 @@ fn aggregator_config(cfg: &Config) -> AggregatorConfig {
         max_segment_values: cfg.limits.max_segment_values,
         max_models: cfg.limits.max_models,
         max_versions_per_model: cfg.limits.max_versions_per_model,
+        max_segment_keys: cfg.limits.max_segment_keys,
         tasks: task_overrides(cfg),
     }
 }
@@ -169,6 +177,8 @@ impl Core {
                 label_horizon_ms: ms(cfg.windows.label_horizon),
                 early_label_ttl_ms: ms(cfg.windows.early_label_ttl),
                 max_pending: cfg.limits.max_pending,
+                max_pending_per_model: cfg.limits.max_pending_per_model,
+                max_early_labels: cfg.limits.max_early_labels,
             }),
             agg: Aggregator::new(aggregator_config(cfg)),
             watermark: Watermark::new(
@@ -221,7 +231,10 @@ impl Core {
     pub fn checkpoint(&mut self) -> CoreCheckpoint {
         let core = CoreRecord {
             watermark: self.watermark.state(),
-            stats: self.stats,
+            stats: CoreStats {
+                limits: self.stats.limits.plus(&self.join.limit_hits()),
+                ..self.stats
+            },
         };
         let mut join = Vec::with_capacity(self.join.changed());
         let mut changes = Vec::with_capacity(self.join.changed());
@@ -289,6 +302,12 @@ impl Core {
         CoreStats {
             late_predictions: agg.late_predictions,
             late_labels: agg.late_labels,
+            limits: self
+                .stats
+                .limits
+                .plus(&self.join.limit_hits())
+                .plus(&agg.limits)
+                .plus(&self.engine.limit_hits()),
             ..self.stats
         }
     }
@@ -362,7 +381,7 @@ impl Core {
                 self.stats.duplicate_predictions += 1;
                 self.agg.observe_duplicate(ev);
             }
-            PredictionInsert::Matched | PredictionInsert::Pending => {}
+            PredictionInsert::Matched | PredictionInsert::Pending | PredictionInsert::Refused => {}
         }
         self.drain_joined();
     }

@@ -27,6 +27,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+use crate::model::LimitHits;
 use crate::pipeline::CoreStats;
 use crate::sinks::clickhouse::MetricRow;
 
@@ -132,7 +133,20 @@ pub struct Counters {
     pub input_offset_gaps_total: AtomicU64,
     /// Offsets missing in those gaps.
     pub input_offsets_missing_total: AtomicU64,
+    /// Events dead-lettered for a bound of `[limits]`, in the order of
+    /// [`EVENT_LIMITS`].
+    pub event_limit_hits_total: [AtomicU64; EVENT_LIMITS.len()],
 }
+
+/// The `[limits]` bounds a single event is checked against
+/// ([`crate::ingest::bounds`]): an event beyond one is a dead letter.
+pub const EVENT_LIMITS: [&str; 5] = [
+    "max_features",
+    "max_segment_keys",
+    "max_identifier_bytes",
+    "max_future_skew",
+    "max_event_age",
+];
 
 impl Counters {
     /// Adds `n` to a counter.
@@ -144,6 +158,30 @@ impl Counters {
     /// Reads a counter.
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// Counts an event dead-lettered for the `[limits]` key `limit`.
+    pub fn add_event_limit_hit(&self, limit: &str) {
+        if let Some(i) = EVENT_LIMITS.iter().position(|l| *l == limit) {
+            Self::add(&self.event_limit_hits_total[i], 1);
+        }
+    }
+
+    /// Every cap's hits: the per-event bounds counted here and the core's
+    /// caps in `core`, by `[limits]` key.
+    pub fn limit_hits(&self, core: &LimitHits) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<(&'static str, u64)> = EVENT_LIMITS
+            .iter()
+            .zip(&self.event_limit_hits_total)
+            .map(|(l, c)| (*l, Self::get(c)))
+            .collect();
+        for (l, n) in core.entries() {
+            match v.iter_mut().find(|(k, _)| *k == l) {
+                Some((_, m)) => *m += n,
+                None => v.push((l, n)),
+            }
+        }
+        v
     }
 
     /// Messages consumed from both input topics (not counting those skipped
@@ -457,6 +495,14 @@ impl Telemetry {
                 report.lag.iter().map(|l| l.2.max(0) as f64).sum(),
             ),
         ];
+        for (limit, n) in &totals.limit_hits {
+            let before = base
+                .limit_hits
+                .iter()
+                .find(|(l, _)| l == limit)
+                .map_or(0, |(_, b)| *b);
+            rows.push(row("limit_hit_count", limit, d(*n, before)));
+        }
         if let Some(w) = report.watermark_delay_s {
             rows.push(row("watermark_delay_seconds", "", w));
         }
@@ -482,6 +528,7 @@ impl Telemetry {
             alerts: Counters::get(&c.alerts_published_total),
             retries: clickhouse_retries(),
             core: report.core,
+            limit_hits: c.limit_hits(&report.core.limits),
             cpu_seconds: process_stats().map_or(0.0, |p| p.cpu_seconds),
         }
     }
@@ -579,6 +626,7 @@ struct Totals {
     alerts: u64,
     retries: u64,
     core: CoreStats,
+    limit_hits: Vec<(&'static str, u64)>,
     cpu_seconds: f64,
 }
 
@@ -759,6 +807,18 @@ impl Collector for SnapshotCollector {
             ),
         ] {
             counter(&mut enc, name, help, v)?;
+        }
+        {
+            let d = ConstCounter::new(0u64);
+            let mut m = enc.encode_descriptor(
+                "limit_hits",
+                "Values folded, left out or refused because of a cap of [limits], per cap (its key)",
+                None,
+                d.metric_type(),
+            )?;
+            for (limit, n) in c.limit_hits(&core.limits) {
+                ConstCounter::new(n).encode(m.encode_family(&[("limit", limit)])?)?;
+            }
         }
         {
             let d = ConstCounter::new(0u64);

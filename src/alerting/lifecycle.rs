@@ -34,7 +34,7 @@ use crate::alerting::explain;
 use crate::alerting::rules::{compile, z_of, Check, Condition, Rule};
 use crate::config::Config;
 use crate::metrics::aggregator::WindowRow;
-use crate::model::{AlertEvent, AlertStatus, Severity};
+use crate::model::{AlertEvent, AlertStatus, LimitHits, Severity};
 
 /// Windows of history kept per series (a day of 5-minute windows, plus some):
 /// performance rows of older windows keep being revised until the label horizon.
@@ -156,6 +156,40 @@ impl Series {
     }
 }
 
+/// The series of `key`, made when new. At `max` series, the quiet ones
+/// (not firing) updated longest ago are forgotten first, down to 90 % of
+/// `max`: their history only serves runs and comparisons with recent
+/// windows. When every kept series is firing there is no room: `None`,
+/// counted in `refused`.
+fn slot<'a>(
+    series: &'a mut HashMap<SeriesKey, Series>,
+    key: SeriesKey,
+    max: usize,
+    refused: &mut u64,
+) -> Option<&'a mut Series> {
+    if !series.contains_key(&key) && series.len() >= max {
+        let mut quiet: Vec<(i64, SeriesKey)> = series
+            .iter()
+            .filter(|(_, s)| s.active.is_none())
+            .map(|(k, s)| {
+                let last = s.history.last_key_value().map_or(i64::MIN, |(t, _)| *t);
+                (last, k.clone())
+            })
+            .collect();
+        // Oldest first; ties by key, so the same state forgets the same series.
+        quiet.sort_unstable();
+        let excess = series.len() + 1 - max.saturating_mul(9) / 10;
+        for (_, k) in quiet.into_iter().take(excess.max(1)) {
+            series.remove(&k);
+        }
+        if series.len() >= max {
+            *refused += 1;
+            return None;
+        }
+    }
+    Some(series.entry(key).or_default())
+}
+
 /// Version of the [`AlertEngine::snapshot`] encoding.
 const SNAPSHOT_FORMAT: u32 = 1;
 
@@ -178,6 +212,7 @@ struct SnapshotOut<'a> {
     format: u32,
     watermark_ms: i64,
     series: Vec<SeriesOut<'a>>,
+    series_refused: u64,
 }
 
 /// [`SeriesOut`], read back.
@@ -198,6 +233,8 @@ struct SnapshotIn {
     format: u32,
     watermark_ms: i64,
     series: Vec<SeriesIn>,
+    #[serde(default)]
+    series_refused: u64,
 }
 
 /// A snapshot [`AlertEngine::restore_snapshot`] cannot read.
@@ -218,24 +255,45 @@ pub struct AlertEngine {
     z: f64,
     series: HashMap<SeriesKey, Series>,
     watermark_ms: i64,
+    /// Most series kept (`limits.max_alert_series`).
+    max_series: usize,
+    /// Values that found no series to go to: every kept one was firing.
+    series_refused: u64,
 }
 
 impl AlertEngine {
-    /// An engine with these rules, a 95 % gate and nothing firing.
+    /// An engine with these rules, a 95 % gate, nothing firing and the
+    /// default `limits.max_alert_series`.
     pub fn new(rules: Vec<Rule>) -> Self {
         AlertEngine {
             rules,
             z: z_of(0.95),
             series: HashMap::new(),
             watermark_ms: i64::MIN,
+            max_series: crate::config::LimitsConfig::default().max_alert_series,
+            series_refused: 0,
         }
     }
 
-    /// The engine of a configuration: its rules and gate confidence.
+    /// The engine of a configuration: its rules, gate confidence and series cap.
     pub fn from_config(cfg: &Config) -> Self {
         let mut e = AlertEngine::new(compile(cfg));
         e.z = z_of(cfg.alerts.confidence);
+        e.max_series = cfg.limits.max_alert_series.max(1);
         e
+    }
+
+    /// Caps hit: `max_alert_series`.
+    pub fn limit_hits(&self) -> LimitHits {
+        LimitHits {
+            max_alert_series: self.series_refused,
+            ..LimitHits::default()
+        }
+    }
+
+    /// Series kept.
+    pub fn series_count(&self) -> usize {
+        self.series.len()
     }
 
     /// The rules in force.
@@ -320,7 +378,15 @@ impl AlertEngine {
                     continue;
                 }
                 let key = self.key(i, row, &row.model_version);
-                self.series.entry(key).or_default().record(row);
+                let Some(series) = slot(
+                    &mut self.series,
+                    key,
+                    self.max_series,
+                    &mut self.series_refused,
+                ) else {
+                    continue;
+                };
+                series.record(row);
             }
         }
         // Pass 2: evaluate and step the lifecycle.
@@ -367,7 +433,10 @@ impl AlertEngine {
                     .copied();
                 let check = rule.check(row, reference, decision, self.z);
                 let key = self.key(i, row, &row.model_version);
-                let series = self.series.entry(key).or_default();
+                // Pass 1 made room for the series or counted it refused.
+                let Some(series) = self.series.get_mut(&key) else {
+                    continue;
+                };
                 step(series, rule, row, &check, rows, now_ms, out);
             }
         }
@@ -382,6 +451,7 @@ impl AlertEngine {
         let snapshot = SnapshotOut {
             format: SNAPSHOT_FORMAT,
             watermark_ms: self.watermark_ms,
+            series_refused: self.series_refused,
             series: series
                 .into_iter()
                 .map(
@@ -431,6 +501,7 @@ impl AlertEngine {
         }
         self.series = series;
         self.watermark_ms = snapshot.watermark_ms;
+        self.series_refused = snapshot.series_refused;
         Ok(())
     }
 
@@ -1090,6 +1161,7 @@ mod tests {
             format: SNAPSHOT_FORMAT + 1,
             watermark_ms: 0,
             series: vec![],
+            series_refused: 0,
         })
         .unwrap();
         assert!(matches!(

@@ -125,6 +125,7 @@ pub const SERVICE_METRICS: &[&str] = &[
     "row_written_count",
     "alert_count",
     "clickhouse_retry_count",
+    "limit_hit_count",
     "cpu_seconds",
     "resident_memory_bytes",
     "pending_predictions",

@@ -213,10 +213,24 @@ pub enum DecodeError {
     #[error("invalid event: {0}")]
     Validation(String),
     /// Valid, but its timestamp is out of the bounds the wall clock sets
-    /// (`limits.max_future_skew`): checked by the service, not here (the
-    /// decoder has no clock).
-    #[error("event time out of bounds: {0}")]
-    Timestamp(String),
+    /// (`limits.max_future_skew`, `limits.max_event_age`): checked by the
+    /// service ([`crate::ingest::bounds`]), not here (the decoder has no clock).
+    #[error("event time out of bounds: {detail}")]
+    Timestamp {
+        /// The `[limits]` key (`max_future_skew` or `max_event_age`).
+        limit: &'static str,
+        /// The timestamp, its distance to the wall clock and the bound.
+        detail: String,
+    },
+    /// Valid, but beyond a size bound of `[limits]` (features, segment keys,
+    /// string bytes): checked by the service ([`crate::ingest::bounds`]).
+    #[error("event beyond a limit: {detail}")]
+    Limit {
+        /// The `[limits]` key.
+        limit: &'static str,
+        /// What was found and the bound (sizes only, never the event's text).
+        detail: String,
+    },
 }
 
 impl DecodeError {
@@ -231,7 +245,19 @@ impl DecodeError {
             DecodeError::Format { .. } => "format",
             DecodeError::WrongType { .. } => "wrong_type",
             DecodeError::Validation(_) => "validation",
-            DecodeError::Timestamp(_) => "timestamp",
+            DecodeError::Timestamp { .. } => "timestamp",
+            DecodeError::Limit { .. } => "limit",
+        }
+    }
+}
+
+impl DecodeError {
+    /// The `[limits]` key an event broke, for errors of kind `limit` and
+    /// `timestamp`.
+    pub fn limit(&self) -> Option<&'static str> {
+        match self {
+            DecodeError::Limit { limit, .. } | DecodeError::Timestamp { limit, .. } => Some(limit),
+            _ => None,
         }
     }
 }

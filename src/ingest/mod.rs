@@ -3,6 +3,7 @@
 //! bookkeeping ([`offsets`]).
 
 mod avro;
+pub mod bounds;
 pub mod consumer;
 pub mod decode;
 pub mod offsets;

@@ -42,7 +42,7 @@ use std::sync::Arc;
 use ahash::{AHashMap, AHashSet};
 use serde::{Deserialize, Serialize};
 
-use crate::model::Label;
+use crate::model::{Label, LimitHits};
 
 /// Timing of the join, in milliseconds of event time.
 #[derive(Debug, Clone, Copy)]
@@ -53,6 +53,13 @@ pub struct JoinConfig {
     pub early_label_ttl_ms: i64,
     /// Most pending requests; beyond it the one expiring soonest is expired early.
     pub max_pending: usize,
+    /// Most pending predictions of one model (the caller's id); beyond it
+    /// its new predictions are handed back as expired at once.
+    pub max_pending_per_model: usize,
+    /// Most labels held; beyond it a new label that completes no
+    /// prediction is handed back as an orphan at once, and one that does
+    /// is not held for later siblings.
+    pub max_early_labels: usize,
 }
 
 /// What the join hands back.
@@ -90,6 +97,9 @@ pub enum PredictionInsert {
     Matched,
     /// Same request id and model seen before: ignored.
     Duplicate,
+    /// Its model has `max_pending_per_model` predictions waiting: handed
+    /// back as expired at once.
+    Refused,
 }
 
 /// Result of inserting a label.
@@ -101,6 +111,9 @@ pub enum LabelInsert {
     Early,
     /// A label for this request id is already known: ignored.
     Duplicate,
+    /// No prediction, and `max_early_labels` are held: handed back as an
+    /// orphan at once.
+    Refused,
 }
 
 /// A request's whole join state as stored in a checkpoint.
@@ -166,6 +179,11 @@ pub struct JoinState<P> {
     /// `early`: a key coming back is taken out (and keeps its place in
     /// `changes`).
     departed: AHashSet<Arc<str>>,
+    /// Pending predictions (in memory) per model.
+    per_model: AHashMap<u32, usize>,
+    /// Caps hit since this join was made (not part of its stored state:
+    /// the caller keeps the total).
+    hits: LimitHits,
 }
 
 /// The key of `map` equal to `id` (which must be present), sharing its allocation.
@@ -186,7 +204,34 @@ impl<P> JoinState<P> {
             pending_predictions: 0,
             changes: Vec::new(),
             departed: AHashSet::new(),
+            per_model: AHashMap::new(),
+            hits: LimitHits::default(),
         }
+    }
+
+    /// Caps hit since this join was made: `max_pending`,
+    /// `max_pending_per_model`, `max_early_labels`.
+    pub fn limit_hits(&self) -> LimitHits {
+        self.hits
+    }
+
+    fn add_model(&mut self, model: u32) {
+        *self.per_model.entry(model).or_insert(0) += 1;
+    }
+
+    fn remove_models<'a>(&mut self, models: impl IntoIterator<Item = &'a u32>) {
+        for m in models {
+            if let Entry::Occupied(mut e) = self.per_model.entry(*m) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+
+    fn model_full(&self, model: u32) -> bool {
+        self.per_model.get(&model).copied().unwrap_or(0) >= self.cfg.max_pending_per_model
     }
 
     /// Predictions waiting for a label.
@@ -269,6 +314,7 @@ impl<P> JoinState<P> {
         let mut changed = false;
         if let Some(old) = self.pending.remove(request_id) {
             self.pending_predictions -= old.predictions.len();
+            self.remove_models(old.predictions.iter().map(|p| &p.model));
             changed |= old.changed;
         }
         if let Some(old) = self.early.remove(request_id) {
@@ -292,6 +338,9 @@ impl<P> JoinState<P> {
             .min()
         {
             self.pending_predictions += r.predictions.len();
+            for (model, _, _) in &r.predictions {
+                self.add_model(*model);
+            }
             self.queue
                 .push(Reverse((expires_at, Side::Prediction, key.clone())));
             let predictions = r
@@ -367,6 +416,11 @@ impl<P> JoinState<P> {
             if req.predictions.iter().any(|p| p.model == model) {
                 return PredictionInsert::Duplicate;
             }
+            if self.per_model.get(&model).copied().unwrap_or(0) >= self.cfg.max_pending_per_model {
+                return self.refuse(ts, payload(), out);
+            }
+            let req = self.pending.get_mut(request_id).expect("present");
+            *self.per_model.entry(model).or_insert(0) += 1;
             req.predictions.push(PendingPrediction {
                 model,
                 ts,
@@ -389,9 +443,14 @@ impl<P> JoinState<P> {
             }
             return PredictionInsert::Pending;
         }
+        if self.model_full(model) {
+            return self.refuse(ts, payload(), out);
+        }
         if self.pending_predictions >= self.cfg.max_pending {
+            self.hits.max_pending += 1;
             self.evict_one(out);
         }
+        self.add_model(model);
         let key = self.arriving_key(request_id);
         self.queue
             .push(Reverse((expires_at, Side::Prediction, key.clone())));
@@ -411,6 +470,16 @@ impl<P> JoinState<P> {
         PredictionInsert::Pending
     }
 
+    /// A prediction beyond its model's share, handed back as expired.
+    fn refuse(&mut self, ts: i64, payload: P, out: &mut Vec<Joined<P>>) -> PredictionInsert {
+        self.hits.max_pending_per_model += 1;
+        out.push(Joined::Expired {
+            payload,
+            prediction_ts: ts,
+        });
+        PredictionInsert::Refused
+    }
+
     /// Adds a label: completes every pending prediction of its request id, or
     /// waits for them.
     pub fn insert_label(
@@ -423,12 +492,17 @@ impl<P> JoinState<P> {
             return LabelInsert::Duplicate;
         }
         let label = Arc::new(label);
+        if self.early.len() >= self.cfg.max_early_labels {
+            self.hits.max_early_labels += 1;
+            return self.label_without_room(request_id, label, out);
+        }
         let expires_at = label.timestamp.saturating_add(self.cfg.early_label_ttl_ms);
         let (key, matched_models, n) = match self.pending.remove_entry(request_id) {
             Some((key, req)) => {
                 let n = req.predictions.len();
                 self.pending_predictions -= n;
-                let models = req.predictions.iter().map(|p| p.model).collect();
+                let models: Vec<u32> = req.predictions.iter().map(|p| p.model).collect();
+                self.remove_models(&models);
                 for p in req.predictions {
                     out.push(Joined::Matched {
                         payload: p.payload,
@@ -462,6 +536,32 @@ impl<P> JoinState<P> {
         } else {
             LabelInsert::Early
         }
+    }
+
+    /// A label with no room to be held: completes the predictions waiting
+    /// for it, or is an orphan at once.
+    fn label_without_room(
+        &mut self,
+        request_id: &str,
+        label: Arc<Label>,
+        out: &mut Vec<Joined<P>>,
+    ) -> LabelInsert {
+        let Some((key, req)) = self.pending.remove_entry(request_id) else {
+            out.push(Joined::Orphan { label });
+            return LabelInsert::Refused;
+        };
+        let n = req.predictions.len();
+        self.pending_predictions -= n;
+        self.remove_models(req.predictions.iter().map(|p| &p.model));
+        for p in req.predictions {
+            out.push(Joined::Matched {
+                payload: p.payload,
+                prediction_ts: p.ts,
+                label: label.clone(),
+            });
+        }
+        self.departed_key(key, req.changed, true);
+        LabelInsert::Matched(n)
     }
 
     /// Expires everything due at `now` (the watermark): predictions past
@@ -505,6 +605,9 @@ impl<P> JoinState<P> {
                     let expires_at = req.predictions[i].ts.saturating_add(horizon);
                     if expires_at <= now {
                         let p = req.predictions.swap_remove(i);
+                        if let Some(c) = self.per_model.get_mut(&p.model) {
+                            *c -= 1;
+                        }
                         out.push(Joined::Expired {
                             payload: p.payload,
                             prediction_ts: p.ts,
@@ -551,6 +654,7 @@ impl<P> JoinState<P> {
                 if self.pending.get(&key).is_some_and(|r| r.expires_at == at) {
                     let req = self.pending.remove(&key).expect("present");
                     self.pending_predictions -= req.predictions.len();
+                    self.remove_models(req.predictions.iter().map(|p| &p.model));
                     for p in req.predictions {
                         out.push(Joined::Expired {
                             payload: p.payload,
@@ -630,6 +734,7 @@ impl<P> JoinState<P> {
         for k in &victims {
             if let Some(req) = self.pending.remove(k) {
                 predictions += req.predictions.len();
+                self.remove_models(req.predictions.iter().map(|p| &p.model));
             }
         }
         self.pending_predictions -= predictions;
@@ -686,6 +791,8 @@ mod tests {
             label_horizon_ms: H,
             early_label_ttl_ms: TTL,
             max_pending: 1_000,
+            max_pending_per_model: usize::MAX,
+            max_early_labels: usize::MAX,
         })
     }
 
@@ -873,6 +980,8 @@ mod tests {
             label_horizon_ms: H,
             early_label_ttl_ms: TTL,
             max_pending: 2,
+            max_pending_per_model: usize::MAX,
+            max_early_labels: usize::MAX,
         });
         let mut out = vec![];
         j.insert_prediction("a", 0, 1, 1, &mut out);
@@ -1032,6 +1141,8 @@ mod tests {
                 label_horizon_ms: H,
                 early_label_ttl_ms: TTL,
                 max_pending: 1_000,
+                max_pending_per_model: usize::MAX,
+                max_early_labels: usize::MAX,
             },
             &store,
         );
@@ -1089,6 +1200,8 @@ mod tests {
             label_horizon_ms: H,
             early_label_ttl_ms: TTL,
             max_pending: 2,
+            max_pending_per_model: usize::MAX,
+            max_early_labels: usize::MAX,
         };
         let mut j: JoinState<u32> = JoinState::new(cfg);
         let mut out = vec![];
@@ -1399,6 +1512,8 @@ mod tests {
             #[test]
             fn restored_join_behaves_as_the_original(
                 max_pending in prop_oneof![1usize..8, Just(1_000)],
+                max_pending_per_model in prop_oneof![1usize..4, Just(1_000)],
+                max_early_labels in prop_oneof![1usize..4, Just(1_000)],
                 prefix in proptest::collection::vec(op(), 0..80),
                 continuation in proptest::collection::vec(op(), 0..80),
             ) {
@@ -1406,6 +1521,8 @@ mod tests {
                     label_horizon_ms: H,
                     early_label_ttl_ms: TTL,
                     max_pending,
+                    max_pending_per_model,
+                    max_early_labels,
                 };
                 let mut a: JoinState<Pay> = JoinState::new(cfg);
                 let mut store = BTreeMap::new();
@@ -1459,6 +1576,8 @@ mod tests {
                     label_horizon_ms: H,
                     early_label_ttl_ms: TTL,
                     max_pending: 1_000,
+                    max_pending_per_model: usize::MAX,
+                    max_early_labels: usize::MAX,
                 };
                 let mut a: JoinState<Pay> = JoinState::new(cfg);
                 let mut c: JoinState<Pay> = JoinState::new(cfg);

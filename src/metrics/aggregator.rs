@@ -40,7 +40,7 @@ use crate::metrics::{
     DataAccumulator, DriftConfig, FeatureHistogram, MetricValue, OutcomeAccumulator,
     ReferenceBuilder, ReferenceProfile, Resolved, Task,
 };
-use crate::model::{Label, PredictionEvent, PredictionOutcome};
+use crate::model::{Label, LimitHits, PredictionEvent, PredictionOutcome};
 
 /// The name that absorbs values beyond a cardinality cap.
 pub const OTHER: &str = "__other__";
@@ -64,6 +64,8 @@ pub struct AggregatorConfig {
     pub max_models: usize,
     /// Distinct versions per model.
     pub max_versions_per_model: usize,
+    /// Distinct segment keys (all models together).
+    pub max_segment_keys: usize,
     /// Task per model id, overriding what is inferred from events.
     pub tasks: AHashMap<String, Task>,
 }
@@ -264,6 +266,9 @@ pub struct AggregatorStats {
     pub late_labels: u64,
     /// Values folded into `__other__` by a cardinality cap.
     pub capped: u64,
+    /// Every cap hit of the aggregator, by cap (the folds of `capped` included).
+    #[serde(default)]
+    pub limits: LimitHits,
 }
 
 /// The per-window aggregator. See the module docs.
@@ -409,12 +414,14 @@ impl Aggregator {
             && self.versions_per_model.len() >= self.cfg.max_models
         {
             self.stats.capped += 1;
+            self.stats.limits.max_models += 1;
             model = Arc::from(OTHER);
         }
         let n = self.versions_per_model.get(&model).copied().unwrap_or(0);
         let exists = self.version_lookup(&model, &ver).is_some();
         if !exists && n >= self.cfg.max_versions_per_model {
             self.stats.capped += 1;
+            self.stats.limits.max_versions_per_model += 1;
             ver = Arc::from(OTHER);
         }
         if let Some(v) = self.version_lookup(&model, &ver) {
@@ -448,8 +455,15 @@ impl Aggregator {
         self.segment_scratch.clear();
         self.segment_scratch.push(0);
         for (key, value) in ev.segments.iter() {
+            let full = self.segment_keys.len() >= self.cfg.max_segment_keys;
             let k = match self.segment_keys.get_mut(key) {
                 Some(k) => k,
+                None if full => {
+                    // A new key beyond the cap: the event counts in its
+                    // other segments and in all traffic, not under this key.
+                    self.stats.limits.max_segment_keys += 1;
+                    continue;
+                }
                 None => self.segment_keys.entry(key.to_string()).or_default(),
             };
             let id = match k.values.get(value.as_str()) {
@@ -468,6 +482,7 @@ impl Aggregator {
                     // Beyond the cap: fold into `key=__other__` without
                     // remembering the value, so memory stays bounded.
                     self.stats.capped += 1;
+                    self.stats.limits.max_segment_values += 1;
                     match k.other {
                         Some(id) => id,
                         None => {
@@ -540,7 +555,9 @@ impl Aggregator {
         }
         // Reference bootstrap: the first N events of a version become its reference.
         if let Some(b) = st.builder.as_mut() {
-            b.observe(ev);
+            let left_out = b.observe(ev);
+            self.stats.limits.max_features += left_out.features;
+            self.stats.limits.max_reference_categories += left_out.categories;
             if b.len() >= cfg_reference_size {
                 let profile = Arc::new(b.build());
                 st.builder = None;
@@ -1250,6 +1267,7 @@ mod tests {
             max_segment_values: 2,
             max_models: 10,
             max_versions_per_model: 10,
+            max_segment_keys: 32,
             tasks: AHashMap::new(),
         }
     }

@@ -165,7 +165,7 @@ mod stream_tests;
 
 pub use accumulator::{merge_histograms, DataAccumulator, FeatureHistogram, HistogramKind};
 pub use performance::OutcomeAccumulator;
-pub use reference::{ReferenceBuilder, ReferenceProfile, Resolved};
+pub use reference::{LeftOut, ReferenceBuilder, ReferenceProfile, Resolved};
 
 use std::collections::BTreeMap;
 
@@ -292,6 +292,12 @@ pub struct DriftConfig {
     /// Reference rows of a feature above which `auto` decides on a distance
     /// (Wasserstein / Jensen-Shannon) rather than a test (KS / chi-square). Default 1000.
     pub large_reference_rows: u64,
+    /// Most distinct features a reference builder learns (`limits.max_features`);
+    /// later ones are left out of the reference. Default 1000.
+    pub max_reference_features: usize,
+    /// Most distinct values a categorical feature counts while its
+    /// reference is built (`limits.max_reference_categories`). Default 10000.
+    pub max_reference_categories: usize,
 }
 
 /// Distinct reference values at or below which `auto` treats a numeric
@@ -332,6 +338,8 @@ impl Default for DriftConfig {
             quantile_grid: 200,
             detectors: detectors::DetectorConfig::default(),
             label_reference_size: 1000,
+            max_reference_features: 1000,
+            max_reference_categories: 10_000,
             method: DriftMethod::Auto,
             method_overrides: BTreeMap::new(),
             wasserstein_threshold: 0.1,

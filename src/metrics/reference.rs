@@ -587,25 +587,42 @@ struct BuilderFeature {
 }
 
 impl BuilderFeature {
-    fn observe(&mut self, v: &FeatureValue) {
+    /// Counts `v`; false when it was a new category beyond `max_categories`
+    /// distinct ones (counted as categorical, but not by value).
+    fn observe(&mut self, v: &FeatureValue, max_categories: usize) -> bool {
         match v {
-            FeatureValue::Null => {}
-            FeatureValue::Long(x) => self.numbers.push(*x as f64),
-            FeatureValue::Double(x) if x.is_finite() => self.numbers.push(*x),
-            FeatureValue::Double(_) => self.non_finite += 1,
-            FeatureValue::Bool(b) => self.category(if *b { "true" } else { "false" }),
-            FeatureValue::String(s) => self.category(s),
+            FeatureValue::Null => true,
+            FeatureValue::Long(x) => {
+                self.numbers.push(*x as f64);
+                true
+            }
+            FeatureValue::Double(x) if x.is_finite() => {
+                self.numbers.push(*x);
+                true
+            }
+            FeatureValue::Double(_) => {
+                self.non_finite += 1;
+                true
+            }
+            FeatureValue::Bool(b) => self.category(if *b { "true" } else { "false" }, max_categories),
+            FeatureValue::String(s) => self.category(s, max_categories),
         }
     }
 
-    fn category(&mut self, s: &str) {
+    fn category(&mut self, s: &str, max_categories: usize) -> bool {
         self.categorical += 1;
+        let room = self.categories.len() < max_categories;
         match self.categories.get_mut(s) {
             Some(c) => *c += 1,
-            None => {
+            None if room => {
                 self.categories.insert(s.to_owned(), 1);
             }
+            // Beyond the bound: the value cannot be kept without memory
+            // growing with the input, so it is left out of the counts (a
+            // value first seen this late is rarely among the most frequent).
+            None => return false,
         }
+        true
     }
 
     /// The profile: numeric when numbers are at least as frequent as categories.
@@ -635,6 +652,15 @@ impl BuilderFeature {
             kind,
         }
     }
+}
+
+/// What [`ReferenceBuilder::observe`] left out of a reference, by bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeftOut {
+    /// Features beyond `max_reference_features`.
+    pub features: u64,
+    /// New categories beyond `max_reference_categories`.
+    pub categories: u64,
 }
 
 /// Collects reference events and builds a [`ReferenceProfile`] from exact
@@ -706,11 +732,21 @@ impl ReferenceBuilder {
     }
 
     /// Adds one reference event.
-    pub fn observe(&mut self, ev: &PredictionEvent) {
+    ///
+    /// Bounded by the configuration: at most `max_reference_features`
+    /// features and `max_reference_categories` values per categorical
+    /// feature; what is left out is returned, for the caller to count.
+    pub fn observe(&mut self, ev: &PredictionEvent) -> LeftOut {
         self.count += 1;
+        let mut left_out = LeftOut::default();
+        let max_categories = self.cfg.max_reference_categories;
         for (name, value) in ev.features.iter() {
             let i = match self.index.get(name) {
                 Some(&i) => i,
+                None if self.features.len() >= self.cfg.max_reference_features => {
+                    left_out.features += 1;
+                    continue;
+                }
                 None => {
                     self.features.push(BuilderFeature {
                         name: name.to_owned(),
@@ -720,17 +756,22 @@ impl ReferenceBuilder {
                     self.features.len() - 1
                 }
             };
-            self.features[i].observe(value);
+            if !self.features[i].observe(value, max_categories) {
+                left_out.categories += 1;
+            }
         }
         if let Some(s) = ev.score {
-            self.scores.observe(&FeatureValue::Double(s));
+            self.scores.observe(&FeatureValue::Double(s), max_categories);
         }
         if let Some(v) = ev.predicted_value {
-            self.values.observe(&FeatureValue::Double(v));
+            self.values.observe(&FeatureValue::Double(v), max_categories);
         }
         if let Some(l) = &ev.predicted_label {
-            self.labels.category(l);
+            if !self.labels.category(l, max_categories) {
+                left_out.categories += 1;
+            }
         }
+        left_out
     }
 
     /// Number of events observed.

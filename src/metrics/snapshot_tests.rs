@@ -63,6 +63,7 @@ fn config(
         max_segment_values: 3,
         max_models: 4,
         max_versions_per_model: 10,
+        max_segment_keys: 32,
         tasks,
     }
 }
@@ -134,6 +135,8 @@ fn record(
         label_horizon_ms: cfg.label_horizon_ms,
         early_label_ttl_ms: 30 * SECOND,
         max_pending: 100_000,
+        max_pending_per_model: usize::MAX,
+        max_early_labels: usize::MAX,
     });
     let mut ops = Vec::new();
     let mut joined = Vec::new();

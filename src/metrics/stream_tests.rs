@@ -21,6 +21,7 @@ fn aggregator(drift: DriftConfig) -> Aggregator {
         max_segment_values: 10,
         max_models: 10,
         max_versions_per_model: 10,
+        max_segment_keys: 32,
         tasks: Default::default(),
     })
 }

@@ -1429,6 +1429,44 @@ mod tests {
     }
 
     #[test]
+    fn segment_keys_beyond_the_cap_are_left_out_and_counted() {
+        let mut a = Aggregator::new(AggregatorConfig {
+            max_segment_keys: 2,
+            max_segment_values: 10,
+            ..cfg()
+        });
+        for i in 0..3 {
+            let mut p = pred(i, 1.0, 0.5, "DE");
+            p.segments.0.push(("tier".into(), "gold".into()));
+            p.segments.0.push(("region".into(), "eu".into()));
+            a.observe_prediction(&p);
+        }
+        let mut out = Emitted::default();
+        a.advance(MIN, &mut out);
+        assert_eq!(value(&out.rows, "prediction_count", "country=DE"), 3.0);
+        assert_eq!(value(&out.rows, "prediction_count", "tier=gold"), 3.0);
+        assert_eq!(value(&out.rows, "prediction_count", ""), 3.0);
+        assert!(!out.rows.iter().any(|r| r.segment.starts_with("region=")));
+        assert_eq!(a.stats().limits.max_segment_keys, 3);
+    }
+
+    #[test]
+    fn reference_bounds_are_counted_by_the_aggregator() {
+        let mut c = cfg();
+        c.drift.max_reference_features = 1;
+        let mut a = Aggregator::new(c);
+        for i in 0..12 {
+            let mut p = pred(i, 1.0, 0.5, "DE");
+            p.features.0.push((format!("f{i}"), FeatureValue::Double(2.0)));
+            a.observe_prediction(&p);
+        }
+        // The reference is built from the first 10 events; each brought one
+        // feature beyond the bound.
+        assert_eq!(a.stats().limits.max_features, 10);
+        assert_eq!(a.stats().limits.max_models, 0);
+    }
+
+    #[test]
     fn orphan_labels_count_in_the_label_window_under_an_empty_model() {
         let mut a = Aggregator::new(cfg());
         a.observe_prediction(&pred(0, 1.0, 0.5, "DE"));

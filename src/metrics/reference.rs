@@ -640,10 +640,14 @@ impl BuilderFeature {
                 cfg.quantile_grid.clamp(bins, MAX_GRID),
             ))
         } else {
-            FeatureKind::Categorical(CategoricalProfile::from_counts(
-                &self.categories,
-                cfg.max_categories,
-            ))
+            let mut p = CategoricalProfile::from_counts(&self.categories, cfg.max_categories);
+            // Values left out by `max_reference_categories` still belong
+            // to the distribution: in the bin of every other value.
+            let counted: u64 = self.categories.values().sum();
+            if let Some(other) = p.counts.last_mut() {
+                *other += self.categorical.saturating_sub(counted);
+            }
+            FeatureKind::Categorical(p)
         };
         let present = self.numbers.len() as u64 + self.non_finite + self.categorical;
         FeatureProfile {
@@ -831,6 +835,45 @@ impl ReferenceBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_builder_keeps_at_most_its_bounds_and_says_what_it_left_out() {
+        let cfg = DriftConfig {
+            max_reference_features: 2,
+            max_reference_categories: 3,
+            ..DriftConfig::default()
+        };
+        let mut b = ReferenceBuilder::new(&cfg);
+        let mut left_out = LeftOut::default();
+        for i in 0..10 {
+            let ev = PredictionEvent {
+                features: crate::model::Entries(vec![
+                    ("c".into(), FeatureValue::String(format!("v{}", i % 5))),
+                    ("x".into(), FeatureValue::Double(i as f64)),
+                    (format!("extra{i}"), FeatureValue::Double(1.0)),
+                ]),
+                predicted_label: Some(format!("l{i}")),
+                ..Default::default()
+            };
+            let l = b.observe(&ev);
+            left_out.features += l.features;
+            left_out.categories += l.categories;
+        }
+        // Every event brought one feature too many; values v3, v4 (twice
+        // each) and labels l3..l9 came after three distinct ones were kept.
+        assert_eq!(left_out, LeftOut { features: 10, categories: 4 + 7 });
+        let p = b.build();
+        let names: Vec<&str> = p.features.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["c", "x"]);
+        match &p.features[0].kind {
+            FeatureKind::Categorical(c) => {
+                assert_eq!(c.categories, ["v0", "v1", "v2"]);
+                // Each kept value seen twice; the rest of the mass in "other".
+                assert_eq!(c.counts, [2, 2, 2, 4]);
+            }
+            other => panic!("expected a categorical profile, got {other:?}"),
+        }
+    }
     use crate::model::Entries;
 
     pub(crate) fn event(features: Vec<(&str, FeatureValue)>) -> PredictionEvent {

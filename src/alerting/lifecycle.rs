@@ -776,6 +776,46 @@ mod tests {
     }
 
     #[test]
+    fn alert_series_are_bounded_quiet_ones_forgotten_first() {
+        let every_feature = || {
+            let mut r = rule("missing_rate", Operator::Gt, 0.5);
+            r.feature = Some("*".into());
+            r
+        };
+        let mut e = AlertEngine::new(vec![every_feature()]);
+        e.max_series = 3;
+        // Feature "hot" fires and keeps firing; "q0", "q1" stay quiet.
+        assert_eq!(run(&mut e, &[row("missing_rate", "hot", 0, 0.9, 100)]).len(), 1);
+        run(&mut e, &[row("missing_rate", "q0", 1, 0.1, 100)]);
+        run(&mut e, &[row("missing_rate", "q1", 2, 0.1, 100)]);
+        assert_eq!(e.series_count(), 3);
+        // A fourth series: quiet ones go, the one updated longest ago first,
+        // down to 90 % of the cap (2 of 3).
+        run(&mut e, &[row("missing_rate", "q2", 3, 0.1, 100)]);
+        assert_eq!(e.series_count(), 2);
+        assert_eq!(e.firing(), 1);
+        let features: Vec<String> = {
+            let mut v: Vec<String> = e.series.keys().map(|k| k.4.clone()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(features, ["hot", "q2"]);
+        assert_eq!(e.limit_hits().max_alert_series, 0);
+        // Every kept series firing: a new one finds no room, counted.
+        let mut e = AlertEngine::new(vec![every_feature()]);
+        e.max_series = 2;
+        run(&mut e, &[row("missing_rate", "a", 0, 0.9, 100)]);
+        run(&mut e, &[row("missing_rate", "b", 0, 0.9, 100)]);
+        assert!(run(&mut e, &[row("missing_rate", "c", 0, 0.9, 100)]).is_empty());
+        assert_eq!((e.series_count(), e.firing()), (2, 2));
+        assert_eq!(e.limit_hits().max_alert_series, 1);
+        // The count survives a snapshot.
+        let mut restored = AlertEngine::new(vec![every_feature()]);
+        restored.restore_snapshot(&e.snapshot()).unwrap();
+        assert_eq!(restored.limit_hits().max_alert_series, 1);
+    }
+
+    #[test]
     fn for_windows_resolve_after_and_cooldown() {
         let mut r = rule("missing_rate", Operator::Gt, 0.2);
         r.for_windows = 2;

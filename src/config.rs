@@ -440,8 +440,8 @@ pub struct LimitsConfig {
     /// ignored (counted). Default 1000.
     pub max_features: usize,
     /// Most segment keys per event (a larger event is dead-lettered, kind
-    /// `limit`) and distinct segment keys in all (a key beyond them is
-    /// ignored, counted). Default 32.
+    /// `limit`) and distinct segment keys per model (a new key beyond them
+    /// is ignored, counted). Default 32.
     pub max_segment_keys: usize,
     /// Longest string of an event in bytes (request id, model, version,
     /// feature names and string values, segment keys and values, labels);

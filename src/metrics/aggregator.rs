@@ -27,7 +27,7 @@
 
 use std::sync::Arc;
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 
@@ -64,7 +64,7 @@ pub struct AggregatorConfig {
     pub max_models: usize,
     /// Distinct versions per model.
     pub max_versions_per_model: usize,
-    /// Distinct segment keys (all models together).
+    /// Distinct segment keys per model.
     pub max_segment_keys: usize,
     /// Task per model id, overriding what is inferred from events.
     pub tasks: AHashMap<String, Task>,
@@ -281,6 +281,8 @@ pub struct Aggregator {
     segment_names: Vec<Arc<str>>,
     segment_index: AHashMap<Arc<str>, u32>,
     segment_keys: AHashMap<String, SegmentKey>,
+    /// The segment keys each model (after the model cap) uses.
+    model_segment_keys: AHashMap<Arc<str>, AHashSet<String>>,
     windows: AHashMap<(i64, i64), WindowState>,
     /// Closed-for-data windows, so late events are recognised after the
     /// window state is gone too: everything before this start is closed.
@@ -306,6 +308,7 @@ impl Aggregator {
             segment_names: vec![empty],
             segment_index,
             segment_keys: AHashMap::new(),
+            model_segment_keys: AHashMap::new(),
             windows: AHashMap::new(),
             closed_before: AHashMap::new(),
             pending_references: Vec::new(),
@@ -451,19 +454,29 @@ impl Aggregator {
     }
 
     /// Resolves the event's segments to ids (no allocation once seen).
-    fn intern_segments(&mut self, ev: &PredictionEvent) {
+    fn intern_segments(&mut self, v: u32, ev: &PredictionEvent) {
         self.segment_scratch.clear();
         self.segment_scratch.push(0);
         for (key, value) in ev.segments.iter() {
-            let full = self.segment_keys.len() >= self.cfg.max_segment_keys;
-            let k = match self.segment_keys.get_mut(key) {
-                Some(k) => k,
-                None if full => {
+            // `max_segment_keys` per model (after the model cap), so one
+            // model's keys cannot crowd out another's.
+            let model = &self.versions[v as usize].model_id;
+            let known = self
+                .model_segment_keys
+                .get(model)
+                .is_some_and(|keys| keys.contains(key));
+            if !known {
+                let keys = self.model_segment_keys.entry(model.clone()).or_default();
+                if keys.len() >= self.cfg.max_segment_keys {
                     // A new key beyond the cap: the event counts in its
                     // other segments and in all traffic, not under this key.
                     self.stats.limits.max_segment_keys += 1;
                     continue;
                 }
+                keys.insert(key.to_string());
+            }
+            let k = match self.segment_keys.get_mut(key) {
+                Some(k) => k,
                 None => self.segment_keys.entry(key.to_string()).or_default(),
             };
             let id = match k.values.get(value.as_str()) {
@@ -540,7 +553,7 @@ impl Aggregator {
     /// [`Aggregator::observe_prediction`] for an event whose version id
     /// ([`Aggregator::version_id`]) is known.
     pub fn observe_prediction_of(&mut self, v: u32, ev: &PredictionEvent) -> PendingRecord {
-        self.intern_segments(ev);
+        self.intern_segments(v, ev);
         let cfg_reference_size = self.cfg.reference_size as u64;
         let st = &mut self.versions[v as usize];
         st.first_seen_ms = if st.first_seen_ms == i64::MIN {
@@ -1009,6 +1022,7 @@ struct SnapshotRef<'a> {
     closed_before: Vec<(i64, i64)>,
     pending_references: Vec<(&'a str, &'a str, u32)>,
     stats: AggregatorStats,
+    model_segment_keys: Vec<(&'a str, Vec<&'a str>)>,
 }
 
 /// The reference profiles of a snapshot, each once (by `Arc` identity).
@@ -1044,6 +1058,8 @@ struct SnapshotOwned {
     closed_before: Vec<(i64, i64)>,
     pending_references: Vec<(Arc<str>, Arc<str>, u32)>,
     stats: AggregatorStats,
+    #[serde(default)]
+    model_segment_keys: Vec<(Arc<str>, Vec<String>)>,
 }
 
 impl Aggregator {
@@ -1100,6 +1116,16 @@ impl Aggregator {
         let mut closed_before: Vec<(i64, i64)> =
             self.closed_before.iter().map(|(&k, &v)| (k, v)).collect();
         closed_before.sort_unstable();
+        let mut model_segment_keys: Vec<(&str, Vec<&str>)> = self
+            .model_segment_keys
+            .iter()
+            .map(|(m, keys)| {
+                let mut keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+                keys.sort_unstable();
+                (&**m, keys)
+            })
+            .collect();
+        model_segment_keys.sort_unstable();
         let snap = SnapshotRef {
             profiles: table.profiles,
             versions: &self.versions,
@@ -1113,6 +1139,7 @@ impl Aggregator {
             closed_before,
             pending_references,
             stats: self.stats,
+            model_segment_keys,
         };
         // Serialising plain data into a Vec cannot fail (no I/O; every map
         // key is a string or a tuple of integers).
@@ -1237,6 +1264,11 @@ impl Aggregator {
             segment_names: snap.segment_names,
             segment_index,
             segment_keys: snap.segment_keys.into_iter().collect(),
+            model_segment_keys: snap
+                .model_segment_keys
+                .into_iter()
+                .map(|(m, keys)| (m, keys.into_iter().collect()))
+                .collect(),
             windows,
             closed_before: snap.closed_before.into_iter().collect(),
             pending_references,
@@ -1448,6 +1480,29 @@ mod tests {
         assert_eq!(value(&out.rows, "prediction_count", ""), 3.0);
         assert!(!out.rows.iter().any(|r| r.segment.starts_with("region=")));
         assert_eq!(a.stats().limits.max_segment_keys, 3);
+        // The cap is per model: another model has room for its own keys.
+        let mut p = pred(MIN + 1, 1.0, 0.5, "DE");
+        p.model_id = "other".into();
+        p.segments = Entries(vec![("region".into(), "eu".into())]);
+        a.observe_prediction(&p);
+        // The restored aggregator remembers which keys each model uses.
+        let mut b = Aggregator::restore(
+            AggregatorConfig {
+                max_segment_keys: 2,
+                max_segment_values: 10,
+                ..cfg()
+            },
+            &a.snapshot(),
+        )
+        .unwrap();
+        let mut out = Emitted::default();
+        let mut q = pred(MIN + 2, 1.0, 0.5, "DE");
+        q.segments.0.push(("zone".into(), "z".into()));
+        b.observe_prediction(&q);
+        b.advance(2 * MIN, &mut out);
+        assert_eq!(value(&out.rows, "prediction_count", "region=eu"), 1.0);
+        assert!(!out.rows.iter().any(|r| r.segment.starts_with("zone=")));
+        assert_eq!(b.stats().limits.max_segment_keys, 4);
     }
 
     #[test]

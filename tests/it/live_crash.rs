@@ -151,6 +151,9 @@ fn instance(name: &'static str, brokers: &str, dir: &std::path::Path) -> Instanc
     i.set_env("MODELWATCH_WINDOWS__IDLE_TIMEOUT", "10s");
     i.set_env("MODELWATCH_WINDOWS__EARLY_LABEL_TTL", "10m");
     i.set_env("MODELWATCH_SERVICE__FLUSH_INTERVAL", "1s");
+    // The report's events are dated 2024: a replay of history, older than
+    // the default limits.max_event_age.
+    i.set_env("MODELWATCH_LIMITS__MAX_EVENT_AGE", "100years");
     i
 }
 

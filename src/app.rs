@@ -25,6 +25,7 @@ use futures::FutureExt;
 use rdkafka::message::Message;
 
 use crate::config::Config;
+use crate::ingest::bounds::EventBounds;
 use crate::ingest::consumer::{
     commit, group_instance_id, input_consumer, release_revoked, Assignment, InputConsumer,
 };
@@ -36,7 +37,6 @@ use crate::metrics::ReferenceProfile;
 use crate::model::{AlertEvent, InputEvent};
 use crate::pipeline::{Core, CoreStats, Output};
 use crate::sinks::clickhouse::{ClickHouseSink, HistogramRow, MetricRow, SinkError, VersionRow};
-use crate::ingest::bounds::EventBounds;
 use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue};
 use crate::sinks::webhook::{DeliveryRecord, Notifier};
 use crate::state::{Checkpoint, Identity, JoinReader, StateStore};
@@ -103,6 +103,37 @@ struct Pending {
 }
 
 impl Pending {
+    /// Approximate heap bytes of the output held (for
+    /// `service.max_pending_output`): each row's strings and a fixed cost
+    /// per row, each histogram's counts, each dead letter's bytes.
+    fn approx_bytes(&self) -> usize {
+        const ROW: usize = 160;
+        let rows: usize = self
+            .rows
+            .iter()
+            .map(|r| {
+                ROW + r.model_id.len()
+                    + r.model_version.len()
+                    + r.segment.len()
+                    + r.metric.len()
+                    + r.feature.len()
+            })
+            .sum();
+        let histograms: usize = self
+            .histograms
+            .iter()
+            .map(|h| ROW + h.feature.len() + h.segment.len() + h.counts.len() * 8)
+            .sum();
+        let letters: usize = self
+            .letters
+            .iter()
+            .map(|l| ROW + l.payload.len() + l.reason.len() + l.key.as_ref().map_or(0, Vec::len))
+            .sum();
+        rows + histograms
+            + letters
+            + (self.alerts.len() + self.versions.len() + self.deliveries.len()) * 4 * ROW
+    }
+
     fn add(&mut self, out: Output) {
         self.rows.extend(out.emitted.rows.iter().map(metric_row));
         self.histograms
@@ -203,6 +234,9 @@ pub struct Service {
     /// When the last flush ended: the time since is the gap a rebalance
     /// in progress keeps from counting as idle.
     last_flush_end: Instant,
+    /// Consumption is paused because the output held exceeds
+    /// `service.max_pending_output` (since then).
+    paused: Option<Instant>,
     p: Processing,
 }
 
@@ -468,6 +502,7 @@ impl Service {
             checkpoint_due: false,
             rebalance_started: None,
             last_flush_end: Instant::now(),
+            paused: None,
             p: Processing {
                 decoder: Decoder::new(cfg.kafka.format),
                 bounds: EventBounds::new(&cfg.limits),
@@ -639,7 +674,11 @@ impl Service {
                         .saturating_sub(Duration::from_millis(busy_now - last_busy));
                     last_poll = Instant::now();
                     last_busy = busy_now;
-                    if seen != last_seen {
+                    if Counters::get(&counters.input_paused) == 1 {
+                        // Paused by backpressure: not reading is the
+                        // service's own doing, not the input ending.
+                        idle_for = Duration::ZERO;
+                    } else if seen != last_seen {
                         last_seen = seen;
                         idle_for = Duration::ZERO;
                     } else if seen > 0 || readiness.partitions_assigned.load(Ordering::Relaxed) > 0
@@ -709,12 +748,13 @@ impl Service {
     /// writes everything pending; commits offsets when it all succeeded.
     pub async fn flush(&mut self, wall_ms: i64, close_all: bool) -> Result<()> {
         let started = Instant::now();
-        if self.rebalance_started.is_some() {
-            // The group rebalanced since the last flush: no input, and not
-            // because the stream went quiet.
+        if self.rebalance_started.is_some() || self.paused.is_some() {
+            // The group rebalanced, or the service paused its input, since
+            // the last flush: no input, and not because the stream went quiet.
             self.not_idle(started.duration_since(self.last_flush_end));
         }
         let result = self.flush_inner(wall_ms, close_all).await;
+        self.backpressure();
         // Input waits while the service writes: not idle time.
         self.not_idle(started.elapsed());
         self.last_flush_end = Instant::now();
@@ -724,6 +764,54 @@ impl Service {
             "flushed"
         );
         result
+    }
+
+    /// Pauses consumption while the output waiting to be written exceeds
+    /// `service.max_pending_output` (a sink is down or slow), and resumes
+    /// it once half of that is written: memory stays bounded instead of
+    /// buffering without limit. The consumer is still polled while paused
+    /// (group membership, rebalances); paused time is not idle time.
+    fn backpressure(&mut self) {
+        let held = self.p.pending.approx_bytes();
+        let max =
+            usize::try_from(self.p.cfg.service.max_pending_output.as_u64()).unwrap_or(usize::MAX);
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
+        match self.paused {
+            None if held > max => {
+                if let Err(e) = self.consumer.pause(&assignment) {
+                    tracing::warn!(error = %e, "cannot pause consumption");
+                    return;
+                }
+                self.paused = Some(Instant::now());
+                Counters::add(&self.p.counters.input_pauses_total, 1);
+                self.telemetry.set_input_paused(true);
+                tracing::warn!(
+                    held_bytes = held,
+                    max_pending_output = %self.p.cfg.service.max_pending_output,
+                    "output is not being written fast enough: consumption paused until half of it is written"
+                );
+            }
+            Some(since) if held <= max / 2 => {
+                if let Err(e) = self.consumer.resume(&assignment) {
+                    tracing::warn!(error = %e, "cannot resume consumption");
+                    return;
+                }
+                self.paused = None;
+                self.telemetry.set_input_paused(false);
+                tracing::info!(
+                    paused_seconds = since.elapsed().as_secs_f64(),
+                    held_bytes = held,
+                    "output written: consumption resumed"
+                );
+            }
+            Some(_) => {
+                // Partitions assigned since the pause are paused too.
+                let _ = self.consumer.pause(&assignment);
+            }
+            None => {}
+        }
     }
 
     /// Time in which the service read no input for reasons of its own

@@ -159,6 +159,11 @@ pub struct ServiceConfig {
     /// tracing filter such as `info,rdkafka=warn`); `RUST_LOG`, when set,
     /// wins. Default `info`.
     pub log_level: String,
+    /// Most output (window rows, histograms, alerts, dead letters) held
+    /// waiting to be written, in bytes; beyond it consumption pauses until
+    /// half of it is written (a sink is down or slower than the input).
+    /// Default `256MiB`.
+    pub max_pending_output: bytesize::ByteSize,
 }
 
 impl Default for ServiceConfig {
@@ -167,6 +172,7 @@ impl Default for ServiceConfig {
             flush_interval: Duration::from_secs(1),
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            max_pending_output: bytesize::ByteSize::mib(256),
         }
     }
 }
@@ -1065,7 +1071,10 @@ impl Config {
             ("limits.max_features", l.max_features),
             ("limits.max_segment_keys", l.max_segment_keys),
             ("limits.max_identifier_bytes", l.max_identifier_bytes),
-            ("limits.max_reference_categories", l.max_reference_categories),
+            (
+                "limits.max_reference_categories",
+                l.max_reference_categories,
+            ),
             ("limits.max_early_labels", l.max_early_labels),
             ("limits.max_pending_per_model", l.max_pending_per_model),
             ("limits.max_alert_series", l.max_alert_series),

@@ -133,6 +133,11 @@ pub struct Counters {
     pub input_offset_gaps_total: AtomicU64,
     /// Offsets missing in those gaps.
     pub input_offsets_missing_total: AtomicU64,
+    /// Times consumption was paused because output was held back
+    /// (`service.max_pending_output`).
+    pub input_pauses_total: AtomicU64,
+    /// 1 while consumption is paused by backpressure (a gauge).
+    pub input_paused: AtomicU64,
     /// Events dead-lettered for a bound of `[limits]`, in the order of
     /// [`EVENT_LIMITS`].
     pub event_limit_hits_total: [AtomicU64; EVENT_LIMITS.len()],
@@ -533,6 +538,13 @@ impl Telemetry {
         }
     }
 
+    /// Records whether consumption is paused by backpressure.
+    pub fn set_input_paused(&self, paused: bool) {
+        self.counters
+            .input_paused
+            .store(u64::from(paused), Ordering::Relaxed);
+    }
+
     /// Records what a flush observed (once per flush, not per event).
     pub fn record_flush(&self, r: &FlushReport) {
         if let Ok(mut core) = self.snapshot.core.lock() {
@@ -835,6 +847,18 @@ impl Collector for SnapshotCollector {
                 ConstCounter::new(n).encode(m.encode_family(&[("kind", kind)])?)?;
             }
         }
+        gauge(
+            &mut enc,
+            "input_paused",
+            "1 while consumption is paused because output waits to be written (service.max_pending_output)",
+            Counters::get(&c.input_paused),
+        )?;
+        counter(
+            &mut enc,
+            "input_pauses",
+            "Times consumption was paused because output waited to be written",
+            Counters::get(&c.input_pauses_total),
+        )?;
         gauge(
             &mut enc,
             "pending_predictions",

@@ -785,7 +785,10 @@ mod tests {
         let mut e = AlertEngine::new(vec![every_feature()]);
         e.max_series = 3;
         // Feature "hot" fires and keeps firing; "q0", "q1" stay quiet.
-        assert_eq!(run(&mut e, &[row("missing_rate", "hot", 0, 0.9, 100)]).len(), 1);
+        assert_eq!(
+            run(&mut e, &[row("missing_rate", "hot", 0, 0.9, 100)]).len(),
+            1
+        );
         run(&mut e, &[row("missing_rate", "q0", 1, 0.1, 100)]);
         run(&mut e, &[row("missing_rate", "q1", 2, 0.1, 100)]);
         assert_eq!(e.series_count(), 3);

@@ -240,9 +240,7 @@ mod tests {
         );
 
         let mut p = prediction();
-        p.class_probabilities = Some(Entries(
-            (0..4).map(|i| (format!("c{i}"), 0.25)).collect(),
-        ));
+        p.class_probabilities = Some(Entries((0..4).map(|i| (format!("c{i}"), 0.25)).collect()));
         assert_eq!(
             limit_of(b.check(&InputEvent::Prediction(p), NOW)).0,
             "max_features"

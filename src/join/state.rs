@@ -1009,29 +1009,59 @@ mod tests {
         });
         let mut out = vec![];
         j.insert_prediction("quiet", 1, 1, 100, &mut out);
-        assert_eq!(j.insert_prediction("f1", 0, 2, 1, &mut out), PredictionInsert::Pending);
-        assert_eq!(j.insert_prediction("f2", 0, 3, 2, &mut out), PredictionInsert::Pending);
+        assert_eq!(
+            j.insert_prediction("f1", 0, 2, 1, &mut out),
+            PredictionInsert::Pending
+        );
+        assert_eq!(
+            j.insert_prediction("f2", 0, 3, 2, &mut out),
+            PredictionInsert::Pending
+        );
         // The flood's third and fourth: handed back as expired at once,
         // also when the request already waits for another model.
-        assert_eq!(j.insert_prediction("f3", 0, 4, 3, &mut out), PredictionInsert::Refused);
-        assert_eq!(j.insert_prediction("quiet", 0, 5, 4, &mut out), PredictionInsert::Refused);
+        assert_eq!(
+            j.insert_prediction("f3", 0, 4, 3, &mut out),
+            PredictionInsert::Refused
+        );
+        assert_eq!(
+            j.insert_prediction("quiet", 0, 5, 4, &mut out),
+            PredictionInsert::Refused
+        );
         assert_eq!(
             out,
             vec![
-                Joined::Expired { payload: 3, prediction_ts: 4 },
-                Joined::Expired { payload: 4, prediction_ts: 5 },
+                Joined::Expired {
+                    payload: 3,
+                    prediction_ts: 4
+                },
+                Joined::Expired {
+                    payload: 4,
+                    prediction_ts: 5
+                },
             ]
         );
         assert_eq!(j.limit_hits().max_pending_per_model, 2);
         // The other model's prediction is still waiting and matches.
         out.clear();
-        assert_eq!(j.insert_label("quiet", label(6, "1"), &mut out), LabelInsert::Matched(1));
+        assert_eq!(
+            j.insert_label("quiet", label(6, "1"), &mut out),
+            LabelInsert::Matched(1)
+        );
         // A label frees the flooding model's share.
-        assert_eq!(j.insert_label("f1", label(7, "1"), &mut out), LabelInsert::Matched(1));
-        assert_eq!(j.insert_prediction("f4", 0, 8, 5, &mut out), PredictionInsert::Pending);
+        assert_eq!(
+            j.insert_label("f1", label(7, "1"), &mut out),
+            LabelInsert::Matched(1)
+        );
+        assert_eq!(
+            j.insert_prediction("f4", 0, 8, 5, &mut out),
+            PredictionInsert::Pending
+        );
         // Expiry frees it too.
         j.expire(3 + H, &mut out);
-        assert_eq!(j.insert_prediction("f5", 0, 9, 6, &mut out), PredictionInsert::Pending);
+        assert_eq!(
+            j.insert_prediction("f5", 0, 9, 6, &mut out),
+            PredictionInsert::Pending
+        );
         assert_eq!(j.limit_hits().max_pending_per_model, 2);
         assert_eq!(j.pending_predictions(), 2);
     }
@@ -1047,25 +1077,48 @@ mod tests {
         });
         let mut out = vec![];
         j.insert_prediction("p", 0, 1, 7, &mut out);
-        assert_eq!(j.insert_label("a", label(10, "1"), &mut out), LabelInsert::Early);
-        assert_eq!(j.insert_label("b", label(11, "1"), &mut out), LabelInsert::Early);
+        assert_eq!(
+            j.insert_label("a", label(10, "1"), &mut out),
+            LabelInsert::Early
+        );
+        assert_eq!(
+            j.insert_label("b", label(11, "1"), &mut out),
+            LabelInsert::Early
+        );
         // Full: an unmatched label is an orphan at once…
-        assert_eq!(j.insert_label("c", label(12, "0"), &mut out), LabelInsert::Refused);
-        assert_eq!(out, vec![Joined::Orphan { label: Arc::new(label(12, "0")) }]);
+        assert_eq!(
+            j.insert_label("c", label(12, "0"), &mut out),
+            LabelInsert::Refused
+        );
+        assert_eq!(
+            out,
+            vec![Joined::Orphan {
+                label: Arc::new(label(12, "0"))
+            }]
+        );
         out.clear();
         // …and one that completes predictions still completes them, without being held.
-        assert_eq!(j.insert_label("p", label(13, "1"), &mut out), LabelInsert::Matched(1));
+        assert_eq!(
+            j.insert_label("p", label(13, "1"), &mut out),
+            LabelInsert::Matched(1)
+        );
         assert!(matches!(&out[..], [Joined::Matched { payload: 7, .. }]));
         assert_eq!(j.early_labels(), 2);
         assert!(!j.contains("p"));
         assert_eq!(j.limit_hits().max_early_labels, 2);
         // The held ones still match their predictions.
         out.clear();
-        assert_eq!(j.insert_prediction("a", 0, 14, 8, &mut out), PredictionInsert::Matched);
+        assert_eq!(
+            j.insert_prediction("a", 0, 14, 8, &mut out),
+            PredictionInsert::Matched
+        );
         // Once they expire there is room again.
         j.expire(11 + TTL, &mut out);
         assert_eq!(j.early_labels(), 0);
-        assert_eq!(j.insert_label("d", label(200, "1"), &mut out), LabelInsert::Early);
+        assert_eq!(
+            j.insert_label("d", label(200, "1"), &mut out),
+            LabelInsert::Early
+        );
         assert_eq!(j.limit_hits().max_early_labels, 2);
     }
 

@@ -1512,7 +1512,9 @@ mod tests {
         let mut a = Aggregator::new(c);
         for i in 0..12 {
             let mut p = pred(i, 1.0, 0.5, "DE");
-            p.features.0.push((format!("f{i}"), FeatureValue::Double(2.0)));
+            p.features
+                .0
+                .push((format!("f{i}"), FeatureValue::Double(2.0)));
             a.observe_prediction(&p);
         }
         // The reference is built from the first 10 events; each brought one

@@ -604,7 +604,9 @@ impl BuilderFeature {
                 self.non_finite += 1;
                 true
             }
-            FeatureValue::Bool(b) => self.category(if *b { "true" } else { "false" }, max_categories),
+            FeatureValue::Bool(b) => {
+                self.category(if *b { "true" } else { "false" }, max_categories)
+            }
             FeatureValue::String(s) => self.category(s, max_categories),
         }
     }
@@ -765,10 +767,12 @@ impl ReferenceBuilder {
             }
         }
         if let Some(s) = ev.score {
-            self.scores.observe(&FeatureValue::Double(s), max_categories);
+            self.scores
+                .observe(&FeatureValue::Double(s), max_categories);
         }
         if let Some(v) = ev.predicted_value {
-            self.values.observe(&FeatureValue::Double(v), max_categories);
+            self.values
+                .observe(&FeatureValue::Double(v), max_categories);
         }
         if let Some(l) = &ev.predicted_label {
             if !self.labels.category(l, max_categories) {
@@ -861,7 +865,13 @@ mod tests {
         }
         // Every event brought one feature too many; values v3, v4 (twice
         // each) and labels l3..l9 came after three distinct ones were kept.
-        assert_eq!(left_out, LeftOut { features: 10, categories: 4 + 7 });
+        assert_eq!(
+            left_out,
+            LeftOut {
+                features: 10,
+                categories: 4 + 7
+            }
+        );
         let p = b.build();
         let names: Vec<&str> = p.features.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["c", "x"]);

@@ -18,7 +18,9 @@
 mod support;
 
 mod alerting;
+
 mod api;
+mod backpressure;
 mod budget;
 mod clickhouse;
 mod crash;

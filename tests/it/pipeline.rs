@@ -636,7 +636,7 @@ pub(crate) async fn produce(
 }
 
 /// A MockCluster with the service's four topics.
-fn mock_cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+pub(crate) fn mock_cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
     let cluster = MockCluster::new(1).expect("mock cluster");
     for t in ["predictions", "ground-truth"] {
         cluster

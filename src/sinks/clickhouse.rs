@@ -1459,7 +1459,10 @@ mod tests {
         }
         use clickhouse::error::Error as E;
         let e = classify(&E::BadResponse(table[0].0.into()), "");
-        assert!(matches!(e, SinkError::Rejected(_)) && !e.is_transient(), "{e}");
+        assert!(
+            matches!(e, SinkError::Rejected(_)) && !e.is_transient(),
+            "{e}"
+        );
         let e = classify(&E::BadResponse(table[2].0.into()), "");
         assert!(e.is_transient(), "{e}");
         let e = classify(&E::BadResponse(table[11].0.into()), "");
@@ -1499,7 +1502,11 @@ mod tests {
                 assert!(!b.is_empty() && b.len() <= batch_rows);
                 let distinct: std::collections::BTreeSet<_> =
                     b.iter().map(|&i| months[i]).collect();
-                assert!(distinct.len() <= MAX_PARTITIONS_PER_INSERT, "{}", distinct.len());
+                assert!(
+                    distinct.len() <= MAX_PARTITIONS_PER_INSERT,
+                    "{}",
+                    distinct.len()
+                );
                 for &i in b {
                     assert!(!seen[i], "row {i} twice");
                     seen[i] = true;

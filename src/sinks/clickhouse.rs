@@ -208,6 +208,8 @@ const DATA_CODES: &[u32] = &[
     307, // TOO_MANY_BYTES
     321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
     349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO (a table's own row check)
+    469, // VIOLATED_CONSTRAINT (a table CONSTRAINT refuses the row)
 ];
 
 /// `TOO_MANY_PARTS`, which also reports the per-INSERT partition limit.
@@ -1445,6 +1447,7 @@ mod tests {
             ("Code: 321. DB::Exception: Value is out of range of data type. (VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE)", Data),
             ("Code: 27, e.displayText() = DB::Exception: Cannot parse input: expected , before: x", Data),
             ("413 Request Entity Too Large", Data),
+            ("Code: 469. DB::Exception: Constraint `c` for table modelwatch.window_metrics is violated at row 1. (VIOLATED_CONSTRAINT)", Data),
             ("Code: 516. DB::Exception: default: Authentication failed: password is incorrect. (AUTHENTICATION_FAILED)", Setup),
             ("Code: 497. DB::Exception: default: Not enough privileges. To execute this query, it's necessary to have the grant INSERT ON modelwatch.alerts. (ACCESS_DENIED)", Setup),
             ("Code: 60, e.displayText() = DB::Exception: Table modelwatch.window_metrics doesn't exist., e.what() = DB::Exception", Setup),

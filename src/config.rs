@@ -1279,6 +1279,31 @@ mod tests {
     }
 
     #[test]
+    fn insert_timeout_must_stay_below_the_poll_interval() {
+        let c = load(None, &env(&[])).unwrap();
+        assert_eq!(c.clickhouse.insert_timeout, Duration::from_secs(30));
+        for (text, want) in [
+            ("[clickhouse]\ninsert_timeout = \"0s\"\n", "clickhouse.insert_timeout"),
+            ("[clickhouse]\ninsert_timeout = \"5m\"\n", "300000 ms"),
+            (
+                "[clickhouse]\ninsert_timeout = \"90s\"\n[kafka.properties]\n\"max.poll.interval.ms\" = \"60000\"\n",
+                "60000 ms",
+            ),
+            (
+                "[kafka.properties]\n\"max.poll.interval.ms\" = \"soon\"\n",
+                "max.poll.interval.ms",
+            ),
+        ] {
+            let f = write(text);
+            let err = format!("{:#}", load(Some(f.path()), &env(&[])).unwrap_err());
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        let f = write("[clickhouse]\ninsert_timeout = \"2m\"\n");
+        let c = load(Some(f.path()), &env(&[])).unwrap();
+        assert_eq!(c.clickhouse.insert_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
     fn unknown_key_names_the_key() {
         let f = write("[kafka]\nbrokerz = \"a:1\"\n");
         let err = load(Some(f.path()), &env(&[])).unwrap_err().to_string();

@@ -1468,7 +1468,11 @@ mod tests {
         );
         let e = classify(&E::BadResponse(table[2].0.into()), "");
         assert!(e.is_transient(), "{e}");
-        let e = classify(&E::BadResponse(table[11].0.into()), "");
+        let auth = table
+            .iter()
+            .find(|(m, _)| m.contains("AUTHENTICATION_FAILED"))
+            .unwrap();
+        let e = classify(&E::BadResponse(auth.0.into()), "");
         assert!(matches!(e, SinkError::Permanent(_)), "{e}");
     }
 

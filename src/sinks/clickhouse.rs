@@ -63,6 +63,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// months stay within 100 server months whatever the zone.
 pub const MAX_PARTITIONS_PER_INSERT: usize = 50;
 
+/// Longest the retries of one insert batch may take in all (or one
+/// `insert_timeout`, if longer): then the write fails as transient and the
+/// service goes back to polling Kafka, well within librdkafka's
+/// `max.poll.interval.ms` (300 s), and tries again at the next flush.
+pub const WRITE_BUDGET: Duration = Duration::from_secs(120);
+
 /// Extra inserts one batch may spend isolating rejected rows by bisection
 /// (about 2 · log2(batch) per bad row); once spent, a rejected part of the
 /// batch is dropped whole. Bounds the cost of a batch full of bad rows.
@@ -986,6 +992,8 @@ pub struct ClickHouseSink {
     last_revision: Arc<AtomicU64>,
     /// Longest one insert request may take (`clickhouse.insert_timeout`).
     insert_timeout: Duration,
+    /// Longest the retries of one batch may take ([`WRITE_BUDGET`]).
+    write_budget: Duration,
     /// Rows dropped because the server rejected them, per table, since the
     /// last [`ClickHouseSink::take_dropped`].
     dropped: Arc<Mutex<BTreeMap<String, u64>>>,
@@ -1034,9 +1042,16 @@ impl ClickHouseSink {
             } else {
                 cfg.insert_timeout
             },
+            write_budget: WRITE_BUDGET.max(cfg.insert_timeout),
             dropped: Arc::default(),
             inserts: Arc::default(),
         }
+    }
+
+    /// Replaces the time budget of one batch's retries (tests).
+    pub fn with_write_budget(mut self, budget: Duration) -> Self {
+        self.write_budget = budget;
+        self
     }
 
     /// Rows dropped because ClickHouse rejected them, per table, since the
@@ -1189,10 +1204,14 @@ impl ClickHouseSink {
         let mut dropped = 0u64;
         let mut example: Option<String> = None;
         while let Some(part) = todo.pop() {
-            let sent = self
-                .retry
-                .run(table, || self.attempt_insert(table, part))
-                .await;
+            let retried = self.retry.run(table, || self.attempt_insert(table, part));
+            let sent = match tokio::time::timeout(self.write_budget, retried).await {
+                Ok(r) => r,
+                Err(_) => Err(SinkError::Transient(format!(
+                    "insert into {table} still failing after {}s of retries: tried again at the next flush",
+                    self.write_budget.as_secs_f64()
+                ))),
+            };
             match sent {
                 Ok(()) => {}
                 Err(SinkError::Rejected(e)) => {

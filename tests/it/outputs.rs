@@ -386,3 +386,50 @@ async fn a_missing_output_topic_fails_startup_with_the_fix() {
         "the check created {DEAD_LETTER}"
     );
 }
+
+/// A server that accepts connections and never answers: each insert is
+/// abandoned after `clickhouse.insert_timeout` and retried, and the write
+/// gives up as transient once its retry budget is spent, instead of holding
+/// the service loop (librdkafka evicts a consumer that does not poll for
+/// `max.poll.interval.ms`).
+#[tokio::test]
+async fn a_hung_insert_times_out_as_a_transient_error_within_its_budget() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accept and hold every connection, answer nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().take(1000).flatten() {
+            held.push(s);
+        }
+    });
+    let cfg = modelwatch::config::ClickHouseConfig {
+        url: format!("http://127.0.0.1:{port}"),
+        insert_timeout: Duration::from_millis(300),
+        max_retries: 1_000,
+        ..Default::default()
+    };
+    let sink = ClickHouseSink::new(&cfg).with_write_budget(Duration::from_secs(2));
+    let row = MetricRow {
+        model_id: "m".into(),
+        model_version: "v1".into(),
+        segment: String::new(),
+        window_start: 1_700_000_000,
+        window_seconds: 60,
+        metric: "prediction_count".into(),
+        feature: String::new(),
+        value: 1.0,
+        samples: 1,
+        p_value: None,
+        revision: 1,
+    };
+    let started = std::time::Instant::now();
+    let err = sink.write_metrics(&[row]).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(err.is_transient(), "{err}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(sink.insert_requests() >= 2, "{}", sink.insert_requests());
+}

@@ -433,3 +433,25 @@ async fn a_hung_insert_times_out_as_a_transient_error_within_its_budget() {
     );
     assert!(sink.insert_requests() >= 2, "{}", sink.insert_requests());
 }
+
+/// The same check against a separate broker process (tansu, which does not
+/// auto-create topics): the missing alerts topic is named with its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_output_topic_fails_startup_against_tansu() {
+    let broker = crate::support::tansu::TansuBroker::start_with_topics(&[
+        (PREDICTIONS, 1),
+        ("ground-truth", 1),
+        (DEAD_LETTER, 1),
+    ]);
+    let cfg = test_config(
+        &broker.bootstrap(),
+        &unique_database("mw_out_missing_tansu"),
+    );
+    let err = match Service::start(cfg).await {
+        Ok(_) => panic!("the service started without its alerts topic"),
+        Err(e) => format!("{e:#}"),
+    };
+    for want in ["model-alerts", "kafka.alerts_topic", "kafka-topics"] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+}

@@ -125,6 +125,8 @@ pub const SERVICE_METRICS: &[&str] = &[
     "row_written_count",
     "alert_count",
     "clickhouse_retry_count",
+    "output_dropped_count",
+    "dead_letter_truncated_count",
     "cpu_seconds",
     "resident_memory_bytes",
     "pending_predictions",

@@ -176,7 +176,7 @@ pub async fn check_output_topics(cfg: &KafkaConfig) -> Result<()> {
             let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
                 continue;
             };
-            let missing = t.partitions().is_empty()
+            let missing = (t.error().is_none() && t.partitions().is_empty())
                 || matches!(
                     t.error().map(RDKafkaErrorCode::from),
                     Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
@@ -188,8 +188,18 @@ pub async fn check_output_topics(cfg: &KafkaConfig) -> Result<()> {
                      or set {key} to an existing topic"
                 );
             }
-            if let Some(code) = t.error().map(RDKafkaErrorCode::from) {
-                bail!("the output topic {topic:?} ({key}) cannot be used on {brokers}: {code}");
+            match t.error().map(RDKafkaErrorCode::from) {
+                None => {}
+                Some(
+                    code @ (RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::InvalidTopic),
+                ) => {
+                    bail!("the output topic {topic:?} ({key}) cannot be used on {brokers}: {code}")
+                }
+                // Leader elections and the like: the sends retry those.
+                Some(code) => {
+                    tracing::warn!(topic = %topic, error = %code, "the output topic is not ready yet")
+                }
             }
         }
         Ok(())

@@ -455,3 +455,63 @@ async fn a_missing_output_topic_fails_startup_against_tansu() {
         assert!(err.contains(want), "{want:?} missing from: {err}");
     }
 }
+
+/// Isolating one refused row in a batch of 10 000 costs about 2·log2(n)
+/// inserts, not n: the good 9 999 rows land, the one refused is dropped.
+#[tokio::test]
+async fn one_refused_row_in_ten_thousand_costs_a_logarithmic_number_of_inserts() {
+    let db = unique_database("mw_out_bisect");
+    let cfg = crate::support::clickhouse::ClickHouseServer::shared().config(&db);
+    let sink = ClickHouseSink::new(&cfg);
+    sink.migrate().await.expect("migrate");
+    sink.client()
+        .query(
+            "ALTER TABLE window_metrics ADD COLUMN guard UInt8 \
+             MATERIALIZED throwIf(feature = 'poison')",
+        )
+        .execute()
+        .await
+        .expect("add the row check");
+    let n = 10_000usize;
+    let rows: Vec<MetricRow> = (0..n)
+        .map(|i| MetricRow {
+            model_id: "m".into(),
+            model_version: "v1".into(),
+            segment: String::new(),
+            window_start: 1_700_000_000,
+            window_seconds: 60,
+            metric: "psi".into(),
+            feature: if i == 6_789 {
+                "poison".into()
+            } else {
+                format!("f{i}")
+            },
+            value: 0.1,
+            samples: 1,
+            p_value: None,
+            revision: 1,
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    sink.write_metrics(&rows)
+        .await
+        .expect("written, the bad row dropped");
+    let requests = sink.insert_requests();
+    println!(
+        "{n} rows, 1 refused: {requests} INSERT requests, {:?}",
+        started.elapsed()
+    );
+    let bound = 1 + 2 * (n as f64).log2().ceil() as u64;
+    assert!(
+        requests <= bound,
+        "{requests} requests, want at most {bound}"
+    );
+    assert_eq!(sink.take_dropped().get("window_metrics"), Some(&1));
+    let count: u64 = sink
+        .client()
+        .query("SELECT count() FROM window_metrics")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(count, n as u64 - 1);
+}

@@ -6,8 +6,15 @@
 //! watermark, write reference profiles, model versions, window rows and
 //! alerts to ClickHouse, publish alerts and dead letters to Kafka. A failed
 //! write keeps everything pending and retries on the next flush (all writes
-//! are idempotent); a permanent ClickHouse error stops the service with the
-//! reason.
+//! are idempotent). An output that can never be written is dropped and
+//! counted (`modelwatch_output_dropped_total`) so it cannot hold checkpoints
+//! back: rows ClickHouse rejects for their data (the sink isolates them),
+//! messages the broker refuses for good after a few attempts. A setup error
+//! of ClickHouse (authentication, grants, a missing table) stops the service
+//! with the reason: the state stays at the last checkpoint, and a restart
+//! after the fix (which also re-creates a missing database or table)
+//! replays from there, so nothing is lost. Dead-letter log lines are
+//! rate-limited ([`DEAD_LETTER_LOG_INTERVAL`]).
 //!
 //! Every `state.checkpoint_interval`, after a flush that wrote everything,
 //! the core's state and the input positions go to the state store in one
@@ -37,11 +44,17 @@ use crate::metrics::ReferenceProfile;
 use crate::model::{AlertEvent, InputEvent};
 use crate::pipeline::{Core, CoreStats, Output};
 use crate::sinks::clickhouse::{ClickHouseSink, HistogramRow, MetricRow, SinkError, VersionRow};
-use crate::sinks::kafka::{producer, AlertPublisher, DeadLetter, DeadLetterQueue};
+use crate::sinks::kafka::{
+    check_output_topics, message_max_bytes, producer, AlertPublisher, DeadLetter, DeadLetterQueue,
+};
 use crate::sinks::webhook::{DeliveryRecord, Notifier};
 use crate::state::{Checkpoint, Identity, JoinReader, StateStore};
-use crate::telemetry::{Counters, FlushReport, Telemetry};
+use crate::telemetry::{Counters, FlushReport, LogLimiter, Telemetry};
 use rdkafka::consumer::Consumer;
+
+/// At most one dead-letter log line per error kind per interval (with the
+/// count since the previous line and one example); the counters are exact.
+pub const DEAD_LETTER_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Messages handled per wake-up of the consumer loop before it looks at its
 /// timers again.
@@ -210,6 +223,8 @@ pub struct Service {
     alerts: AlertPublisher,
     dlq: DeadLetterQueue,
     notifier: Notifier,
+    /// Rate limit of the dead-letter and dropped-output log lines.
+    output_log: LogLimiter,
     last_error_log: Option<Instant>,
     /// When the service last warned that it shares its group.
     last_share_warning: Option<Instant>,
@@ -473,6 +488,7 @@ impl Service {
             tracing::info!(webhooks = notifier.len(), "webhook notifier started");
         }
         let producer = producer(&cfg.kafka)?;
+        check_output_topics(&cfg.kafka).await?;
         let instance_id = group_instance_id(&cfg.kafka, store.instance_id()?);
         match &instance_id {
             Some(id) => {
@@ -486,8 +502,13 @@ impl Service {
         let telemetry = Arc::new(Telemetry::for_config(&cfg));
         Ok(Service {
             alerts: AlertPublisher::new(producer.clone(), &cfg.kafka.alerts_topic),
-            dlq: DeadLetterQueue::new(producer, &cfg.kafka.dead_letter_topic),
+            dlq: DeadLetterQueue::new(
+                producer,
+                &cfg.kafka.dead_letter_topic,
+                message_max_bytes(&cfg.kafka),
+            ),
             notifier,
+            output_log: LogLimiter::new(DEAD_LETTER_LOG_INTERVAL),
             consumer,
             sink,
             last_error_log: None,
@@ -842,6 +863,8 @@ impl Service {
         };
         self.p.pending.add(out);
         let written = self.write_pending().await;
+        // Rows the ClickHouse sink dropped (rejected for their data).
+        record_sink_drops(&self.sink, &self.telemetry);
         // Telemetry of this flush, whether or not the write went through.
         let closed = std::mem::take(&mut self.p.pending.closed_ends);
         let report = self.flush_report(
@@ -1363,7 +1386,15 @@ impl Service {
             )
             .await
             .map_err(WriteError::from_sink)?;
-            Counters::add(&self.p.counters.rows_written_total, p.rows.len() as u64);
+            let dropped = record_sink_drops(&self.sink, t);
+            let lost = dropped
+                .get(crate::sinks::clickhouse::WINDOW_METRICS)
+                .copied()
+                .unwrap_or(0);
+            Counters::add(
+                &self.p.counters.rows_written_total,
+                (p.rows.len() as u64).saturating_sub(lost),
+            );
             p.rows.clear();
         }
         if !p.histograms.is_empty() {
@@ -1386,21 +1417,52 @@ impl Service {
             )
             .await
             .map_err(WriteError::from_sink)?;
-            self.alerts
-                .publish(&p.alerts)
-                .await
-                .map_err(WriteError::Transient)?;
+            let report = self.alerts.publish(&p.alerts).await;
+            let drop_example = report.dropped.first().map(|(i, e)| {
+                format!(
+                    "alert {} to {}: {e}",
+                    p.alerts[*i].alert_id,
+                    self.alerts.topic()
+                )
+            });
+            // Delivered or dropped for good: done (webhooks, counters, log);
+            // a transient failure keeps the alert pending (sent again next
+            // flush, its ClickHouse row re-written idempotently).
+            let mut left = Vec::with_capacity(report.failed.len());
+            let mut done = Vec::with_capacity(p.alerts.len());
+            for (i, a) in std::mem::take(&mut p.alerts).into_iter().enumerate() {
+                if report.failed.contains(&i) {
+                    left.push(a);
+                } else {
+                    done.push(a);
+                }
+            }
+            p.alerts = left;
+            if !report.dropped.is_empty() {
+                let n = report.dropped.len() as u64;
+                t.record_output_dropped("alerts", self.alerts.topic(), n);
+                let example = || drop_example.unwrap_or_default();
+                if let Some(line) = self.output_log.note("alerts", n, Instant::now(), example) {
+                    log_dropped("alerts", &line);
+                }
+            }
             // Webhooks: queued for their workers, never awaited here.
-            self.notifier.enqueue(&p.alerts);
-            for a in &p.alerts {
+            self.notifier.enqueue(&done);
+            for a in &done {
                 t.record_alert(&a.rule, a.status.as_str(), a.severity.as_str());
                 tracing::warn!(alert_id = %a.alert_id, rule = %a.rule, status = a.status.as_str(), severity = a.severity.as_str(), model = %a.model_id, version = %a.model_version, "{}", a.message);
             }
             Counters::add(
                 &self.p.counters.alerts_published_total,
-                p.alerts.len() as u64,
+                report.delivered.len() as u64,
             );
-            p.alerts.clear();
+            if let Some(e) = report.error {
+                return Err(WriteError::Transient(anyhow::anyhow!(
+                    "cannot publish {} alerts to topic {}: {e}",
+                    p.alerts.len(),
+                    self.alerts.topic()
+                )));
+            }
         }
         let log = self.notifier.take_log();
         for d in &log {
@@ -1416,18 +1478,109 @@ impl Service {
             p.deliveries.clear();
         }
         if !p.letters.is_empty() {
-            self.dlq
-                .send(&p.letters)
-                .await
-                .map_err(WriteError::Transient)?;
-            for l in &p.letters {
-                tracing::warn!(topic = %l.topic, partition = l.partition, offset = l.offset, kind = l.kind, reason = %l.reason, "message dead-lettered");
+            let (report, fitted) = self.dlq.send(&p.letters).await;
+            let now = Instant::now();
+            let c = &self.p.counters;
+            let truncated = report
+                .delivered
+                .iter()
+                .filter(|&&i| fitted[i].truncated(&p.letters[i]))
+                .count();
+            Counters::add(&c.dead_letters_truncated_total, truncated as u64);
+            Counters::add(&c.dead_lettered_total, report.delivered.len() as u64);
+            // One line per kind per interval, with the count and one example.
+            let mut kinds: std::collections::BTreeMap<&str, (u64, usize)> = Default::default();
+            for &i in &report.delivered {
+                kinds.entry(p.letters[i].kind).or_insert((0, i)).0 += 1;
             }
-            Counters::add(&self.p.counters.dead_lettered_total, p.letters.len() as u64);
-            p.letters.clear();
+            for (kind, (n, i)) in kinds {
+                let example = || dead_letter_example(&p.letters[i], &fitted[i].reason);
+                if let Some(line) = self.output_log.note(kind, n, now, example) {
+                    log_dead_letters(&line);
+                }
+            }
+            if !report.dropped.is_empty() {
+                let n = report.dropped.len() as u64;
+                self.telemetry
+                    .record_output_dropped("dead_letter", self.dlq.topic(), n);
+                let example = || {
+                    let (i, e) = &report.dropped[0];
+                    format!(
+                        "{} to {}: {e}",
+                        dead_letter_example(&p.letters[*i], &fitted[*i].reason),
+                        self.dlq.topic()
+                    )
+                };
+                if let Some(line) = self.output_log.note("dead_letter", n, now, example) {
+                    log_dropped("dead_letter", &line);
+                }
+            }
+            let failed: Vec<DeadLetter> = report
+                .failed
+                .iter()
+                .map(|&i| p.letters[i].clone())
+                .collect();
+            p.letters = failed;
+            if let Some(e) = report.error {
+                return Err(WriteError::Transient(anyhow::anyhow!(
+                    "cannot write {} messages to the dead-letter topic {}: {e}",
+                    p.letters.len(),
+                    self.dlq.topic()
+                )));
+            }
+        }
+        for line in self.output_log.due(Instant::now()) {
+            match line.kind.as_str() {
+                "alerts" | "dead_letter" => log_dropped(&line.kind, &line),
+                _ => log_dead_letters(&line),
+            }
         }
         Ok(())
     }
+}
+
+/// Counts the rows the ClickHouse sink dropped since the last call (per
+/// table, in telemetry) and returns them.
+fn record_sink_drops(
+    sink: &ClickHouseSink,
+    t: &Telemetry,
+) -> std::collections::BTreeMap<String, u64> {
+    let dropped = sink.take_dropped();
+    for (table, n) in &dropped {
+        t.record_output_dropped("clickhouse", table, *n);
+    }
+    dropped
+}
+
+/// Where a dead letter came from and why, for a log line (bounded).
+fn dead_letter_example(d: &DeadLetter, reason: &str) -> String {
+    format!(
+        "{}/{}@{}: {}",
+        d.topic,
+        d.partition,
+        d.offset,
+        crate::sinks::kafka::escape_bounded(reason, 256)
+    )
+}
+
+fn log_dead_letters(line: &crate::telemetry::LogLine) {
+    tracing::warn!(
+        kind = %line.kind,
+        count = line.count,
+        example = %line.example,
+        "messages dead-lettered (one line per kind every {}s at most)",
+        DEAD_LETTER_LOG_INTERVAL.as_secs()
+    );
+}
+
+fn log_dropped(output: &str, line: &crate::telemetry::LogLine) {
+    tracing::error!(
+        output,
+        count = line.count,
+        example = %line.example,
+        "messages the broker refuses for good were dropped after {} attempts",
+        crate::sinks::kafka::PERMANENT_ATTEMPTS
+    );
 }
 
 /// Processes one consumed message: assignment changes first (the watermark
@@ -1516,10 +1669,19 @@ enum WriteError {
 impl WriteError {
     fn from_sink(e: SinkError) -> Self {
         match e {
-            SinkError::Permanent(_) => {
-                WriteError::Permanent(anyhow::anyhow!("ClickHouse rejected a write: {e}"))
+            SinkError::Transient(_) => {
+                WriteError::Transient(anyhow::anyhow!("ClickHouse write failed: {e}"))
             }
-            _ => WriteError::Transient(anyhow::anyhow!("ClickHouse write failed: {e}")),
+            // Inserts drop rejected rows themselves: a `Rejected` here came
+            // from elsewhere and is treated like a setup error.
+            SinkError::Permanent(_) | SinkError::Rejected(_) => {
+                WriteError::Permanent(anyhow::anyhow!(
+                    "ClickHouse refused a write for a reason that is not the data's ({e}): check \
+                 clickhouse.url, user, password, the user's grants and the tables. The service \
+                 stops; its state stays at the last checkpoint, and a restart after the fix \
+                 (which also re-creates a missing database or table) replays the input from there"
+                ))
+            }
         }
     }
 }

@@ -273,6 +273,12 @@ pub struct ClickHouseConfig {
     pub batch_rows: usize,
     /// Attempts for a transient insert error before giving up. Default 8.
     pub max_retries: u32,
+    /// Longest one insert request may take before it is abandoned and
+    /// counted as a transient error (retried). Default `30s`: well under
+    /// librdkafka's `max.poll.interval.ms` (300 s), so a hung server cannot
+    /// hold the consumer loop past it.
+    #[serde(with = "humantime_serde")]
+    pub insert_timeout: Duration,
 }
 
 impl Default for ClickHouseConfig {
@@ -284,6 +290,7 @@ impl Default for ClickHouseConfig {
             password: Secret::default(),
             batch_rows: 10_000,
             max_retries: 8,
+            insert_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -985,6 +992,7 @@ impl Config {
         if self.clickhouse.batch_rows == 0 {
             bail!("invalid configuration: clickhouse.batch_rows must be at least 1");
         }
+        self.validate_insert_timeout()?;
         let w = &self.windows;
         if w.sizes.is_empty() {
             bail!("invalid configuration: windows.sizes is empty, expected at least one size such as \"5m\"");
@@ -1104,6 +1112,29 @@ impl Config {
 
     /// Checks `[alerts]`: rule names, metrics, thresholds and what each
     /// condition needs; webhook names, URLs and Jira settings.
+    /// `clickhouse.insert_timeout` must be positive and shorter than the
+    /// consumer's `max.poll.interval.ms` (librdkafka default 300 s, or the
+    /// `[kafka.properties]` override): a flush waiting on one insert longer
+    /// than that would make the broker evict the consumer from its group.
+    fn validate_insert_timeout(&self) -> Result<()> {
+        let t = self.clickhouse.insert_timeout;
+        let poll_ms: u64 = match self.kafka.properties.get("max.poll.interval.ms") {
+            Some(v) => v.trim().parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "invalid configuration: kafka.properties.\"max.poll.interval.ms\" = {v:?}, expected milliseconds"
+                )
+            })?,
+            None => 300_000,
+        };
+        if t.is_zero() || t.as_millis() >= u128::from(poll_ms) {
+            bail!(
+                "invalid configuration: clickhouse.insert_timeout = {:?}, expected more than 0 and less than max.poll.interval.ms ({poll_ms} ms), e.g. \"30s\"",
+                humantime::format_duration(t).to_string()
+            );
+        }
+        Ok(())
+    }
+
     fn validate_alerts(&self) -> Result<()> {
         let a = &self.alerts;
         if !(a.confidence > 0.5 && a.confidence < 1.0) {
@@ -1309,6 +1340,31 @@ mod tests {
         );
         assert_eq!(c.clickhouse.password.expose(), "12345");
         assert_eq!(c.drift.bins, 20);
+    }
+
+    #[test]
+    fn insert_timeout_must_stay_below_the_poll_interval() {
+        let c = load(None, &env(&[])).unwrap();
+        assert_eq!(c.clickhouse.insert_timeout, Duration::from_secs(30));
+        for (text, want) in [
+            ("[clickhouse]\ninsert_timeout = \"0s\"\n", "clickhouse.insert_timeout"),
+            ("[clickhouse]\ninsert_timeout = \"5m\"\n", "300000 ms"),
+            (
+                "[clickhouse]\ninsert_timeout = \"90s\"\n[kafka.properties]\n\"max.poll.interval.ms\" = \"60000\"\n",
+                "60000 ms",
+            ),
+            (
+                "[kafka.properties]\n\"max.poll.interval.ms\" = \"soon\"\n",
+                "max.poll.interval.ms",
+            ),
+        ] {
+            let f = write(text);
+            let err = format!("{:#}", load(Some(f.path()), &env(&[])).unwrap_err());
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        let f = write("[clickhouse]\ninsert_timeout = \"2m\"\n");
+        let c = load(Some(f.path()), &env(&[])).unwrap();
+        assert_eq!(c.clickhouse.insert_timeout, Duration::from_secs(120));
     }
 
     #[test]

@@ -141,6 +141,12 @@ pub struct Counters {
     /// Events dead-lettered for a bound of `[limits]`, in the order of
     /// [`EVENT_LIMITS`].
     pub event_limit_hits_total: [AtomicU64; EVENT_LIMITS.len()],
+    /// Outputs dropped because they can never be written (rows ClickHouse
+    /// rejects, messages the broker refuses for good), all outputs together;
+    /// per output in `modelwatch_output_dropped_total`.
+    pub output_dropped_total: AtomicU64,
+    /// Dead letters whose key or payload was cut to fit `message.max.bytes`.
+    pub dead_letters_truncated_total: AtomicU64,
 }
 
 /// The `[limits]` bounds a single event is checked against
@@ -245,6 +251,7 @@ pub struct Telemetry {
     alerts_fired: Family<Labels, Counter>,
     webhook_deliveries: Family<Labels, Counter>,
     webhook_failures: Family<Labels, Counter>,
+    output_dropped: Family<Labels, Counter>,
     consumer_lag: Family<Labels, Gauge>,
     watermark_delay: Gauge<f64, AtomicU64>,
     checkpoint_duration: Histogram,
@@ -322,6 +329,12 @@ impl Telemetry {
             "Webhook notifications that failed after their retries, per target",
             webhook_failures.clone(),
         );
+        let output_dropped = Family::<Labels, Counter>::default();
+        registry.register(
+            "output_dropped",
+            "Outputs that can never be written, dropped after bounded retries, per output (clickhouse, alerts, dead_letter) and target (table or topic)",
+            output_dropped.clone(),
+        );
         let consumer_lag = Family::<Labels, Gauge>::default();
         registry.register(
             "consumer_lag_messages",
@@ -365,6 +378,7 @@ impl Telemetry {
             alerts_fired,
             webhook_deliveries,
             webhook_failures,
+            output_dropped,
             consumer_lag,
             watermark_delay,
             checkpoint_duration,
@@ -489,6 +503,16 @@ impl Telemetry {
             ),
             row("alert_count", "", d(totals.alerts, base.alerts)),
             row(
+                "output_dropped_count",
+                "",
+                d(totals.output_dropped, base.output_dropped),
+            ),
+            row(
+                "dead_letter_truncated_count",
+                "",
+                d(totals.dead_letters_truncated, base.dead_letters_truncated),
+            ),
+            row(
                 "clickhouse_retry_count",
                 "",
                 d(totals.retries, base.retries),
@@ -531,6 +555,8 @@ impl Telemetry {
             dead_letters: Counters::get(&c.dead_lettered_total),
             rows_written: Counters::get(&c.rows_written_total),
             alerts: Counters::get(&c.alerts_published_total),
+            output_dropped: Counters::get(&c.output_dropped_total),
+            dead_letters_truncated: Counters::get(&c.dead_letters_truncated_total),
             retries: clickhouse_retries(),
             core: report.core,
             limit_hits: c.limit_hits(&report.core.limits),
@@ -617,6 +643,22 @@ impl Telemetry {
         }
     }
 
+    /// Records `n` outputs dropped because they can never be written:
+    /// `output` is `clickhouse`, `alerts` or `dead_letter`, `target` the
+    /// table or topic.
+    pub fn record_output_dropped(&self, output: &str, target: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        Counters::add(&self.counters.output_dropped_total, n);
+        self.output_dropped
+            .get_or_create(&vec![
+                ("output".to_owned(), output.to_owned()),
+                ("target".to_owned(), target.to_owned()),
+            ])
+            .inc_by(n);
+    }
+
     /// The Prometheus / OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -636,6 +678,8 @@ struct Totals {
     dead_letters: u64,
     rows_written: u64,
     alerts: u64,
+    output_dropped: u64,
+    dead_letters_truncated: u64,
     retries: u64,
     core: CoreStats,
     limit_hits: Vec<(&'static str, u64)>,
@@ -728,6 +772,12 @@ impl Collector for SnapshotCollector {
             "dead_letters",
             "Messages written to the dead-letter topic",
             Counters::get(&c.dead_lettered_total),
+        )?;
+        counter(
+            &mut enc,
+            "dead_letters_truncated",
+            "Dead letters whose key or payload was cut to fit the producer's message.max.bytes",
+            Counters::get(&c.dead_letters_truncated_total),
         )?;
         counter(
             &mut enc,
@@ -943,6 +993,93 @@ fn page_size() -> u64 {
         .map_or(4096, |kb| kb * 1024)
 }
 
+/// Rate-limited log lines: at most one per kind per interval, carrying how
+/// many occurrences it stands for and one example. Pure (the caller passes
+/// the time), so the service decides when lines are written; the counters
+/// stay exact whatever is logged.
+#[derive(Debug)]
+pub struct LogLimiter {
+    interval: std::time::Duration,
+    kinds: std::collections::BTreeMap<String, KindLog>,
+}
+
+#[derive(Debug, Default)]
+struct KindLog {
+    /// When the last line of this kind was written.
+    last: Option<Instant>,
+    /// Occurrences since that line.
+    pending: u64,
+    /// The first of those occurrences.
+    example: Option<String>,
+}
+
+/// One line a [`LogLimiter`] lets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    /// The kind of occurrence.
+    pub kind: String,
+    /// Occurrences since the previous line of this kind.
+    pub count: u64,
+    /// One of them.
+    pub example: String,
+}
+
+impl LogLimiter {
+    /// At most one line per kind per `interval`.
+    pub fn new(interval: std::time::Duration) -> Self {
+        LogLimiter {
+            interval,
+            kinds: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// Notes `n` occurrences of `kind` at `now` (`example` describes one);
+    /// returns the line to write if one is due.
+    pub fn note(
+        &mut self,
+        kind: &str,
+        n: u64,
+        now: Instant,
+        example: impl FnOnce() -> String,
+    ) -> Option<LogLine> {
+        if n == 0 {
+            return None;
+        }
+        let k = self.kinds.entry(kind.to_owned()).or_default();
+        k.pending += n;
+        if k.example.is_none() {
+            k.example = Some(example());
+        }
+        let due = k
+            .last
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.interval);
+        due.then(|| Self::take(kind, k, now))
+    }
+
+    /// Lines due at `now` for kinds with occurrences not yet logged.
+    pub fn due(&mut self, now: Instant) -> Vec<LogLine> {
+        let interval = self.interval;
+        self.kinds
+            .iter_mut()
+            .filter(|(_, k)| {
+                k.pending > 0
+                    && k.last
+                        .is_none_or(|t| now.saturating_duration_since(t) >= interval)
+            })
+            .map(|(kind, k)| Self::take(kind, k, now))
+            .collect()
+    }
+
+    fn take(kind: &str, k: &mut KindLog, now: Instant) -> LogLine {
+        k.last = Some(now);
+        LogLine {
+            kind: kind.to_owned(),
+            count: std::mem::take(&mut k.pending),
+            example: k.example.take().unwrap_or_default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1012,5 +1149,43 @@ mod tests {
         assert!(r.is_err());
         // Three attempts: two retries (other tests may add their own).
         assert!(clickhouse_retries() >= before + 2);
+    }
+
+    #[test]
+    fn log_limiter_writes_one_line_per_kind_and_interval_with_counts() {
+        let t0 = Instant::now();
+        let s = std::time::Duration::from_secs;
+        let mut l = LogLimiter::new(s(10));
+        // The first occurrence of a kind is logged at once.
+        let line = l.note("decode", 1, t0, || "p0@1".into()).unwrap();
+        assert_eq!((line.count, line.example.as_str()), (1, "p0@1"));
+        // Within the interval: counted, not logged, whatever the kind's volume.
+        for i in 0..1000u64 {
+            assert!(l
+                .note("decode", 1, t0 + s(1), || format!("p0@{i}"))
+                .is_none());
+        }
+        // Another kind has its own interval.
+        assert!(l
+            .note("timestamp", 3, t0 + s(2), || "p1@7".into())
+            .is_some());
+        assert!(l.due(t0 + s(9)).is_empty());
+        // Once the interval has passed, the flush-time check writes the rest.
+        let due = l.due(t0 + s(10));
+        assert_eq!(
+            due,
+            vec![LogLine {
+                kind: "decode".into(),
+                count: 1000,
+                example: "p0@0".into()
+            }]
+        );
+        assert!(l.due(t0 + s(30)).is_empty());
+        // The next occurrence after a quiet interval is logged at once.
+        let line = l
+            .note("decode", 2, t0 + s(21), || "p0@5000".into())
+            .unwrap();
+        assert_eq!(line.count, 2);
+        assert!(l.note("decode", 0, t0 + s(60), || unreachable!()).is_none());
     }
 }

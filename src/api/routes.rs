@@ -126,6 +126,8 @@ pub const SERVICE_METRICS: &[&str] = &[
     "alert_count",
     "clickhouse_retry_count",
     "limit_hit_count",
+    "output_dropped_count",
+    "dead_letter_truncated_count",
     "cpu_seconds",
     "resident_memory_bytes",
     "pending_predictions",

@@ -13,12 +13,21 @@
 //! `LowCardinality` and `TTL` are switched on when `SELECT version()` reports
 //! a server new enough for them. The password never appears in logs or in
 //! the errors this module returns.
+//!
+//! Errors come in three kinds ([`SinkError`]): transient (retried with
+//! backoff), rejected (the server refuses these rows themselves: the batch is
+//! bisected, the good rows are written and the bad ones dropped and counted,
+//! so a poison row never holds checkpoints back), and permanent (a setup
+//! problem such as authentication or a missing table: the caller stops).
+//! Every insert is split by partition month so that no INSERT touches more
+//! than [`MAX_PARTITIONS_PER_INSERT`] months (current servers refuse more
+//! than 100 partitions in one INSERT block, error 252).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand::Rng;
@@ -43,9 +52,27 @@ pub const WEBHOOK_DELIVERIES: &str = "webhook_deliveries";
 /// Table of per-window, per-feature drift counts (merged over time ranges).
 pub const WINDOW_HISTOGRAMS: &str = "window_histograms";
 
-/// Upper bound for one HTTP request (query or insert); a hung server counts
-/// as a transient error and the attempt is retried.
+/// Upper bound for one query; a hung server counts as a transient error and
+/// the attempt is retried. Inserts use `clickhouse.insert_timeout`.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most partition months one INSERT may carry. Current servers refuse an
+/// INSERT block spanning more than 100 partitions (`max_partitions_per_insert_block`,
+/// error 252). Months are computed here in UTC while `toYYYYMM` uses the
+/// server's time zone, so one UTC month can touch two server months: 50 UTC
+/// months stay within 100 server months whatever the zone.
+pub const MAX_PARTITIONS_PER_INSERT: usize = 50;
+
+/// Longest the retries of one insert batch may take in all (or one
+/// `insert_timeout`, if longer): then the write fails as transient and the
+/// service goes back to polling Kafka, well within librdkafka's
+/// `max.poll.interval.ms` (300 s), and tries again at the next flush.
+pub const WRITE_BUDGET: Duration = Duration::from_secs(120);
+
+/// Extra inserts one batch may spend isolating rejected rows by bisection
+/// (about 2 · log2(batch) per bad row); once spent, a rejected part of the
+/// batch is dropped whole. Bounds the cost of a batch full of bad rows.
+const MAX_ISOLATION_INSERTS: usize = 256;
 
 /// One metric value of one window: a row of `window_metrics`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clickhouse::Row)]
@@ -122,7 +149,15 @@ pub enum SinkError {
     /// Worth retrying later (network, timeout, overload, 5xx); retries were exhausted.
     #[error("transient ClickHouse error: {0}")]
     Transient(String),
-    /// Retrying cannot help (syntax, types, unknown table, authentication).
+    /// The server refused the rows themselves (values, sizes, the partition
+    /// limit): the same rows can never be written, other rows can. Inserts
+    /// never return it: they isolate and drop the rows (see
+    /// [`ClickHouseSink::dropped`]).
+    #[error("ClickHouse rejected the data: {0}")]
+    Rejected(String),
+    /// Retrying cannot help and it is not the data's fault: a setup problem
+    /// (authentication, permissions, unknown database / table / column,
+    /// syntax, a table whose columns differ from the service's).
     #[error("permanent ClickHouse error: {0}")]
     Permanent(String),
 }
@@ -148,7 +183,7 @@ const TRANSIENT_CODES: &[u32] = &[
     241, // MEMORY_LIMIT_EXCEEDED
     242, // TABLE_IS_READ_ONLY
     243, // NOT_ENOUGH_SPACE
-    252, // TOO_MANY_PARTS
+    252, // TOO_MANY_PARTS (unless its message is the partition limit: see `classify_message`)
     279, // ALL_CONNECTION_TRIES_FAILED
     285, // TOO_FEW_LIVE_REPLICAS
     286, // UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE
@@ -158,6 +193,33 @@ const TRANSIENT_CODES: &[u32] = &[
     473, // DEADLOCK_AVOIDED
     999, // KEEPER_EXCEPTION
 ];
+
+/// ClickHouse error codes caused by the rows of an INSERT: the same rows can
+/// never be written, the rest of the batch can.
+const DATA_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    128, // TOO_LARGE_ARRAY_SIZE
+    131, // TOO_LARGE_STRING_SIZE
+    158, // TOO_MANY_ROWS
+    190, // SIZES_OF_ARRAYS_DOESNT_MATCH
+    307, // TOO_MANY_BYTES
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    349, // CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    395, // FUNCTION_THROW_IF_VALUE_IS_NON_ZERO (a table's own row check)
+    469, // VIOLATED_CONSTRAINT (a table CONSTRAINT refuses the row)
+];
+
+/// `TOO_MANY_PARTS`, which also reports the per-INSERT partition limit.
+const CODE_TOO_MANY_PARTS: u32 = 252;
 
 /// `TABLE_ALREADY_EXISTS`: a concurrent `CREATE TABLE IF NOT EXISTS` won.
 const CODE_TABLE_ALREADY_EXISTS: u32 = 57;
@@ -171,15 +233,55 @@ fn error_code(message: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-/// Whether a server error message is worth retrying.
-fn is_transient_message(message: &str) -> bool {
+/// What a server error means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorClass {
+    /// Retry later.
+    Transient,
+    /// The rows themselves are refused.
+    Data,
+    /// Setup problem: retrying cannot help.
+    Setup,
+}
+
+/// Classifies a server error message (the body of a failed request).
+fn classify_message(message: &str) -> ErrorClass {
     if let Some(code) = error_code(message) {
-        return TRANSIENT_CODES.contains(&code);
+        // 252 is both "too many parts" (merges lag behind inserts: wait) and
+        // "too many partitions for single INSERT block" (this INSERT can
+        // never succeed); only the text tells them apart.
+        if code == CODE_TOO_MANY_PARTS
+            && message
+                .to_ascii_lowercase()
+                .contains("partitions for single insert block")
+        {
+            return ErrorClass::Data;
+        }
+        if TRANSIENT_CODES.contains(&code) {
+            return ErrorClass::Transient;
+        }
+        if DATA_CODES.contains(&code) {
+            return ErrorClass::Data;
+        }
+        return ErrorClass::Setup;
     }
     // No ClickHouse code: the body was an HTTP status line from the server or
-    // a proxy ("503 Service Unavailable"); 5xx and 429 are worth retrying.
+    // a proxy ("503 Service Unavailable"); 5xx and 429 are worth retrying,
+    // 413 (body too large for a proxy) is the data's size.
     let status = message.split_whitespace().next().unwrap_or("");
-    status.len() == 3 && (status.starts_with('5') || status == "429")
+    if status.len() == 3 && (status.starts_with('5') || status == "429") {
+        ErrorClass::Transient
+    } else if status == "413" {
+        ErrorClass::Data
+    } else {
+        ErrorClass::Setup
+    }
+}
+
+/// Whether a server error message is worth retrying.
+#[cfg(test)]
+fn is_transient_message(message: &str) -> bool {
+    classify_message(message) == ErrorClass::Transient
 }
 
 /// Classifies a client error and strips the password from its text.
@@ -188,9 +290,77 @@ fn classify(err: &clickhouse::error::Error, password: &str) -> SinkError {
     let text = redact(&err.to_string(), password);
     match err {
         E::Network(_) | E::TimedOut => SinkError::Transient(text),
-        E::BadResponse(body) if is_transient_message(body) => SinkError::Transient(text),
+        E::BadResponse(body) => match classify_message(body) {
+            ErrorClass::Transient => SinkError::Transient(text),
+            ErrorClass::Data => SinkError::Rejected(text),
+            ErrorClass::Setup => SinkError::Permanent(text),
+        },
+        // Serializing a row failed: that row can never be sent.
+        E::Custom(_) | E::SequenceMustHaveLength | E::InvalidUtf8Encoding(_) => {
+            SinkError::Rejected(text)
+        }
         _ => SinkError::Permanent(text),
     }
+}
+
+/// The UTC month (`YYYYMM`) of a `DateTime` (seconds since the epoch).
+pub fn utc_month(seconds: u32) -> u32 {
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = i64::from(seconds / 86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    u32::try_from(year * 100 + month).unwrap_or(0)
+}
+
+/// A row of a table: its partition month, for tables partitioned by
+/// `toYYYYMM(<column>)`.
+pub trait Partitioned {
+    /// The `DateTime` (seconds) of the partition column; `None` for
+    /// unpartitioned tables.
+    fn partition_time(&self) -> Option<u32>;
+}
+
+/// Splits rows (given by their partition month, `None` for unpartitioned
+/// tables) into insert batches of at most `batch_rows` rows and
+/// `max_partitions` distinct months, as lists of row indices. Rows of one
+/// month stay together as far as the row limit allows.
+pub fn plan_batches(
+    months: &[Option<u32>],
+    batch_rows: usize,
+    max_partitions: usize,
+) -> Vec<Vec<usize>> {
+    let batch_rows = batch_rows.max(1);
+    let max_partitions = max_partitions.max(1);
+    let mut by_month: BTreeMap<Option<u32>, Vec<usize>> = BTreeMap::new();
+    for (i, m) in months.iter().enumerate() {
+        by_month.entry(*m).or_default().push(i);
+    }
+    let mut batches = Vec::new();
+    let mut batch: Vec<usize> = Vec::new();
+    let mut parts = 0;
+    for rows in by_month.into_values() {
+        if parts == max_partitions {
+            batches.push(std::mem::take(&mut batch));
+            parts = 0;
+        }
+        parts += 1;
+        for i in rows {
+            if batch.len() == batch_rows {
+                batches.push(std::mem::take(&mut batch));
+                parts = 1;
+            }
+            batch.push(i);
+        }
+    }
+    if !batch.is_empty() {
+        batches.push(batch);
+    }
+    batches
 }
 
 /// The URL without any `user:password@` part, for logs and errors.
@@ -260,7 +430,7 @@ impl RetryPolicy {
         loop {
             match op().await {
                 Ok(v) => return Ok(v),
-                Err(e @ SinkError::Permanent(_)) => return Err(e),
+                Err(e) if !e.is_transient() => return Err(e),
                 Err(e) if attempt >= self.max_attempts => {
                     tracing::error!(operation = what, attempts = attempt, error = %e, "clickhouse retries exhausted");
                     return Err(e);
@@ -713,6 +883,48 @@ struct ReferenceRow {
     profile: String,
 }
 
+impl Partitioned for MetricRow {
+    fn partition_time(&self) -> Option<u32> {
+        Some(self.window_start)
+    }
+}
+
+impl Partitioned for HistogramRow {
+    fn partition_time(&self) -> Option<u32> {
+        Some(self.window_start)
+    }
+}
+
+impl Partitioned for AlertRow {
+    fn partition_time(&self) -> Option<u32> {
+        Some(self.window_start)
+    }
+}
+
+impl Partitioned for DeliveryRow {
+    fn partition_time(&self) -> Option<u32> {
+        Some(self.delivered_at)
+    }
+}
+
+impl Partitioned for ModelVersionRow {
+    fn partition_time(&self) -> Option<u32> {
+        None
+    }
+}
+
+impl Partitioned for ModelRow {
+    fn partition_time(&self) -> Option<u32> {
+        None
+    }
+}
+
+impl Partitioned for ReferenceRow {
+    fn partition_time(&self) -> Option<u32> {
+        None
+    }
+}
+
 /// Folds version rows into one `models` row per model: earliest first seen,
 /// latest last seen, task and metadata of the most recently seen version.
 fn fold_models(rows: &[VersionRow]) -> Vec<ModelRow> {
@@ -742,6 +954,18 @@ fn fold_models(rows: &[VersionRow]) -> Vec<ModelRow> {
     by_model.into_values().collect()
 }
 
+/// At most `max` bytes of `text`, cut on a char boundary, with `…` when cut.
+pub fn truncate_chars(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -766,6 +990,15 @@ pub struct ClickHouseSink {
     /// Last reference revision handed out: revisions stay strictly increasing
     /// even for two saves within one millisecond.
     last_revision: Arc<AtomicU64>,
+    /// Longest one insert request may take (`clickhouse.insert_timeout`).
+    insert_timeout: Duration,
+    /// Longest the retries of one batch may take ([`WRITE_BUDGET`]).
+    write_budget: Duration,
+    /// Rows dropped because the server rejected them, per table, since the
+    /// last [`ClickHouseSink::take_dropped`].
+    dropped: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// INSERT requests sent (attempts included), for tests and diagnostics.
+    inserts: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for ClickHouseSink {
@@ -776,6 +1009,7 @@ impl fmt::Debug for ClickHouseSink {
             .field("database", &self.database)
             .field("batch_rows", &self.batch_rows)
             .field("retry", &self.retry)
+            .field("insert_timeout", &self.insert_timeout)
             .finish()
     }
 }
@@ -803,7 +1037,36 @@ impl ClickHouseSink {
             retention_days: None,
             password: Arc::from(cfg.password.expose()),
             last_revision: Arc::new(AtomicU64::new(0)),
+            insert_timeout: if cfg.insert_timeout.is_zero() {
+                REQUEST_TIMEOUT
+            } else {
+                cfg.insert_timeout
+            },
+            write_budget: WRITE_BUDGET.max(cfg.insert_timeout),
+            dropped: Arc::default(),
+            inserts: Arc::default(),
         }
+    }
+
+    /// Replaces the time budget of one batch's retries (tests).
+    pub fn with_write_budget(mut self, budget: Duration) -> Self {
+        self.write_budget = budget;
+        self
+    }
+
+    /// Rows dropped because ClickHouse rejected them, per table, since the
+    /// previous call (the caller counts them).
+    pub fn take_dropped(&self) -> BTreeMap<String, u64> {
+        self.dropped
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+    }
+
+    /// INSERT requests sent so far by this sink and its clones (retries and
+    /// the inserts that isolate rejected rows included).
+    pub fn insert_requests(&self) -> u64 {
+        self.inserts.load(Ordering::Relaxed)
     }
 
     /// Replaces the retry policy (tests use short backoffs).
@@ -905,33 +1168,108 @@ impl ClickHouseSink {
         Ok(())
     }
 
-    /// Inserts `rows` into `table` in batches of `batch_rows`, retrying each
+    /// Inserts `rows` into `table` in batches of at most `batch_rows` rows
+    /// and [`MAX_PARTITIONS_PER_INSERT`] partition months, retrying each
     /// batch on transient errors. A retried batch may land twice; the
     /// ReplacingMergeTree keys make that harmless.
+    ///
+    /// A batch the server rejects for its data is bisected: the halves are
+    /// sent again (the good rows land, idempotently), down to the single
+    /// rows that are refused; those are dropped, counted in
+    /// [`take_dropped`](Self::take_dropped) and logged once per batch.
+    /// Transient and setup errors are returned.
     async fn insert_all<T>(&self, table: &str, rows: &[T]) -> Result<(), SinkError>
     where
-        T: clickhouse::Row + Serialize,
+        T: clickhouse::Row + Serialize + Partitioned,
     {
-        for batch in rows.chunks(self.batch_rows) {
-            self.retry
-                .run(table, || self.attempt(self.insert_batch(table, batch)))
-                .await?;
+        let months: Vec<Option<u32>> = rows
+            .iter()
+            .map(|r| r.partition_time().map(utc_month))
+            .collect();
+        for batch in plan_batches(&months, self.batch_rows, MAX_PARTITIONS_PER_INSERT) {
+            let batch: Vec<&T> = batch.into_iter().map(|i| &rows[i]).collect();
+            self.insert_isolating(table, &batch).await?;
         }
         Ok(())
     }
 
-    async fn insert_batch<T>(&self, table: &str, batch: &[T]) -> clickhouse::error::Result<()>
+    /// Inserts one batch; rows the server rejects are isolated by bisection
+    /// and dropped (see [`insert_all`](Self::insert_all)).
+    async fn insert_isolating<T>(&self, table: &str, batch: &[&T]) -> Result<(), SinkError>
     where
         T: clickhouse::Row + Serialize,
     {
-        let mut insert = self
-            .client
-            .insert::<T>(table)?
-            .with_timeouts(Some(REQUEST_TIMEOUT), Some(REQUEST_TIMEOUT));
-        for row in batch {
-            insert.write(row).await?;
+        let mut todo: Vec<&[&T]> = vec![batch];
+        let mut extra_inserts = 0usize;
+        let mut dropped = 0u64;
+        let mut example: Option<String> = None;
+        while let Some(part) = todo.pop() {
+            let retried = self.retry.run(table, || self.attempt_insert(table, part));
+            let sent = match tokio::time::timeout(self.write_budget, retried).await {
+                Ok(r) => r,
+                Err(_) => Err(SinkError::Transient(format!(
+                    "insert into {table} still failing after {}s of retries: tried again at the next flush",
+                    self.write_budget.as_secs_f64()
+                ))),
+            };
+            match sent {
+                Ok(()) => {}
+                Err(SinkError::Rejected(e)) => {
+                    if part.len() > 1 && extra_inserts + 2 <= MAX_ISOLATION_INSERTS {
+                        extra_inserts += 2;
+                        let (a, b) = part.split_at(part.len() / 2);
+                        todo.push(b);
+                        todo.push(a);
+                    } else {
+                        dropped += part.len() as u64;
+                        example.get_or_insert(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
-        insert.end().await
+        if dropped > 0 {
+            if let Ok(mut d) = self.dropped.lock() {
+                *d.entry(table.to_owned()).or_default() += dropped;
+            }
+            tracing::error!(
+                table,
+                dropped,
+                batch_rows = batch.len(),
+                isolation_inserts = extra_inserts,
+                error = %truncate_chars(example.as_deref().unwrap_or(""), 1024),
+                "clickhouse rejected rows: dropped, the rest of the batch is written"
+            );
+        }
+        Ok(())
+    }
+
+    /// Sends one INSERT with the insert timeout, classifying its error.
+    async fn attempt_insert<T>(&self, table: &str, rows: &[&T]) -> Result<(), SinkError>
+    where
+        T: clickhouse::Row + Serialize,
+    {
+        self.inserts.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.insert_timeout;
+        let insert = async {
+            let mut insert = self
+                .client
+                .insert::<T>(table)?
+                .with_timeouts(Some(timeout), Some(timeout));
+            for row in rows {
+                insert.write(*row).await?;
+            }
+            insert.end().await
+        };
+        match tokio::time::timeout(timeout, insert).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.classify(&e)),
+            Err(_) => Err(SinkError::Transient(format!(
+                "insert into {table} got no answer from {} within {}s (clickhouse.insert_timeout)",
+                self.url,
+                timeout.as_secs_f64()
+            ))),
+        }
     }
 
     /// Writes metric rows (idempotent: the same key and revision twice is one row after `FINAL`).
@@ -1110,6 +1448,115 @@ mod tests {
         assert_eq!(error_code("no code"), None);
     }
 
+    /// Real server texts (18.16 and current versions; the partition-limit
+    /// text is what a current engine answers, taken from chdb) and what each
+    /// means for the writer.
+    #[test]
+    fn server_errors_are_classified_transient_data_or_setup() {
+        use ErrorClass::*;
+        let table = [
+            ("Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100). The limit is controlled by 'max_partitions_per_insert_block' setting. Large number of partitions is a common misconception. (TOO_MANY_PARTS)", Data),
+            ("Code: 252, e.displayText() = DB::Exception: Too many partitions for single INSERT block (more than 100). The limit is controlled by 'max_partitions_per_insert_block' setting., e.what() = DB::Exception", Data),
+            ("Code: 252. DB::Exception: Too many parts (300 with average size of 1.00 MiB) in table 'modelwatch.window_metrics'. Merges are processing significantly slower than inserts. (TOO_MANY_PARTS)", Transient),
+            ("Code: 252, e.displayText() = DB::Exception: Too many parts (300). Merges are processing significantly slower than inserts., e.what() = DB::Exception", Transient),
+            ("Code: 241. DB::Exception: Memory limit (total) exceeded: would use 3.60 GiB. (MEMORY_LIMIT_EXCEEDED)", Transient),
+            ("Code: 159. DB::Exception: Timeout exceeded: elapsed 5.0 seconds. (TIMEOUT_EXCEEDED)", Transient),
+            ("Code: 131. DB::Exception: Too large string size: 1099511627776. (TOO_LARGE_STRING_SIZE)", Data),
+            ("Code: 128. DB::Exception: Too large array size: 4294967296. (TOO_LARGE_ARRAY_SIZE)", Data),
+            ("Code: 321. DB::Exception: Value is out of range of data type. (VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE)", Data),
+            ("Code: 27, e.displayText() = DB::Exception: Cannot parse input: expected , before: x", Data),
+            ("413 Request Entity Too Large", Data),
+            ("Code: 469. DB::Exception: Constraint `c` for table modelwatch.window_metrics is violated at row 1. (VIOLATED_CONSTRAINT)", Data),
+            ("Code: 516. DB::Exception: default: Authentication failed: password is incorrect. (AUTHENTICATION_FAILED)", Setup),
+            ("Code: 497. DB::Exception: default: Not enough privileges. To execute this query, it's necessary to have the grant INSERT ON modelwatch.alerts. (ACCESS_DENIED)", Setup),
+            ("Code: 60, e.displayText() = DB::Exception: Table modelwatch.window_metrics doesn't exist., e.what() = DB::Exception", Setup),
+            ("Code: 81. DB::Exception: Database modelwatch does not exist. (UNKNOWN_DATABASE)", Setup),
+            ("Code: 16. DB::Exception: No such column revision in table modelwatch.window_metrics. (NO_SUCH_COLUMN_IN_TABLE)", Setup),
+            ("Code: 33. DB::Exception: Cannot read all data. Bytes read: 3. Bytes expected: 8.: (at row 1) (CANNOT_READ_ALL_DATA)", Setup),
+            ("503 Service Unavailable", Transient),
+            ("400 Bad Request", Setup),
+        ];
+        for (message, class) in table {
+            assert_eq!(classify_message(message), class, "{message}");
+        }
+        use clickhouse::error::Error as E;
+        let e = classify(&E::BadResponse(table[0].0.into()), "");
+        assert!(
+            matches!(e, SinkError::Rejected(_)) && !e.is_transient(),
+            "{e}"
+        );
+        let e = classify(&E::BadResponse(table[2].0.into()), "");
+        assert!(e.is_transient(), "{e}");
+        let auth = table
+            .iter()
+            .find(|(m, _)| m.contains("AUTHENTICATION_FAILED"))
+            .unwrap();
+        let e = classify(&E::BadResponse(auth.0.into()), "");
+        assert!(matches!(e, SinkError::Permanent(_)), "{e}");
+    }
+
+    #[test]
+    fn utc_months_match_the_calendar() {
+        assert_eq!(utc_month(0), 197001);
+        assert_eq!(utc_month(951_782_399), 200002); // 2000-02-28T23:59:59
+        assert_eq!(utc_month(951_868_799), 200002); // 2000-02-29T23:59:59
+        assert_eq!(utc_month(951_868_800), 200003); // 2000-03-01T00:00:00
+        assert_eq!(utc_month(1_704_067_199), 202312); // 2023-12-31T23:59:59
+        assert_eq!(utc_month(1_704_067_200), 202401); // 2024-01-01T00:00:00
+        assert_eq!(utc_month(u32::MAX), 210602); // 2106-02-07
+    }
+
+    /// 150 months of rows, shuffled: every batch holds at most 50 months and
+    /// `batch_rows` rows, every row is in exactly one batch.
+    #[test]
+    fn batches_never_span_more_than_the_partition_limit() {
+        let mut months: Vec<Option<u32>> = (0..150u32)
+            .flat_map(|m| {
+                let month = Some(200_000 + (m / 12) * 100 + m % 12 + 1);
+                std::iter::repeat_n(month, 1 + (m as usize % 3))
+            })
+            .collect();
+        // A deterministic shuffle.
+        for i in (1..months.len()).rev() {
+            months.swap(i, (i * 7919 + 13) % (i + 1));
+        }
+        for (batch_rows, want_batches) in [(10_000, 3), (7, 43)] {
+            let batches = plan_batches(&months, batch_rows, MAX_PARTITIONS_PER_INSERT);
+            assert_eq!(batches.len(), want_batches, "batch_rows {batch_rows}");
+            let mut seen = vec![false; months.len()];
+            for b in &batches {
+                assert!(!b.is_empty() && b.len() <= batch_rows);
+                let distinct: std::collections::BTreeSet<_> =
+                    b.iter().map(|&i| months[i]).collect();
+                assert!(
+                    distinct.len() <= MAX_PARTITIONS_PER_INSERT,
+                    "{}",
+                    distinct.len()
+                );
+                for &i in b {
+                    assert!(!seen[i], "row {i} twice");
+                    seen[i] = true;
+                }
+            }
+            assert!(seen.iter().all(|s| *s));
+        }
+        // Unpartitioned rows: only the row limit applies.
+        let none = vec![None; 25];
+        let batches = plan_batches(&none, 10, MAX_PARTITIONS_PER_INSERT);
+        assert_eq!(
+            batches.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![10, 10, 5]
+        );
+        assert!(plan_batches(&[], 10, 50).is_empty());
+    }
+
+    #[test]
+    fn truncation_keeps_char_boundaries() {
+        assert_eq!(truncate_chars("abc", 3), "abc");
+        assert_eq!(truncate_chars("abcd", 3), "abc…");
+        assert_eq!(truncate_chars("aé", 2), "a…");
+    }
+
     #[test]
     fn client_errors_are_classified_and_redacted() {
         use clickhouse::error::Error as E;
@@ -1125,7 +1572,7 @@ mod tests {
         let text = e.to_string();
         assert!(!text.contains("s3cret") && text.contains("***"), "{text}");
         let e = classify(&E::Custom("bad row".into()), "");
-        assert!(!e.is_transient());
+        assert!(matches!(e, SinkError::Rejected(_)), "{e}");
     }
 
     #[test]

@@ -670,7 +670,8 @@ mod delivery {
         };
         let publisher = AlertPublisher::new(producer(&kafka).expect("producer"), "model-alerts");
         let sent = vec![alert(AlertStatus::Firing), alert(AlertStatus::Resolved)];
-        publisher.publish(&sent).await.expect("publish");
+        let report = publisher.publish(&sent).await;
+        assert_eq!(report.delivered, vec![0, 1], "{report:?}");
 
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", cluster.bootstrap_servers())

@@ -7,6 +7,8 @@
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
+//! - [`outputs`]: outputs that can never be written (rejected rows, oversized
+//!   or refused dead letters, a missing topic) are dropped or cut and counted.
 //! - [`crash`]: the binary killed and restarted, against an uninterrupted run.
 //! - [`state`]: a join state beyond the memory budget, in a run and across a restart.
 //! - [`budget`]: the binary's peak RSS across a restart whose state is
@@ -26,6 +28,7 @@ mod clickhouse;
 mod crash;
 mod e2e;
 mod live_crash;
+mod outputs;
 mod pipeline;
 mod rebalance;
 mod state;

@@ -101,6 +101,42 @@ pub struct ApiConfig {
     pub open_health: bool,
     /// Serve `/metrics` without a token. Default true.
     pub open_metrics: bool,
+    /// Host names (with or without `:port`) accepted in the `Host` header
+    /// while `tokens` is empty, besides the loopback names (`localhost`,
+    /// `127.0.0.1`, `[::1]`): without tokens any other `Host` is refused
+    /// (403), so a web page cannot reach the API by DNS rebinding. A TOML
+    /// array or, from the environment, a comma-separated list. Default empty.
+    #[serde(deserialize_with = "strings_one_or_many")]
+    pub allowed_hosts: Vec<String>,
+    /// Longest wait for a request's head (request line and headers), also
+    /// the longest an idle keep-alive connection stays open: slow clients
+    /// (slowloris) are cut off after it. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest time one request may take, waiting for a free slot included;
+    /// beyond it the answer is 503. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Open connections served at once; further connections wait in the
+    /// listen backlog until one closes. Default 512.
+    pub max_connections: usize,
+    /// `/api/...` requests (ClickHouse queries) run at once; others wait
+    /// (within `request_timeout`). Health, `/metrics` and the dashboard
+    /// files are not limited. Default 16.
+    pub max_concurrent_requests: usize,
+    /// ClickHouse `max_execution_time` of every API query (the queries also
+    /// run with `readonly = 2`). Default `15s`.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// Longest time range one API request may read (`to - from`); a longer
+    /// one is refused with 400. Without `from` / `to` a request reads the
+    /// last `max_range` up to the model's newest data. Default `31d`.
+    #[serde(with = "humantime_serde")]
+    pub max_range: Duration,
+    /// Most rows one API query returns; a longer result is cut there and the
+    /// response says `"truncated": true` (header `X-Modelwatch-Truncated: true`).
+    /// Default 100000.
+    pub max_rows: u64,
 }
 
 impl Default for ApiConfig {
@@ -111,6 +147,14 @@ impl Default for ApiConfig {
             tokens: Vec::new(),
             open_health: true,
             open_metrics: true,
+            allowed_hosts: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 512,
+            max_concurrent_requests: 16,
+            query_timeout: Duration::from_secs(15),
+            max_range: Duration::from_secs(31 * 86400),
+            max_rows: 100_000,
         }
     }
 }
@@ -133,6 +177,12 @@ fn tokens_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secr
         .filter(|t| !t.is_empty())
         .map(Secret)
         .collect())
+}
+
+/// A list as a TOML array or, from an environment override, one
+/// comma-separated string.
+fn strings_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(tokens_one_or_many(d)?.into_iter().map(|s| s.0).collect())
 }
 
 /// Log line format.
@@ -886,6 +936,7 @@ const STRING_KEYS: &[&str] = &[
     "dead_letter_topic",
     "listen",
     "tokens",
+    "allowed_hosts",
 ];
 
 impl Config {
@@ -933,6 +984,7 @@ impl Config {
                 self.api.listen
             );
         }
+        self.validate_api()?;
         if self.clickhouse.batch_rows == 0 {
             bail!("invalid configuration: clickhouse.batch_rows must be at least 1");
         }
@@ -1035,6 +1087,41 @@ impl Config {
             }
         }
         self.validate_alerts()?;
+        Ok(())
+    }
+
+    /// Checks `[api]`: timeouts, limits and allowed hosts.
+    fn validate_api(&self) -> Result<()> {
+        let a = &self.api;
+        for (name, d) in [
+            ("api.header_read_timeout", a.header_read_timeout),
+            ("api.request_timeout", a.request_timeout),
+            ("api.query_timeout", a.query_timeout),
+        ] {
+            if d.is_zero() {
+                bail!("invalid configuration: {name} must be positive, such as \"10s\"");
+            }
+        }
+        if a.query_timeout.as_secs() == 0 {
+            bail!("invalid configuration: api.query_timeout must be at least 1s (ClickHouse max_execution_time is in seconds)");
+        }
+        if a.max_range.as_secs() == 0 || a.max_range.as_secs() > u64::from(u32::MAX) {
+            bail!("invalid configuration: api.max_range = {}, expected a duration from 1s to 100 years, such as \"31d\"", humantime::format_duration(a.max_range));
+        }
+        for (name, v) in [
+            ("api.max_connections", a.max_connections as u64),
+            ("api.max_concurrent_requests", a.max_concurrent_requests as u64),
+            ("api.max_rows", a.max_rows),
+        ] {
+            if v == 0 {
+                bail!("invalid configuration: {name} must be at least 1");
+            }
+        }
+        for h in &a.allowed_hosts {
+            if h.is_empty() || h.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
+                bail!("invalid configuration: api.allowed_hosts contains {h:?}, expected host names such as \"modelwatch.example.org\" or \"10.0.0.5:8089\"");
+            }
+        }
         Ok(())
     }
 

@@ -208,6 +208,7 @@ pub struct Telemetry {
     checkpoint_join_records: Counter,
     state_store_bytes: Gauge,
     service: Mutex<ServiceWindows>,
+    http_limited: Family<Labels, Counter>,
 }
 
 /// Values read by the scrape-time collector.
@@ -310,6 +311,12 @@ impl Telemetry {
             "Size of the state store file on disk",
             state_store_bytes.clone(),
         );
+        let http_limited = Family::<Labels, Counter>::default();
+        registry.register(
+            "http_limited",
+            "HTTP requests or connections cut by a limit of [api], per limit (header_read_timeout, request_timeout, max_connections, max_concurrent_requests, host, max_range, max_rows)",
+            http_limited.clone(),
+        );
         Telemetry {
             counters,
             readiness: Arc::new(Readiness::default()),
@@ -332,6 +339,7 @@ impl Telemetry {
                 instance: instance_name(),
                 current: None,
             }),
+            http_limited,
         }
     }
 
@@ -556,6 +564,14 @@ impl Telemetry {
         } else {
             self.webhook_failures.get_or_create(&l).inc();
         }
+    }
+
+    /// Records one HTTP request or connection cut (or made to wait) by the
+    /// `[api]` limit `limit`.
+    pub fn record_http_limit(&self, limit: &str) {
+        self.http_limited
+            .get_or_create(&vec![("limit".to_owned(), limit.to_owned())])
+            .inc();
     }
 
     /// The Prometheus / OpenMetrics text of every metric.

@@ -236,8 +236,9 @@ pub enum Format {
     ConfluentAvro,
 }
 
-/// `[kafka]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[kafka]` (its `Debug` and `Serialize` mask secret-looking properties,
+/// see [`is_secret_property`]).
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, comma separated. Default `127.0.0.1:9092`.
@@ -255,6 +256,7 @@ pub struct KafkaConfig {
     /// Message encoding. Default `auto`.
     pub format: Format,
     /// Extra librdkafka properties passed through to every client (e.g. `security.protocol`).
+    #[serde(serialize_with = "masked_properties")]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -301,11 +303,13 @@ impl Serialize for Secret {
     }
 }
 
-/// `[clickhouse]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[clickhouse]` (its `Debug` and `Serialize` mask the password and any
+/// credentials in the URL).
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickHouseConfig {
     /// HTTP interface URL. Default `http://127.0.0.1:8123`.
+    #[serde(serialize_with = "masked_url")]
     pub url: String,
     /// Database, created by `migrate`. Default `modelwatch`.
     pub database: String,
@@ -330,6 +334,141 @@ impl Default for ClickHouseConfig {
             max_retries: 8,
         }
     }
+}
+
+impl ClickHouseConfig {
+    /// The URL for messages: credentials in it replaced by `***`.
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// True when a `[kafka.properties]` key names a secret (passwords, SASL /
+/// OAuth secrets and tokens, JAAS configurations, private keys): its value
+/// is masked wherever the configuration is printed.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "jaas",
+        "key.pem",
+        "private",
+        "credential",
+        "oauthbearer.config",
+        "api.key",
+    ]
+    .iter()
+    .any(|p| k.contains(p))
+}
+
+/// `url` with the credentials of its authority (`user:password@`) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***@{}", &url[..start], &url[start + at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+fn masked_properties<S: serde::Serializer>(
+    props: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(props.len()))?;
+    for (k, v) in props {
+        let masked = is_secret_property(k) && !v.is_empty();
+        m.serialize_entry(k, if masked { "***" } else { v.as_str() })?;
+    }
+    m.end()
+}
+
+fn masked_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+/// `Debug` of a config section through its (masking) `Serialize`, so a
+/// field added later is printed, and masked when it is a secret, without
+/// a second list to maintain.
+fn debug_via_serialize<T: Serialize>(name: &str, v: &T, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match toml::Value::try_from(v) {
+        Ok(toml::Value::Table(t)) => {
+            let mut d = f.debug_struct(name);
+            for (k, v) in &t {
+                d.field(k, &format_args!("{v}"));
+            }
+            d.finish()
+        }
+        _ => f.write_str(name),
+    }
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_via_serialize("KafkaConfig", self, f)
+    }
+}
+
+impl fmt::Debug for ClickHouseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_via_serialize("ClickHouseConfig", self, f)
+    }
+}
+
+impl Config {
+    /// Every secret value of this configuration (ClickHouse password and URL
+    /// credentials, API tokens, secret Kafka properties, webhook URLs given
+    /// inline), for [`redact`] to take out of error messages.
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut out = vec![self.clickhouse.password.expose().to_owned()];
+        let url = &self.clickhouse.url;
+        if let (Some(start), redacted) = (url.find("://"), redact_url(url)) {
+            if redacted != *url {
+                let authority = &url[start + 3..];
+                if let Some(at) = authority.rfind('@') {
+                    let userinfo = &authority[..at];
+                    out.push(userinfo.to_owned());
+                    if let Some((_, pw)) = userinfo.split_once(':') {
+                        out.push(pw.to_owned());
+                    }
+                }
+            }
+        }
+        out.extend(self.api.tokens.iter().map(|t| t.expose().to_owned()));
+        out.extend(
+            self.kafka
+                .properties
+                .iter()
+                .filter(|(k, _)| is_secret_property(k))
+                .map(|(_, v)| v.clone()),
+        );
+        out.extend(
+            self.alerts
+                .webhooks
+                .iter()
+                .map(|w| w.url.expose().to_owned()),
+        );
+        // Longest first, so a value containing another is replaced whole;
+        // values too short to be told from ordinary text are left alone.
+        out.retain(|v| v.len() >= 4);
+        out.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        out.dedup();
+        out
+    }
+}
+
+/// `text` with every one of `secrets` replaced by `***`.
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .fold(text.to_owned(), |t, s| t.replace(s.as_str(), "***"))
 }
 
 /// `[windows]`
@@ -964,7 +1103,7 @@ impl Config {
         {
             bail!(
                 "invalid configuration: clickhouse.url = {:?}, expected an http:// or https:// URL",
-                self.clickhouse.url
+                self.clickhouse.display_url()
             );
         }
         if !self
@@ -1110,7 +1249,10 @@ impl Config {
         }
         for (name, v) in [
             ("api.max_connections", a.max_connections as u64),
-            ("api.max_concurrent_requests", a.max_concurrent_requests as u64),
+            (
+                "api.max_concurrent_requests",
+                a.max_concurrent_requests as u64,
+            ),
             ("api.max_rows", a.max_rows),
         ] {
             if v == 0 {
@@ -1419,5 +1561,96 @@ mod tests {
         .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         assert!(!toml::to_string(&c).unwrap().contains("hunter2"));
+    }
+
+    #[test]
+    fn secrets_are_masked_wherever_the_config_is_printed() {
+        let f = write(
+            "[kafka]\nbrokers = \"b:9092\"\n[kafka.properties]\n\"security.protocol\" = \"sasl_ssl\"\n\"sasl.username\" = \"svc\"\n\"sasl.password\" = \"kafka-pw-1\"\n\"sasl.jaas.config\" = \"org.x required password=jaas-pw-2;\"\n\"ssl.key.pem\" = \"-----BEGIN PRIVATE KEY----- pem-3\"\n\"ssl.key.password\" = \"keypw-4\"\n\"sasl.oauthbearer.client.secret\" = \"oauth-5\"\n[clickhouse]\nurl = \"https://chuser:ch-url-pw-6@ch.example:8443/\"\n[api]\ntokens = [\"api-token-7\"]\n[[alerts.webhooks]]\nname = \"slack\"\nkind = \"slack\"\nurl = \"https://hooks.example/T000/B000/slack-8\"\n",
+        );
+        let c = load(
+            Some(f.path()),
+            &env(&[("MODELWATCH_CLICKHOUSE__PASSWORD", "ch-pw-9")]),
+        )
+        .unwrap();
+        let secrets = [
+            "kafka-pw-1",
+            "jaas-pw-2",
+            "pem-3",
+            "keypw-4",
+            "oauth-5",
+            "ch-url-pw-6",
+            "api-token-7",
+            "slack-8",
+            "ch-pw-9",
+        ];
+        let debug = format!("{c:?}");
+        let pretty = format!("{c:#?}");
+        let toml_text = toml::to_string(&c).unwrap();
+        for printed in [&debug, &pretty, &toml_text] {
+            for s in secrets {
+                assert!(!printed.contains(s), "{s} printed in:\n{printed}");
+            }
+        }
+        // What is not secret stays readable.
+        assert!(
+            debug.contains("sasl_ssl") && debug.contains("svc"),
+            "{debug}"
+        );
+        assert!(debug.contains("https://***@ch.example:8443/"), "{debug}");
+        assert!(
+            toml_text.contains("\"sasl.password\" = \"***\""),
+            "{toml_text}"
+        );
+        // Error messages: every secret value is taken out.
+        let msg = "cannot connect: sasl.password=kafka-pw-1 url https://chuser:ch-url-pw-6@ch.example token api-token-7 pw ch-pw-9";
+        let clean = redact(msg, &c.secret_values());
+        for s in secrets {
+            assert!(!clean.contains(s), "{s} in {clean}");
+        }
+        assert!(
+            clean.starts_with("cannot connect: sasl.password=*** url https://***@ch.example"),
+            "{clean}"
+        );
+        // A bad URL is named without its credentials.
+        let err = load(
+            None,
+            &env(&[("MODELWATCH_CLICKHOUSE__URL", "ftp://u:url-pw-10@h")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("clickhouse.url") && !err.contains("url-pw-10"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secret_property_names() {
+        for k in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "sasl.jaas.config",
+            "ssl.key.pem",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+            "SASL.PASSWORD",
+        ] {
+            assert!(is_secret_property(k), "{k}");
+        }
+        for k in [
+            "security.protocol",
+            "sasl.username",
+            "sasl.mechanism",
+            "ssl.ca.location",
+        ] {
+            assert!(!is_secret_property(k), "{k}");
+        }
+        assert_eq!(
+            redact_url("http://a:b@h:1/p?q=x@y"),
+            "http://***@h:1/p?q=x@y"
+        );
+        assert_eq!(redact_url("http://h:8123"), "http://h:8123");
     }
 }

@@ -364,7 +364,10 @@ mod tests {
 
     #[test]
     fn slack_text_has_no_markup_from_identifiers() {
-        let text = body(WebhookKind::Slack)["text"].as_str().unwrap().to_owned();
+        let text = body(WebhookKind::Slack)["text"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert!(!text.contains('<') && !text.contains('>'), "{text}");
         assert!(
             text.contains("&lt;!channel&gt; &lt;http://evil|click&gt;"),
@@ -399,20 +402,25 @@ mod tests {
     fn pagerduty_fields_are_bounded() {
         let mut a = hostile();
         a.model_id = "m".repeat(2000);
-        let b: serde_json::Value = serde_json::from_slice(
-            &request(&hook(WebhookKind::Pagerduty), &a, Some("k"), 1).body,
-        )
-        .unwrap();
+        let b: serde_json::Value =
+            serde_json::from_slice(&request(&hook(WebhookKind::Pagerduty), &a, Some("k"), 1).body)
+                .unwrap();
         let p = &b["payload"];
-        assert_eq!(p["summary"].as_str().unwrap().chars().count(), PAGERDUTY_SUMMARY_MAX);
+        assert_eq!(
+            p["summary"].as_str().unwrap().chars().count(),
+            PAGERDUTY_SUMMARY_MAX
+        );
         for f in ["source", "component"] {
-            assert_eq!(p[f].as_str().unwrap().chars().count(), PAGERDUTY_FIELD_MAX, "{f}");
+            assert_eq!(
+                p[f].as_str().unwrap().chars().count(),
+                PAGERDUTY_FIELD_MAX,
+                "{f}"
+            );
         }
         // Generic: JSON keeps the raw value, escaped by serde.
-        let g: serde_json::Value = serde_json::from_slice(
-            &request(&hook(WebhookKind::Generic), &hostile(), None, 1).body,
-        )
-        .unwrap();
+        let g: serde_json::Value =
+            serde_json::from_slice(&request(&hook(WebhookKind::Generic), &hostile(), None, 1).body)
+                .unwrap();
         assert_eq!(g["model_id"], "<!channel> <http://evil|click>");
     }
 }

@@ -219,7 +219,10 @@ mod tests {
         );
         assert_eq!(bounded_range(Some(10), None, 0, day), Ok((10, 10 + day)));
         assert_eq!(bounded_range(None, Some(10), 0, day), Ok((0, 10)));
-        assert_eq!(bounded_range(None, None, 5 * day, day), Ok((4 * day, 5 * day)));
+        assert_eq!(
+            bounded_range(None, None, 5 * day, day),
+            Ok((4 * day, 5 * day))
+        );
         assert_eq!(
             bounded_range(Some(u32::MAX - 1), None, 0, day),
             Ok((u32::MAX - 1, u32::MAX))

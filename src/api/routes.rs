@@ -144,7 +144,11 @@ async fn anchor(s: &ApiState, model: Option<&str>) -> Result<u32, ApiError> {
     }
     let sql = format!(
         "SELECT toUInt32(max(last_seen)) FROM model_versions{}",
-        if model.is_some() { " WHERE model_id = ?" } else { "" }
+        if model.is_some() {
+            " WHERE model_id = ?"
+        } else {
+            ""
+        }
     );
     let mut q = s.reader().query(&sql);
     if let Some(m) = model {
@@ -500,14 +504,14 @@ async fn points(s: &ApiState, sel: &Selection<'_>) -> Result<(Vec<Point>, bool),
     }
     // One row more than the limit tells a cut result from an exact fit.
     sql.push_str(" ORDER BY model_version, metric, segment, feature, window_start LIMIT ?");
-    let mut q =
-        s.reader()
-            .query(&sql)
-            .bind(sel.model)
-            .bind(sel.window)
-            .bind(sel.from)
-            .bind(sel.to)
-            .bind(&sel.metrics);
+    let mut q = s
+        .reader()
+        .query(&sql)
+        .bind(sel.model)
+        .bind(sel.window)
+        .bind(sel.from)
+        .bind(sel.to)
+        .bind(&sel.metrics);
     if let Some(v) = &sel.versions {
         q = q.bind(v);
     }
@@ -568,10 +572,14 @@ async fn timeseries(
         .into_iter()
         .map(|((v, m), pts)| json!({ "model_version": v, "metric": m, "points": pts }))
         .collect();
-    json_rows(&s, json!({
-        "model_id": model, "segment": segment, "feature": feature,
-        "window_seconds": window, "from": from, "to": to, "series": series,
-    }), truncated)
+    json_rows(
+        &s,
+        json!({
+            "model_id": model, "segment": segment, "feature": feature,
+            "window_seconds": window, "from": from, "to": to, "series": series,
+        }),
+        truncated,
+    )
 }
 
 fn merged_json(m: &Merged, single_p: Option<f64>) -> Value {
@@ -640,16 +648,16 @@ async fn load_profile(
     model: &str,
     version: &str,
 ) -> Result<Option<ReferenceProfile>, ApiError> {
-    let stored: Vec<String> =
-        s.reader()
-            .query(
-                "SELECT argMax(profile, revision) FROM reference_profiles \
+    let stored: Vec<String> = s
+        .reader()
+        .query(
+            "SELECT argMax(profile, revision) FROM reference_profiles \
              WHERE model_id = ? AND model_version = ? GROUP BY model_id, model_version",
-            )
-            .bind(model)
-            .bind(version)
-            .fetch_all()
-            .await?;
+        )
+        .bind(model)
+        .bind(version)
+        .fetch_all()
+        .await?;
     Ok(stored
         .first()
         .and_then(|json| serde_json::from_str::<ReferenceProfile>(json).ok()))
@@ -664,24 +672,24 @@ async fn merged_drift(
     version: &str,
     segment: &str,
 ) -> Result<BTreeMap<String, (BTreeSet<u32>, Vec<MetricValue>)>, ApiError> {
-    let sums: Vec<HistogramSum> =
-        s.reader()
-            .query(
-                "SELECT feature, kind, length(counts) AS cells, \
+    let sums: Vec<HistogramSum> = s
+        .reader()
+        .query(
+            "SELECT feature, kind, length(counts) AS cells, \
              groupUniqArray(toUInt32(window_start)) AS starts, sumForEach(counts) AS summed \
              FROM window_histograms FINAL \
              WHERE model_id = ? AND model_version = ? AND segment = ? AND window_seconds = ? \
              AND window_start >= toDateTime(?) AND window_start < toDateTime(?) \
              GROUP BY feature, kind, cells ORDER BY feature",
-            )
-            .bind(sel.model)
-            .bind(version)
-            .bind(segment)
-            .bind(sel.window)
-            .bind(sel.from)
-            .bind(sel.to)
-            .fetch_all()
-            .await?;
+        )
+        .bind(sel.model)
+        .bind(version)
+        .bind(segment)
+        .bind(sel.window)
+        .bind(sel.from)
+        .bind(sel.to)
+        .fetch_all()
+        .await?;
     if sums.is_empty() {
         return Ok(BTreeMap::new());
     }
@@ -832,14 +840,18 @@ async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q
         (_, 0) => "merged_histograms",
         _ => "mixed",
     };
-    json_rows(&s, json!({
-        "model_id": model, "model_version": version, "segment": segment,
-        "window_seconds": window, "from": from, "to": to,
-        "windows": windows.len(),
-        "method": method,
-        "method_note": "merged_histograms: the stored per-window histograms of the range are summed and PSI / JS / KL / Hellinger / KS / Wasserstein / chi-square and drift_detected are recomputed against the version's reference profile, exactly as over the union of the windows' events; weighted_mean (windows without histograms, e.g. older data): per-window values combined, counts summed, other values samples-weighted means (exact for rates, an approximation for drift statistics); each feature says which; drifted_windows counts windows with drift_detected = 1",
-        "features": features,
-    }), truncated)
+    json_rows(
+        &s,
+        json!({
+            "model_id": model, "model_version": version, "segment": segment,
+            "window_seconds": window, "from": from, "to": to,
+            "windows": windows.len(),
+            "method": method,
+            "method_note": "merged_histograms: the stored per-window histograms of the range are summed and PSI / JS / KL / Hellinger / KS / Wasserstein / chi-square and drift_detected are recomputed against the version's reference profile, exactly as over the union of the windows' events; weighted_mean (windows without histograms, e.g. older data): per-window values combined, counts summed, other values samples-weighted means (exact for rates, an approximation for drift statistics); each feature says which; drifted_windows counts windows with drift_detected = 1",
+            "features": features,
+        }),
+        truncated,
+    )
 }
 
 async fn heatmap(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q) -> ApiResult {
@@ -910,11 +922,15 @@ async fn heatmap(State(s): State<ApiState>, Path(model): Path<String>, Query(q):
                 .unwrap_or_else(|| vec![None; windows.len()])
         })
         .collect();
-    json_rows(&s, json!({
-        "model_id": model, "model_version": version, "segment": segment, "metric": metric,
-        "window_seconds": window, "windows": windows, "features": names,
-        "values": vals, "drift_detected": drift,
-    }), truncated)
+    json_rows(
+        &s,
+        json!({
+            "model_id": model, "model_version": version, "segment": segment, "metric": metric,
+            "window_seconds": window, "windows": windows, "features": names,
+            "values": vals, "drift_detected": drift,
+        }),
+        truncated,
+    )
 }
 
 async fn segments(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q) -> ApiResult {
@@ -951,10 +967,14 @@ async fn segments(State(s): State<ApiState>, Path(model): Path<String>, Query(q)
             json!({ "segment": seg, "metrics": m })
         })
         .collect();
-    json_rows(&s, json!({
-        "model_id": model, "model_version": version, "window_seconds": window,
-        "from": from, "to": to, "segments": segs,
-    }), truncated)
+    json_rows(
+        &s,
+        json!({
+            "model_id": model, "model_version": version, "window_seconds": window,
+            "from": from, "to": to, "segments": segs,
+        }),
+        truncated,
+    )
 }
 
 /// Model-level metrics compared between versions.
@@ -1065,10 +1085,14 @@ async fn compare(State(s): State<ApiState>, Path(model): Path<String>, Query(q):
             Value::Object(m)
         })
         .collect();
-    json_rows(&s, json!({
-        "model_id": model, "a": a, "b": b, "segment": segment, "window_seconds": window,
-        "from": from, "to": to, "metrics": metrics, "drift": drift,
-    }), truncated)
+    json_rows(
+        &s,
+        json!({
+            "model_id": model, "a": a, "b": b, "segment": segment, "window_seconds": window,
+            "from": from, "to": to, "metrics": metrics, "drift": drift,
+        }),
+        truncated,
+    )
 }
 
 // ---------------------------------------------------------------- references
@@ -1081,16 +1105,16 @@ struct RefSummary {
 }
 
 async fn references(State(s): State<ApiState>, Path(model): Path<String>) -> ApiResult {
-    let rows: Vec<RefSummary> =
-        s.reader()
-            .query(
-                "SELECT model_version, argMax(sample_count, revision) AS samples, \
+    let rows: Vec<RefSummary> = s
+        .reader()
+        .query(
+            "SELECT model_version, argMax(sample_count, revision) AS samples, \
              toUInt32(max(created_at)) AS created_at FROM reference_profiles \
              WHERE model_id = ? GROUP BY model_version ORDER BY model_version",
-            )
-            .bind(model.as_str())
-            .fetch_all()
-            .await?;
+        )
+        .bind(model.as_str())
+        .fetch_all()
+        .await?;
     let list: Vec<Value> = rows
         .iter()
         .map(|r| json!({ "model_version": r.model_version, "samples": r.samples, "created_at": r.created_at }))
@@ -1267,5 +1291,9 @@ async fn service(State(s): State<ApiState>, Query(q): Q) -> ApiResult {
             json!({ "instance": instance, "metric": metric, "label": feature, "points": pts })
         })
         .collect();
-    json_rows(&s, json!({ "window_seconds": window, "from": from, "to": to, "series": series }), truncated)
+    json_rows(
+        &s,
+        json!({ "window_seconds": window, "from": from, "to": to, "series": series }),
+        truncated,
+    )
 }

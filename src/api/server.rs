@@ -450,10 +450,8 @@ async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let conn = builder.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(app.clone()),
-        );
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let conn = graceful.watch(conn);
         let telemetry = telemetry.clone();
         tokio::spawn(async move {

@@ -1186,5 +1186,9 @@ async fn ranges_rows_and_query_settings_are_bounded() {
         err.contains("Timeout exceeded") || err.contains("TIMEOUT_EXCEEDED"),
         "{err}"
     );
-    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }

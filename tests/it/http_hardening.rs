@@ -173,7 +173,13 @@ async fn a_rebinding_host_is_refused_without_tokens_and_accepted_with_them() {
         let (status, body) = get(addr, "/api/openapi.json", &host, "").await;
         assert_eq!(status, 200, "{host}: {body}");
     }
-    let (status, body) = get(addr, "/api/openapi.json", &format!("evil.example:{port}"), "").await;
+    let (status, body) = get(
+        addr,
+        "/api/openapi.json",
+        &format!("evil.example:{port}"),
+        "",
+    )
+    .await;
     assert_eq!(status, 403, "{body}");
     let j: Value = serde_json::from_str(&body).unwrap();
     assert!(
@@ -189,7 +195,13 @@ async fn a_rebinding_host_is_refused_without_tokens_and_accepted_with_them() {
     let mut cfg = config();
     cfg.api.allowed_hosts = vec!["modelwatch.internal".into()];
     let (api, _) = start(&cfg).await;
-    let (status, _) = get(api.local_addr(), "/api/openapi.json", "modelwatch.internal:8089", "").await;
+    let (status, _) = get(
+        api.local_addr(),
+        "/api/openapi.json",
+        "modelwatch.internal:8089",
+        "",
+    )
+    .await;
     assert_eq!(status, 200);
     let (status, _) = get(api.local_addr(), "/api/openapi.json", "evil.example", "").await;
     assert_eq!(status, 403);
@@ -240,8 +252,7 @@ async fn receiver(reply: (u16, Option<String>)) -> (String, Arc<Mutex<Vec<Got>>>
                 let mut resp = axum::http::Response::new(axum::body::Body::from("{}"));
                 *resp.status_mut() = axum::http::StatusCode::from_u16(reply.0).unwrap();
                 if let Some(loc) = reply.1 {
-                    resp.headers_mut()
-                        .insert("location", loc.parse().unwrap());
+                    resp.headers_mut().insert("location", loc.parse().unwrap());
                 }
                 resp
             }
@@ -365,8 +376,15 @@ async fn hostile_identifiers_are_escaped_in_every_body() {
     let p = pd.lock().unwrap().clone();
     let body = json(&p[0]);
     let summary = body["payload"]["summary"].as_str().unwrap();
-    assert_eq!(summary.chars().count(), 1024, "bounded to the PagerDuty limit");
-    assert!(summary.contains(EVIL), "PagerDuty renders no markup: plain text");
+    assert_eq!(
+        summary.chars().count(),
+        1024,
+        "bounded to the PagerDuty limit"
+    );
+    assert!(
+        summary.contains(EVIL),
+        "PagerDuty renders no markup: plain text"
+    );
 
     // Generic: JSON, the identifier as it came, serde-escaped.
     let g = generic.lock().unwrap().clone();
@@ -400,4 +418,39 @@ async fn a_redirecting_receiver_is_not_followed() {
     assert!(h[1].headers.contains_key("authorization"));
     // ... and the redirect target nothing at all.
     assert!(target.lock().unwrap().is_empty());
+}
+
+// ------------------------------------------------------------ secrets
+
+#[test]
+fn check_config_prints_no_secret() {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut f,
+        b"[kafka.properties]\n\"sasl.password\" = \"kafka-pw-1\"\n\"sasl.jaas.config\" = \"x password=jaas-pw-2;\"\n\
+          [clickhouse]\nurl = \"http://chuser:ch-url-pw-3@127.0.0.1:8123\"\n\
+          [api]\ntokens = [\"api-token-4\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelwatch"))
+        .args(["--config", f.path().to_str().unwrap(), "check-config"])
+        .env("MODELWATCH_CLICKHOUSE__PASSWORD", "ch-pw-5")
+        .output()
+        .expect("run modelwatch check-config");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("url=http://***@127.0.0.1:8123"), "{stdout}");
+    for s in [
+        "kafka-pw-1",
+        "jaas-pw-2",
+        "ch-url-pw-3",
+        "api-token-4",
+        "ch-pw-5",
+    ] {
+        assert!(
+            !stdout.contains(s) && !stderr.contains(s),
+            "{s} printed:\n{stdout}\n{stderr}"
+        );
+    }
 }

@@ -224,6 +224,57 @@ async fn a_rebinding_host_is_refused_without_tokens_and_accepted_with_them() {
     api.stop().await;
 }
 
+/// A "ClickHouse" on 127.0.0.1 that accepts connections and never answers.
+async fn hanging_clickhouse() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn slow_queries_end_at_the_request_timeout_and_never_block_healthz() {
+    let mut cfg = config();
+    cfg.clickhouse.url = hanging_clickhouse().await;
+    cfg.api.request_timeout = Duration::from_secs(1);
+    cfg.api.max_concurrent_requests = 1;
+    let (api, telemetry) = start(&cfg).await;
+    let addr = api.local_addr();
+    let started = Instant::now();
+    let slow = tokio::spawn(async move { get(addr, "/api/models", "127.0.0.1", "").await });
+    let queued = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        get(addr, "/api/alerts", "127.0.0.1", "").await
+    });
+    // While both wait on ClickHouse (one holding the only slot), health answers.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let t = Instant::now();
+    assert_eq!(get(addr, "/healthz", "127.0.0.1", "").await.0, 200);
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    for h in [slow, queued] {
+        let (status, body) = h.await.unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("api.request_timeout (1s)"), "{body}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(limited(&telemetry, "request_timeout"), 2);
+    assert_eq!(limited(&telemetry, "max_concurrent_requests"), 1);
+    api.stop().await;
+}
+
 // ------------------------------------------------------------ webhooks
 
 /// A request a receiver got.

@@ -1653,4 +1653,55 @@ mod tests {
         );
         assert_eq!(redact_url("http://h:8123"), "http://h:8123");
     }
+
+    #[test]
+    fn api_limits_load_and_bad_ones_are_named() {
+        let a = load(None, &env(&[])).unwrap().api;
+        assert_eq!(a.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(a.request_timeout, Duration::from_secs(30));
+        assert_eq!((a.max_connections, a.max_concurrent_requests), (512, 16));
+        assert_eq!(a.query_timeout, Duration::from_secs(15));
+        assert_eq!(a.max_range, Duration::from_secs(31 * 86400));
+        assert_eq!(a.max_rows, 100_000);
+        assert!(a.allowed_hosts.is_empty());
+        let c = load(
+            None,
+            &env(&[(
+                "MODELWATCH_API__ALLOWED_HOSTS",
+                "mw.example.org, 10.0.0.5:8089",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(c.api.allowed_hosts, vec!["mw.example.org", "10.0.0.5:8089"]);
+        for (key, value, expected) in [
+            (
+                "MODELWATCH_API__MAX_ROWS",
+                "0",
+                "api.max_rows must be at least 1",
+            ),
+            (
+                "MODELWATCH_API__MAX_CONNECTIONS",
+                "0",
+                "api.max_connections must be at least 1",
+            ),
+            (
+                "MODELWATCH_API__QUERY_TIMEOUT",
+                "500ms",
+                "api.query_timeout must be at least 1s",
+            ),
+            (
+                "MODELWATCH_API__HEADER_READ_TIMEOUT",
+                "0s",
+                "api.header_read_timeout must be positive",
+            ),
+            (
+                "MODELWATCH_API__ALLOWED_HOSTS",
+                "http://x/",
+                "api.allowed_hosts contains \"http://x/\"",
+            ),
+        ] {
+            let err = load(None, &env(&[(key, value)])).unwrap_err().to_string();
+            assert!(err.contains(expected), "{key}={value}: {err}");
+        }
+    }
 }

@@ -452,7 +452,7 @@ impl Service {
         sink.ping().await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot reach ClickHouse at {}: {e}. Start one with deploy/clickhouse-start.sh or set clickhouse.url",
-                cfg.clickhouse.url
+                cfg.clickhouse.display_url()
             )
         })?;
         sink.migrate()

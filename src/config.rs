@@ -101,6 +101,42 @@ pub struct ApiConfig {
     pub open_health: bool,
     /// Serve `/metrics` without a token. Default true.
     pub open_metrics: bool,
+    /// Host names (with or without `:port`) accepted in the `Host` header
+    /// while `tokens` is empty, besides the loopback names (`localhost`,
+    /// `127.0.0.1`, `[::1]`): without tokens any other `Host` is refused
+    /// (403), so a web page cannot reach the API by DNS rebinding. A TOML
+    /// array or, from the environment, a comma-separated list. Default empty.
+    #[serde(deserialize_with = "strings_one_or_many")]
+    pub allowed_hosts: Vec<String>,
+    /// Longest wait for a request's head (request line and headers), also
+    /// the longest an idle keep-alive connection stays open: slow clients
+    /// (slowloris) are cut off after it. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest time one request may take, waiting for a free slot included;
+    /// beyond it the answer is 503. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Open connections served at once; further connections wait in the
+    /// listen backlog until one closes. Default 512.
+    pub max_connections: usize,
+    /// `/api/...` requests (ClickHouse queries) run at once; others wait
+    /// (within `request_timeout`). Health, `/metrics` and the dashboard
+    /// files are not limited. Default 16.
+    pub max_concurrent_requests: usize,
+    /// ClickHouse `max_execution_time` of every API query (the queries also
+    /// run with `readonly = 2`). Default `15s`.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// Longest time range one API request may read (`to - from`); a longer
+    /// one is refused with 400. Without `from` / `to` a request reads the
+    /// last `max_range` up to the model's newest data. Default `31d`.
+    #[serde(with = "humantime_serde")]
+    pub max_range: Duration,
+    /// Most rows one API query returns; a longer result is cut there and the
+    /// response says `"truncated": true` (header `X-Modelwatch-Truncated: true`).
+    /// Default 100000.
+    pub max_rows: u64,
 }
 
 impl Default for ApiConfig {
@@ -111,6 +147,14 @@ impl Default for ApiConfig {
             tokens: Vec::new(),
             open_health: true,
             open_metrics: true,
+            allowed_hosts: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 512,
+            max_concurrent_requests: 16,
+            query_timeout: Duration::from_secs(15),
+            max_range: Duration::from_secs(31 * 86400),
+            max_rows: 100_000,
         }
     }
 }
@@ -133,6 +177,12 @@ fn tokens_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secr
         .filter(|t| !t.is_empty())
         .map(Secret)
         .collect())
+}
+
+/// A list as a TOML array or, from an environment override, one
+/// comma-separated string.
+fn strings_one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(tokens_one_or_many(d)?.into_iter().map(|s| s.0).collect())
 }
 
 /// Log line format.
@@ -192,8 +242,9 @@ pub enum Format {
     ConfluentAvro,
 }
 
-/// `[kafka]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[kafka]` (its `Debug` and `Serialize` mask secret-looking properties,
+/// see [`is_secret_property`]).
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, comma separated. Default `127.0.0.1:9092`.
@@ -211,6 +262,7 @@ pub struct KafkaConfig {
     /// Message encoding. Default `auto`.
     pub format: Format,
     /// Extra librdkafka properties passed through to every client (e.g. `security.protocol`).
+    #[serde(serialize_with = "masked_properties")]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -257,11 +309,13 @@ impl Serialize for Secret {
     }
 }
 
-/// `[clickhouse]`
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// `[clickhouse]` (its `Debug` and `Serialize` mask the password and any
+/// credentials in the URL).
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickHouseConfig {
     /// HTTP interface URL. Default `http://127.0.0.1:8123`.
+    #[serde(serialize_with = "masked_url")]
     pub url: String,
     /// Database, created by `migrate`. Default `modelwatch`.
     pub database: String,
@@ -293,6 +347,141 @@ impl Default for ClickHouseConfig {
             insert_timeout: Duration::from_secs(30),
         }
     }
+}
+
+impl ClickHouseConfig {
+    /// The URL for messages: credentials in it replaced by `***`.
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+/// True when a `[kafka.properties]` key names a secret (passwords, SASL /
+/// OAuth secrets and tokens, JAAS configurations, private keys): its value
+/// is masked wherever the configuration is printed.
+pub fn is_secret_property(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "token",
+        "jaas",
+        "key.pem",
+        "private",
+        "credential",
+        "oauthbearer.config",
+        "api.key",
+    ]
+    .iter()
+    .any(|p| k.contains(p))
+}
+
+/// `url` with the credentials of its authority (`user:password@`) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let authority_end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}***@{}", &url[..start], &url[start + at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+fn masked_properties<S: serde::Serializer>(
+    props: &BTreeMap<String, String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(props.len()))?;
+    for (k, v) in props {
+        let masked = is_secret_property(k) && !v.is_empty();
+        m.serialize_entry(k, if masked { "***" } else { v.as_str() })?;
+    }
+    m.end()
+}
+
+fn masked_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+/// `Debug` of a config section through its (masking) `Serialize`, so a
+/// field added later is printed, and masked when it is a secret, without
+/// a second list to maintain.
+fn debug_via_serialize<T: Serialize>(name: &str, v: &T, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    match toml::Value::try_from(v) {
+        Ok(toml::Value::Table(t)) => {
+            let mut d = f.debug_struct(name);
+            for (k, v) in &t {
+                d.field(k, &format_args!("{v}"));
+            }
+            d.finish()
+        }
+        _ => f.write_str(name),
+    }
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_via_serialize("KafkaConfig", self, f)
+    }
+}
+
+impl fmt::Debug for ClickHouseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_via_serialize("ClickHouseConfig", self, f)
+    }
+}
+
+impl Config {
+    /// Every secret value of this configuration (ClickHouse password and URL
+    /// credentials, API tokens, secret Kafka properties, webhook URLs given
+    /// inline), for [`redact`] to take out of error messages.
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut out = vec![self.clickhouse.password.expose().to_owned()];
+        let url = &self.clickhouse.url;
+        if let (Some(start), redacted) = (url.find("://"), redact_url(url)) {
+            if redacted != *url {
+                let authority = &url[start + 3..];
+                if let Some(at) = authority.rfind('@') {
+                    let userinfo = &authority[..at];
+                    out.push(userinfo.to_owned());
+                    if let Some((_, pw)) = userinfo.split_once(':') {
+                        out.push(pw.to_owned());
+                    }
+                }
+            }
+        }
+        out.extend(self.api.tokens.iter().map(|t| t.expose().to_owned()));
+        out.extend(
+            self.kafka
+                .properties
+                .iter()
+                .filter(|(k, _)| is_secret_property(k))
+                .map(|(_, v)| v.clone()),
+        );
+        out.extend(
+            self.alerts
+                .webhooks
+                .iter()
+                .map(|w| w.url.expose().to_owned()),
+        );
+        // Longest first, so a value containing another is replaced whole;
+        // values too short to be told from ordinary text are left alone.
+        out.retain(|v| v.len() >= 4);
+        out.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        out.dedup();
+        out
+    }
+}
+
+/// `text` with every one of `secrets` replaced by `***`.
+pub fn redact(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .fold(text.to_owned(), |t, s| t.replace(s.as_str(), "***"))
 }
 
 /// `[windows]`
@@ -942,6 +1131,7 @@ const STRING_KEYS: &[&str] = &[
     "dead_letter_topic",
     "listen",
     "tokens",
+    "allowed_hosts",
 ];
 
 impl Config {
@@ -969,7 +1159,7 @@ impl Config {
         {
             bail!(
                 "invalid configuration: clickhouse.url = {:?}, expected an http:// or https:// URL",
-                self.clickhouse.url
+                self.clickhouse.display_url()
             );
         }
         if !self
@@ -989,6 +1179,7 @@ impl Config {
                 self.api.listen
             );
         }
+        self.validate_api()?;
         if self.clickhouse.batch_rows == 0 {
             bail!("invalid configuration: clickhouse.batch_rows must be at least 1");
         }
@@ -1107,6 +1298,44 @@ impl Config {
             }
         }
         self.validate_alerts()?;
+        Ok(())
+    }
+
+    /// Checks `[api]`: timeouts, limits and allowed hosts.
+    fn validate_api(&self) -> Result<()> {
+        let a = &self.api;
+        for (name, d) in [
+            ("api.header_read_timeout", a.header_read_timeout),
+            ("api.request_timeout", a.request_timeout),
+            ("api.query_timeout", a.query_timeout),
+        ] {
+            if d.is_zero() {
+                bail!("invalid configuration: {name} must be positive, such as \"10s\"");
+            }
+        }
+        if a.query_timeout.as_secs() == 0 {
+            bail!("invalid configuration: api.query_timeout must be at least 1s (ClickHouse max_execution_time is in seconds)");
+        }
+        if a.max_range.as_secs() == 0 || a.max_range.as_secs() > u64::from(u32::MAX) {
+            bail!("invalid configuration: api.max_range = {}, expected a duration from 1s to 100 years, such as \"31d\"", humantime::format_duration(a.max_range));
+        }
+        for (name, v) in [
+            ("api.max_connections", a.max_connections as u64),
+            (
+                "api.max_concurrent_requests",
+                a.max_concurrent_requests as u64,
+            ),
+            ("api.max_rows", a.max_rows),
+        ] {
+            if v == 0 {
+                bail!("invalid configuration: {name} must be at least 1");
+            }
+        }
+        for h in &a.allowed_hosts {
+            if h.is_empty() || h.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
+                bail!("invalid configuration: api.allowed_hosts contains {h:?}, expected host names such as \"modelwatch.example.org\" or \"10.0.0.5:8089\"");
+            }
+        }
         Ok(())
     }
 
@@ -1452,5 +1681,147 @@ mod tests {
         .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         assert!(!toml::to_string(&c).unwrap().contains("hunter2"));
+    }
+
+    #[test]
+    fn secrets_are_masked_wherever_the_config_is_printed() {
+        let f = write(
+            "[kafka]\nbrokers = \"b:9092\"\n[kafka.properties]\n\"security.protocol\" = \"sasl_ssl\"\n\"sasl.username\" = \"svc\"\n\"sasl.password\" = \"kafka-pw-1\"\n\"sasl.jaas.config\" = \"org.x required password=jaas-pw-2;\"\n\"ssl.key.pem\" = \"-----BEGIN PRIVATE KEY----- pem-3\"\n\"ssl.key.password\" = \"keypw-4\"\n\"sasl.oauthbearer.client.secret\" = \"oauth-5\"\n[clickhouse]\nurl = \"https://chuser:ch-url-pw-6@ch.example:8443/\"\n[api]\ntokens = [\"api-token-7\"]\n[[alerts.webhooks]]\nname = \"slack\"\nkind = \"slack\"\nurl = \"https://hooks.example/T000/B000/slack-8\"\n",
+        );
+        let c = load(
+            Some(f.path()),
+            &env(&[("MODELWATCH_CLICKHOUSE__PASSWORD", "ch-pw-9")]),
+        )
+        .unwrap();
+        let secrets = [
+            "kafka-pw-1",
+            "jaas-pw-2",
+            "pem-3",
+            "keypw-4",
+            "oauth-5",
+            "ch-url-pw-6",
+            "api-token-7",
+            "slack-8",
+            "ch-pw-9",
+        ];
+        let debug = format!("{c:?}");
+        let pretty = format!("{c:#?}");
+        let toml_text = toml::to_string(&c).unwrap();
+        for printed in [&debug, &pretty, &toml_text] {
+            for s in secrets {
+                assert!(!printed.contains(s), "{s} printed in:\n{printed}");
+            }
+        }
+        // What is not secret stays readable.
+        assert!(
+            debug.contains("sasl_ssl") && debug.contains("svc"),
+            "{debug}"
+        );
+        assert!(debug.contains("https://***@ch.example:8443/"), "{debug}");
+        assert!(
+            toml_text.contains("\"sasl.password\" = \"***\""),
+            "{toml_text}"
+        );
+        // Error messages: every secret value is taken out.
+        let msg = "cannot connect: sasl.password=kafka-pw-1 url https://chuser:ch-url-pw-6@ch.example token api-token-7 pw ch-pw-9";
+        let clean = redact(msg, &c.secret_values());
+        for s in secrets {
+            assert!(!clean.contains(s), "{s} in {clean}");
+        }
+        assert!(
+            clean.starts_with("cannot connect: sasl.password=*** url https://***@ch.example"),
+            "{clean}"
+        );
+        // A bad URL is named without its credentials.
+        let err = load(
+            None,
+            &env(&[("MODELWATCH_CLICKHOUSE__URL", "ftp://u:url-pw-10@h")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("clickhouse.url") && !err.contains("url-pw-10"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secret_property_names() {
+        for k in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "sasl.jaas.config",
+            "ssl.key.pem",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+            "SASL.PASSWORD",
+        ] {
+            assert!(is_secret_property(k), "{k}");
+        }
+        for k in [
+            "security.protocol",
+            "sasl.username",
+            "sasl.mechanism",
+            "ssl.ca.location",
+        ] {
+            assert!(!is_secret_property(k), "{k}");
+        }
+        assert_eq!(
+            redact_url("http://a:b@h:1/p?q=x@y"),
+            "http://***@h:1/p?q=x@y"
+        );
+        assert_eq!(redact_url("http://h:8123"), "http://h:8123");
+    }
+
+    #[test]
+    fn api_limits_load_and_bad_ones_are_named() {
+        let a = load(None, &env(&[])).unwrap().api;
+        assert_eq!(a.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(a.request_timeout, Duration::from_secs(30));
+        assert_eq!((a.max_connections, a.max_concurrent_requests), (512, 16));
+        assert_eq!(a.query_timeout, Duration::from_secs(15));
+        assert_eq!(a.max_range, Duration::from_secs(31 * 86400));
+        assert_eq!(a.max_rows, 100_000);
+        assert!(a.allowed_hosts.is_empty());
+        let c = load(
+            None,
+            &env(&[(
+                "MODELWATCH_API__ALLOWED_HOSTS",
+                "mw.example.org, 10.0.0.5:8089",
+            )]),
+        )
+        .unwrap();
+        assert_eq!(c.api.allowed_hosts, vec!["mw.example.org", "10.0.0.5:8089"]);
+        for (key, value, expected) in [
+            (
+                "MODELWATCH_API__MAX_ROWS",
+                "0",
+                "api.max_rows must be at least 1",
+            ),
+            (
+                "MODELWATCH_API__MAX_CONNECTIONS",
+                "0",
+                "api.max_connections must be at least 1",
+            ),
+            (
+                "MODELWATCH_API__QUERY_TIMEOUT",
+                "500ms",
+                "api.query_timeout must be at least 1s",
+            ),
+            (
+                "MODELWATCH_API__HEADER_READ_TIMEOUT",
+                "0s",
+                "api.header_read_timeout must be positive",
+            ),
+            (
+                "MODELWATCH_API__ALLOWED_HOSTS",
+                "http://x/",
+                "api.allowed_hosts contains \"http://x/\"",
+            ),
+        ] {
+            let err = load(None, &env(&[(key, value)])).unwrap_err().to_string();
+            assert!(err.contains(expected), "{key}={value}: {err}");
+        }
     }
 }

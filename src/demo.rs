@@ -62,7 +62,7 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
     if let Err(e) = sink.ping().await {
         anyhow::bail!(
             "ClickHouse is not reachable at {} ({e}).\n  Start a local one with: deploy/clickhouse-start.sh\n  or point the demo at yours: MODELWATCH_CLICKHOUSE__URL=http://host:8123",
-            cfg.clickhouse.url
+            cfg.clickhouse.display_url()
         );
     }
     // Reset: make sure the database exists (18.16 rejects even DROP ... IF
@@ -129,7 +129,8 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
     );
     println!(
         "  clickhouse: {} database {}",
-        cfg.clickhouse.url, cfg.clickhouse.database
+        cfg.clickhouse.display_url(),
+        cfg.clickhouse.database
     );
     println!(
         "  traffic: {} predictions per version (v1 champion, v2 challenger) over {} of event time, windows of {}",
@@ -388,7 +389,7 @@ async fn print_summary(sink: &ClickHouseSink, cfg: &Config) -> Result<()> {
     }
     println!(
         "\nExplore with clickhouse-client (or any SQL client on {}):",
-        cfg.clickhouse.url
+        cfg.clickhouse.display_url()
     );
     println!(
         "  SELECT window_start, model_version, value FROM {db}.window_metrics FINAL\n    WHERE model_id = '{DEMO_MODEL}' AND metric = 'accuracy' AND segment = '' ORDER BY window_start;"

@@ -174,10 +174,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Errors can quote what a library got (a URL, a property): secrets out.
+    let secrets = cfg.secret_values();
     match runtime.block_on(dispatch(cli.command, cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", config::redact(&format!("{e:#}"), &secrets));
             ExitCode::FAILURE
         }
     }
@@ -202,11 +204,15 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
         Command::Migrate => {
             let sink = ClickHouseSink::new(&cfg.clickhouse);
             sink.migrate().await.map_err(|e| {
-                anyhow::anyhow!("migration against {} failed: {e}", cfg.clickhouse.url)
+                anyhow::anyhow!(
+                    "migration against {} failed: {e}",
+                    cfg.clickhouse.display_url()
+                )
             })?;
             println!(
                 "database {} at {} is up to date",
-                cfg.clickhouse.database, cfg.clickhouse.url
+                cfg.clickhouse.database,
+                cfg.clickhouse.display_url()
             );
             Ok(())
         }
@@ -223,7 +229,10 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
             let json = serde_json::to_string(&profile).context("cannot serialize the profile")?;
             let sink = ClickHouseSink::new(&cfg.clickhouse);
             sink.migrate().await.map_err(|e| {
-                anyhow::anyhow!("migration against {} failed: {e}", cfg.clickhouse.url)
+                anyhow::anyhow!(
+                    "migration against {} failed: {e}",
+                    cfg.clickhouse.display_url()
+                )
             })?;
             sink.save_reference(&model, &version, profile.sample_count, &json)
                 .await
@@ -248,7 +257,9 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
             );
             println!(
                 "clickhouse: url={} database={} user={}",
-                cfg.clickhouse.url, cfg.clickhouse.database, cfg.clickhouse.user
+                cfg.clickhouse.display_url(),
+                cfg.clickhouse.database,
+                cfg.clickhouse.user
             );
             println!(
                 "windows: sizes={} lateness={} idle_timeout={} label_horizon={} early_label_ttl={}",

@@ -258,6 +258,7 @@ pub struct Telemetry {
     checkpoint_join_records: Counter,
     state_store_bytes: Gauge,
     service: Mutex<ServiceWindows>,
+    http_limited: Family<Labels, Counter>,
 }
 
 /// Values read by the scrape-time collector.
@@ -366,6 +367,12 @@ impl Telemetry {
             "Size of the state store file on disk",
             state_store_bytes.clone(),
         );
+        let http_limited = Family::<Labels, Counter>::default();
+        registry.register(
+            "http_limited",
+            "HTTP requests or connections cut by a limit of [api], per limit (header_read_timeout, request_timeout, max_connections, max_concurrent_requests, host, max_range, max_rows)",
+            http_limited.clone(),
+        );
         Telemetry {
             counters,
             readiness: Arc::new(Readiness::default()),
@@ -389,6 +396,7 @@ impl Telemetry {
                 instance: instance_name(),
                 current: None,
             }),
+            http_limited,
         }
     }
 
@@ -657,6 +665,14 @@ impl Telemetry {
                 ("target".to_owned(), target.to_owned()),
             ])
             .inc_by(n);
+    }
+
+    /// Records one HTTP request or connection cut (or made to wait) by the
+    /// `[api]` limit `limit`.
+    pub fn record_http_limit(&self, limit: &str) {
+        self.http_limited
+            .get_or_create(&vec![("limit".to_owned(), limit.to_owned())])
+            .inc();
     }
 
     /// The Prometheus / OpenMetrics text of every metric.

@@ -126,13 +126,34 @@ pub fn parse_time(v: &str) -> Result<u32, String> {
     u32::try_from(secs).map_err(|_| "beyond the year 2106".to_owned())
 }
 
-/// A time range `[from, to)` in unix seconds, defaulting to all of history.
-pub fn range(p: &Params) -> Result<(u32, u32), BadRequest> {
-    let from = p.time("from")?.unwrap_or(0);
-    let to = p.time("to")?.unwrap_or(u32::MAX);
+/// A time range `[from, to)` in unix seconds, at most `max` seconds long
+/// (`api.max_range`): with both ends given a longer range is refused
+/// naming the limit; with one end given the other is `max` away; with
+/// none the range is the `max` seconds before `end`.
+pub fn bounded_range(
+    from: Option<u32>,
+    to: Option<u32>,
+    end: u32,
+    max: u32,
+) -> Result<(u32, u32), BadRequest> {
+    let (from, to) = match (from, to) {
+        (Some(f), Some(t)) => (f, t),
+        (Some(f), None) => (f, f.saturating_add(max)),
+        (None, Some(t)) => (t.saturating_sub(max), t),
+        (None, None) => (end.saturating_sub(max), end),
+    };
     if from >= to {
         return Err(BadRequest(format!(
             "invalid range: from ({from}) must be before to ({to})"
+        )));
+    }
+    if to - from > max {
+        let fmt = |s: u32| humantime::format_duration(std::time::Duration::from_secs(u64::from(s)));
+        return Err(BadRequest(format!(
+            "range too long: from {from} to {to} is {}, more than api.max_range ({}); ask for at most {} per request",
+            fmt(to - from),
+            fmt(max),
+            fmt(max)
         )));
     }
     Ok((from, to))
@@ -163,7 +184,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(q.window("window"), Ok(Some(300)));
-        let e = range(&q).unwrap_err();
+        let e = bounded_range(q.time("from").unwrap(), q.time("to").unwrap(), 0, 100).unwrap_err();
         assert!(e.0.contains("from (10) must be before to (5)"), "{e}");
         let e = p(&[("form", "1")], &["from", "to"]).unwrap_err();
         assert_eq!(
@@ -184,6 +205,27 @@ mod tests {
         assert_eq!(
             q.required("metric").unwrap_err().0,
             "missing query parameter metric"
+        );
+    }
+
+    #[test]
+    fn ranges_are_bounded() {
+        let day = 86_400;
+        assert_eq!(bounded_range(Some(0), Some(day), 0, day), Ok((0, day)));
+        let e = bounded_range(Some(0), Some(day + 1), 0, day).unwrap_err();
+        assert_eq!(
+            e.0,
+            "range too long: from 0 to 86401 is 1day 1s, more than api.max_range (1day); ask for at most 1day per request"
+        );
+        assert_eq!(bounded_range(Some(10), None, 0, day), Ok((10, 10 + day)));
+        assert_eq!(bounded_range(None, Some(10), 0, day), Ok((0, 10)));
+        assert_eq!(
+            bounded_range(None, None, 5 * day, day),
+            Ok((4 * day, 5 * day))
+        );
+        assert_eq!(
+            bounded_range(Some(u32::MAX - 1), None, 0, day),
+            Ok((u32::MAX - 1, u32::MAX))
         );
     }
 }

@@ -4,6 +4,14 @@
 //! at its newest revision. Ranges are `[from, to)` on `window_start`. Values
 //! over several windows combine as [`super::merge`] documents. Errors map to
 //! HTTP statuses in one place ([`ApiError`]).
+//!
+//! Bounds: every query runs read-only with `max_execution_time`
+//! ([`ApiState::reader`]); every `FINAL` read is limited to a time range of
+//! at most `api.max_range` (a longer requested range is a 400; without
+//! `from` / `to` the range ends at the model's newest data, see
+//! [`request_range`]); a window-row query returns at most `api.max_rows`
+//! rows, and a response cut there says `"truncated": true` and carries
+//! `X-Modelwatch-Truncated: true`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -16,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::merge::{merge, Merged};
-use super::params::{range, BadRequest, Params};
+use super::params::{bounded_range, BadRequest, Params};
 use super::server::ApiState;
 use super::{OPENAPI_JSON, SERVICE_MODEL};
 use crate::metrics::names::{is_drift, DRIFT_STATISTICS};
@@ -97,6 +105,81 @@ pub fn api_routes() -> Router<ApiState> {
 
 fn json_ok(v: impl Serialize) -> ApiResult {
     Ok(Json(v).into_response())
+}
+
+/// Header set on a response whose rows were cut at `api.max_rows`.
+pub const TRUNCATED_HEADER: &str = "x-modelwatch-truncated";
+
+/// `v` (an object) with `"truncated": truncated` added; a truncated answer
+/// also carries [`TRUNCATED_HEADER`] and is counted.
+fn json_rows(s: &ApiState, mut v: Value, truncated: bool) -> ApiResult {
+    if let Value::Object(o) = &mut v {
+        o.insert("truncated".into(), json!(truncated));
+    }
+    let mut resp = Json(v).into_response();
+    if truncated {
+        s.telemetry.record_http_limit("max_rows");
+        resp.headers_mut().insert(
+            TRUNCATED_HEADER,
+            axum::http::HeaderValue::from_static("true"),
+        );
+    }
+    Ok(resp)
+}
+
+/// Now, unix seconds.
+fn now_s() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+}
+
+/// Where a request without `from` / `to` ends: just after the newest
+/// prediction seen of `model` (of any model when `None`; from the small
+/// `model_versions` table), or now when there is none (and for
+/// `__service__`, whose rows are wall-clock windows).
+async fn anchor(s: &ApiState, model: Option<&str>) -> Result<u32, ApiError> {
+    if model == Some(SERVICE_MODEL) {
+        return Ok(now_s().saturating_add(1));
+    }
+    let sql = format!(
+        "SELECT toUInt32(max(last_seen)) FROM model_versions{}",
+        if model.is_some() {
+            " WHERE model_id = ?"
+        } else {
+            ""
+        }
+    );
+    let mut q = s.reader().query(&sql);
+    if let Some(m) = model {
+        q = q.bind(m);
+    }
+    let newest: Vec<u32> = q.fetch_all().await?;
+    Ok(match newest.first() {
+        Some(&t) if t > 0 => t.saturating_add(1),
+        _ => now_s().saturating_add(1),
+    })
+}
+
+/// The `[from, to)` of a request, at most `api.max_range` long: both given
+/// and farther apart is a 400; one given, the other is `max_range` away;
+/// none, the range ends at [`anchor`].
+async fn request_range(
+    s: &ApiState,
+    p: &Params,
+    model: Option<&str>,
+) -> Result<(u32, u32), ApiError> {
+    let from = p.time("from")?;
+    let to = p.time("to")?;
+    let end = match (from, to) {
+        (None, None) => anchor(s, model).await?,
+        _ => 0,
+    };
+    let r = bounded_range(from, to, end, s.max_range_s);
+    if matches!(&r, Err(e) if e.0.contains("api.max_range")) {
+        s.telemetry.record_http_limit("max_range");
+    }
+    Ok(r?)
 }
 
 async fn openapi() -> Response {
@@ -192,7 +275,7 @@ async fn model_overview(
     only: Option<&str>,
     window: u32,
 ) -> Result<Vec<Value>, ApiError> {
-    let c = s.ch.client();
+    let c = &s.reader();
     let filter = if only.is_some() {
         " AND model_id = ?"
     } else {
@@ -208,23 +291,37 @@ async fn model_overview(
     )))
     .fetch_all()
     .await?;
+    // "Latest" looks back at most api.max_range from the newest data seen,
+    // so no FINAL read spans all of history.
+    let newest_seen = metas
+        .iter()
+        .map(|m| m.last_seen)
+        .max()
+        .filter(|&t| t > 0)
+        .unwrap_or_else(now_s);
+    let bound = newest_seen.saturating_add(1).saturating_sub(s.max_range_s);
     let latest: Vec<Latest> = bind_model(c.query(&format!(
         "SELECT model_id, model_version, metric, argMax(value, window_start) AS value, \
          argMax(samples, window_start) AS samples, toUInt32(max(window_start)) AS latest_ws \
          FROM window_metrics FINAL \
-         WHERE segment = '' AND feature = '' AND window_seconds = ? AND model_id != '' AND model_id != ? \
+         WHERE segment = '' AND feature = '' AND window_seconds = ? AND window_start >= toDateTime(?) \
+         AND model_id != '' AND model_id != ? \
          AND has(['prediction_count', 'accuracy', 'estimated_accuracy', 'label_coverage', 'drifted_feature_count', 'latency_p95'], metric){filter} \
          GROUP BY model_id, model_version, metric ORDER BY model_id, model_version, metric"
     ))
     .bind(window)
+    .bind(bound)
     .bind(SERVICE_MODEL))
     .fetch_all()
     .await?;
-    let open: Vec<OpenAlert> = bind_model(c.query(&format!(
-        "SELECT model_id, any(model_version) AS model_version, argMax(severity, fired_at_ms) AS severity \
-         FROM alerts FINAL WHERE 1 = 1{filter} GROUP BY model_id, alert_id \
+    let open: Vec<OpenAlert> = bind_model(
+        c.query(&format!(
+            "SELECT model_id, any(model_version) AS model_version, argMax(severity, fired_at_ms) AS severity \
+         FROM alerts FINAL WHERE window_start >= toDateTime(?){filter} GROUP BY model_id, alert_id \
          HAVING argMax(status, fired_at_ms) = 'firing'"
-    )))
+        ))
+        .bind(bound),
+    )
     .fetch_all()
     .await?;
     // The newest window of each version (by its prediction count).
@@ -232,7 +329,12 @@ async fn model_overview(
     for l in latest.iter().filter(|l| l.metric == "prediction_count") {
         newest.insert((l.model_id.clone(), l.model_version.clone()), l.latest_ws);
     }
-    let since = newest.values().copied().min().unwrap_or(u32::MAX);
+    let since = newest
+        .values()
+        .copied()
+        .min()
+        .unwrap_or(u32::MAX)
+        .max(bound);
     let drifted: Vec<Drifted> = bind_model(
         c.query(&format!(
             "SELECT model_id, model_version, toUInt32(window_start) AS window_start, feature \
@@ -382,7 +484,9 @@ struct Selection<'a> {
     to: u32,
 }
 
-async fn points(s: &ApiState, sel: &Selection<'_>) -> Result<Vec<Point>, ApiError> {
+/// The selected rows, at most `api.max_rows` of them, and whether there
+/// were more.
+async fn points(s: &ApiState, sel: &Selection<'_>) -> Result<(Vec<Point>, bool), ApiError> {
     let mut sql = String::from(
         "SELECT model_version, metric, segment, feature, toUInt32(window_start) AS window_start, \
          value, samples, p_value FROM window_metrics FINAL \
@@ -401,15 +505,16 @@ async fn points(s: &ApiState, sel: &Selection<'_>) -> Result<Vec<Point>, ApiErro
     if sel.features_only {
         sql.push_str(" AND feature != ''");
     }
-    sql.push_str(" ORDER BY model_version, metric, segment, feature, window_start LIMIT 2000000");
-    let mut q =
-        s.ch.client()
-            .query(&sql)
-            .bind(sel.model)
-            .bind(sel.window)
-            .bind(sel.from)
-            .bind(sel.to)
-            .bind(&sel.metrics);
+    // One row more than the limit tells a cut result from an exact fit.
+    sql.push_str(" ORDER BY model_version, metric, segment, feature, window_start LIMIT ?");
+    let mut q = s
+        .reader()
+        .query(&sql)
+        .bind(sel.model)
+        .bind(sel.window)
+        .bind(sel.from)
+        .bind(sel.to)
+        .bind(&sel.metrics);
     if let Some(v) = &sel.versions {
         q = q.bind(v);
     }
@@ -419,7 +524,10 @@ async fn points(s: &ApiState, sel: &Selection<'_>) -> Result<Vec<Point>, ApiErro
     if let Some(f) = &sel.feature {
         q = q.bind(f.as_str());
     }
-    Ok(q.fetch_all().await?)
+    let mut rows: Vec<Point> = q.bind(s.max_rows.saturating_add(1)).fetch_all().await?;
+    let truncated = rows.len() as u64 > s.max_rows;
+    rows.truncate(usize::try_from(s.max_rows).unwrap_or(usize::MAX));
+    Ok((rows, truncated))
 }
 
 async fn timeseries(
@@ -439,7 +547,7 @@ async fn timeseries(
     for m in &metrics {
         check_metric(&model, m)?;
     }
-    let (from, to) = range(&p)?;
+    let (from, to) = request_range(&s, &p, Some(&model)).await?;
     let window = p.window("window")?.unwrap_or(s.default_window_seconds);
     let segment = p.str("segment").unwrap_or("").to_owned();
     let feature = p.str("feature").unwrap_or("").to_owned();
@@ -454,7 +562,7 @@ async fn timeseries(
         to,
         ..Selection::default()
     };
-    let rows = points(&s, &sel).await?;
+    let (rows, truncated) = points(&s, &sel).await?;
     let mut series: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
     for r in rows {
         series
@@ -467,10 +575,14 @@ async fn timeseries(
         .into_iter()
         .map(|((v, m), pts)| json!({ "model_version": v, "metric": m, "points": pts }))
         .collect();
-    json_ok(json!({
-        "model_id": model, "segment": segment, "feature": feature,
-        "window_seconds": window, "from": from, "to": to, "series": series,
-    }))
+    json_rows(
+        &s,
+        json!({
+            "model_id": model, "segment": segment, "feature": feature,
+            "window_seconds": window, "from": from, "to": to, "series": series,
+        }),
+        truncated,
+    )
 }
 
 fn merged_json(m: &Merged, single_p: Option<f64>) -> Value {
@@ -539,16 +651,16 @@ async fn load_profile(
     model: &str,
     version: &str,
 ) -> Result<Option<ReferenceProfile>, ApiError> {
-    let stored: Vec<String> =
-        s.ch.client()
-            .query(
-                "SELECT argMax(profile, revision) FROM reference_profiles \
+    let stored: Vec<String> = s
+        .reader()
+        .query(
+            "SELECT argMax(profile, revision) FROM reference_profiles \
              WHERE model_id = ? AND model_version = ? GROUP BY model_id, model_version",
-            )
-            .bind(model)
-            .bind(version)
-            .fetch_all()
-            .await?;
+        )
+        .bind(model)
+        .bind(version)
+        .fetch_all()
+        .await?;
     Ok(stored
         .first()
         .and_then(|json| serde_json::from_str::<ReferenceProfile>(json).ok()))
@@ -563,24 +675,24 @@ async fn merged_drift(
     version: &str,
     segment: &str,
 ) -> Result<BTreeMap<String, (BTreeSet<u32>, Vec<MetricValue>)>, ApiError> {
-    let sums: Vec<HistogramSum> =
-        s.ch.client()
-            .query(
-                "SELECT feature, kind, length(counts) AS cells, \
+    let sums: Vec<HistogramSum> = s
+        .reader()
+        .query(
+            "SELECT feature, kind, length(counts) AS cells, \
              groupUniqArray(toUInt32(window_start)) AS starts, sumForEach(counts) AS summed \
              FROM window_histograms FINAL \
              WHERE model_id = ? AND model_version = ? AND segment = ? AND window_seconds = ? \
              AND window_start >= toDateTime(?) AND window_start < toDateTime(?) \
              GROUP BY feature, kind, cells ORDER BY feature",
-            )
-            .bind(sel.model)
-            .bind(version)
-            .bind(segment)
-            .bind(sel.window)
-            .bind(sel.from)
-            .bind(sel.to)
-            .fetch_all()
-            .await?;
+        )
+        .bind(sel.model)
+        .bind(version)
+        .bind(segment)
+        .bind(sel.window)
+        .bind(sel.from)
+        .bind(sel.to)
+        .fetch_all()
+        .await?;
     if sums.is_empty() {
         return Ok(BTreeMap::new());
     }
@@ -638,7 +750,7 @@ async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q
             }
             (ws, ws.saturating_add(1))
         }
-        None => range(&p)?,
+        None => request_range(&s, &p, Some(&model)).await?,
     };
     let segment = p.str("segment").unwrap_or("").to_owned();
     let sel = Selection {
@@ -652,7 +764,7 @@ async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q
         to,
         ..Selection::default()
     };
-    let rows = points(&s, &sel).await?;
+    let (rows, truncated) = points(&s, &sel).await?;
     let mut recomputed = merged_drift(&s, &sel, &version, &segment).await?;
     let mut windows: BTreeSet<u32> = rows.iter().map(|r| r.window_start).collect();
     // Windows of each feature that have per-window drift rows.
@@ -731,14 +843,18 @@ async fn drift(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q
         (_, 0) => "merged_histograms",
         _ => "mixed",
     };
-    json_ok(json!({
-        "model_id": model, "model_version": version, "segment": segment,
-        "window_seconds": window, "from": from, "to": to,
-        "windows": windows.len(),
-        "method": method,
-        "method_note": "merged_histograms: the stored per-window histograms of the range are summed and PSI / JS / KL / Hellinger / KS / Wasserstein / chi-square and drift_detected are recomputed against the version's reference profile, exactly as over the union of the windows' events; weighted_mean (windows without histograms, e.g. older data): per-window values combined, counts summed, other values samples-weighted means (exact for rates, an approximation for drift statistics); each feature says which; drifted_windows counts windows with drift_detected = 1",
-        "features": features,
-    }))
+    json_rows(
+        &s,
+        json!({
+            "model_id": model, "model_version": version, "segment": segment,
+            "window_seconds": window, "from": from, "to": to,
+            "windows": windows.len(),
+            "method": method,
+            "method_note": "merged_histograms: the stored per-window histograms of the range are summed and PSI / JS / KL / Hellinger / KS / Wasserstein / chi-square and drift_detected are recomputed against the version's reference profile, exactly as over the union of the windows' events; weighted_mean (windows without histograms, e.g. older data): per-window values combined, counts summed, other values samples-weighted means (exact for rates, an approximation for drift statistics); each feature says which; drifted_windows counts windows with drift_detected = 1",
+            "features": features,
+        }),
+        truncated,
+    )
 }
 
 async fn heatmap(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q) -> ApiResult {
@@ -746,7 +862,7 @@ async fn heatmap(State(s): State<ApiState>, Path(model): Path<String>, Query(q):
     let version = version_param(&p, "version")?;
     let metric = p.non_empty("metric").unwrap_or("psi").to_owned();
     check_metric(&model, &metric)?;
-    let (from, to) = range(&p)?;
+    let (from, to) = request_range(&s, &p, Some(&model)).await?;
     let window = p.window("window")?.unwrap_or(s.default_window_seconds);
     let segment = p.str("segment").unwrap_or("").to_owned();
     let sel = Selection {
@@ -760,7 +876,7 @@ async fn heatmap(State(s): State<ApiState>, Path(model): Path<String>, Query(q):
         to,
         ..Selection::default()
     };
-    let rows = points(&s, &sel).await?;
+    let (rows, truncated) = points(&s, &sel).await?;
     let windows: Vec<u32> = rows
         .iter()
         .map(|r| r.window_start)
@@ -809,11 +925,15 @@ async fn heatmap(State(s): State<ApiState>, Path(model): Path<String>, Query(q):
                 .unwrap_or_else(|| vec![None; windows.len()])
         })
         .collect();
-    json_ok(json!({
-        "model_id": model, "model_version": version, "segment": segment, "metric": metric,
-        "window_seconds": window, "windows": windows, "features": names,
-        "values": vals, "drift_detected": drift,
-    }))
+    json_rows(
+        &s,
+        json!({
+            "model_id": model, "model_version": version, "segment": segment, "metric": metric,
+            "window_seconds": window, "windows": windows, "features": names,
+            "values": vals, "drift_detected": drift,
+        }),
+        truncated,
+    )
 }
 
 async fn segments(State(s): State<ApiState>, Path(model): Path<String>, Query(q): Q) -> ApiResult {
@@ -825,7 +945,7 @@ async fn segments(State(s): State<ApiState>, Path(model): Path<String>, Query(q)
     for m in &metrics {
         check_metric(&model, m)?;
     }
-    let (from, to) = range(&p)?;
+    let (from, to) = request_range(&s, &p, Some(&model)).await?;
     let window = p.window("window")?.unwrap_or(s.default_window_seconds);
     let feature = p.str("feature").unwrap_or("").to_owned();
     let sel = Selection {
@@ -838,7 +958,7 @@ async fn segments(State(s): State<ApiState>, Path(model): Path<String>, Query(q)
         to,
         ..Selection::default()
     };
-    let rows = points(&s, &sel).await?;
+    let (rows, truncated) = points(&s, &sel).await?;
     let merged = merge_by(&rows, |r| r.segment.clone());
     let segs: Vec<Value> = merged
         .into_iter()
@@ -850,10 +970,14 @@ async fn segments(State(s): State<ApiState>, Path(model): Path<String>, Query(q)
             json!({ "segment": seg, "metrics": m })
         })
         .collect();
-    json_ok(json!({
-        "model_id": model, "model_version": version, "window_seconds": window,
-        "from": from, "to": to, "segments": segs,
-    }))
+    json_rows(
+        &s,
+        json!({
+            "model_id": model, "model_version": version, "window_seconds": window,
+            "from": from, "to": to, "segments": segs,
+        }),
+        truncated,
+    )
 }
 
 /// Model-level metrics compared between versions.
@@ -888,7 +1012,7 @@ async fn compare(State(s): State<ApiState>, Path(model): Path<String>, Query(q):
             "a and b are the same version ({a:?}): name two versions to compare"
         )));
     }
-    let (from, to) = range(&p)?;
+    let (from, to) = request_range(&s, &p, Some(&model)).await?;
     let window = p.window("window")?.unwrap_or(s.default_window_seconds);
     let segment = p.str("segment").unwrap_or("").to_owned();
     let base = Selection {
@@ -900,7 +1024,7 @@ async fn compare(State(s): State<ApiState>, Path(model): Path<String>, Query(q):
         to,
         ..Selection::default()
     };
-    let model_rows = points(
+    let (model_rows, cut_a) = points(
         &s,
         &Selection {
             metrics: COMPARE_METRICS.iter().map(|m| m.to_string()).collect(),
@@ -909,7 +1033,7 @@ async fn compare(State(s): State<ApiState>, Path(model): Path<String>, Query(q):
         },
     )
     .await?;
-    let drift_rows = points(
+    let (drift_rows, cut_b) = points(
         &s,
         &Selection {
             metrics: vec!["psi".into(), "drift_detected".into()],
@@ -918,6 +1042,7 @@ async fn compare(State(s): State<ApiState>, Path(model): Path<String>, Query(q):
         },
     )
     .await?;
+    let truncated = cut_a || cut_b;
     let by_version = merge_by(&model_rows, |r| r.model_version.clone());
     let side = |v: &str, metric: &str| {
         by_version
@@ -963,10 +1088,14 @@ async fn compare(State(s): State<ApiState>, Path(model): Path<String>, Query(q):
             Value::Object(m)
         })
         .collect();
-    json_ok(json!({
-        "model_id": model, "a": a, "b": b, "segment": segment, "window_seconds": window,
-        "from": from, "to": to, "metrics": metrics, "drift": drift,
-    }))
+    json_rows(
+        &s,
+        json!({
+            "model_id": model, "a": a, "b": b, "segment": segment, "window_seconds": window,
+            "from": from, "to": to, "metrics": metrics, "drift": drift,
+        }),
+        truncated,
+    )
 }
 
 // ---------------------------------------------------------------- references
@@ -979,16 +1108,16 @@ struct RefSummary {
 }
 
 async fn references(State(s): State<ApiState>, Path(model): Path<String>) -> ApiResult {
-    let rows: Vec<RefSummary> =
-        s.ch.client()
-            .query(
-                "SELECT model_version, argMax(sample_count, revision) AS samples, \
+    let rows: Vec<RefSummary> = s
+        .reader()
+        .query(
+            "SELECT model_version, argMax(sample_count, revision) AS samples, \
              toUInt32(max(created_at)) AS created_at FROM reference_profiles \
              WHERE model_id = ? GROUP BY model_version ORDER BY model_version",
-            )
-            .bind(model.as_str())
-            .fetch_all()
-            .await?;
+        )
+        .bind(model.as_str())
+        .fetch_all()
+        .await?;
     let list: Vec<Value> = rows
         .iter()
         .map(|r| json!({ "model_version": r.model_version, "samples": r.samples, "created_at": r.created_at }))
@@ -1084,7 +1213,7 @@ async fn alerts(State(s): State<ApiState>, Query(q): Q) -> ApiResult {
     let status = p.one_of("status", &["firing", "resolved"])?;
     let severity = p.one_of("severity", &["warning", "critical"])?;
     let open = p.one_of("open", &["true", "false"])?.as_deref() == Some("true");
-    let (from, to) = range(&p)?;
+    let (from, to) = request_range(&s, &p, p.non_empty("model")).await?;
     let limit = p.uint("limit", 1, 10_000)?.unwrap_or(200);
     let mut sql = String::from(
         "SELECT alert_id, rule, status, severity, model_id, model_version, segment, feature, metric, \
@@ -1112,14 +1241,20 @@ async fn alerts(State(s): State<ApiState>, Query(q): Q) -> ApiResult {
     if open {
         // Alerts whose latest transition is `firing`.
         sql.push_str(
+            // Every transition of one alert has the same window (the id
+            // is derived from it), so the range bounds the inner read too.
             " AND status = 'firing' AND alert_id IN (SELECT alert_id FROM alerts FINAL \
+             WHERE window_start >= toDateTime(?) AND window_start < toDateTime(?) \
              GROUP BY alert_id HAVING argMax(status, fired_at_ms) = 'firing')",
         );
     }
     sql.push_str(" ORDER BY fired_at_ms DESC, alert_id LIMIT ?");
-    let mut query = s.ch.client().query(&sql).bind(from).bind(to);
+    let mut query = s.reader().query(&sql).bind(from).bind(to);
     for b in &binds {
         query = query.bind(b.as_str());
+    }
+    if open {
+        query = query.bind(from).bind(to);
     }
     let rows: Vec<AlertItem> = query.bind(limit).fetch_all().await?;
     json_ok(json!({ "count": rows.len(), "alerts": rows }))
@@ -1135,7 +1270,7 @@ async fn service(State(s): State<ApiState>, Query(q): Q) -> ApiResult {
     for m in &metrics {
         check_metric(SERVICE_MODEL, m)?;
     }
-    let (from, to) = range(&p)?;
+    let (from, to) = request_range(&s, &p, Some(SERVICE_MODEL)).await?;
     let window = p.window("window")?.unwrap_or(s.default_window_seconds);
     let sel = Selection {
         model: SERVICE_MODEL,
@@ -1145,7 +1280,7 @@ async fn service(State(s): State<ApiState>, Query(q): Q) -> ApiResult {
         to,
         ..Selection::default()
     };
-    let rows = points(&s, &sel).await?;
+    let (rows, truncated) = points(&s, &sel).await?;
     let mut series: BTreeMap<(String, String, String), Vec<Value>> = BTreeMap::new();
     for r in rows {
         series
@@ -1159,5 +1294,9 @@ async fn service(State(s): State<ApiState>, Query(q): Q) -> ApiResult {
             json!({ "instance": instance, "metric": metric, "label": feature, "points": pts })
         })
         .collect();
-    json_ok(json!({ "window_seconds": window, "from": from, "to": to, "series": series }))
+    json_rows(
+        &s,
+        json!({ "window_seconds": window, "from": from, "to": to, "series": series }),
+        truncated,
+    )
 }

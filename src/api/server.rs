@@ -6,6 +6,19 @@
 //! dashboard's sign-in page sets), except `/healthz` and `/readyz` with
 //! `api.open_health` and `/metrics` with `api.open_metrics`. Tokens are
 //! compared as SHA-256 digests in constant time, and never logged.
+//!
+//! Limits (all in `[api]`, each counted in `modelwatch_http_limited_total`
+//! when hit): a request head must arrive within `header_read_timeout`, which
+//! also closes idle keep-alive connections (hyper's own timer), so slow
+//! clients cannot hold connections; at most `max_connections` connections
+//! are served at once (a semaphore on accept: beyond it new connections
+//! wait in the listen backlog); at most `max_concurrent_requests` `/api/`
+//! requests run at once, so ClickHouse queries cannot crowd out `/healthz`;
+//! every request ends within `request_timeout` (503). While auth is off, a
+//! `Host` header that names neither a loopback host, an IP address nor one
+//! of `allowed_hosts` is refused with 403 (DNS rebinding: a page of
+//! `evil.example` whose name resolves to 127.0.0.1 sends `Host:
+//! evil.example`).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,7 +34,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::routes;
@@ -58,6 +71,17 @@ pub struct ApiState {
     pub refresh_seconds: u32,
     /// How drift is measured, for drift recomputed over a range from histograms.
     pub drift: Arc<crate::metrics::DriftConfig>,
+    /// Extra `Host` names accepted while auth is off (lowercase).
+    allowed_hosts: Arc<Vec<String>>,
+    /// Slots of `/api/` requests (`api.max_concurrent_requests`).
+    api_slots: Arc<Semaphore>,
+    request_timeout: Duration,
+    /// Longest range one request reads, seconds (`api.max_range`).
+    pub max_range_s: u32,
+    /// Most rows one query returns (`api.max_rows`).
+    pub max_rows: u64,
+    /// ClickHouse `max_execution_time` of API queries, seconds.
+    pub query_timeout_s: u64,
 }
 
 impl ApiState {
@@ -76,7 +100,31 @@ impl ApiState {
                 .map_or(300, |d| u32::try_from(d.as_secs()).unwrap_or(300)),
             refresh_seconds: 10,
             drift: Arc::new(crate::pipeline::drift_config(cfg)),
+            allowed_hosts: Arc::new(
+                cfg.api
+                    .allowed_hosts
+                    .iter()
+                    .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                    .collect(),
+            ),
+            api_slots: Arc::new(Semaphore::new(cfg.api.max_concurrent_requests.max(1))),
+            request_timeout: cfg.api.request_timeout,
+            max_range_s: u32::try_from(cfg.api.max_range.as_secs()).unwrap_or(u32::MAX),
+            max_rows: cfg.api.max_rows.max(1),
+            query_timeout_s: cfg.api.query_timeout.as_secs().max(1),
         }
+    }
+
+    /// A ClickHouse client for API reads: `readonly = 2` (reads only; unlike
+    /// `readonly = 1` it lets the query set its own limits, which ClickHouse
+    /// 18.16 needs to accept `max_execution_time` in the same request) and
+    /// `max_execution_time = api.query_timeout`.
+    pub fn reader(&self) -> clickhouse::Client {
+        self.ch
+            .client()
+            .clone()
+            .with_option("readonly", "2")
+            .with_option("max_execution_time", self.query_timeout_s.to_string())
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
@@ -92,6 +140,42 @@ impl ApiState {
             .iter()
             .fold(false, |ok, t| ok | constant_time_eq(t, &d))
     }
+}
+
+/// True when `host` (a `Host` header value) may reach the API while auth
+/// is off: a loopback name (`localhost`), an IP address (a DNS rebinding
+/// attack always sends its own host *name*), or one of `allowed`
+/// (lowercase, with or without the port). No header at all (HTTP/1.0
+/// clients) is accepted: browsers always send one.
+pub fn host_allowed(host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(raw) = host else {
+        return true;
+    };
+    let full = raw.trim().trim_end_matches('.').to_ascii_lowercase();
+    // The name without its port: `[v6]:p`, `name:p`, `v4:p`.
+    let name = if let Some(rest) = full.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((v6, port))
+                if port.is_empty()
+                    || port
+                        .strip_prefix(':')
+                        .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                v6.to_owned()
+            }
+            _ => return false,
+        }
+    } else {
+        match full.rsplit_once(':') {
+            Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n.to_owned(),
+            Some(_) => return false,
+            None => full.clone(),
+        }
+    };
+    let name = name.trim_end_matches('.');
+    name == "localhost"
+        || name.parse::<std::net::IpAddr>().is_ok()
+        || allowed.iter().any(|a| *a == full || a == name)
 }
 
 fn digest(s: &str) -> [u8; 32] {
@@ -120,6 +204,69 @@ fn presented_token(headers: &HeaderMap) -> Option<&str> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .find_map(|c| c.trim().strip_prefix("modelwatch_token="))
+}
+
+/// Refuses a non-loopback `Host` while auth is off (see [`host_allowed`]).
+async fn host_check(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    if !s.tokens.is_empty() {
+        return next.run(req).await;
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if host_allowed(host, &s.allowed_hosts) {
+        return next.run(req).await;
+    }
+    s.telemetry.record_http_limit("host");
+    (
+        StatusCode::FORBIDDEN,
+        Json(serde_json::json!({
+            "error": "Host not allowed: without api.tokens the API answers only requests addressed to localhost, an IP address or a name of api.allowed_hosts (protection against DNS rebinding)"
+        })),
+    )
+        .into_response()
+}
+
+/// Bounds every request by `api.request_timeout`, and runs at most
+/// `api.max_concurrent_requests` `/api/` requests at once (the others
+/// wait, within the timeout).
+async fn limits(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let limit = s.request_timeout;
+    let run = async {
+        let _slot = if req.uri().path().starts_with("/api/") {
+            let slot = match s.api_slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    s.telemetry.record_http_limit("max_concurrent_requests");
+                    match s.api_slots.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                    }
+                }
+            };
+            Some(slot)
+        } else {
+            None
+        };
+        next.run(req).await
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(resp) => resp,
+        Err(_) => {
+            s.telemetry.record_http_limit("request_timeout");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({
+                    "error": format!(
+                        "the request took longer than api.request_timeout ({}): narrow the range or try again",
+                        humantime::format_duration(limit)
+                    )
+                })),
+            )
+                .into_response()
+        }
+    }
 }
 
 async fn auth(State(s): State<ApiState>, req: Request, next: Next) -> Response {
@@ -170,6 +317,8 @@ pub fn router(state: ApiState) -> Router {
         .merge(routes::api_routes())
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), host_check))
+        .layer(middleware::from_fn_with_state(state.clone(), limits))
         .with_state(state)
 }
 
@@ -248,6 +397,77 @@ async fn metrics(State(s): State<ApiState>) -> Response {
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], s.telemetry.encode()).into_response()
 }
 
+/// Per-connection limits of [`serve`].
+struct ConnLimits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+}
+
+/// Accepts connections (at most `max_connections` at once) and serves each
+/// over HTTP/1.1 with hyper's header-read timeout, until `shutdown`; then
+/// lets open connections finish their request (bounded by the caller).
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    telemetry: Arc<Telemetry>,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                telemetry.record_http_limit("max_connections");
+                tokio::select! {
+                    p = slots.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause, go on.
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        let telemetry = telemetry.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                if e.is_timeout() {
+                    telemetry.record_http_limit("header_read_timeout");
+                }
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
 /// A running HTTP server; stops on [`ApiServer::stop`] or drop.
 pub struct ApiServer {
     addr: SocketAddr,
@@ -267,19 +487,20 @@ impl ApiServer {
                 )
             })?;
         let addr = listener.local_addr().context("no local address")?;
-        let app = router(ApiState::new(cfg, telemetry));
+        if cfg.api.tokens.is_empty() && !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "http api listens beyond loopback without api.tokens: anyone who can reach this address reads the monitoring data; set api.tokens (MODELWATCH_API__TOKENS) or listen on 127.0.0.1");
+        }
+        let state = ApiState::new(cfg, telemetry);
+        let telemetry = state.telemetry.clone();
+        let app = router(state);
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = rx.await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
+        let limits = ConnLimits {
+            max_connections: cfg.api.max_connections.max(1),
+            header_read_timeout: cfg.api.header_read_timeout,
+        };
+        let task = tokio::spawn(serve(listener, app, telemetry, limits, async {
+            let _ = rx.await;
+        }));
         tracing::info!(%addr, auth = !cfg.api.tokens.is_empty(), "http api and dashboard listening");
         Ok(ApiServer {
             addr,
@@ -345,5 +566,39 @@ mod tests {
         assert_eq!(presented_token(&h), None);
         assert!(constant_time_eq(&digest("a"), &digest("a")));
         assert!(!constant_time_eq(&digest("a"), &digest("b")));
+    }
+
+    #[test]
+    fn hosts_allowed_without_auth() {
+        let allowed = vec!["mw.example.org".to_string(), "edge:8443".to_string()];
+        for ok in [
+            None,
+            Some("localhost"),
+            Some("LOCALHOST:8089"),
+            Some("localhost."),
+            Some("127.0.0.1"),
+            Some("127.0.0.1:8089"),
+            Some("[::1]"),
+            Some("[::1]:8089"),
+            Some("10.0.0.5:8089"),
+            Some("mw.example.org"),
+            Some("mw.example.org:8089"),
+            Some("edge:8443"),
+        ] {
+            assert!(host_allowed(ok, &allowed), "{ok:?}");
+        }
+        for refused in [
+            Some("evil.example"),
+            Some("evil.example:8089"),
+            Some("localhost.evil.example"),
+            Some("127.0.0.1.nip.io"),
+            Some("edge:9999"),
+            Some("[::1"),
+            Some("[::1]evil.example"),
+            Some("localhost:80:80"),
+            Some(""),
+        ] {
+            assert!(!host_allowed(refused, &allowed), "{refused:?}");
+        }
     }
 }

@@ -6,7 +6,9 @@
 //! is dropped, counted and logged. Each worker sends with a per-request
 //! timeout and retries connection errors, timeouts, 429 and 5xx answers with
 //! exponential backoff and full jitter, up to `max_attempts`; other 4xx
-//! answers are permanent. Every final outcome becomes a [`DeliveryRecord`]
+//! answers are permanent. Redirects are never followed (the request carries
+//! the webhook's secret, signature or token, which must not reach another
+//! host): a 3xx answer is a permanent failure that says so. Every final outcome becomes a [`DeliveryRecord`]
 //! that the service writes to ClickHouse (`webhook_deliveries`).
 //!
 //! Secrets (HMAC keys, routing keys, API tokens, Slack URLs) are never
@@ -126,6 +128,8 @@ impl Notifier {
         for w in webhooks {
             let (url, secret) = w.resolve(env)?;
             let client = reqwest::Client::builder()
+                // A redirect would hand the secret headers to another URL.
+                .redirect(reqwest::redirect::Policy::none())
                 .timeout(w.timeout)
                 .connect_timeout(w.timeout)
                 .user_agent(concat!("modelwatch/", env!("CARGO_PKG_VERSION")))
@@ -355,6 +359,11 @@ impl Worker {
                 let code = status.as_u16();
                 if status.is_success() {
                     Attempt::Delivered(code)
+                } else if status.is_redirection() {
+                    Attempt::Permanent(
+                        code,
+                        format!("HTTP {code}: redirect not followed (webhooks never follow redirects; configure the final URL)"),
+                    )
                 } else if status.is_server_error() || code == 429 || code == 408 {
                     Attempt::Retry(code, format!("HTTP {code}"))
                 } else {

@@ -1075,3 +1075,120 @@ async fn drift_over_a_range_is_recomputed_from_the_merged_histograms() {
         assert_eq!(f["metrics"]["psi"]["merge"], "weighted_mean_approx");
     }
 }
+
+#[tokio::test]
+async fn ranges_rows_and_query_settings_are_bounded() {
+    let mut cfg = seeded().await;
+    cfg.api.max_range = Duration::from_secs(600);
+    cfg.api.max_rows = 2;
+    let telemetry = Arc::new(Telemetry::for_config(&cfg));
+    let api = ApiServer::start(&cfg, telemetry.clone())
+        .await
+        .expect("api starts");
+    let addr = api.local_addr();
+
+    // A range longer than api.max_range: 400 naming the limit.
+    let r = get(
+        addr,
+        &format!(
+            "/api/models/fraud/timeseries?metric=accuracy&version=v1&from={T0}&to={}",
+            T0 + 601
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let msg = r.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        msg.contains("api.max_range (10m)") && msg.contains("10m 1s"),
+        "{msg}"
+    );
+    // Exactly the limit is fine: [T0, T0 + 600) holds 2 windows, an exact
+    // fit of the 2-row limit, not truncated.
+    let r = get(
+        addr,
+        &format!(
+            "/api/models/fraud/timeseries?metric=accuracy&version=v1&from={T0}&to={}",
+            T0 + 600
+        ),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["truncated"], false);
+    assert!(!r.headers.contains_key("x-modelwatch-truncated"));
+    assert_eq!(j["series"][0]["points"].as_array().unwrap().len(), 2);
+
+    // Without from / to: the last 600 s up to the newest data of the model
+    // (last_seen T0 + 900), window starts in [T0 + 301, T0 + 901): T0 + 600.
+    let r = get(
+        addr,
+        "/api/models/fraud/timeseries?metric=accuracy,prediction_count,label_coverage&version=v1",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(
+        (j["from"].as_u64(), j["to"].as_u64()),
+        (Some(u64::from(T0 + 301)), Some(u64::from(T0 + 901)))
+    );
+    // 3 rows (3 metrics x 1 window) cut at 2: said in the body and a header.
+    assert_eq!(j["truncated"], true, "{j}");
+    assert_eq!(r.headers["x-modelwatch-truncated"], "true");
+    let n: usize = j["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["points"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(n, 2);
+    let text = telemetry.encode();
+    for line in [
+        "modelwatch_http_limited_total{limit=\"max_range\"} 1",
+        "modelwatch_http_limited_total{limit=\"max_rows\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} missing");
+    }
+    // Only `from`: the range is max_range long.
+    let r = get(
+        addr,
+        &format!("/api/models/fraud/segments?version=v1&metric=accuracy&from={T0}"),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["to"].as_u64(), Some(u64::from(T0 + 600)));
+    api.stop().await;
+
+    // The API's ClickHouse client is read-only and time-bounded, on the
+    // real server.
+    cfg.api.query_timeout = Duration::from_secs(1);
+    let state = modelwatch::api::ApiState::new(&cfg, Arc::new(Telemetry::for_config(&cfg)));
+    let err = state
+        .reader()
+        .query("CREATE TABLE mw_api_write_probe (a UInt8) ENGINE = Memory")
+        .execute()
+        .await
+        .expect_err("a write through the API client is refused")
+        .to_string();
+    assert!(err.contains("readonly"), "{err}");
+    let started = Instant::now();
+    let err = state
+        .reader()
+        .query("SELECT count() FROM numbers(100000000000)")
+        .fetch_all::<u64>()
+        .await
+        .expect_err("a long query is stopped at max_execution_time")
+        .to_string();
+    assert!(
+        err.contains("Timeout exceeded") || err.contains("TIMEOUT_EXCEEDED"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -4,6 +4,8 @@
 //! - [`alerting`]: default rules on synthetic streams (false alarms, power),
 //!   the alerts topic, webhooks against real HTTP receivers.
 //! - [`api`]: the HTTP API, auth, `/metrics` and the Grafana queries against real servers.
+//! - [`http_hardening`]: slow and idle clients, connection limits, the `Host`
+//!   check, escaped notification bodies and unfollowed webhook redirects.
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
@@ -27,6 +29,7 @@ mod budget;
 mod clickhouse;
 mod crash;
 mod e2e;
+mod http_hardening;
 mod live_crash;
 mod outputs;
 mod pipeline;

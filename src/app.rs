@@ -605,8 +605,24 @@ impl Service {
         if self.checkpoint_due {
             tracing::warn!("the last output could not be written: the state stays at the previous checkpoint and its input will be consumed again at the next start");
         }
+        self.log_limit_hits();
         self.finish_notifications().await;
         Ok(())
+    }
+
+    /// One line per cap of `[limits]` that was hit (totals, as
+    /// `modelwatch_limit_hits_total`), for the record of a run.
+    fn log_limit_hits(&self) {
+        let core = self.p.core.stats();
+        for (limit, hits) in self.p.counters.limit_hits(&core.limits) {
+            if hits > 0 {
+                tracing::info!(
+                    limit,
+                    hits,
+                    "limit hit: input beyond limits.{limit} was folded, left out or dead-lettered"
+                );
+            }
+        }
     }
 
     async fn run_loop(

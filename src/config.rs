@@ -639,11 +639,11 @@ pub struct LimitsConfig {
     /// Most features per event (and entries of `class_probabilities`); a
     /// larger event is dead-lettered (kind `limit`). Also the most distinct
     /// features a version's reference profile learns: later ones are
-    /// ignored (counted). Default 1000.
+    /// ignored (counted). Default 500.
     pub max_features: usize,
     /// Most segment keys per event (a larger event is dead-lettered, kind
     /// `limit`) and distinct segment keys per model (a new key beyond them
-    /// is ignored, counted). Default 32.
+    /// is ignored, counted). Default 10.
     pub max_segment_keys: usize,
     /// Longest string of an event in bytes (request id, model, version,
     /// feature names and string values, segment keys and values, labels);
@@ -678,8 +678,8 @@ impl Default for LimitsConfig {
             max_pending: 10_000_000,
             max_future_skew: Duration::from_secs(3600),
             max_event_age: Duration::from_secs(365 * 86_400),
-            max_features: 1000,
-            max_segment_keys: 32,
+            max_features: 500,
+            max_segment_keys: 10,
             max_identifier_bytes: 1024,
             max_reference_categories: 10_000,
             max_early_labels: 1_000_000,

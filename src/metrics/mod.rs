@@ -293,7 +293,7 @@ pub struct DriftConfig {
     /// (Wasserstein / Jensen-Shannon) rather than a test (KS / chi-square). Default 1000.
     pub large_reference_rows: u64,
     /// Most distinct features a reference builder learns (`limits.max_features`);
-    /// later ones are left out of the reference. Default 1000.
+    /// later ones are left out of the reference. Default 500.
     pub max_reference_features: usize,
     /// Most distinct values a categorical feature counts while its
     /// reference is built (`limits.max_reference_categories`). Default 10000.
@@ -338,7 +338,7 @@ impl Default for DriftConfig {
             quantile_grid: 200,
             detectors: detectors::DetectorConfig::default(),
             label_reference_size: 1000,
-            max_reference_features: 1000,
+            max_reference_features: 500,
             max_reference_categories: 10_000,
             method: DriftMethod::Auto,
             method_overrides: BTreeMap::new(),

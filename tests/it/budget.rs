@@ -94,7 +94,7 @@ const MODEL: &str = "fraud-detector";
 /// Samples `VmHWM` (peak RSS, KiB) of process `pid` every 20 ms until it
 /// exits; the thread returns the last value read. A zombie has no `VmHWM`,
 /// so the thread stops when the process ended, before the pid can be reused.
-fn sample_peak_rss(pid: u32) -> JoinHandle<u64> {
+pub(crate) fn sample_peak_rss(pid: u32) -> JoinHandle<u64> {
     std::thread::spawn(move || {
         let mut peak = 0;
         loop {

@@ -29,6 +29,7 @@ mod budget;
 mod clickhouse;
 mod crash;
 mod e2e;
+mod hostile;
 mod http_hardening;
 mod live_crash;
 mod outputs;

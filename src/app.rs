@@ -31,7 +31,7 @@ use anyhow::{bail, Context, Result};
 use futures::FutureExt;
 use rdkafka::message::Message;
 
-use crate::config::Config;
+use crate::config::{Config, JOIN_BYTES_PER_REQUEST};
 use crate::ingest::bounds::EventBounds;
 use crate::ingest::consumer::{
     commit, group_instance_id, input_consumer, release_revoked, Assignment, InputConsumer,
@@ -1337,16 +1337,32 @@ impl Processing {
         Ok(())
     }
 
-    /// After a checkpoint: when the join holds more request ids than
-    /// `state.memory_budget` allows, drops unchanged ones from memory (the
-    /// checkpoint holds them) down to 90 % of the budget.
+    /// After a checkpoint: when the join holds more than
+    /// `state.memory_budget`, drops requests unchanged since the checkpoint
+    /// from memory (the checkpoint holds them) down to 90 % of the budget.
+    ///
+    /// Counted in bytes held: [`JOIN_BYTES_PER_REQUEST`] per request plus
+    /// its request id and label text ([`Core::join_text_bytes`]). Those are
+    /// only measured (one pass over the join) when they could matter: when
+    /// requests with ids and labels of `limits.max_identifier_bytes` each
+    /// would exceed the budget.
     fn evict_over_budget(&mut self) {
-        let max = self.cfg.state.max_hot_requests();
+        let budget = usize::try_from(self.cfg.state.memory_budget.as_u64()).unwrap_or(usize::MAX);
         let held = self.core.join_requests();
-        if held <= max {
+        let fixed = held.saturating_mul(JOIN_BYTES_PER_REQUEST as usize);
+        let worst = fixed.saturating_add(
+            held.saturating_mul(2 * self.cfg.limits.max_identifier_bytes),
+        );
+        if held == 0 || worst <= budget {
             return;
         }
-        let (requests, predictions) = self.core.evict_requests(held - max / 10 * 9);
+        let bytes = fixed.saturating_add(self.core.join_text_bytes());
+        if bytes <= budget {
+            return;
+        }
+        let per_request = (bytes / held).max(1);
+        let keep = budget / 10 * 9 / per_request;
+        let (requests, predictions) = self.core.evict_requests(held.saturating_sub(keep));
         self.cold.requests += requests;
         self.cold.predictions += predictions;
         Counters::add(&self.counters.join_evicted_total, requests as u64);

@@ -59,7 +59,8 @@ pub struct StateConfig {
     /// Memory for the join state (pending predictions and labels). Beyond
     /// it, requests unchanged since the last checkpoint leave memory and are
     /// read back from the store when an event or their expiry needs them.
-    /// Counted at [`JOIN_BYTES_PER_REQUEST`] per request id. Default `2GiB`.
+    /// Counted in bytes held: [`JOIN_BYTES_PER_REQUEST`] per request id
+    /// plus the id's and its label's text. Default `2GiB`.
     pub memory_budget: bytesize::ByteSize,
 }
 

@@ -277,6 +277,12 @@ impl Core {
         self.join.requests()
     }
 
+    /// Bytes of the request ids and label texts the join holds in memory
+    /// (one pass over it).
+    pub fn join_text_bytes(&self) -> usize {
+        self.join.text_bytes()
+    }
+
     /// Drops up to `n` requests unchanged since the last checkpoint from
     /// memory (their checkpointed records stay the current ones); returns
     /// how many requests and predictions left memory.

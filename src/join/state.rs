@@ -234,6 +234,18 @@ impl<P> JoinState<P> {
         self.per_model.get(&model).copied().unwrap_or(0) >= self.cfg.max_pending_per_model
     }
 
+    /// Bytes of the request ids and label texts held (a pass over the
+    /// join): the part of a request's memory that depends on the input.
+    pub fn text_bytes(&self) -> usize {
+        let pending: usize = self.pending.keys().map(|k| k.len()).sum();
+        let early: usize = self
+            .early
+            .iter()
+            .map(|(k, e)| k.len() + e.label.actual_label.as_ref().map_or(0, |l| l.len()))
+            .sum();
+        pending + early
+    }
+
     /// Predictions waiting for a label.
     pub fn pending_predictions(&self) -> usize {
         self.pending_predictions
@@ -996,6 +1008,23 @@ mod tests {
         );
         assert_eq!(j.pending_predictions(), 2);
         assert_eq!(j.limit_hits().max_pending, 1);
+    }
+
+    #[test]
+    fn text_bytes_counts_request_ids_and_label_texts_held() {
+        let mut j = join();
+        let mut out = vec![];
+        assert_eq!(j.text_bytes(), 0);
+        j.insert_prediction("abc", 0, 1, "p", &mut out);
+        j.insert_prediction("abc", 1, 1, "q", &mut out);
+        assert_eq!(j.text_bytes(), 3);
+        j.insert_label("early-id", label(2, "positive"), &mut out);
+        assert_eq!(j.text_bytes(), 3 + 8 + 8);
+        // Matched: the id moves to the held label.
+        j.insert_label("abc", label(3, "0"), &mut out);
+        assert_eq!(j.text_bytes(), (8 + 8) + (3 + 1));
+        j.expire(3 + TTL, &mut out);
+        assert_eq!(j.text_bytes(), 0);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 
 use modelwatch::config::{self, Config};
 use modelwatch::generate::{Generator, Scenario};
+use modelwatch::ingest::bounds::EventBounds;
 use modelwatch::ingest::decode::{encode_avro, encode_json, Decoder, EventKind};
 use modelwatch::join::{JoinConfig, JoinState};
 use modelwatch::metrics::{DataAccumulator, ReferenceBuilder, Resolved};
@@ -178,11 +179,20 @@ fn kind(e: &InputEvent) -> EventKind {
     }
 }
 
-/// decode → join → metrics → window close, advancing once per 10k messages
-/// as the service does once per flush.
+/// decode → the `[limits]` bounds → join → metrics → window close,
+/// advancing once per 10k messages as the service does once per flush.
 fn run_path(core: &mut Core, decoder: &Decoder, encoded: &[(EventKind, Vec<u8>)]) {
+    let bounds = EventBounds::new(&config::LimitsConfig::default());
     for (i, (kind, bytes)) in encoded.iter().enumerate() {
-        match decoder.decode(*kind, bytes) {
+        let ev = decoder.decode(*kind, bytes).and_then(|ev| {
+            // The wall clock at the event's own time: the scenario is dated 2024.
+            let wall = match &ev {
+                InputEvent::Prediction(p) => p.timestamp,
+                InputEvent::GroundTruth(g) => g.timestamp,
+            };
+            bounds.check(&ev, wall).map(|()| ev)
+        });
+        match ev {
             Ok(InputEvent::Prediction(p)) => core.on_prediction(&p, 0),
             Ok(InputEvent::GroundTruth(g)) => core.on_label(&g, 0),
             Err(e) => panic!("bench input must decode: {e}"),

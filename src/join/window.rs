@@ -13,8 +13,8 @@
 //! Only partitions of the predictions topic hold the watermark back: label
 //! timestamps may be anything from the time of the prediction to days
 //! after it, and a window's drift, integrity and volume depend on
-//! predictions alone. Labels count as input (for idleness) and for the
-//! newest event time, as before.
+//! predictions alone. Labels count as input (for idleness), never as
+//! event time: the watermark follows predictions only.
 //!
 //! A source is active until it has had no input for `idle_timeout` (wall
 //! clock); when the caller says it has a backlog (unread messages, known
@@ -203,11 +203,14 @@ impl Watermark {
     /// at `wall_ms`.
     #[inline]
     pub fn observe(&mut self, source: Source, event_ms: i64, wall_ms: i64) {
-        self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
         self.touch(wall_ms);
         if source.labels {
+            // Labels count as input, never as event time: a label may be
+            // dated days after its prediction, and moving the watermark to
+            // it while the predictions pause would make them late.
             return;
         }
+        self.max_event_ms = Some(self.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
         let c = self.clock(source);
         c.max_event_ms = Some(c.max_event_ms.map_or(event_ms, |m| m.max(event_ms)));
         c.last_input_wall_ms = Some(wall_ms);
@@ -638,8 +641,14 @@ mod tests {
         assert_eq!(w.current(1), Some(50_000));
         w.observe(Source::labels(0), 90_000, 2);
         assert_eq!(w.current(3), Some(50_000));
-        assert_eq!(w.max_event_ms(), Some(90_000));
+        assert_eq!(w.max_event_ms(), Some(50_000));
         assert_eq!(w.state().sources, vec![(P0, Some(50_000))]);
+        // The predictions pause (P0 idle) while labels dated later go on:
+        // the watermark does not move to the labels' time.
+        w.observe(Source::labels(0), 95_000, 1_100);
+        assert_eq!(w.current(1_500), Some(50_000));
+        // Once the whole input is idle, the wall clock moves it.
+        assert_eq!(w.current(60_000), Some(60_000));
     }
 
     #[test]

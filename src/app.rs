@@ -1350,9 +1350,8 @@ impl Processing {
         let budget = usize::try_from(self.cfg.state.memory_budget.as_u64()).unwrap_or(usize::MAX);
         let held = self.core.join_requests();
         let fixed = held.saturating_mul(JOIN_BYTES_PER_REQUEST as usize);
-        let worst = fixed.saturating_add(
-            held.saturating_mul(2 * self.cfg.limits.max_identifier_bytes),
-        );
+        let worst =
+            fixed.saturating_add(held.saturating_mul(2 * self.cfg.limits.max_identifier_bytes));
         if held == 0 || worst <= budget {
             return;
         }

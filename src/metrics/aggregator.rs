@@ -412,26 +412,27 @@ impl Aggregator {
         if let Some(v) = self.version_lookup(model_id, version) {
             return v;
         }
-        let (mut model, mut ver) = (Arc::<str>::from(model_id), Arc::<str>::from(version));
-        if !self.versions_per_model.contains_key(&model)
+        let mut model = model_id;
+        if !self.versions_per_model.contains_key(model)
             && self.versions_per_model.len() >= self.cfg.max_models
         {
             self.stats.capped += 1;
             self.stats.limits.max_models += 1;
-            model = Arc::from(OTHER);
+            model = OTHER;
         }
-        let n = self.versions_per_model.get(&model).copied().unwrap_or(0);
-        let exists = self.version_lookup(&model, &ver).is_some();
-        if !exists && n >= self.cfg.max_versions_per_model {
+        let n = self.versions_per_model.get(model).copied().unwrap_or(0);
+        let mut ver = version;
+        if self.version_lookup(model, ver).is_none() && n >= self.cfg.max_versions_per_model {
             self.stats.capped += 1;
             self.stats.limits.max_versions_per_model += 1;
-            ver = Arc::from(OTHER);
+            ver = OTHER;
         }
-        if let Some(v) = self.version_lookup(&model, &ver) {
-            // Remember the original key too, so the next lookup is fast.
-            self.remember_version(model_id, version, v);
+        if let Some(v) = self.version_lookup(model, ver) {
+            // A folded name is not remembered (so hostile names cannot grow
+            // the index): it takes this path, and is counted, every time.
             return v;
         }
+        let (model, ver) = (Arc::<str>::from(model), Arc::<str>::from(ver));
         let id = self.versions.len() as u32;
         *self.versions_per_model.entry(model.clone()).or_insert(0) += 1;
         let task = self.cfg.tasks.get(&*model).cloned();
@@ -449,7 +450,6 @@ impl Aggregator {
             label_profile: None,
         });
         self.remember_version(&model, &ver, id);
-        self.remember_version(model_id, version, id);
         id
     }
 
@@ -1011,7 +1011,8 @@ struct SnapshotRef<'a> {
     versions: &'a [VersionState],
     /// Profile of each version (index into `profiles`).
     version_profiles: Vec<Option<u32>>,
-    /// (model id, version, version id), aliases of capped names included.
+    /// (model id, version, version id); aliases of folded names are not
+    /// kept (older snapshots may hold some).
     version_index: Vec<(&'a str, &'a str, u32)>,
     versions_per_model: Vec<(&'a str, usize)>,
     segment_names: &'a [Arc<str>],
@@ -1503,6 +1504,27 @@ mod tests {
         assert_eq!(value(&out.rows, "prediction_count", "region=eu"), 1.0);
         assert!(!out.rows.iter().any(|r| r.segment.starts_with("zone=")));
         assert_eq!(b.stats().limits.max_segment_keys, 4);
+    }
+
+    #[test]
+    fn folded_model_names_are_counted_every_time_and_not_remembered() {
+        let mut a = Aggregator::new(AggregatorConfig {
+            max_models: 2,
+            ..cfg()
+        });
+        for i in 0..100 {
+            let mut p = pred(i, 1.0, 0.5, "DE");
+            p.model_id = format!("m{i}");
+            a.observe_prediction(&p);
+        }
+        // Two models and `__other__`, nothing for the 98 folded names.
+        let names: usize = a.version_index.values().map(|v| v.len()).sum();
+        assert_eq!((a.version_index.len(), names), (3, 3));
+        assert_eq!(a.stats().limits.max_models, 98);
+        let mut p = pred(100, 1.0, 0.5, "DE");
+        p.model_id = "m50".into();
+        a.observe_prediction(&p);
+        assert_eq!(a.stats().limits.max_models, 99);
     }
 
     #[test]

@@ -6,3 +6,8 @@ mod avro;
 pub mod consumer;
 pub mod decode;
 pub mod offsets;
+
+/// The Avro reader and writer for the fuzz targets in `fuzz/` (feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use avro::fuzzing as avro_fuzzing;

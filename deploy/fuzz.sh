@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Runs every fuzz target of fuzz/ (libFuzzer via cargo-fuzz) for a bounded
+# time, starting from the committed seed corpus. A crash, a panic, an
+# allocation the targets' counting allocator refuses or a process above
+# -rss_limit_mb fails the run; the input that did it is left in
+# fuzz/artifacts/<target>/ and its path is printed.
+#
+#   deploy/fuzz.sh                 every target for $MODELWATCH_FUZZ_SECONDS (default 45) each
+#   deploy/fuzz.sh decode          one target
+#   deploy/fuzz.sh --cmin          minimise the committed corpus (cargo fuzz cmin)
+#
+# cargo-fuzz is installed once into a cache outside the repo (about 30 s);
+# when present that is a no-op. The machine's stable toolchain serves:
+# RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass the -Z flags it needs, and without a
+# sanitizer (the code under test has no `unsafe`) the build needs no nightly
+# runtime and runs about twice as fast.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT_DIR="$PWD"
+
+CARGO_FUZZ_VERSION="${CARGO_FUZZ_VERSION:-0.13.2}"
+CACHE_DIR="${MODELWATCH_CACHE_DIR:-$HOME/.cache/modelwatch}"
+FUZZ_ROOT="$CACHE_DIR/cargo-fuzz-$CARGO_FUZZ_VERSION"
+if [ ! -x "$FUZZ_ROOT/bin/cargo-fuzz" ]; then
+  echo "== installing cargo-fuzz $CARGO_FUZZ_VERSION into $FUZZ_ROOT" >&2
+  cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked \
+    --root "$FUZZ_ROOT" --target-dir "$CACHE_DIR/cargo-fuzz-build" >&2
+  rm -rf "$CACHE_DIR/cargo-fuzz-build"
+fi
+export PATH="$FUZZ_ROOT/bin:$PATH"
+export RUSTC_BOOTSTRAP=1
+
+SECONDS_PER_TARGET="${MODELWATCH_FUZZ_SECONDS:-45}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT_DIR/target}/fuzz"
+# Inputs up to 64 KiB; the process may never hold more than 512 MiB.
+LIBFUZZER_FLAGS=(-max_len=65536 -rss_limit_mb=512 -timeout=10 -print_final_stats=1)
+FUZZ=(--sanitizer none --target-dir "$TARGET_DIR")
+
+cd fuzz
+cargo fuzz build "${FUZZ[@]}"
+if [ "${1:-}" = "--cmin" ]; then
+  for t in $(cargo fuzz list); do
+    cargo fuzz cmin "${FUZZ[@]}" "$t" "corpus/$t" -- -max_len=65536 -rss_limit_mb=512
+  done
+  exit 0
+fi
+
+targets="${*:-$(cargo fuzz list)}"
+for t in $targets; do
+  echo "== fuzz $t for ${SECONDS_PER_TARGET}s"
+  # New inputs go to a scratch directory: the committed corpus is only read.
+  work="$(mktemp -d)"
+  if ! cargo fuzz run "${FUZZ[@]}" "$t" "$work" "corpus/$t" -- \
+      "${LIBFUZZER_FLAGS[@]}" -max_total_time="$SECONDS_PER_TARGET"; then
+    rm -rf "$work"
+    echo "FUZZ FAILURE in target $t; the failing input:" >&2
+    ls -1d "$ROOT_DIR/fuzz/artifacts/$t/"* >&2 || true
+    echo "replay: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none $t artifacts/$t/<file>" >&2
+    exit 1
+  fi
+  rm -rf "$work"
+done

@@ -268,14 +268,54 @@ fn main() {
         .expect("the generator makes labels");
     let raw = encode_avro(p);
     for (name, kind, format, bytes) in [
-        ("wrong-topic-avro", EventKind::GroundTruth, Format::Avro, raw.clone()),
-        ("wrong-topic-json", EventKind::Prediction, Format::Json, encode_json(g)),
-        ("wrong-topic-single", EventKind::GroundTruth, Format::Auto, encode_single_object(p)),
-        ("wrong-format", EventKind::Prediction, Format::Json, encode_confluent(p, 1)),
-        ("truncated-avro", EventKind::Prediction, Format::Avro, raw[..raw.len() / 2].to_vec()),
-        ("short-confluent", EventKind::Prediction, Format::ConfluentAvro, vec![0, 0, 1]),
-        ("whitespace", EventKind::Prediction, Format::Auto, b" \n\t".to_vec()),
-        ("json-array", EventKind::Prediction, Format::Auto, b"[1,{\"a\":[]}]".to_vec()),
+        (
+            "wrong-topic-avro",
+            EventKind::GroundTruth,
+            Format::Avro,
+            raw.clone(),
+        ),
+        (
+            "wrong-topic-json",
+            EventKind::Prediction,
+            Format::Json,
+            encode_json(g),
+        ),
+        (
+            "wrong-topic-single",
+            EventKind::GroundTruth,
+            Format::Auto,
+            encode_single_object(p),
+        ),
+        (
+            "wrong-format",
+            EventKind::Prediction,
+            Format::Json,
+            encode_confluent(p, 1),
+        ),
+        (
+            "truncated-avro",
+            EventKind::Prediction,
+            Format::Avro,
+            raw[..raw.len() / 2].to_vec(),
+        ),
+        (
+            "short-confluent",
+            EventKind::Prediction,
+            Format::ConfluentAvro,
+            vec![0, 0, 1],
+        ),
+        (
+            "whitespace",
+            EventKind::Prediction,
+            Format::Auto,
+            b" \n\t".to_vec(),
+        ),
+        (
+            "json-array",
+            EventKind::Prediction,
+            Format::Auto,
+            b"[1,{\"a\":[]}]".to_vec(),
+        ),
         (
             "json-nested",
             EventKind::Prediction,
@@ -300,7 +340,10 @@ fn main() {
     }
     c.add("truncated", &avro_input(0, &raw[..raw.len() - 3]));
     // A map block with a negative count (followed by its byte size).
-    c.add("negative-block", &avro_input(0, &negative_block_prediction()));
+    c.add(
+        "negative-block",
+        &avro_input(0, &negative_block_prediction()),
+    );
 
     // decode_alert: every alert, and a few truncations.
     let mut c = Corpus::new(&root, "decode_alert");

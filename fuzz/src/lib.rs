@@ -186,8 +186,18 @@ pub fn check_event(kind: EventKind, ev: &InputEvent) {
     }
     let json_view = json_normalised(ev);
     let encodings: [(&str, Vec<u8>, &[Format], &InputEvent); 4] = [
-        ("JSON", encode_json(ev), &[Format::Auto, Format::Json], &json_view),
-        ("raw Avro", encode_avro(ev), &[Format::Auto, Format::Avro], ev),
+        (
+            "JSON",
+            encode_json(ev),
+            &[Format::Auto, Format::Json],
+            &json_view,
+        ),
+        (
+            "raw Avro",
+            encode_avro(ev),
+            &[Format::Auto, Format::Avro],
+            ev,
+        ),
         (
             "single-object Avro",
             encode_single_object(ev),
@@ -288,7 +298,10 @@ fn canonical(
         written.len()
     );
     match reread(written) {
-        Ok(again) => assert_eq!(again, written, "{what}: the writer's datum reads back differently"),
+        Ok(again) => assert_eq!(
+            again, written,
+            "{what}: the writer's datum reads back differently"
+        ),
         Err(e) => panic!("{what}: the writer's datum does not read back: {e}\n  {written:?}"),
     }
 }

@@ -7,7 +7,9 @@
 #
 #   deploy/fuzz.sh                 every target for $MODELWATCH_FUZZ_SECONDS (default 45) each
 #   deploy/fuzz.sh decode          one target
-#   deploy/fuzz.sh --cmin          minimise the committed corpus (cargo fuzz cmin)
+#   deploy/fuzz.sh --keep [T...]   the same, new inputs added to fuzz/corpus/<target>/
+#   deploy/fuzz.sh --cmin          re-minimise fuzz/corpus/: the seed-* files and
+#                                  the fewest others that cover every edge
 #
 # cargo-fuzz is installed once into a cache outside the repo (about 30 s);
 # when present that is a no-op. The machine's stable toolchain serves:
@@ -40,9 +42,20 @@ cd fuzz
 cargo fuzz build "${FUZZ[@]}"
 if [ "${1:-}" = "--cmin" ]; then
   for t in $(cargo fuzz list); do
-    cargo fuzz cmin "${FUZZ[@]}" "$t" "corpus/$t" -- -max_len=65536 -rss_limit_mb=512
+    old="$(mktemp -d)"
+    mv "corpus/$t"/* "$old"/
+    mv "$old"/seed-* "corpus/$t"/
+    # Set cover on edges (not hit counts): a few hundred files, same coverage.
+    cargo fuzz run "${FUZZ[@]}" "$t" "corpus/$t" "$old" -- -set_cover_merge=1 \
+      -use_counters=0 -max_len=4096 -rss_limit_mb=512
+    rm -rf "$old"
   done
   exit 0
+fi
+keep=0
+if [ "${1:-}" = "--keep" ]; then
+  keep=1
+  shift
 fi
 
 targets="${*:-$(cargo fuzz list)}"
@@ -50,13 +63,17 @@ for t in $targets; do
   echo "== fuzz $t for ${SECONDS_PER_TARGET}s"
   # New inputs go to a scratch directory: the committed corpus is only read.
   work="$(mktemp -d)"
+  if [ "$keep" = 1 ]; then
+    rmdir "$work"
+    work="corpus/$t"
+  fi
   if ! cargo fuzz run "${FUZZ[@]}" "$t" "$work" "corpus/$t" -- \
       "${LIBFUZZER_FLAGS[@]}" -max_total_time="$SECONDS_PER_TARGET"; then
-    rm -rf "$work"
+    [ "$keep" = 1 ] || rm -rf "$work"
     echo "FUZZ FAILURE in target $t; the failing input:" >&2
     ls -1d "$ROOT_DIR/fuzz/artifacts/$t/"* >&2 || true
     echo "replay: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none $t artifacts/$t/<file>" >&2
     exit 1
   fi
-  rm -rf "$work"
+  [ "$keep" = 1 ] || rm -rf "$work"
 done

@@ -32,3 +32,5 @@ echo "== chdb: the shipped SQL on a current ClickHouse engine"
 python3 tests/chdb/check_sql.py
 echo "== browser: the dashboard in headless Chromium (screenshots in target/browser-artifacts)"
 tests/browser/run.sh
+echo "== fuzz: the decoders under libFuzzer, from the committed corpus (deploy/fuzz.sh)"
+deploy/fuzz.sh

@@ -569,3 +569,47 @@ pub(crate) fn rabin_fingerprint(data: &[u8]) -> [u8; 8] {
     }
     fp.to_le_bytes()
 }
+
+/// The reader and writer without framing or validation, for the fuzz targets
+/// in `fuzz/` (feature `fuzzing`); not part of the API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use crate::model::{AlertEvent, GroundTruthEvent, PredictionEvent};
+
+    /// [`super::read_prediction`]; the error is its text.
+    pub fn read_prediction(buf: &[u8]) -> Result<PredictionEvent, String> {
+        super::read_prediction(buf).map_err(|e| e.0)
+    }
+
+    /// [`super::read_ground_truth`]; the error is its text.
+    pub fn read_ground_truth(buf: &[u8]) -> Result<GroundTruthEvent, String> {
+        super::read_ground_truth(buf).map_err(|e| e.0)
+    }
+
+    /// [`super::read_alert`]; the error is its text.
+    pub fn read_alert(buf: &[u8]) -> Result<AlertEvent, String> {
+        super::read_alert(buf).map_err(|e| e.0)
+    }
+
+    /// [`super::write_prediction`] into a new buffer.
+    pub fn write_prediction(p: &PredictionEvent) -> Vec<u8> {
+        let mut out = Vec::new();
+        super::write_prediction(p, &mut out);
+        out
+    }
+
+    /// [`super::write_ground_truth`] into a new buffer.
+    pub fn write_ground_truth(g: &GroundTruthEvent) -> Vec<u8> {
+        let mut out = Vec::new();
+        super::write_ground_truth(g, &mut out);
+        out
+    }
+
+    /// [`super::write_alert`] into a new buffer.
+    pub fn write_alert(a: &AlertEvent) -> Vec<u8> {
+        let mut out = Vec::new();
+        super::write_alert(a, &mut out);
+        out
+    }
+}

@@ -323,6 +323,15 @@ impl Decoder {
                 })
             }
             (Format::Json, _) => decode_json(kind, payload)?,
+            // Leading whitespace made it look like JSON, but a raw datum may
+            // start with such bytes (lengths 5, 6, 16 of a request id like
+            // "\x0c{..."): the configured format decides (found by fuzzing).
+            (Format::Avro, WireFormat::Json) if payload.first() != Some(&b'{') => {
+                decode_raw(kind, payload).map_err(|_| DecodeError::Format {
+                    expected: "raw or single-object Avro",
+                    found: wire.name(),
+                })?
+            }
             (Format::Avro, _) => {
                 return Err(DecodeError::Format {
                     expected: "raw or single-object Avro",
@@ -1280,6 +1289,35 @@ mod tests {
             auto().decode(EventKind::Prediction, &bytes).unwrap(),
             pred(p)
         );
+    }
+
+    #[test]
+    fn avro_format_reads_a_datum_that_starts_with_whitespace() {
+        // Found by fuzz/ (target `decode`): with `format = "avro"` these raw
+        // datums were rejected as "expected raw or single-object Avro, got JSON".
+        let avro = Decoder::new(Format::Avro);
+        let mut p = oracle_prediction_min();
+        p.request_id = s("{abcdefghijklmn}");
+        let bytes = encode_avro(&pred(p.clone()));
+        assert_eq!(sniff(&bytes), WireFormat::Json);
+        assert_eq!(avro.decode(EventKind::Prediction, &bytes).unwrap(), pred(p));
+        let g = GroundTruthEvent {
+            request_id: s("\x0c{\"\x02\x02"),
+            timestamp: 1,
+            actual_label: Some(s("\x02")),
+            actual_value: None,
+        };
+        let bytes = encode_avro(&gt(g.clone()));
+        assert_eq!(&bytes[..3], b"\n\x0c{");
+        assert_eq!(avro.decode(EventKind::GroundTruth, &bytes).unwrap(), gt(g));
+        // JSON proper is still refused with the format error.
+        for json in [&b" {\"request_id\":\"r\"}"[..], b"{}"] {
+            let err = avro.decode(EventKind::GroundTruth, json).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "expected raw or single-object Avro, got JSON"
+            );
+        }
     }
 
     #[test]

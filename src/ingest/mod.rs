@@ -7,3 +7,8 @@ pub mod bounds;
 pub mod consumer;
 pub mod decode;
 pub mod offsets;
+
+/// The Avro reader and writer for the fuzz targets in `fuzz/` (feature `fuzzing`).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use avro::fuzzing as avro_fuzzing;

@@ -14,6 +14,10 @@ if ! command -v clickhouse-server >/dev/null 2>&1 && [ ! -x /usr/sbin/clickhouse
   apt-get install -y -qq clickhouse-server clickhouse-client >/dev/null
 fi
 
+# 1b. Build and test packages: OpenSSL headers for librdkafka's TLS / SASL,
+# stunnel4 and the openssl CLI for the TLS broker of tests/it/kafka_tls.rs.
+deploy/build-deps.sh --test
+
 # 2. The tansu broker, built once into a cache outside the repo.
 echo "== tansu broker"
 MODELWATCH_TANSU_BIN="$(deploy/install-tansu.sh)"

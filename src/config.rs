@@ -357,6 +357,14 @@ impl ClickHouseConfig {
     }
 }
 
+/// The `security.protocol` values this build supports (lower case; librdkafka
+/// compares them ignoring case).
+pub const KAFKA_SECURITY_PROTOCOLS: [&str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+
+/// The SASL mechanisms this build supports (GSSAPI / Kerberos is not built).
+pub const KAFKA_SASL_MECHANISMS: [&str; 4] =
+    ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"];
+
 /// True when a `[kafka.properties]` key names a secret (passwords, SASL /
 /// OAuth secrets and tokens, JAAS configurations, private keys): its value
 /// is masked wherever the configuration is printed.
@@ -1185,6 +1193,7 @@ impl Config {
             bail!("invalid configuration: clickhouse.batch_rows must be at least 1");
         }
         self.validate_insert_timeout()?;
+        self.validate_kafka_security()?;
         let w = &self.windows;
         if w.sizes.is_empty() {
             bail!("invalid configuration: windows.sizes is empty, expected at least one size such as \"5m\"");
@@ -1361,6 +1370,106 @@ impl Config {
                 "invalid configuration: clickhouse.insert_timeout = {:?}, expected more than 0 and less than max.poll.interval.ms ({poll_ms} ms), e.g. \"30s\"",
                 humantime::format_duration(t).to_string()
             );
+        }
+        Ok(())
+    }
+
+    /// Checks the security settings of `[kafka.properties]` before
+    /// librdkafka sees them: `security.protocol` and `sasl.mechanism` among
+    /// the values this build supports, their companions present (a username
+    /// and password for PLAIN / SCRAM, a client key with a client
+    /// certificate), and certificate files readable. Never prints a value of
+    /// a secret property.
+    fn validate_kafka_security(&self) -> Result<()> {
+        let props = &self.kafka.properties;
+        let get = |k: &str| props.get(k).map(|v| v.trim()).filter(|v| !v.is_empty());
+        let protocol = match get("security.protocol") {
+            None => "plaintext".to_owned(),
+            Some(v) => {
+                let p = v.to_ascii_lowercase();
+                if !KAFKA_SECURITY_PROTOCOLS.contains(&p.as_str()) {
+                    bail!(
+                        "invalid configuration: kafka.properties.\"security.protocol\" = {v:?}, expected one of {}",
+                        KAFKA_SECURITY_PROTOCOLS.map(str::to_ascii_uppercase).join(", ")
+                    );
+                }
+                p
+            }
+        };
+        let sasl = protocol.starts_with("sasl_");
+        // librdkafka takes both spellings; two different values are ambiguous.
+        let mechanism = match (get("sasl.mechanism"), get("sasl.mechanisms")) {
+            (Some(a), Some(b)) if a != b => bail!(
+                "invalid configuration: kafka.properties sets both \"sasl.mechanism\" = {a:?} and \"sasl.mechanisms\" = {b:?}, expected one of them"
+            ),
+            (a, b) => a.or(b),
+        };
+        match (sasl, mechanism) {
+            (true, None) => bail!(
+                "invalid configuration: kafka.properties.\"security.protocol\" = {:?} needs kafka.properties.\"sasl.mechanism\", expected one of {}",
+                protocol.to_ascii_uppercase(),
+                KAFKA_SASL_MECHANISMS.join(", ")
+            ),
+            (false, Some(m)) => bail!(
+                "invalid configuration: kafka.properties.\"sasl.mechanism\" = {m:?} is set but kafka.properties.\"security.protocol\" = {:?}, expected SASL_SSL or SASL_PLAINTEXT",
+                protocol.to_ascii_uppercase()
+            ),
+            (true, Some(m)) => {
+                let upper = m.to_ascii_uppercase();
+                if upper == "GSSAPI" {
+                    bail!(
+                        "invalid configuration: kafka.properties.\"sasl.mechanism\" = \"GSSAPI\" (Kerberos) is not built into this binary, expected one of {}",
+                        KAFKA_SASL_MECHANISMS.join(", ")
+                    );
+                }
+                if !KAFKA_SASL_MECHANISMS.contains(&upper.as_str()) {
+                    bail!(
+                        "invalid configuration: kafka.properties.\"sasl.mechanism\" = {m:?}, expected one of {}",
+                        KAFKA_SASL_MECHANISMS.join(", ")
+                    );
+                }
+                if upper == "OAUTHBEARER" {
+                    if get("sasl.oauthbearer.method").is_some_and(|v| v.eq_ignore_ascii_case("oidc")) {
+                        bail!(
+                            "invalid configuration: kafka.properties.\"sasl.oauthbearer.method\" = \"oidc\" needs librdkafka built with curl, which this binary is not, expected \"default\" with \"enable.sasl.oauthbearer.unsecure.jwt\" = \"true\""
+                        );
+                    }
+                } else {
+                    for key in ["sasl.username", "sasl.password"] {
+                        if get(key).is_none() {
+                            bail!(
+                                "invalid configuration: kafka.properties.\"sasl.mechanism\" = {m:?} needs kafka.properties.\"{key}\", expected a non-empty string"
+                            );
+                        }
+                    }
+                }
+            }
+            (false, None) => {}
+        }
+        match (get("ssl.certificate.location"), get("ssl.key.location")) {
+            (Some(_), None) => bail!(
+                "invalid configuration: kafka.properties.\"ssl.certificate.location\" needs kafka.properties.\"ssl.key.location\", expected the client certificate's private key file"
+            ),
+            (None, Some(_)) => bail!(
+                "invalid configuration: kafka.properties.\"ssl.key.location\" needs kafka.properties.\"ssl.certificate.location\", expected the client certificate file"
+            ),
+            _ => {}
+        }
+        for key in [
+            "ssl.ca.location",
+            "ssl.certificate.location",
+            "ssl.key.location",
+            "ssl.crl.location",
+            "ssl.keystore.location",
+        ] {
+            // `probe`: librdkafka looks for the system's CA store itself.
+            if let Some(path) = get(key).filter(|p| *p != "probe") {
+                if let Err(e) = std::fs::metadata(path) {
+                    bail!(
+                        "invalid configuration: kafka.properties.\"{key}\" = {path:?} cannot be read ({e}), expected a readable file or directory"
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -1573,6 +1682,72 @@ mod tests {
     }
 
     #[test]
+    fn kafka_security_settings_are_checked_naming_the_key_and_the_accepted_values() {
+        let props = |body: &str| format!("[kafka.properties]\n{body}");
+        for (body, want) in [
+            (
+                "\"security.protocol\" = \"TLS\"\n",
+                "kafka.properties.\"security.protocol\" = \"TLS\", expected one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL",
+            ),
+            (
+                "\"security.protocol\" = \"SASL_SSL\"\n",
+                "\"security.protocol\" = \"SASL_SSL\" needs kafka.properties.\"sasl.mechanism\", expected one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER",
+            ),
+            (
+                "\"security.protocol\" = \"sasl_ssl\"\n\"sasl.mechanism\" = \"SCRAM-SHA-1\"\n",
+                "\"sasl.mechanism\" = \"SCRAM-SHA-1\", expected one of PLAIN, SCRAM-SHA-256",
+            ),
+            (
+                "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"GSSAPI\"\n",
+                "\"GSSAPI\" (Kerberos) is not built into this binary",
+            ),
+            (
+                "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"svc\"\n",
+                "needs kafka.properties.\"sasl.password\", expected a non-empty string",
+            ),
+            (
+                "\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanisms\" = \"PLAIN\"\n\"sasl.password\" = \"hunter2-secret\"\n",
+                "needs kafka.properties.\"sasl.username\"",
+            ),
+            (
+                "\"security.protocol\" = \"SSL\"\n\"sasl.mechanism\" = \"PLAIN\"\n",
+                "\"sasl.mechanism\" = \"PLAIN\" is set but kafka.properties.\"security.protocol\" = \"SSL\", expected SASL_SSL or SASL_PLAINTEXT",
+            ),
+            (
+                "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"PLAIN\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-256\"\n",
+                "sets both \"sasl.mechanism\"",
+            ),
+            (
+                "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"sasl.oauthbearer.method\" = \"oidc\"\n",
+                "needs librdkafka built with curl",
+            ),
+            (
+                "\"security.protocol\" = \"SSL\"\n\"ssl.certificate.location\" = \"/etc/hostname\"\n",
+                "needs kafka.properties.\"ssl.key.location\"",
+            ),
+            (
+                "\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"/nonexistent/ca.pem\"\n",
+                "kafka.properties.\"ssl.ca.location\" = \"/nonexistent/ca.pem\" cannot be read",
+            ),
+        ] {
+            let f = write(&props(body));
+            let err = format!("{:#}", load(Some(f.path()), &env(&[])).unwrap_err());
+            assert!(err.contains(want), "{body}: {err}");
+            assert!(!err.contains("hunter2-secret"), "secret printed: {err}");
+        }
+        for body in [
+            "\"security.protocol\" = \"plaintext\"\n",
+            "\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"probe\"\n",
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"scram-sha-256\"\n\"sasl.username\" = \"svc\"\n\"sasl.password\" = \"hunter2-secret\"\n",
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"enable.sasl.oauthbearer.unsecure.jwt\" = \"true\"\n",
+        ] {
+            let f = write(&props(body));
+            let c = load(Some(f.path()), &env(&[])).unwrap_or_else(|e| panic!("{body}: {e:#}"));
+            assert!(!format!("{:?}", c.kafka).contains("hunter2-secret"));
+        }
+    }
+
+    #[test]
     fn insert_timeout_must_stay_below_the_poll_interval() {
         let c = load(None, &env(&[])).unwrap();
         assert_eq!(c.clickhouse.insert_timeout, Duration::from_secs(30));
@@ -1687,7 +1862,7 @@ mod tests {
     #[test]
     fn secrets_are_masked_wherever_the_config_is_printed() {
         let f = write(
-            "[kafka]\nbrokers = \"b:9092\"\n[kafka.properties]\n\"security.protocol\" = \"sasl_ssl\"\n\"sasl.username\" = \"svc\"\n\"sasl.password\" = \"kafka-pw-1\"\n\"sasl.jaas.config\" = \"org.x required password=jaas-pw-2;\"\n\"ssl.key.pem\" = \"-----BEGIN PRIVATE KEY----- pem-3\"\n\"ssl.key.password\" = \"keypw-4\"\n\"sasl.oauthbearer.client.secret\" = \"oauth-5\"\n[clickhouse]\nurl = \"https://chuser:ch-url-pw-6@ch.example:8443/\"\n[api]\ntokens = [\"api-token-7\"]\n[[alerts.webhooks]]\nname = \"slack\"\nkind = \"slack\"\nurl = \"https://hooks.example/T000/B000/slack-8\"\n",
+            "[kafka]\nbrokers = \"b:9092\"\n[kafka.properties]\n\"security.protocol\" = \"sasl_ssl\"\n\"sasl.mechanism\" = \"PLAIN\"\n\"sasl.username\" = \"svc\"\n\"sasl.password\" = \"kafka-pw-1\"\n\"sasl.jaas.config\" = \"org.x required password=jaas-pw-2;\"\n\"ssl.key.pem\" = \"-----BEGIN PRIVATE KEY----- pem-3\"\n\"ssl.key.password\" = \"keypw-4\"\n\"sasl.oauthbearer.client.secret\" = \"oauth-5\"\n[clickhouse]\nurl = \"https://chuser:ch-url-pw-6@ch.example:8443/\"\n[api]\ntokens = [\"api-token-7\"]\n[[alerts.webhooks]]\nname = \"slack\"\nkind = \"slack\"\nurl = \"https://hooks.example/T000/B000/slack-8\"\n",
         );
         let c = load(
             Some(f.path()),

@@ -245,6 +245,7 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
             Ok(())
         }
         Command::CheckConfig => {
+            modelwatch::ingest::consumer::check_client_config(&cfg.kafka)?;
             println!("configuration is valid");
             println!(
                 "kafka: brokers={} topics: predictions={} ground-truth={} alerts={} dead-letter={} format={:?}",
@@ -254,6 +255,18 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
                 cfg.kafka.alerts_topic,
                 cfg.kafka.dead_letter_topic,
                 cfg.kafka.format
+            );
+            let prop = |k: &str| cfg.kafka.properties.get(k).map_or("-", String::as_str);
+            println!(
+                "kafka security: protocol={} sasl.mechanism={} sasl.username={} ssl.ca.location={}",
+                prop("security.protocol"),
+                cfg.kafka
+                    .properties
+                    .get("sasl.mechanism")
+                    .or_else(|| cfg.kafka.properties.get("sasl.mechanisms"))
+                    .map_or("-", String::as_str),
+                prop("sasl.username"),
+                prop("ssl.ca.location")
             );
             println!(
                 "clickhouse: url={} database={} user={}",

@@ -37,6 +37,17 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Lets librdkafka check every `[kafka.properties]` key and value (an
+/// unknown property, an invalid value, a feature this build lacks) without
+/// connecting anywhere: `check-config` runs it. The error may quote a value:
+/// the caller redacts secrets (see [`crate::config::redact`]).
+pub fn check_client_config(cfg: &KafkaConfig) -> Result<()> {
+    client_config(cfg)
+        .create_native_config()
+        .map(drop)
+        .context("invalid configuration: librdkafka rejects [kafka.properties]")
+}
+
 /// The `group.instance.id` of the input consumer: the configured one, none
 /// when it is configured empty (dynamic membership), else `default` (the
 /// state's own, see [`crate::state::StateStore::instance_id`]).

@@ -1806,6 +1806,13 @@ pub async fn run(cfg: Config, exit_when_idle: bool, reset_state: bool) -> Result
     if reset_state && crate::state::reset(&cfg.state.dir)? {
         tracing::warn!(dir = %cfg.state.dir.display(), "state discarded (--reset-state): starting with empty state from the group's committed offsets");
     }
+    // TLS or SASL settings that can never work stop the service here rather
+    // than in librdkafka's endless reconnects (see README, "Secured clusters").
+    let kafka = cfg.kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::ingest::consumer::check_connection(&kafka, Duration::from_secs(15))
+    })
+    .await??;
     let mut service = Service::start(cfg.clone()).await?;
     let api = if cfg.api.enabled {
         Some(crate::api::ApiServer::start(&cfg, service.telemetry()).await?)

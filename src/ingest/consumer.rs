@@ -48,6 +48,91 @@ pub fn check_client_config(cfg: &KafkaConfig) -> Result<()> {
         .context("invalid configuration: librdkafka rejects [kafka.properties]")
 }
 
+/// Records what librdkafka reports while [`check_connection`] waits.
+#[derive(Default)]
+struct ProbeContext {
+    fatal: std::sync::Mutex<Option<String>>,
+}
+
+impl ProbeContext {
+    fn record(&self, why: Option<String>) {
+        if let (Some(why), Ok(mut f)) = (why, self.fatal.lock()) {
+            f.get_or_insert(why);
+        }
+    }
+}
+
+impl ClientContext for ProbeContext {
+    // librdkafka reports a failed handshake or authentication in a log line
+    // (facility FAIL) and, for some errors, an error event.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if fac == "FAIL" {
+            let generic = rdkafka::error::KafkaError::ClientCreation(String::new());
+            self.record(permanent_connection_error(&generic, log_message).map(|_| log_message.to_owned()));
+        }
+        rdkafka::client::DefaultClientContext.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.record(permanent_connection_error(&error, reason));
+        rdkafka::client::DefaultClientContext.error(error, reason);
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
+
+/// The description of an error that retrying can never fix: a failed TLS
+/// handshake (untrusted or mismatching certificate, protocol) or a refused
+/// SASL authentication. None for anything else (a broker down, a timeout).
+fn permanent_connection_error(error: &rdkafka::error::KafkaError, reason: &str) -> Option<String> {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    let code = error.rdkafka_error_code();
+    let lower = reason.to_ascii_lowercase();
+    let fatal = matches!(
+        code,
+        Some(Code::SSL | Code::Authentication | Code::SaslAuthenticationFailed)
+    ) || lower.contains("ssl handshake failed")
+        || lower.contains("certificate verify failed")
+        || lower.contains("sasl authentication")
+        || lower.contains("authentication failed");
+    fatal.then(|| format!("{error}: {reason}"))
+}
+
+/// At startup: connects with the configured settings and asks for the
+/// predictions topic's metadata, up to `timeout`. A failed TLS handshake or
+/// a refused SASL authentication (which no retry can fix) is an error
+/// naming the brokers; a broker that does not answer in time is only
+/// logged (the service keeps retrying as before). The error may quote a
+/// librdkafka message: the caller redacts secrets.
+pub fn check_connection(cfg: &KafkaConfig, timeout: std::time::Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let consumer: BaseConsumer<ProbeContext> = client_config(cfg)
+        .set("group.id", &cfg.group_id)
+        .create_with_context(ProbeContext::default())
+        .context("cannot create the Kafka client")?;
+    let fatal = |c: &BaseConsumer<ProbeContext>| c.context().fatal.lock().ok().and_then(|f| f.clone());
+    loop {
+        let step = std::time::Duration::from_millis(500);
+        let result = consumer.fetch_metadata(Some(&cfg.predictions_topic), step);
+        // Serves the error events (no subscription: no message comes).
+        let _ = consumer.poll(std::time::Duration::ZERO);
+        if let Some(why) = fatal(&consumer) {
+            anyhow::bail!(
+                "cannot connect to kafka.brokers = {:?}: {why} (check the TLS and SASL settings in [kafka.properties]: ssl.ca.location, sasl.mechanism, sasl.username, sasl.password)",
+                cfg.brokers
+            );
+        }
+        match result {
+            Ok(_) => return Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                tracing::warn!(brokers = %cfg.brokers, error = %e, "Kafka not reachable at startup; retrying in the background");
+                return Ok(());
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// The `group.instance.id` of the input consumer: the configured one, none
 /// when it is configured empty (dynamic membership), else `default` (the
 /// state's own, see [`crate::state::StateStore::instance_id`]).

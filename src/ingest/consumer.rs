@@ -68,7 +68,9 @@ impl ClientContext for ProbeContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
         if fac == "FAIL" {
             let generic = rdkafka::error::KafkaError::ClientCreation(String::new());
-            self.record(permanent_connection_error(&generic, log_message).map(|_| log_message.to_owned()));
+            self.record(
+                permanent_connection_error(&generic, log_message).map(|_| log_message.to_owned()),
+            );
         }
         rdkafka::client::DefaultClientContext.log(level, fac, log_message);
     }
@@ -110,7 +112,8 @@ pub fn check_connection(cfg: &KafkaConfig, timeout: std::time::Duration) -> Resu
         .set("group.id", &cfg.group_id)
         .create_with_context(ProbeContext::default())
         .context("cannot create the Kafka client")?;
-    let fatal = |c: &BaseConsumer<ProbeContext>| c.context().fatal.lock().ok().and_then(|f| f.clone());
+    let fatal =
+        |c: &BaseConsumer<ProbeContext>| c.context().fatal.lock().ok().and_then(|f| f.clone());
     loop {
         let step = std::time::Duration::from_millis(500);
         let result = consumer.fetch_metadata(Some(&cfg.predictions_topic), step);

@@ -9,6 +9,7 @@
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
+//! - [`kafka_tls`]: the binary over SSL and SASL_SSL (SCRAM) through stunnel in front of tansu.
 //! - [`outputs`]: outputs that can never be written (rejected rows, oversized
 //!   or refused dead letters, a missing topic) are dropped or cut and counted.
 //! - [`crash`]: the binary killed and restarted, against an uninterrupted run.
@@ -31,6 +32,7 @@ mod crash;
 mod e2e;
 mod hostile;
 mod http_hardening;
+mod kafka_tls;
 mod live_crash;
 mod outputs;
 mod pipeline;

@@ -1,0 +1,537 @@
+//! Kafka over TLS and SASL, end to end: Debian's `stunnel4` terminates TLS
+//! in front of a plain `tansu` broker (tansu listens on one loopback port
+//! and advertises the stunnel port, so every connection a client makes goes
+//! through TLS), with a CA and a server certificate made by the `openssl`
+//! CLI at run time (no key is committed). The real `modelwatch` binary
+//! (`run --exit-when-idle`) consumes over `SSL` / `SASL_SSL` (SCRAM-SHA-512,
+//! against tansu's `--authentication`), writes to ClickHouse and publishes
+//! dead letters and alerts over the same connection; the test's own clients
+//! use TLS too. A wrong CA and a wrong password stop the binary at startup
+//! within seconds, with the reason and without the password.
+//!
+//! tansu keeps SCRAM credentials only in its SQL storage engines (the
+//! `memory://` engine ignores them), so the broker runs on a SQLite file:
+//! first without authentication to create the topics and the user, then
+//! restarted with `--authentication`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::ClientConfig;
+
+use modelwatch::ingest::decode::{decode_alert, encode_json};
+use modelwatch::model::InputEvent;
+use modelwatch::sinks::clickhouse::ClickHouseSink;
+
+use crate::pipeline::{
+    aligned_ago, assert_matches, dataset, expected, key, read_final, reference_file, send,
+    test_config, Dataset, Input, CLF, PARTITIONS,
+};
+use crate::support::clickhouse::unique_database;
+use crate::support::tansu::tansu_bin;
+use crate::support::{free_ports, kill_child, port_open, spawn_watchdog, wait_until};
+
+/// Longest a `modelwatch` child may run before it is killed.
+const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
+const USER: &str = "modelwatch-svc";
+const PASSWORD: &str = "scram-Pw-4711";
+
+/// Runs `cmd` and panics with its output unless it succeeds.
+fn must(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A CA, a server certificate for 127.0.0.1 signed by it, and an unrelated
+/// second CA, made with the `openssl` CLI in `dir`.
+struct Certs {
+    ca: PathBuf,
+    other_ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Certs {
+    fn make(dir: &Path) -> Certs {
+        let p = |n: &str| dir.join(n);
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for (name, cn) in [("ca", "modelwatch-test-ca"), ("other-ca", "someone-else")] {
+            must(
+                Command::new("openssl")
+                    .args(["req", "-x509"])
+                    .args(ec)
+                    .arg("-keyout")
+                    .arg(p(&format!("{name}.key")))
+                    .arg("-out")
+                    .arg(p(&format!("{name}.pem")))
+                    .args(["-days", "2", "-subj", &format!("/CN={cn}")]),
+                "openssl req -x509",
+            );
+        }
+        must(
+            Command::new("openssl")
+                .arg("req")
+                .args(ec)
+                .arg("-keyout")
+                .arg(p("server.key"))
+                .arg("-out")
+                .arg(p("server.csr"))
+                .args(["-subj", "/CN=127.0.0.1"]),
+            "openssl req",
+        );
+        std::fs::write(p("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("san.ext");
+        must(
+            Command::new("openssl")
+                .args(["x509", "-req", "-in"])
+                .arg(p("server.csr"))
+                .arg("-CA")
+                .arg(p("ca.pem"))
+                .arg("-CAkey")
+                .arg(p("ca.key"))
+                .args(["-CAcreateserial", "-days", "2", "-out"])
+                .arg(p("server.pem"))
+                .arg("-extfile")
+                .arg(p("san.ext")),
+            "openssl x509 -req",
+        );
+        Certs {
+            ca: p("ca.pem"),
+            other_ca: p("other-ca.pem"),
+            cert: p("server.pem"),
+            key: p("server.key"),
+        }
+    }
+}
+
+/// A child process killed on drop (with a watchdog for a test that aborts).
+struct Proc {
+    child: Child,
+    watchdog: Option<Child>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command, log: &Path, what: &str, port: u16) -> Proc {
+        let out = std::fs::File::create(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let watchdog = spawn_watchdog(child.id(), None);
+        if let Err(e) = wait_until(what, Duration::from_secs(30), &mut child, || {
+            port_open(port)
+        }) {
+            kill_child(&mut child);
+            panic!(
+                "{e}; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        Proc { child, watchdog }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+        if let Some(w) = self.watchdog.as_mut() {
+            kill_child(w);
+        }
+    }
+}
+
+/// tansu on a SQLite file behind stunnel: `tls_port` is the only address
+/// clients learn.
+struct SecureBroker {
+    tls_port: u16,
+    _tansu: Proc,
+    _stunnel: Proc,
+}
+
+impl SecureBroker {
+    /// Creates modelwatch's topics (and, with `authentication`, the SCRAM
+    /// user) on a plain broker, then restarts it advertising the TLS port.
+    fn start(dir: &Path, certs: &Certs, authentication: bool) -> SecureBroker {
+        let bin = tansu_bin();
+        let ports = free_ports(2);
+        let (plain, tls_port) = (ports[0], ports[1]);
+        let plain_url = format!("tcp://127.0.0.1:{plain}");
+        // tansu takes the SQLite path relative to its working directory.
+        let broker = |advertised: &str, auth: bool| {
+            let mut c = Command::new(&bin);
+            c.current_dir(dir)
+                .arg("broker")
+                .args(["--listener-url", &plain_url])
+                .args(["--advertised-listener-url", advertised])
+                .args(["--storage-engine", "sqlite://tansu.db"]);
+            if auth {
+                c.arg("--authentication");
+            }
+            c
+        };
+        {
+            let _setup = Proc::spawn(
+                &mut broker(&plain_url, false),
+                &dir.join("tansu-setup.log"),
+                "tansu (setup)",
+                plain,
+            );
+            for (topic, partitions) in [
+                ("predictions", PARTITIONS),
+                ("ground-truth", PARTITIONS),
+                ("model-alerts", 1),
+                ("modelwatch-dead-letter", 1),
+            ] {
+                must(
+                    Command::new(&bin)
+                        .args(["topic", "create", "--broker", &plain_url])
+                        .args(["--partitions", &partitions.to_string(), topic]),
+                    "tansu topic create",
+                );
+            }
+            if authentication {
+                must(
+                    Command::new(&bin)
+                        .args(["user", "create", "--broker", &plain_url])
+                        .args(["--mechanism", "scram512", USER, PASSWORD]),
+                    "tansu user create",
+                );
+            }
+        }
+        // The setup broker is gone once its port is free again.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while port_open(plain) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let tansu = Proc::spawn(
+            &mut broker(&format!("tcp://127.0.0.1:{tls_port}"), authentication),
+            &dir.join("tansu.log"),
+            "tansu",
+            plain,
+        );
+        let conf = dir.join("stunnel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls_port}\nconnect = 127.0.0.1:{plain}\ncert = {}\nkey = {}\n",
+                certs.cert.display(),
+                certs.key.display()
+            ),
+        )
+        .expect("stunnel.conf");
+        let stunnel = Proc::spawn(
+            Command::new("stunnel4").arg(&conf),
+            &dir.join("stunnel.log"),
+            "stunnel4",
+            tls_port,
+        );
+        SecureBroker {
+            tls_port,
+            _tansu: tansu,
+            _stunnel: stunnel,
+        }
+    }
+
+    fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.tls_port)
+    }
+}
+
+/// The client properties of one security setup, as `[kafka.properties]`.
+fn properties(ca: &Path, sasl_password: Option<&str>) -> Vec<(&'static str, String)> {
+    let mut p = vec![("ssl.ca.location", ca.display().to_string())];
+    match sasl_password {
+        None => p.push(("security.protocol", "SSL".into())),
+        Some(pw) => p.extend([
+            ("security.protocol", "SASL_SSL".into()),
+            ("sasl.mechanism", "SCRAM-SHA-512".into()),
+            ("sasl.username", USER.into()),
+            ("sasl.password", pw.into()),
+        ]),
+    }
+    p
+}
+
+fn client(brokers: &str, props: &[(&str, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in props {
+        c.set(*k, v);
+    }
+    c
+}
+
+/// The dataset as `pipeline::produce` sends it (early labels, predictions,
+/// the other labels, the malformed messages), JSON-encoded, over TLS.
+async fn produce(brokers: &str, props: &[(&str, String)], d: &Dataset) {
+    let p: FutureProducer = client(brokers, props)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .create()
+        .expect("producer");
+    let first = |id: &str| {
+        id.strip_prefix('r')
+            .and_then(|i| i.parse::<i64>().ok())
+            .is_some_and(|i| i % 8 == 0)
+    };
+    let label =
+        |l: &modelwatch::model::GroundTruthEvent| encode_json(&InputEvent::GroundTruth(l.clone()));
+    for l in d.labels.iter().filter(|l| first(&l.request_id)) {
+        send(&p, "ground-truth", &l.request_id, &label(l)).await;
+    }
+    for e in &d.predictions {
+        let bytes = encode_json(&InputEvent::Prediction(e.clone()));
+        send(&p, "predictions", &e.request_id, &bytes).await;
+    }
+    for l in d.labels.iter().filter(|l| !first(&l.request_id)) {
+        send(&p, "ground-truth", &l.request_id, &label(l)).await;
+    }
+    for (input, k, payload) in &d.malformed {
+        let topic = match input {
+            Input::Predictions => "predictions",
+            Input::GroundTruth => "ground-truth",
+        };
+        send(&p, topic, k, payload).await;
+    }
+    p.flush(Duration::from_secs(10)).expect("flush");
+}
+
+/// Every message of `topic` over TLS, until `n` arrived or 20 s passed.
+fn read_topic(
+    brokers: &str,
+    props: &[(&str, String)],
+    topic: &str,
+    n: usize,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    let c: BaseConsumer = client(brokers, props)
+        .set("group.id", format!("reader-{topic}-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    c.subscribe(&[topic]).expect("subscribe");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while out.len() < n && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+/// Runs the binary with `args`, its configuration file `config` and `env`
+/// (nothing else of this process's `MODELWATCH_*`), killing it after
+/// [`CHILD_TIMEOUT`]. Returns (success, log, seconds taken).
+fn run_binary(args: &[&str], env: &[(String, String)], log: &Path) -> (bool, String, f64) {
+    let out = std::fs::File::create(log).expect("log file");
+    let err = out.try_clone().expect("log file");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelwatch"));
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("MODELWATCH_")) {
+        cmd.env_remove(k);
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn().expect("spawn modelwatch");
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for modelwatch") {
+            break status;
+        }
+        if started.elapsed() >= CHILD_TIMEOUT {
+            kill_child(&mut child);
+            panic!(
+                "modelwatch {args:?} still running after {CHILD_TIMEOUT:?}; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    (status.success(), text, started.elapsed().as_secs_f64())
+}
+
+/// A configuration file with `props` as `[kafka.properties]` and the e2e
+/// test's accuracy rule (fires on the dataset's `clf`).
+fn write_config(path: &Path, props: &[(&str, String)]) {
+    let mut text = String::from("[kafka.properties]\n");
+    for (k, v) in props {
+        text.push_str(&format!("{k:?} = {v:?}\n"));
+    }
+    text.push_str(
+        "\n[alerts]\ndefault_rules = false\n\n[[alerts.rules]]\nname = \"clf_accuracy_low\"\nmetric = \"accuracy\"\nmodel = \"clf\"\noperator = \"<\"\nthreshold = 0.99\nseverity = \"critical\"\n",
+    );
+    std::fs::write(path, text).expect("write config");
+}
+
+/// The binary over `props` against `broker`: exact window metrics in
+/// ClickHouse, the dead letters and alerts on their topics. Then the same
+/// settings with the other CA (and, for SASL, a wrong password) stop at
+/// startup with the reason.
+fn binary_over_secured_kafka(name: &str, sasl: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = Certs::make(dir.path());
+    let broker = SecureBroker::start(dir.path(), &certs, sasl);
+    let brokers = broker.bootstrap();
+    let props = properties(&certs.ca, sasl.then_some(PASSWORD));
+    let database = unique_database(name);
+    let cfg = test_config(&brokers, &database);
+
+    let t0 = aligned_ago(3 * 86_400_000);
+    let d = dataset(t0);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(produce(&brokers, &props, &d));
+
+    let config_path = dir.path().join("modelwatch.toml");
+    write_config(&config_path, &props);
+    let config = config_path.to_str().expect("utf-8 path");
+    let env: Vec<(String, String)> = [
+        ("MODELWATCH_KAFKA__BROKERS", brokers.clone()),
+        ("MODELWATCH_KAFKA__GROUP_ID", cfg.kafka.group_id.clone()),
+        ("MODELWATCH_CLICKHOUSE__URL", cfg.clickhouse.url.clone()),
+        ("MODELWATCH_CLICKHOUSE__DATABASE", database.clone()),
+        ("MODELWATCH_WINDOWS__SIZES", "1m".into()),
+        ("MODELWATCH_WINDOWS__ALLOWED_LATENESS", "1h".into()),
+        ("MODELWATCH_WINDOWS__IDLE_TIMEOUT", "2s".into()),
+        ("MODELWATCH_WINDOWS__LABEL_HORIZON", "24h".into()),
+        ("MODELWATCH_SERVICE__FLUSH_INTERVAL", "200ms".into()),
+        // Both tests run at once: no HTTP API (its port is fixed).
+        ("MODELWATCH_API__ENABLED", "false".into()),
+        (
+            "MODELWATCH_STATE__DIR",
+            dir.path().join("state").to_string_lossy().into_owned(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+
+    let reference = reference_file(&d.reference);
+    let reference = reference.path().to_str().expect("utf-8 path");
+    let (ok, out, _) = run_binary(
+        &[
+            "--config",
+            config,
+            "reference",
+            "import",
+            "--model",
+            CLF,
+            "--version",
+            "v1",
+            reference,
+        ],
+        &env,
+        &dir.path().join("reference.log"),
+    );
+    assert!(ok && out.contains("100 events"), "{out}");
+
+    let (ok, log, _) = run_binary(
+        &["--config", config, "run", "--exit-when-idle"],
+        &env,
+        &dir.path().join("run.log"),
+    );
+    assert!(ok, "modelwatch run over {name} failed:\n{log}");
+    assert!(log.contains("input idle"), "{log}");
+
+    let sink = ClickHouseSink::new(&cfg.clickhouse);
+    let rows = runtime.block_on(read_final(&sink));
+    let (exact, approx) = expected(&d, true);
+    assert!(exact.len() > 130, "{}", exact.len());
+    assert_matches(&rows, &exact, &approx);
+    assert!(rows.contains_key(&key(CLF, "", t0, "prediction_count", "")));
+
+    // Dead letters and alerts went out over the same secured connection.
+    let dead = read_topic(
+        &brokers,
+        &props,
+        "modelwatch-dead-letter",
+        d.malformed.len(),
+    );
+    let mut keys: Vec<String> = dead
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
+        .collect();
+    keys.sort();
+    let mut want: Vec<String> = d.malformed.iter().map(|(_, k, _)| k.clone()).collect();
+    want.sort();
+    assert_eq!(keys, want, "dead letters");
+    let alerts = read_topic(&brokers, &props, "model-alerts", 1);
+    assert!(!alerts.is_empty(), "no alert over {name}");
+    let a = decode_alert(alerts[0].payload().unwrap_or_default()).expect("AlertEvent");
+    assert_eq!(
+        (a.rule.as_str(), a.model_id.as_str()),
+        ("clf_accuracy_low", CLF)
+    );
+
+    // Settings that can never work stop the service at startup.
+    let mut bad_cases = vec![(
+        "wrong CA",
+        properties(&certs.other_ca, sasl.then_some(PASSWORD)),
+        "certificate verify failed",
+    )];
+    if sasl {
+        bad_cases.push((
+            "wrong password",
+            properties(&certs.ca, Some("not-the-Pw-0815")),
+            "SASL authentication error",
+        ));
+    }
+    for (case, bad, want) in bad_cases {
+        write_config(&config_path, &bad);
+        let (ok, log, secs) = run_binary(
+            &["--config", config, "run", "--exit-when-idle"],
+            &env,
+            &dir.path().join("bad.log"),
+        );
+        assert!(!ok, "{case}: the binary ran:\n{log}");
+        let error = log
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("{case}: no error line:\n{log}"));
+        assert!(
+            error.contains("cannot connect to kafka.brokers"),
+            "{case}: {error}"
+        );
+        assert!(error.contains(want), "{case}: {error}");
+        assert!(secs < 20.0, "{case}: took {secs:.1} s");
+        assert!(
+            !log.contains("not-the-Pw-0815") && !log.contains(PASSWORD),
+            "{case}: password in the log:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn binary_over_ssl_gives_exact_metrics_dead_letters_and_alerts_and_a_wrong_ca_stops_it() {
+    binary_over_secured_kafka("mw_tls", false);
+}
+
+#[test]
+fn binary_over_sasl_ssl_scram_gives_exact_metrics_and_a_wrong_password_stops_it() {
+    binary_over_secured_kafka("mw_scram", true);
+}

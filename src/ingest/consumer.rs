@@ -388,3 +388,71 @@ pub fn commit(
     };
     consumer.commit(&tpl, mode).context("offset commit failed")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(props: &[(&str, &str)]) -> KafkaConfig {
+        KafkaConfig {
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..KafkaConfig::default()
+        }
+    }
+
+    #[test]
+    fn librdkafka_checks_every_property_and_this_build_has_tls_sasl_and_zstd() {
+        for ok in [
+            kafka(&[]),
+            kafka(&[
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", "SCRAM-SHA-512"),
+                ("sasl.username", "u"),
+                ("sasl.password", "p"),
+            ]),
+            kafka(&[("security.protocol", "SSL"), ("compression.type", "zstd")]),
+            kafka(&[("compression.type", "lz4")]),
+            kafka(&[("compression.type", "snappy")]),
+        ] {
+            check_client_config(&ok).unwrap_or_else(|e| panic!("{:?}: {e:#}", ok.properties));
+        }
+        let err = check_client_config(&kafka(&[("no.such.prop", "1")])).unwrap_err();
+        assert!(format!("{err:#}").contains("no.such.prop"), "{err:#}");
+        let err = check_client_config(&kafka(&[("compression.type", "brotli")])).unwrap_err();
+        assert!(format!("{err:#}").contains("compression.type"), "{err:#}");
+    }
+
+    #[test]
+    fn only_handshake_and_authentication_failures_are_permanent() {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        assert!(permanent_connection_error(&KafkaError::Global(Code::SSL), "x").is_some());
+        assert!(
+            permanent_connection_error(&KafkaError::Global(Code::Authentication), "x").is_some()
+        );
+        let generic = KafkaError::ClientCreation(String::new());
+        assert!(permanent_connection_error(
+            &generic,
+            "SSL handshake failed: ... certificate verify failed"
+        )
+        .is_some());
+        assert!(permanent_connection_error(
+            &generic,
+            "SASL authentication error: SASL SCRAM authentication failed"
+        )
+        .is_some());
+        assert!(permanent_connection_error(
+            &KafkaError::Global(Code::AllBrokersDown),
+            "1/1 brokers are down"
+        )
+        .is_none());
+        assert!(permanent_connection_error(
+            &generic,
+            "Connect to ipv4#127.0.0.1:1 failed: Connection refused"
+        )
+        .is_none());
+    }
+}

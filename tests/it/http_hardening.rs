@@ -478,7 +478,7 @@ fn check_config_prints_no_secret() {
     let mut f = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(
         &mut f,
-        b"[kafka.properties]\n\"sasl.password\" = \"kafka-pw-1\"\n\"sasl.jaas.config\" = \"x password=jaas-pw-2;\"\n\
+        b"[kafka.properties]\n\"sasl.password\" = \"kafka-pw-1\"\n\"ssl.key.password\" = \"key-pw-2\"\n\
           [clickhouse]\nurl = \"http://chuser:ch-url-pw-3@127.0.0.1:8123\"\n\
           [api]\ntokens = [\"api-token-4\"]\n",
     )
@@ -494,7 +494,7 @@ fn check_config_prints_no_secret() {
     assert!(stdout.contains("url=http://***@127.0.0.1:8123"), "{stdout}");
     for s in [
         "kafka-pw-1",
-        "jaas-pw-2",
+        "key-pw-2",
         "ch-url-pw-3",
         "api-token-4",
         "ch-pw-5",

@@ -761,11 +761,6 @@ pub(crate) fn assert_dead_letters(brokers: &str, d: &Dataset) {
 /// Waits (bounded) until the group's committed offsets equal the end
 /// offsets of both input topics.
 pub(crate) fn assert_committed_to_end(brokers: &str, group: &str) {
-    assert_committed_to_end_of(brokers, group, PARTITIONS)
-}
-
-/// [`assert_committed_to_end`] for input topics of `partitions` partitions.
-pub(crate) fn assert_committed_to_end_of(brokers: &str, group: &str, partitions: i32) {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -777,7 +772,7 @@ pub(crate) fn assert_committed_to_end_of(brokers: &str, group: &str, partitions:
         let mut want = Vec::new();
         let mut tpl = TopicPartitionList::new();
         for topic in ["predictions", "ground-truth"] {
-            for p in 0..partitions {
+            for p in 0..PARTITIONS {
                 let (_, high) = c
                     .fetch_watermarks(topic, p, Duration::from_secs(5))
                     .expect("watermarks");

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs, when missing, the Debian packages building modelwatch needs:
 # the system OpenSSL headers librdkafka's TLS / SASL is built against
-# (libssl-dev, found through pkg-config). With --test, also what the tests
+# (libssl-dev) and libcurl's, for OAUTHBEARER's OIDC token fetching
+# (libcurl4-openssl-dev), both found through pkg-config. With --test, also what the tests
 # need beyond that: stunnel4 (the TLS front of the test broker) and the
 # openssl CLI (the tests make their own CA and certificates at run time).
 # Idempotent: apt-get runs only when something is missing.
 set -euo pipefail
 
-want=(libssl-dev pkg-config)
+want=(libssl-dev libcurl4-openssl-dev pkg-config)
 if [ "${1:-}" = "--test" ]; then
   want+=(stunnel4 openssl)
 fi

@@ -370,6 +370,10 @@ pub const KAFKA_SASL_MECHANISMS: [&str; 4] =
 /// is masked wherever the configuration is printed.
 pub fn is_secret_property(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
+    // The identity provider's address, shown so a wrong one can be spotted.
+    if k == "sasl.oauthbearer.token.endpoint.url" {
+        return false;
+    }
     [
         "password",
         "secret",
@@ -383,6 +387,56 @@ pub fn is_secret_property(key: &str) -> bool {
     ]
     .iter()
     .any(|p| k.contains(p))
+}
+
+/// The OAUTHBEARER settings of `[kafka.properties]`: `oidc` (librdkafka
+/// fetches and refreshes the token from the identity provider's token
+/// endpoint itself, client-credentials grant by default) needs the endpoint
+/// as an http(s) URL and, for that grant, the client id and secret;
+/// `default` works only with librdkafka's unsecured JWTs, since the service
+/// has no token callback of its own.
+fn validate_oauthbearer<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<()> {
+    let method = get("sasl.oauthbearer.method").unwrap_or("default");
+    if method.eq_ignore_ascii_case("default") {
+        if get("enable.sasl.oauthbearer.unsecure.jwt").is_none_or(|v| v != "true") {
+            bail!(
+                "invalid configuration: kafka.properties.\"sasl.mechanism\" = \"OAUTHBEARER\" with kafka.properties.\"sasl.oauthbearer.method\" = \"default\" has no token source, expected \"sasl.oauthbearer.method\" = \"oidc\" with \"sasl.oauthbearer.token.endpoint.url\", \"sasl.oauthbearer.client.id\" and \"sasl.oauthbearer.client.secret\" (or \"enable.sasl.oauthbearer.unsecure.jwt\" = \"true\" for a development broker)"
+            );
+        }
+        return Ok(());
+    }
+    if !method.eq_ignore_ascii_case("oidc") {
+        bail!(
+            "invalid configuration: kafka.properties.\"sasl.oauthbearer.method\" = {method:?}, expected \"oidc\" or \"default\""
+        );
+    }
+    // Azure IMDS and the JWT-bearer grant bring their own credentials:
+    // librdkafka checks their properties when the client is created.
+    if get("sasl.oauthbearer.metadata.authentication.type").is_some_and(|v| v != "none") {
+        return Ok(());
+    }
+    match get("sasl.oauthbearer.token.endpoint.url") {
+        None => bail!(
+            "invalid configuration: kafka.properties.\"sasl.oauthbearer.method\" = \"oidc\" needs kafka.properties.\"sasl.oauthbearer.token.endpoint.url\", expected the identity provider's token endpoint (https://...)"
+        ),
+        Some(url) if !(url.starts_with("https://") || url.starts_with("http://")) => bail!(
+            "invalid configuration: kafka.properties.\"sasl.oauthbearer.token.endpoint.url\" = {url:?}, expected an https:// (or http://) URL"
+        ),
+        Some(_) => {}
+    }
+    let grant = get("sasl.oauthbearer.grant.type").unwrap_or("client_credentials");
+    let mut needed = vec!["sasl.oauthbearer.client.id"];
+    if grant == "client_credentials" {
+        needed.push("sasl.oauthbearer.client.secret");
+    }
+    for key in needed {
+        if get(key).is_none() {
+            bail!(
+                "invalid configuration: kafka.properties.\"sasl.oauthbearer.method\" = \"oidc\" needs kafka.properties.\"{key}\", expected a non-empty string"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `url` with the credentials of its authority (`user:password@`) replaced by `***`.
@@ -1113,6 +1167,16 @@ fn apply_env_override(root: &mut toml::Table, key: &str, raw: &str) -> Result<()
         }
         _ => value,
     };
+    // librdkafka property names are dotted and never hold `_`, which the
+    // environment cannot carry: `MODELWATCH_KAFKA__PROPERTIES__SASL_PASSWORD`
+    // sets `kafka.properties."sasl.password"`.
+    // Every property value is a string, whatever it looks like.
+    let mut path = path;
+    let mut value = value;
+    if path.len() == 3 && path[0] == "kafka" && path[1] == "properties" {
+        path[2] = path[2].replace('_', ".");
+        value = toml::Value::String(raw.into());
+    }
     let mut table = root;
     for part in &path[..path.len() - 1] {
         let entry = table
@@ -1429,11 +1493,7 @@ impl Config {
                     );
                 }
                 if upper == "OAUTHBEARER" {
-                    if get("sasl.oauthbearer.method").is_some_and(|v| v.eq_ignore_ascii_case("oidc")) {
-                        bail!(
-                            "invalid configuration: kafka.properties.\"sasl.oauthbearer.method\" = \"oidc\" needs librdkafka built with curl, which this binary is not, expected \"default\" with \"enable.sasl.oauthbearer.unsecure.jwt\" = \"true\""
-                        );
-                    }
+                    validate_oauthbearer(&get)?;
                 } else {
                     for key in ["sasl.username", "sasl.password"] {
                         if get(key).is_none() {
@@ -1719,7 +1779,23 @@ mod tests {
             ),
             (
                 "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"sasl.oauthbearer.method\" = \"oidc\"\n",
-                "needs librdkafka built with curl",
+                "needs kafka.properties.\"sasl.oauthbearer.token.endpoint.url\"",
+            ),
+            (
+                "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"sasl.oauthbearer.method\" = \"oidc\"\n\"sasl.oauthbearer.token.endpoint.url\" = \"idp.example.org/token\"\n",
+                "expected an https:// (or http://) URL",
+            ),
+            (
+                "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"sasl.oauthbearer.method\" = \"OIDC\"\n\"sasl.oauthbearer.token.endpoint.url\" = \"https://idp.example.org/token\"\n\"sasl.oauthbearer.client.id\" = \"svc\"\n",
+                "needs kafka.properties.\"sasl.oauthbearer.client.secret\"",
+            ),
+            (
+                "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"sasl.oauthbearer.client.secret\" = \"hunter2-secret\"\n",
+                "has no token source, expected \"sasl.oauthbearer.method\" = \"oidc\"",
+            ),
+            (
+                "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"sasl.oauthbearer.method\" = \"kerberos\"\n",
+                "\"sasl.oauthbearer.method\" = \"kerberos\", expected \"oidc\" or \"default\"",
             ),
             (
                 "\"security.protocol\" = \"SSL\"\n\"ssl.certificate.location\" = \"/etc/hostname\"\n",
@@ -1740,6 +1816,7 @@ mod tests {
             "\"security.protocol\" = \"SSL\"\n\"ssl.ca.location\" = \"probe\"\n",
             "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"scram-sha-256\"\n\"sasl.username\" = \"svc\"\n\"sasl.password\" = \"hunter2-secret\"\n",
             "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"enable.sasl.oauthbearer.unsecure.jwt\" = \"true\"\n",
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"sasl.oauthbearer.method\" = \"oidc\"\n\"sasl.oauthbearer.token.endpoint.url\" = \"https://idp.example.org/oauth2/token\"\n\"sasl.oauthbearer.client.id\" = \"svc\"\n\"sasl.oauthbearer.client.secret\" = \"hunter2-secret\"\n\"sasl.oauthbearer.scope\" = \"kafka\"\n",
         ] {
             let f = write(&props(body));
             let c = load(Some(f.path()), &env(&[])).unwrap_or_else(|e| panic!("{body}: {e:#}"));
@@ -1849,6 +1926,35 @@ mod tests {
     }
 
     #[test]
+    fn kafka_properties_come_from_the_environment_with_dots_for_underscores() {
+        let c = load(
+            None,
+            &env(&[
+                (
+                    "MODELWATCH_KAFKA__PROPERTIES__SECURITY_PROTOCOL",
+                    "SASL_SSL",
+                ),
+                (
+                    "MODELWATCH_KAFKA__PROPERTIES__SASL_MECHANISM",
+                    "SCRAM-SHA-256",
+                ),
+                ("MODELWATCH_KAFKA__PROPERTIES__SASL_USERNAME", "svc"),
+                ("MODELWATCH_KAFKA__PROPERTIES__SASL_PASSWORD", "env-pw-12"),
+                ("MODELWATCH_KAFKA__PROPERTIES__FETCH_WAIT_MAX_MS", "250"),
+            ]),
+        )
+        .unwrap();
+        let p = &c.kafka.properties;
+        assert_eq!(p["security.protocol"], "SASL_SSL");
+        assert_eq!(p["sasl.mechanism"], "SCRAM-SHA-256");
+        assert_eq!(p["sasl.password"], "env-pw-12");
+        // A value that looks like a number stays the string librdkafka takes.
+        assert_eq!(p["fetch.wait.max.ms"], "250");
+        assert!(!format!("{c:?}").contains("env-pw-12"));
+        assert!(c.secret_values().contains(&"env-pw-12".to_owned()));
+    }
+
+    #[test]
     fn password_is_never_printed() {
         let c = load(
             None,
@@ -1940,6 +2046,7 @@ mod tests {
             "sasl.username",
             "sasl.mechanism",
             "ssl.ca.location",
+            "sasl.oauthbearer.token.endpoint.url",
         ] {
             assert!(!is_secret_property(k), "{k}");
         }

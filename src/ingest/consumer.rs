@@ -120,8 +120,16 @@ pub fn check_connection(cfg: &KafkaConfig, timeout: std::time::Duration) -> Resu
         // Serves the error events (no subscription: no message comes).
         let _ = consumer.poll(std::time::Duration::ZERO);
         if let Some(why) = fatal(&consumer) {
+            let oauth = cfg.properties.iter().any(|(k, v)| {
+                k.starts_with("sasl.mechanism") && v.eq_ignore_ascii_case("OAUTHBEARER")
+            });
+            let settings = if oauth {
+                "sasl.oauthbearer.token.endpoint.url, sasl.oauthbearer.client.id, sasl.oauthbearer.client.secret, sasl.oauthbearer.scope and the broker's OAUTHBEARER setup"
+            } else {
+                "sasl.mechanism, sasl.username, sasl.password"
+            };
             anyhow::bail!(
-                "cannot connect to kafka.brokers = {:?}: {why} (check the TLS and SASL settings in [kafka.properties]: ssl.ca.location, sasl.mechanism, sasl.username, sasl.password)",
+                "cannot connect to kafka.brokers = {:?}: {why} (check the TLS and SASL settings in [kafka.properties]: ssl.ca.location, {settings})",
                 cfg.brokers
             );
         }
@@ -416,6 +424,18 @@ mod tests {
             kafka(&[("security.protocol", "SSL"), ("compression.type", "zstd")]),
             kafka(&[("compression.type", "lz4")]),
             kafka(&[("compression.type", "snappy")]),
+            kafka(&[
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", "OAUTHBEARER"),
+                ("sasl.oauthbearer.method", "oidc"),
+                (
+                    "sasl.oauthbearer.token.endpoint.url",
+                    "https://idp.example.org/token",
+                ),
+                ("sasl.oauthbearer.client.id", "c"),
+                ("sasl.oauthbearer.client.secret", "s"),
+                ("sasl.oauthbearer.scope", "kafka"),
+            ]),
         ] {
             check_client_config(&ok).unwrap_or_else(|e| panic!("{:?}: {e:#}", ok.properties));
         }

@@ -535,3 +535,228 @@ fn binary_over_ssl_gives_exact_metrics_dead_letters_and_alerts_and_a_wrong_ca_st
 fn binary_over_sasl_ssl_scram_gives_exact_metrics_and_a_wrong_password_stops_it() {
     binary_over_secured_kafka("mw_scram", true);
 }
+
+/// One request an identity provider's token endpoint received.
+#[derive(Debug, Clone)]
+struct TokenRequest {
+    request_line: String,
+    authorization: Option<String>,
+    body: String,
+}
+
+/// An OAuth 2 token endpoint on loopback: answers every request with
+/// `status` and `body` and keeps what it received. Stops with the test.
+struct TokenEndpoint {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<TokenRequest>>>,
+}
+
+impl TokenEndpoint {
+    fn start(status: u16, body: String) -> TokenEndpoint {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            // Bounded: a client makes a handful of token requests at most.
+            for stream in listener.incoming().take(64) {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut request_line = String::new();
+                if reader.read_line(&mut request_line).is_err() {
+                    continue;
+                }
+                let (mut length, mut authorization) = (0usize, None);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':') {
+                        match name.trim().to_ascii_lowercase().as_str() {
+                            "content-length" => length = value.trim().parse().unwrap_or(0),
+                            "authorization" => authorization = Some(value.trim().to_owned()),
+                            _ => {}
+                        }
+                    }
+                }
+                let mut received = vec![0; length.min(1 << 16)];
+                let _ = reader.read_exact(&mut received);
+                seen.lock().expect("lock").push(TokenRequest {
+                    request_line: request_line.trim().to_owned(),
+                    authorization,
+                    body: String::from_utf8_lossy(&received).into_owned(),
+                });
+                let reason = if status == 200 { "OK" } else { "Unauthorized" };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        TokenEndpoint { port, requests }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/oauth2/token", self.port)
+    }
+
+    fn requests(&self) -> Vec<TokenRequest> {
+        self.requests.lock().expect("lock").clone()
+    }
+}
+
+/// A JWT as identity providers issue them (header, claims, signature;
+/// librdkafka reads `sub` and `exp` from the claims).
+fn jwt(subject: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    let header = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","typ":"JWT"}"#);
+    let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"{subject}","exp":{exp}}}"#));
+    format!("{header}.{claims}.c2lnbmF0dXJl")
+}
+
+/// OAUTHBEARER with `sasl.oauthbearer.method = "oidc"` (librdkafka built
+/// with curl): the binary fetches its token from the identity provider with
+/// the client-credentials grant (client id and secret in HTTP basic auth,
+/// the scope in the form body) and presents it to the broker. tansu 0.6
+/// verifies only PLAIN and SCRAM, so it fails the OAUTHBEARER
+/// authentication, which stops the service at startup with the reason; a
+/// token endpoint that refuses the client stops it too, with the provider's
+/// answer. Neither log holds the client secret.
+#[test]
+fn binary_with_oauthbearer_oidc_fetches_its_token_from_the_identity_provider() {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine;
+    const CLIENT_SECRET: &str = "oidc-Secret-0042";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = Certs::make(dir.path());
+    let broker = SecureBroker::start(dir.path(), &certs, true);
+    let brokers = broker.bootstrap();
+    let config_path = dir.path().join("modelwatch.toml");
+    let config = config_path.to_str().expect("utf-8 path");
+    let env: Vec<(String, String)> = [
+        ("MODELWATCH_KAFKA__BROKERS", brokers.clone()),
+        ("MODELWATCH_API__ENABLED", "false".to_owned()),
+        (
+            "MODELWATCH_STATE__DIR",
+            dir.path().join("state").to_string_lossy().into_owned(),
+        ),
+        // The secret from the environment, as a deployment keeps it.
+        (
+            "MODELWATCH_KAFKA__PROPERTIES__SASL_OAUTHBEARER_CLIENT_SECRET",
+            CLIENT_SECRET.to_owned(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let props = |endpoint: &TokenEndpoint| {
+        vec![
+            ("ssl.ca.location", certs.ca.display().to_string()),
+            ("security.protocol", "SASL_SSL".to_owned()),
+            ("sasl.mechanism", "OAUTHBEARER".to_owned()),
+            ("sasl.oauthbearer.method", "oidc".to_owned()),
+            ("sasl.oauthbearer.token.endpoint.url", endpoint.url()),
+            ("sasl.oauthbearer.client.id", "modelwatch-client".to_owned()),
+            ("sasl.oauthbearer.scope", "kafka.read".to_owned()),
+        ]
+    };
+    let basic = format!(
+        "Basic {}",
+        STANDARD.encode(format!("modelwatch-client:{CLIENT_SECRET}"))
+    );
+
+    for (case, status, body, want) in [
+        (
+            "token issued",
+            200,
+            format!(
+                r#"{{"access_token":"{}","token_type":"bearer","expires_in":3600}}"#,
+                jwt("modelwatch-client")
+            ),
+            "sasl authentication failed",
+        ),
+        (
+            "client refused",
+            401,
+            r#"{"error":"invalid_client"}"#.to_owned(),
+            "failed to acquire sasl oauthbearer token: {\"error\":\"invalid_client\"}",
+        ),
+    ] {
+        let endpoint = TokenEndpoint::start(status, body);
+        write_config(&config_path, &props(&endpoint));
+        let (ok, log, secs) = run_binary(
+            &["--config", config, "run", "--exit-when-idle"],
+            &env,
+            &dir.path().join(format!("{status}.log")),
+        );
+        let requests = endpoint.requests();
+        let first = requests
+            .first()
+            .unwrap_or_else(|| panic!("{case}: no token request; log:\n{log}"));
+        assert_eq!(first.request_line, "POST /oauth2/token HTTP/1.1", "{case}");
+        assert_eq!(
+            first.authorization.as_deref(),
+            Some(basic.as_str()),
+            "{case}"
+        );
+        let form: Vec<&str> = first.body.split('&').collect();
+        assert!(
+            form.contains(&"grant_type=client_credentials"),
+            "{case}: {form:?}"
+        );
+        assert!(form.contains(&"scope=kafka.read"), "{case}: {form:?}");
+        assert!(!ok, "{case}: the binary ran:\n{log}");
+        let error = log
+            .lines()
+            .find(|l| l.starts_with("error: "))
+            .unwrap_or_else(|| panic!("{case}: no error line:\n{log}"));
+        eprintln!("{case}: {error} ({secs:.1} s)");
+        assert!(
+            error.contains("cannot connect to kafka.brokers"),
+            "{case}: {error}"
+        );
+        assert!(error.to_ascii_lowercase().contains(want), "{case}: {error}");
+        assert!(secs < 20.0, "{case}: took {secs:.1} s");
+        assert!(
+            !log.contains(CLIENT_SECRET),
+            "{case}: secret in the log:\n{log}"
+        );
+    }
+
+    // No identity provider at all (nothing listens on the port).
+    let endpoint = TokenEndpoint::start(200, String::new());
+    let mut down = props(&endpoint);
+    let closed = crate::support::free_port();
+    down[4].1 = format!("http://127.0.0.1:{closed}/oauth2/token");
+    write_config(&config_path, &down);
+    let (ok, log, secs) = run_binary(
+        &["--config", config, "run", "--exit-when-idle"],
+        &env,
+        &dir.path().join("down.log"),
+    );
+    assert!(!ok, "provider down: the binary ran:\n{log}");
+    let error = log
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("provider down: no error line:\n{log}"));
+    eprintln!("provider down: {error} ({secs:.1} s)");
+    assert!(
+        error.contains("Failed to acquire SASL OAUTHBEARER token"),
+        "{error}"
+    );
+    assert!(secs < 20.0, "provider down: took {secs:.1} s");
+    assert!(
+        !log.contains(CLIENT_SECRET),
+        "provider down: secret in the log"
+    );
+}

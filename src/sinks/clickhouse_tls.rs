@@ -246,16 +246,19 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-/// When a request failed because of TLS (a handshake the server's
-/// certificate or the client's settings make fail, a TLS alert from the
-/// server, or TLS settings that could not be loaded): the cause with a hint.
-/// Retrying cannot fix any of these, so callers treat them as permanent.
+/// When a request failed because of the TLS setup (a handshake the
+/// server's certificate or the client's settings make fail, a server
+/// refusing the client's certificate or protocol, a server that does not
+/// speak TLS, or TLS settings that could not be loaded): the cause with a
+/// hint. Retrying cannot fix any of these, so callers treat them as
+/// permanent. Other TLS errors (a record that fails to decrypt, an internal
+/// error alert) are left to the caller's usual network handling.
 pub fn tls_failure(err: &(dyn StdError + 'static)) -> Option<String> {
     if let Some(setup) = err.downcast_ref::<TlsSetupError>() {
         return Some(setup.to_string());
     }
     if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-        return Some(describe(tls));
+        return is_setup_error(tls).then(|| describe(tls));
     }
     // `io::Error::source` skips the error an io::Error wraps (hyper-rustls
     // wraps tokio-rustls' io::Error, which wraps the rustls error, in
@@ -269,6 +272,35 @@ pub fn tls_failure(err: &(dyn StdError + 'static)) -> Option<String> {
         }
     }
     err.source().and_then(tls_failure)
+}
+
+/// True for the rustls errors that only a change of certificates or
+/// settings can fix.
+fn is_setup_error(e: &rustls::Error) -> bool {
+    use rustls::{AlertDescription as A, Error as E};
+    matches!(
+        e,
+        E::InvalidCertificate(_)
+            | E::NoCertificatesPresented
+            | E::UnsupportedNameType
+            | E::PeerIncompatible(_)
+            | E::InvalidMessage(_)
+            | E::InconsistentKeys(_)
+            | E::InvalidCertRevocationList(_)
+            | E::AlertReceived(
+                A::CertificateRequired
+                    | A::BadCertificate
+                    | A::UnsupportedCertificate
+                    | A::CertificateRevoked
+                    | A::CertificateExpired
+                    | A::CertificateUnknown
+                    | A::UnknownCA
+                    | A::AccessDenied
+                    | A::HandshakeFailure
+                    | A::ProtocolVersion
+                    | A::InsufficientSecurity
+            )
+    )
 }
 
 /// A rustls error as a message that says what to check.
@@ -334,6 +366,33 @@ mod tests {
         assert!(!e.contains("secret-pw"), "{e}");
     }
 
+    #[tokio::test]
+    async fn tls_files_unreadable_at_connect_time_are_a_permanent_error() {
+        use crate::sinks::clickhouse::{ClickHouseSink, SinkError};
+        // As if the file vanished after the configuration was validated:
+        // no panic, and the request fails at once, naming the key, without
+        // touching the network (nothing listens on port 1).
+        let broken = ClickHouseConfig {
+            ca_file: "/nonexistent/ca.pem".into(),
+            password: crate::config::Secret("pw-0815".into()),
+            ..cfg("https://127.0.0.1:1")
+        };
+        let err = ClickHouseSink::new(&broken).ping().await.unwrap_err();
+        assert!(matches!(err, SinkError::Permanent(_)), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("clickhouse.ca_file = \"/nonexistent/ca.pem\": cannot read it"),
+            "{text}"
+        );
+        assert!(!text.contains("pw-0815"), "{text}");
+        // A plain connection failure stays transient.
+        let err = ClickHouseSink::new(&cfg("http://127.0.0.1:1"))
+            .ping()
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err}");
+    }
+
     #[test]
     fn tls_errors_are_found_inside_io_errors_and_explained() {
         let io = std::io::Error::new(
@@ -349,5 +408,19 @@ mod tests {
         assert!(tls_failure(&setup).unwrap().contains("/x"));
         let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert_eq!(tls_failure(&plain), None);
+        // A record that fails to decrypt or an internal error alert is not
+        // a setup problem: the caller's network handling (retries) applies.
+        for e in [
+            rustls::Error::DecryptError,
+            rustls::Error::AlertReceived(rustls::AlertDescription::InternalError),
+        ] {
+            let io = std::io::Error::other(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+            assert_eq!(tls_failure(&io), None);
+        }
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+        );
+        assert!(tls_failure(&refused).unwrap().contains("client_cert_file"));
     }
 }

@@ -8,9 +8,10 @@
 //!   metrics over https trusting `clickhouse.ca_file`; the HTTP API reads
 //!   them back over https (`/api/models/{model}/timeseries`, what the
 //!   dashboard draws).
-//! - Without `clickhouse.ca_file`, with another CA, and with a URL host the
-//!   certificate does not name, the binary stops at startup within seconds
-//!   with the TLS reason; a missing `ca_file` is refused at load.
+//! - Without `clickhouse.ca_file`, with another CA, with a URL host the
+//!   certificate does not name, and with an https URL to the plain HTTP
+//!   port, the binary stops at startup within seconds with the TLS reason; a
+//!   missing `ca_file` is refused at load.
 //! - A server that requires client certificates (`verificationMode` strict)
 //!   accepts the configured one and refuses a client without one, which is
 //!   a permanent error, never retried.
@@ -322,7 +323,8 @@ fn binary_writes_and_the_api_reads_over_https_and_an_untrusted_server_stops_it()
     let localhost_ip = format!("https://127.0.0.1:{}", server.https_port());
     let ca_file = "MODELWATCH_CLICKHOUSE__CA_FILE";
     let other_ca = path(&certs.other_ca);
-    let cases: [(&str, Env, &str); 3] = [
+    let https_to_http_port = format!("https://localhost:{}", server.http_port());
+    let cases: [(&str, Env, &str); 4] = [
         ("no ca_file", with(&env, ca_file, None), "UnknownIssuer"),
         (
             "another CA",
@@ -333,6 +335,15 @@ fn binary_writes_and_the_api_reads_over_https_and_an_untrusted_server_stops_it()
             "a host the certificate does not name",
             with(&env, "MODELWATCH_CLICKHOUSE__URL", Some(&localhost_ip)),
             "does not name the host of clickhouse.url",
+        ),
+        (
+            "https to the plain HTTP port",
+            with(
+                &env,
+                "MODELWATCH_CLICKHOUSE__URL",
+                Some(&https_to_http_port),
+            ),
+            "the server did not speak TLS",
         ),
     ];
     for (case, bad_env, want) in cases {

@@ -450,8 +450,15 @@ impl Service {
     pub async fn start(cfg: Config) -> Result<Service> {
         let sink = ClickHouseSink::new(&cfg.clickhouse);
         sink.ping().await.map_err(|e| {
+            // Unreachable: say how to get a server; anything else (a TLS
+            // handshake, authentication) speaks for itself.
+            let hint = if e.is_transient() {
+                ". Start one with deploy/clickhouse-start.sh or set clickhouse.url"
+            } else {
+                ""
+            };
             anyhow::anyhow!(
-                "cannot reach ClickHouse at {}: {e}. Start one with deploy/clickhouse-start.sh or set clickhouse.url",
+                "cannot reach ClickHouse at {}: {e}{hint}",
                 cfg.clickhouse.display_url()
             )
         })?;

@@ -334,6 +334,16 @@ pub struct ClickHouseConfig {
     /// hold the consumer loop past it.
     #[serde(with = "humantime_serde")]
     pub insert_timeout: Duration,
+    /// PEM file of CA certificates trusted for an `https://` URL, in
+    /// addition to the system's CA store (for a private CA or a self-signed
+    /// server certificate). Default empty: the system store only.
+    pub ca_file: String,
+    /// PEM file of the client certificate (chain) presented to a server
+    /// that asks for one (mutual TLS); needs `client_key_file`. Default empty.
+    pub client_cert_file: String,
+    /// PEM file of the private key of `client_cert_file` (PKCS#8, RSA or EC,
+    /// unencrypted); needs `client_cert_file`. Default empty.
+    pub client_key_file: String,
 }
 
 impl Default for ClickHouseConfig {
@@ -346,6 +356,9 @@ impl Default for ClickHouseConfig {
             batch_rows: 10_000,
             max_retries: 8,
             insert_timeout: Duration::from_secs(30),
+            ca_file: String::new(),
+            client_cert_file: String::new(),
+            client_key_file: String::new(),
         }
     }
 }
@@ -1227,14 +1240,8 @@ impl Config {
         if k.predictions_topic == k.ground_truth_topic {
             bail!("invalid configuration: kafka.ground_truth_topic must differ from kafka.predictions_topic");
         }
-        if !(self.clickhouse.url.starts_with("http://")
-            || self.clickhouse.url.starts_with("https://"))
-        {
-            bail!(
-                "invalid configuration: clickhouse.url = {:?}, expected an http:// or https:// URL",
-                self.clickhouse.display_url()
-            );
-        }
+        crate::sinks::clickhouse_tls::check(&self.clickhouse)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         if !self
             .clickhouse
             .database
@@ -2105,6 +2112,138 @@ mod tests {
         ] {
             let err = load(None, &env(&[(key, value)])).unwrap_err().to_string();
             assert!(err.contains(expected), "{key}={value}: {err}");
+        }
+    }
+
+    /// Runs the `openssl` CLI in `dir` (the integration tests need it too).
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl CLI");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn clickhouse_tls_settings_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend([
+            "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=ca",
+        ]);
+        openssl(d, &args);
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend([
+            "-keyout",
+            "other.key",
+            "-out",
+            "other.pem",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=o",
+        ]);
+        openssl(d, &args);
+        let p = |n: &str| d.join(n).to_str().unwrap().to_owned();
+        std::fs::write(d.join("notes.txt"), "not a certificate\n").unwrap();
+        let (ca, ca_key, other_key) = (p("ca.pem"), p("ca.key"), p("other.key"));
+        let (notes, missing) = (p("notes.txt"), p("missing.pem"));
+        let https = "https://clickhouse.example.org:8443";
+        let load_with = |pairs: &[(&str, &str)]| {
+            let mut all = vec![("MODELWATCH_CLICKHOUSE__URL", https)];
+            all.extend_from_slice(pairs);
+            load(None, &env(&all))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        const CA: &str = "MODELWATCH_CLICKHOUSE__CA_FILE";
+        const CERT: &str = "MODELWATCH_CLICKHOUSE__CLIENT_CERT_FILE";
+        const KEY: &str = "MODELWATCH_CLICKHOUSE__CLIENT_KEY_FILE";
+        // Valid: the system store only, a CA file, a client certificate
+        // (the CA's own certificate and key serve as one here).
+        assert_eq!(load_with(&[]), Ok(()));
+        assert_eq!(load_with(&[(CA, &ca)]), Ok(()));
+        assert_eq!(load_with(&[(CA, &ca), (CERT, &ca), (KEY, &ca_key)]), Ok(()));
+        let c = load(
+            None,
+            &env(&[(CA, &ca), ("MODELWATCH_CLICKHOUSE__URL", https)]),
+        )
+        .unwrap();
+        assert_eq!(c.clickhouse.ca_file, ca);
+        assert_eq!(Config::default().clickhouse.ca_file, "");
+
+        let cases: Vec<(Vec<(&str, &str)>, String)> = vec![
+            (vec![(CA, &missing)], format!("clickhouse.ca_file = {missing:?}: cannot read it")),
+            (vec![(CA, &notes)], format!("clickhouse.ca_file = {notes:?}: no certificate in it")),
+            (
+                vec![(CERT, &ca)],
+                "clickhouse.client_cert_file is set without clickhouse.client_key_file".into(),
+            ),
+            (
+                vec![(KEY, &ca_key)],
+                "clickhouse.client_key_file is set without clickhouse.client_cert_file".into(),
+            ),
+            (
+                vec![(CERT, &notes), (KEY, &ca_key)],
+                format!("clickhouse.client_cert_file = {notes:?}: no certificate in it"),
+            ),
+            (
+                vec![(CERT, &ca), (KEY, &ca)],
+                format!("clickhouse.client_key_file = {ca:?}: no private key in it"),
+            ),
+            (
+                vec![(CERT, &ca), (KEY, &other_key)],
+                format!("clickhouse.client_key_file = {other_key:?} does not go with clickhouse.client_cert_file"),
+            ),
+            (
+                vec![("MODELWATCH_CLICKHOUSE__URL", "http://127.0.0.1:8123"), (CA, &ca)],
+                "clickhouse.ca_file is set but clickhouse.url = \"http://127.0.0.1:8123\" is not https://".into(),
+            ),
+            (
+                vec![("MODELWATCH_CLICKHOUSE__URL", "clickhouse.example.org:8443")],
+                "clickhouse.url = \"clickhouse.example.org:8443\", expected an http:// or https:// URL".into(),
+            ),
+            (
+                vec![("MODELWATCH_CLICKHOUSE__URL", "https://")],
+                "clickhouse.url = \"https://\", expected an http:// or https:// URL with a host".into(),
+            ),
+        ];
+        let key_lines: Vec<String> = [&ca_key, &other_key]
+            .iter()
+            .flat_map(|k| {
+                std::fs::read_to_string(k)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        assert!(!key_lines.is_empty());
+        for (pairs, want) in cases {
+            let err = load_with(&pairs).expect_err(&want);
+            assert!(err.starts_with("invalid configuration: "), "{err}");
+            assert!(err.contains(&want), "want {want:?} in {err}");
+            // Never the key material.
+            for line in key_lines.iter() {
+                assert!(!err.contains(line.as_str()), "{err}");
+            }
         }
     }
 }

@@ -60,6 +60,13 @@ pub async fn run(mut cfg: Config, opts: DemoOptions) -> Result<()> {
     }
     let sink = ClickHouseSink::new(&cfg.clickhouse);
     if let Err(e) = sink.ping().await {
+        if !e.is_transient() {
+            // Reached, but refused (TLS, authentication): the reason says why.
+            anyhow::bail!(
+                "ClickHouse at {} refused the demo: {e}",
+                cfg.clickhouse.display_url()
+            );
+        }
         anyhow::bail!(
             "ClickHouse is not reachable at {} ({e}).\n  Start a local one with: deploy/clickhouse-start.sh\n  or point the demo at yours: MODELWATCH_CLICKHOUSE__URL=http://host:8123",
             cfg.clickhouse.display_url()

@@ -268,11 +268,25 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
                 prop("sasl.username"),
                 prop("ssl.ca.location")
             );
+            let or_dash = |s: &str| {
+                if s.is_empty() {
+                    "-".to_owned()
+                } else {
+                    s.to_owned()
+                }
+            };
             println!(
-                "clickhouse: url={} database={} user={}",
+                "clickhouse: url={} database={} user={} tls={} ca_file={} client_cert_file={}",
                 cfg.clickhouse.display_url(),
                 cfg.clickhouse.database,
-                cfg.clickhouse.user
+                cfg.clickhouse.user,
+                if cfg.clickhouse.url.trim().starts_with("https://") {
+                    "rustls (system roots + ca_file)"
+                } else {
+                    "off"
+                },
+                or_dash(&cfg.clickhouse.ca_file),
+                or_dash(&cfg.clickhouse.client_cert_file)
             );
             println!(
                 "windows: sizes={} lateness={} idle_timeout={} label_horizon={} early_label_ttl={}",

@@ -55,7 +55,10 @@ impl From<BadRequest> for ApiError {
 
 impl From<clickhouse::error::Error> for ApiError {
     fn from(e: clickhouse::error::Error) -> Self {
-        ApiError::Upstream(e.to_string())
+        // A TLS failure's cause is deep in the error's chain: say it.
+        ApiError::Upstream(
+            crate::sinks::clickhouse_tls::tls_failure(&e).unwrap_or_else(|| e.to_string()),
+        )
     }
 }
 

@@ -288,6 +288,12 @@ fn is_transient_message(message: &str) -> bool {
 fn classify(err: &clickhouse::error::Error, password: &str) -> SinkError {
     use clickhouse::error::Error as E;
     let text = redact(&err.to_string(), password);
+    // A failed TLS handshake (an untrusted or mismatching server
+    // certificate, a refused client certificate) or TLS settings that could
+    // not be loaded: retrying cannot fix it.
+    if let Some(tls) = crate::sinks::clickhouse_tls::tls_failure(err) {
+        return SinkError::Permanent(redact(&tls, password));
+    }
     match err {
         E::Network(_) | E::TimedOut => SinkError::Transient(text),
         E::BadResponse(body) => match classify_message(body) {
@@ -1019,7 +1025,13 @@ impl ClickHouseSink {
     pub fn new(cfg: &ClickHouseConfig) -> Self {
         // No client-side LZ4: ClickHouse 18.16 answers `compress=1` queries
         // with an empty body, which the client reads as "no rows".
-        let mut admin = clickhouse::Client::default()
+        // The crate's default client knows no custom CA or client
+        // certificate: ours does, with the same keep-alive settings.
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(crate::sinks::clickhouse_tls::POOL_IDLE_TIMEOUT)
+                .build(crate::sinks::clickhouse_tls::Connector::new(cfg));
+        let mut admin = clickhouse::Client::with_http_client(http)
             .with_compression(clickhouse::Compression::None)
             .with_url(cfg.url.trim_end_matches('/'))
             .with_user(cfg.user.clone());

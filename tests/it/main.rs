@@ -7,6 +7,8 @@
 //! - [`http_hardening`]: slow and idle clients, connection limits, the `Host`
 //!   check, escaped notification bodies and unfollowed webhook redirects.
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
+//! - [`clickhouse_tls`]: the binary and the API over HTTPS (ClickHouse's own
+//!   `https_port`, a test-made CA, mutual TLS).
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
 //! - [`kafka_tls`]: the binary over SSL and SASL_SSL (SCRAM) through stunnel in front of tansu.
@@ -28,6 +30,7 @@ mod api;
 mod backpressure;
 mod budget;
 mod clickhouse;
+mod clickhouse_tls;
 mod crash;
 mod e2e;
 mod hostile;

@@ -20,10 +20,20 @@ use super::{free_ports, kill_child, repo_root, spawn_watchdog, wait_until};
 /// How long a fresh server may take to answer `/ping`.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// HTTPS for a private server: ClickHouse's own `https_port` with this
+/// certificate and key (PEM); with `client_ca`, clients must present a
+/// certificate signed by it (`verificationMode` strict).
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
 /// A running ClickHouse server (ours or external); ours is killed on drop.
 pub struct ClickHouseServer {
     url: String,
     http_port: u16,
+    https_port: u16,
     child: Option<Child>,
     watchdog: Option<Child>,
     dir: Option<PathBuf>,
@@ -37,6 +47,7 @@ impl ClickHouseServer {
             return ClickHouseServer {
                 url: url.trim_end_matches('/').to_owned(),
                 http_port: 0,
+                https_port: 0,
                 child: None,
                 watchdog: None,
                 dir: None,
@@ -45,12 +56,25 @@ impl ClickHouseServer {
         let mut last_err = String::new();
         // A port picked as free can be taken before the server binds it: retry.
         for _ in 0..3 {
-            match Self::try_start() {
+            match Self::try_start(None) {
                 Ok(s) => return s,
                 Err(e) => last_err = e,
             }
         }
         panic!("cannot start clickhouse-server for the tests: {last_err}");
+    }
+
+    /// Starts a private server that also listens on an `https_port` with
+    /// `tls` (always a private one, even with `MODELWATCH_TEST_CLICKHOUSE_URL`).
+    pub fn start_with_tls(tls: &TlsSettings) -> ClickHouseServer {
+        let mut last_err = String::new();
+        for _ in 0..3 {
+            match Self::try_start(Some(tls)) {
+                Ok(s) => return s,
+                Err(e) => last_err = e,
+            }
+        }
+        panic!("cannot start clickhouse-server with https for the tests: {last_err}");
     }
 
     /// One server shared by every test of this process (each test should
@@ -61,12 +85,13 @@ impl ClickHouseServer {
         SHARED.get_or_init(ClickHouseServer::start)
     }
 
-    fn try_start() -> Result<ClickHouseServer, String> {
+    fn try_start(tls: Option<&TlsSettings>) -> Result<ClickHouseServer, String> {
         let (program, args) = server_command().ok_or_else(|| {
             "clickhouse-server not found; run deploy/clickhouse-start.sh once (it installs the Debian package)".to_string()
         })?;
-        let ports = free_ports(2);
+        let ports = free_ports(3);
         let (http_port, tcp_port) = (ports[0], ports[1]);
+        let https_port = if tls.is_some() { ports[2] } else { 0 };
         let dir = tempfile::Builder::new()
             .prefix("modelwatch-ch-")
             .tempdir()
@@ -86,6 +111,12 @@ impl ClickHouseServer {
             std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("mkdir {sub}: {e}"))?;
         }
         render("config.xml.in", "config.xml")?;
+        if let Some(tls) = tls {
+            let path = dir.join("config.xml");
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("read config: {e}"))?;
+            std::fs::write(&path, text.replace("</yandex>", &tls_xml(tls, https_port)))
+                .map_err(|e| format!("write config: {e}"))?;
+        }
         render("users.xml.in", "users.xml")?;
         let stdout = std::fs::File::create(dir.join("log/stdout.log"))
             .map_err(|e| format!("log file: {e}"))?;
@@ -106,12 +137,13 @@ impl ClickHouseServer {
         let mut server = ClickHouseServer {
             url: format!("http://127.0.0.1:{http_port}"),
             http_port,
+            https_port,
             child: None,
             watchdog,
             dir: Some(dir.clone()),
         };
         let ready = wait_until("clickhouse-server", START_TIMEOUT, &mut child, || {
-            ping(http_port)
+            ping(http_port) && (https_port == 0 || super::port_open(https_port))
         });
         server.child = Some(child);
         match ready {
@@ -136,6 +168,11 @@ impl ClickHouseServer {
         self.http_port
     }
 
+    /// The HTTPS port (0 unless started by [`ClickHouseServer::start_with_tls`]).
+    pub fn https_port(&self) -> u16 {
+        self.https_port
+    }
+
     /// A sink configuration for this server and `database`.
     pub fn config(&self, database: &str) -> ClickHouseConfig {
         ClickHouseConfig {
@@ -158,6 +195,35 @@ impl Drop for ClickHouseServer {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// The `<https_port>` and `<openSSL>` part of a server's config.xml
+/// (ClickHouse 18.16 / Poco names), closing the root element.
+fn tls_xml(tls: &TlsSettings, https_port: u16) -> String {
+    let verification = match &tls.client_ca {
+        Some(ca) => format!(
+            "<verificationMode>strict</verificationMode>\n            <caConfig>{}</caConfig>",
+            ca.display()
+        ),
+        None => "<verificationMode>none</verificationMode>".to_owned(),
+    };
+    format!(
+        r#"    <https_port>{https_port}</https_port>
+    <openSSL>
+        <server>
+            <certificateFile>{}</certificateFile>
+            <privateKeyFile>{}</privateKeyFile>
+            {verification}
+            <loadDefaultCAFile>false</loadDefaultCAFile>
+            <cacheSessions>true</cacheSessions>
+            <disableProtocols>sslv2,sslv3</disableProtocols>
+            <preferServerCiphers>true</preferServerCiphers>
+        </server>
+    </openSSL>
+</yandex>"#,
+        tls.cert.display(),
+        tls.key.display()
+    )
 }
 
 /// A database name no other test of any process uses: `prefix_<pid>_<n>`.

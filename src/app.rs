@@ -452,7 +452,7 @@ impl Service {
         sink.ping().await.map_err(|e| {
             // Unreachable: say how to get a server; anything else (a TLS
             // handshake, authentication) speaks for itself.
-            let hint = if e.is_transient() {
+            let hint = if e.is_unreachable() {
                 ". Start one with deploy/clickhouse-start.sh or set clickhouse.url"
             } else {
                 ""

@@ -167,6 +167,11 @@ impl SinkError {
     pub fn is_transient(&self) -> bool {
         matches!(self, SinkError::Transient(_))
     }
+
+    /// True when no server answered at all (not even a TLS handshake).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, SinkError::Transient(m) if !m.starts_with("TLS handshake"))
+    }
 }
 
 /// ClickHouse error codes worth retrying: overload, timeouts, network and
@@ -293,6 +298,10 @@ fn classify(err: &clickhouse::error::Error, password: &str) -> SinkError {
     // not be loaded: retrying cannot fix it.
     if let Some(tls) = crate::sinks::clickhouse_tls::tls_failure(err) {
         return SinkError::Permanent(redact(&tls, password));
+    }
+    // A handshake that did not finish in time may be a slow network: retried.
+    if let Some(slow) = crate::sinks::clickhouse_tls::handshake_timeout(err) {
+        return SinkError::Transient(redact(&slow, password));
     }
     match err {
         E::Network(_) | E::TimedOut => SinkError::Transient(text),

@@ -42,7 +42,20 @@ pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// `keep_alive_timeout` of 3 s (the `clickhouse` crate's default).
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Longest the TCP connection and TLS handshake of an `https://` URL may
+/// take. Without it, a server that does not speak TLS and waits for a
+/// request line that never comes (ClickHouse's plain HTTP port, unless the
+/// ClientHello happens to hold a newline) would hold the request until its
+/// own timeout.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// The TLS handshake did not complete within [`HANDSHAKE_TIMEOUT`]: a
+/// network error (retried), with what to check.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("TLS handshake with ClickHouse failed: not completed within {}s (a slow network, or the server did not speak TLS: is clickhouse.url's port ClickHouse's https_port?)", HANDSHAKE_TIMEOUT.as_secs())]
+pub struct HandshakeTimeout;
 
 /// The TLS settings could not be turned into a client configuration (a
 /// file unreadable or invalid since the configuration was loaded).
@@ -237,13 +250,41 @@ impl tower_service::Service<Uri> for Connector {
 
     fn call(&mut self, uri: Uri) -> Self::Future {
         match &mut self.0 {
-            Inner::Ready(c) => c.call(uri),
+            Inner::Ready(c) => {
+                let https = uri.scheme_str() == Some("https");
+                let connect = c.call(uri);
+                if !https {
+                    return connect;
+                }
+                Box::pin(async move {
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, connect)
+                        .await
+                        .unwrap_or_else(|_| Err(Box::new(HandshakeTimeout) as BoxError))
+                })
+            }
             Inner::Failed(e) => {
                 let e = e.clone();
                 Box::pin(async move { Err(Box::new(e) as BoxError) })
             }
         }
     }
+}
+
+/// When a request failed because its TLS handshake timed out (see
+/// [`HandshakeTimeout`]): the message. Callers retry it.
+pub fn handshake_timeout(err: &(dyn StdError + 'static)) -> Option<String> {
+    if let Some(t) = err.downcast_ref::<HandshakeTimeout>() {
+        return Some(t.to_string());
+    }
+    if let Some(inner) = err
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::get_ref)
+    {
+        if let Some(found) = handshake_timeout(inner) {
+            return Some(found);
+        }
+    }
+    err.source().and_then(handshake_timeout)
 }
 
 /// When a request failed because of the TLS setup (a handshake the
@@ -364,6 +405,26 @@ mod tests {
         // Credentials in the URL are masked in the message.
         let e = check(&cfg("ftp://u:secret-pw@host")).unwrap_err();
         assert!(!e.contains("secret-pw"), "{e}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_answers_the_handshake_times_out_as_a_transient_error() {
+        use crate::sinks::clickhouse::{ClickHouseSink, SinkError};
+        // The kernel accepts the connection; nothing ever reads or writes.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = silent.local_addr().expect("addr").port();
+        let err = ClickHouseSink::new(&cfg(&format!("https://127.0.0.1:{port}")))
+            .ping()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SinkError::Transient(_)), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("TLS handshake with ClickHouse failed: not completed within 10s"),
+            "{text}"
+        );
+        assert!(!err.is_unreachable(), "{text}");
+        drop(silent);
     }
 
     #[tokio::test]

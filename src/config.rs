@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::ingest::mapping::{MappingConfig, Mappings};
 use crate::metrics::DriftMethod;
 use crate::model::Severity;
 
@@ -265,6 +266,12 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties passed through to every client (e.g. `security.protocol`).
     #[serde(serialize_with = "masked_properties")]
     pub properties: BTreeMap<String, String>,
+    /// `[kafka.mapping.predictions]` / `[kafka.mapping.labels]`: where our
+    /// fields are in records of the user's own shape (JSON Pointer paths,
+    /// constants, headers; README, "Field mapping"). Default: none, each
+    /// topic carries our own shape.
+    #[serde(skip_serializing_if = "MappingConfig::is_empty")]
+    pub mapping: MappingConfig,
 }
 
 impl Default for KafkaConfig {
@@ -278,6 +285,7 @@ impl Default for KafkaConfig {
             dead_letter_topic: "modelwatch-dead-letter".into(),
             format: Format::Auto,
             properties: BTreeMap::new(),
+            mapping: MappingConfig::default(),
         }
     }
 }
@@ -1194,6 +1202,9 @@ impl Config {
         }
         self.validate_insert_timeout()?;
         self.validate_kafka_security()?;
+        if let Err(e) = Mappings::compile(&k.mapping, k.format) {
+            bail!("invalid configuration: {e}");
+        }
         let w = &self.windows;
         if w.sizes.is_empty() {
             bail!("invalid configuration: windows.sizes is empty, expected at least one size such as \"5m\"");

@@ -24,6 +24,7 @@ use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use super::avro;
+use super::mapping::Mappings;
 use crate::config::Format;
 use crate::model::{
     AlertEvent, Entries, FeatureValue, GroundTruthEvent, InputEvent, PredictionEvent,
@@ -209,6 +210,10 @@ pub enum DecodeError {
         /// The event type the topic carries.
         topic: EventKind,
     },
+    /// A record in the user's shape (`[kafka.mapping]`) whose mapped field
+    /// is missing or of the wrong type: names our field and its source.
+    #[error("field mapping: {0}")]
+    Mapping(String),
     /// Decoded, but a field value is invalid.
     #[error("invalid event: {0}")]
     Validation(String),
@@ -244,6 +249,7 @@ impl DecodeError {
             DecodeError::Fingerprint { .. } => "fingerprint",
             DecodeError::Format { .. } => "format",
             DecodeError::WrongType { .. } => "wrong_type",
+            DecodeError::Mapping(_) => "mapping",
             DecodeError::Validation(_) => "validation",
             DecodeError::Timestamp { .. } => "timestamp",
             DecodeError::Limit { .. } => "limit",
@@ -276,6 +282,8 @@ fn invalid(msg: impl Into<String>) -> DecodeError {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     format: Format,
+    /// `[kafka.mapping]`: topics whose records are in the user's shape.
+    mappings: Mappings,
 }
 
 impl Decoder {
@@ -283,7 +291,87 @@ impl Decoder {
     pub fn new(format: Format) -> Self {
         // Parse the schemas now rather than on the first message.
         LazyLock::force(&SCHEMAS);
-        Decoder { format }
+        Decoder {
+            format,
+            mappings: Mappings::default(),
+        }
+    }
+
+    /// This decoder, reading the records of the mapped topics with `mappings`
+    /// (see [`super::mapping`]).
+    pub fn with_mappings(mut self, mappings: Mappings) -> Self {
+        self.mappings = mappings;
+        self
+    }
+
+    /// The field mappings.
+    pub fn mappings(&self) -> &Mappings {
+        &self.mappings
+    }
+
+    /// Decodes and validates one message from the topic of `kind`, with its
+    /// headers (`(key, value)`, for mapped fields read from a header). The
+    /// payload of a mapped topic must be a JSON record; other topics are
+    /// read as [`Decoder::decode`] does.
+    pub fn decode_with_headers(
+        &self,
+        kind: EventKind,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<InputEvent, DecodeError> {
+        if !self.is_mapped(kind) {
+            return self.decode(kind, payload);
+        }
+        if payload.iter().all(u8::is_ascii_whitespace) {
+            return Err(DecodeError::Empty);
+        }
+        match sniff(payload) {
+            wire @ (WireFormat::Confluent | WireFormat::SingleObject) => {
+                return Err(DecodeError::Format {
+                    expected: "a JSON record (kafka.mapping is set for this topic)",
+                    found: wire.name(),
+                })
+            }
+            WireFormat::Json | WireFormat::RawAvro => {}
+        }
+        let record: serde_json::Value =
+            serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+        self.map_record(kind, &record, headers)
+            .unwrap_or_else(|| self.decode(kind, payload))
+    }
+
+    /// True when the records of the topic of `kind` are in the user's shape.
+    pub fn is_mapped(&self, kind: EventKind) -> bool {
+        match kind {
+            EventKind::Prediction => self.mappings.predictions.is_some(),
+            EventKind::GroundTruth => self.mappings.labels.is_some(),
+        }
+    }
+
+    /// The validated event of a record in the user's shape (a parsed JSON
+    /// message, or any record turned into JSON), by the mapping of the topic
+    /// of `kind`; `None` when that topic is not mapped.
+    pub fn map_record(
+        &self,
+        kind: EventKind,
+        record: &serde_json::Value,
+        headers: &[(&str, &[u8])],
+    ) -> Option<Result<InputEvent, DecodeError>> {
+        let ev = match kind {
+            EventKind::Prediction => self
+                .mappings
+                .predictions
+                .as_ref()?
+                .map(record, headers)
+                .map(InputEvent::Prediction),
+            EventKind::GroundTruth => self
+                .mappings
+                .labels
+                .as_ref()?
+                .map(record, headers)
+                .map(InputEvent::GroundTruth),
+        };
+        Some(ev.and_then(|ev| validate(&ev).map(|()| ev)))
     }
 
     /// The configured format.

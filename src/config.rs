@@ -1693,6 +1693,46 @@ mod tests {
     }
 
     #[test]
+    fn field_mappings_load_and_are_checked_naming_the_field() {
+        let mapping = "[kafka.mapping.predictions]\nrequest_id = { header = \"x-request-id\" }\nmodel_id = { value = \"fraud\" }\nmodel_version = \"/ver\"\ntimestamp = \"/ts\"\ntimestamp_unit = \"s\"\nfeatures = [\"/amount\"]\nscore = \"/p\"\n[kafka.mapping.labels]\nrequest_id = \"/id\"\ntimestamp = \"/at\"\ntimestamp_unit = \"rfc3339\"\nactual_label = \"/outcome\"\n";
+        let f = write(mapping);
+        let c = load(
+            Some(f.path()),
+            &env(&[("MODELWATCH_KAFKA__MAPPING__LABELS__ACTUAL_VALUE", "/amount")]),
+        )
+        .unwrap();
+        let p = c.kafka.mapping.predictions.as_ref().unwrap();
+        assert_eq!(p.model_version, Some(crate::ingest::mapping::Source::path("/ver")));
+        let l = c.kafka.mapping.labels.as_ref().unwrap();
+        assert_eq!(l.actual_value, Some(crate::ingest::mapping::Source::path("/amount")));
+        // The configuration prints with its mapping.
+        assert!(format!("{:?}", c.kafka).contains("x-request-id"));
+        assert!(load(None, &env(&[])).unwrap().kafka.mapping.is_empty());
+        for (text, want) in [
+            (
+                "[kafka.mapping.labels]\nrequest_id = \"id\"\ntimestamp = \"/at\"\nactual_label = \"/l\"\n",
+                "invalid configuration: kafka.mapping.labels.request_id: \"id\" is not a JSON Pointer",
+            ),
+            (
+                "[kafka.mapping.labels]\nrequest_id = \"/id\"\nactual_label = \"/l\"\n",
+                "invalid configuration: kafka.mapping.labels.timestamp is missing",
+            ),
+            (
+                "[kafka.mapping.labels]\nrequest_id = \"/id\"\ntimestamp = \"/at\"\nlabel = \"/l\"\n",
+                "unknown field `label`",
+            ),
+            (
+                &format!("[kafka]\nformat = \"avro\"\n{mapping}"),
+                "invalid configuration: kafka.mapping is set with kafka.format = \"avro\"",
+            ),
+        ] {
+            let f = write(text);
+            let err = format!("{:#}", load(Some(f.path()), &env(&[])).unwrap_err());
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn kafka_security_settings_are_checked_naming_the_key_and_the_accepted_values() {
         let props = |body: &str| format!("[kafka.properties]\n{body}");
         for (body, want) in [

@@ -2020,6 +2020,124 @@ mod tests {
         }
     }
 
+    // ------------------------------------------------------- field mapping
+
+    fn mapped(format: Format) -> Decoder {
+        let cfg: crate::ingest::mapping::MappingConfig = toml::from_str(
+            r#"
+[predictions]
+request_id = { header = "x-request-id" }
+model_id = { value = "fraud" }
+model_version = "/ver"
+timestamp = "/ts"
+timestamp_unit = "s"
+features = ["/amount"]
+score = "/p"
+[labels]
+request_id = "/id"
+timestamp = "/at"
+timestamp_unit = "rfc3339"
+actual_label = "/outcome"
+"#,
+        )
+        .unwrap();
+        Decoder::new(format).with_mappings(Mappings::compile(&cfg, format).unwrap())
+    }
+
+    #[test]
+    fn mapped_topics_read_json_records_in_the_users_shape() {
+        let h = [("x-request-id", b"a1".as_slice())];
+        for f in [Format::Auto, Format::Json] {
+            let d = mapped(f);
+            let ev = d
+                .decode_with_headers(P, br#" {"ver":"3","ts":1733140000,"amount":12.5,"p":0.91}"#, &h)
+                .unwrap();
+            assert_eq!(
+                ev,
+                pred(PredictionEvent {
+                    request_id: s("a1"),
+                    model_id: s("fraud"),
+                    model_version: s("3"),
+                    timestamp: 1_733_140_000_000,
+                    features: Entries(vec![(s("amount"), FeatureValue::Double(12.5))]),
+                    score: Some(0.91),
+                    ..Default::default()
+                })
+            );
+            let ev = d
+                .decode_with_headers(G, br#"{"id":7,"at":"2024-12-02T12:00:00Z","outcome":"1"}"#, &[])
+                .unwrap();
+            assert_eq!(
+                ev,
+                gt(GroundTruthEvent {
+                    request_id: s("7"),
+                    timestamp: 1_733_140_800_000,
+                    actual_label: Some(s("1")),
+                    actual_value: None,
+                })
+            );
+            // Our own shape on a mapped topic: the mapped paths are missing.
+            let native = encode_json(&pred(oracle_prediction_min()));
+            let e = d.decode_with_headers(P, &native, &h).unwrap_err();
+            assert_eq!(e.kind(), "mapping", "{e}");
+            assert_eq!(e.to_string(), "field mapping: model_version (path \"/ver\") is missing or null");
+            // Avro framings are refused; broken JSON is a JSON error.
+            for bytes in [
+                encode_confluent(&pred(oracle_prediction_min()), 1),
+                encode_single_object(&pred(oracle_prediction_min())),
+            ] {
+                let e = d.decode_with_headers(P, &bytes, &h).unwrap_err();
+                assert_eq!(e.kind(), "format", "{e}");
+                assert!(e.to_string().contains("kafka.mapping is set"), "{e}");
+            }
+            assert_eq!(d.decode_with_headers(P, b"{\"ver\":", &h).unwrap_err().kind(), "json");
+            assert_eq!(d.decode_with_headers(P, b" \n", &h).unwrap_err(), DecodeError::Empty);
+            // The event rules apply to mapped events too.
+            let e = d
+                .decode_with_headers(P, br#"{"ver":"3","ts":1733140000,"p":1.5}"#, &h)
+                .unwrap_err();
+            assert_eq!(e.to_string(), "invalid event: score 1.5 out of range [0, 1]");
+            let e = d
+                .decode_with_headers(P, br#"{"ver":"","ts":1733140000,"p":0.5}"#, &h)
+                .unwrap_err();
+            assert_eq!(e.kind(), "validation", "{e}");
+            let e = d
+                .decode_with_headers(P, br#"{"ver":"3","ts":-5,"p":0.5}"#, &h)
+                .unwrap_err();
+            assert_eq!(e.kind(), "validation", "{e}");
+        }
+    }
+
+    #[test]
+    fn unmapped_topics_decode_as_before() {
+        let cfg: crate::ingest::mapping::MappingConfig = toml::from_str(
+            "[labels]\nrequest_id = \"/id\"\ntimestamp = \"/at\"\nactual_value = \"/v\"\n",
+        )
+        .unwrap();
+        let d = auto().with_mappings(Mappings::compile(&cfg, Format::Auto).unwrap());
+        assert!(d.is_mapped(G) && !d.is_mapped(P));
+        assert!(!d.mappings().uses_headers());
+        for (_, bytes) in all_encodings(&pred(oracle_prediction_min())) {
+            assert_eq!(
+                d.decode_with_headers(P, &bytes, &[]).unwrap(),
+                pred(oracle_prediction_min())
+            );
+        }
+        assert_eq!(
+            d.decode_with_headers(G, br#"{"id":"x","at":5,"v":2}"#, &[]).unwrap(),
+            gt(GroundTruthEvent {
+                request_id: s("x"),
+                timestamp: 5,
+                actual_label: None,
+                actual_value: Some(2.0),
+            })
+        );
+        // map_record: the entry point for records decoded elsewhere.
+        assert!(d.map_record(P, &serde_json::json!({}), &[]).is_none());
+        let r = d.map_record(G, &serde_json::json!({"id":"x","at":5}), &[]).unwrap();
+        assert_eq!(r.unwrap_err().kind(), "validation");
+    }
+
     proptest! {
         #[test]
         fn apache_avro_reads_what_we_write(p in arb_prediction()) {

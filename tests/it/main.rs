@@ -8,6 +8,8 @@
 //!   check, escaped notification bodies and unfollowed webhook redirects.
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
+//! - [`mapping`]: the same events in our shape and two foreign shapes
+//!   (`[kafka.mapping]`) give the same `window_metrics FINAL`.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
 //! - [`kafka_tls`]: the binary over SSL and SASL_SSL (SCRAM) through stunnel in front of tansu.
 //! - [`outputs`]: outputs that can never be written (rejected rows, oversized
@@ -34,6 +36,7 @@ mod hostile;
 mod http_hardening;
 mod kafka_tls;
 mod live_crash;
+mod mapping;
 mod outputs;
 mod pipeline;
 mod rebalance;

@@ -1702,9 +1702,15 @@ mod tests {
         )
         .unwrap();
         let p = c.kafka.mapping.predictions.as_ref().unwrap();
-        assert_eq!(p.model_version, Some(crate::ingest::mapping::Source::path("/ver")));
+        assert_eq!(
+            p.model_version,
+            Some(crate::ingest::mapping::Source::path("/ver"))
+        );
         let l = c.kafka.mapping.labels.as_ref().unwrap();
-        assert_eq!(l.actual_value, Some(crate::ingest::mapping::Source::path("/amount")));
+        assert_eq!(
+            l.actual_value,
+            Some(crate::ingest::mapping::Source::path("/amount"))
+        );
         // The configuration prints with its mapping.
         assert!(format!("{:?}", c.kafka).contains("x-request-id"));
         assert!(load(None, &env(&[])).unwrap().kafka.mapping.is_empty());

@@ -2050,7 +2050,11 @@ actual_label = "/outcome"
         for f in [Format::Auto, Format::Json] {
             let d = mapped(f);
             let ev = d
-                .decode_with_headers(P, br#" {"ver":"3","ts":1733140000,"amount":12.5,"p":0.91}"#, &h)
+                .decode_with_headers(
+                    P,
+                    br#" {"ver":"3","ts":1733140000,"amount":12.5,"p":0.91}"#,
+                    &h,
+                )
                 .unwrap();
             assert_eq!(
                 ev,
@@ -2065,7 +2069,11 @@ actual_label = "/outcome"
                 })
             );
             let ev = d
-                .decode_with_headers(G, br#"{"id":7,"at":"2024-12-02T12:00:00Z","outcome":"1"}"#, &[])
+                .decode_with_headers(
+                    G,
+                    br#"{"id":7,"at":"2024-12-02T12:00:00Z","outcome":"1"}"#,
+                    &[],
+                )
                 .unwrap();
             assert_eq!(
                 ev,
@@ -2080,7 +2088,10 @@ actual_label = "/outcome"
             let native = encode_json(&pred(oracle_prediction_min()));
             let e = d.decode_with_headers(P, &native, &h).unwrap_err();
             assert_eq!(e.kind(), "mapping", "{e}");
-            assert_eq!(e.to_string(), "field mapping: model_version (path \"/ver\") is missing or null");
+            assert_eq!(
+                e.to_string(),
+                "field mapping: model_version (path \"/ver\") is missing or null"
+            );
             // Avro framings are refused; broken JSON is a JSON error.
             for bytes in [
                 encode_confluent(&pred(oracle_prediction_min()), 1),
@@ -2090,13 +2101,24 @@ actual_label = "/outcome"
                 assert_eq!(e.kind(), "format", "{e}");
                 assert!(e.to_string().contains("kafka.mapping is set"), "{e}");
             }
-            assert_eq!(d.decode_with_headers(P, b"{\"ver\":", &h).unwrap_err().kind(), "json");
-            assert_eq!(d.decode_with_headers(P, b" \n", &h).unwrap_err(), DecodeError::Empty);
+            assert_eq!(
+                d.decode_with_headers(P, b"{\"ver\":", &h)
+                    .unwrap_err()
+                    .kind(),
+                "json"
+            );
+            assert_eq!(
+                d.decode_with_headers(P, b" \n", &h).unwrap_err(),
+                DecodeError::Empty
+            );
             // The event rules apply to mapped events too.
             let e = d
                 .decode_with_headers(P, br#"{"ver":"3","ts":1733140000,"p":1.5}"#, &h)
                 .unwrap_err();
-            assert_eq!(e.to_string(), "invalid event: score 1.5 out of range [0, 1]");
+            assert_eq!(
+                e.to_string(),
+                "invalid event: score 1.5 out of range [0, 1]"
+            );
             let e = d
                 .decode_with_headers(P, br#"{"ver":"","ts":1733140000,"p":0.5}"#, &h)
                 .unwrap_err();
@@ -2124,7 +2146,8 @@ actual_label = "/outcome"
             );
         }
         assert_eq!(
-            d.decode_with_headers(G, br#"{"id":"x","at":5,"v":2}"#, &[]).unwrap(),
+            d.decode_with_headers(G, br#"{"id":"x","at":5,"v":2}"#, &[])
+                .unwrap(),
             gt(GroundTruthEvent {
                 request_id: s("x"),
                 timestamp: 5,
@@ -2134,7 +2157,9 @@ actual_label = "/outcome"
         );
         // map_record: the entry point for records decoded elsewhere.
         assert!(d.map_record(P, &serde_json::json!({}), &[]).is_none());
-        let r = d.map_record(G, &serde_json::json!({"id":"x","at":5}), &[]).unwrap();
+        let r = d
+            .map_record(G, &serde_json::json!({"id":"x","at":5}), &[])
+            .unwrap();
         assert_eq!(r.unwrap_err().kind(), "validation");
     }
 

@@ -225,7 +225,9 @@ impl<'de> Deserialize<'de> for Fields {
         impl<'de> Visitor<'de> for V {
             type Value = Fields;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON Pointer to an object, or a list of JSON Pointers / source tables")
+                f.write_str(
+                    "a JSON Pointer to an object, or a list of JSON Pointers / source tables",
+                )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Fields, E> {
                 Ok(Fields::Object(v.into()))
@@ -335,7 +337,9 @@ impl Src {
     fn compile(field: &str, s: &Source, named: bool) -> Result<(Src, Option<String>), String> {
         let t = &s.0;
         let src = match (&t.path, &t.value, &t.header) {
-            (Some(p), None, None) => Src::Path(Pointer::parse(p).map_err(|e| format!("{field}: {e}"))?),
+            (Some(p), None, None) => {
+                Src::Path(Pointer::parse(p).map_err(|e| format!("{field}: {e}"))?)
+            }
             (None, Some(v), None) => {
                 if v.is_object() || v.is_array() || v.is_null() {
                     return Err(format!(
@@ -512,7 +516,9 @@ impl Field {
         r: &Value,
         h: &[(&str, &[u8])],
     ) -> Result<i64, DecodeError> {
-        let found = self.find(r, h)?.ok_or_else(|| self.err("is missing or null"))?;
+        let found = self
+            .find(r, h)?
+            .ok_or_else(|| self.err("is missing or null"))?;
         let text = match found {
             Found::Text(s) => Some(s),
             Found::Json(Value::String(s)) => Some(s.as_str()),
@@ -521,7 +527,9 @@ impl Field {
         let ms = match (unit, found, text) {
             (TimestampUnit::Rfc3339, _, Some(s)) => chrono::DateTime::parse_from_rfc3339(s)
                 .map(|t| t.timestamp_millis())
-                .map_err(|_| self.err("expected an RFC 3339 time such as \"2026-12-02T12:00:00Z\""))?,
+                .map_err(|_| {
+                    self.err("expected an RFC 3339 time such as \"2026-12-02T12:00:00Z\"")
+                })?,
             (TimestampUnit::Rfc3339, Found::Json(v), None) => {
                 return Err(self.err(&format!(
                     "expected an RFC 3339 string, got {}",
@@ -552,7 +560,9 @@ impl Field {
         match self.find(r, h)? {
             None => Ok(None),
             Some(Found::Json(Value::Object(m))) => Ok(Some(m)),
-            Some(Found::Json(v)) => Err(self.err(&format!("expected an object, got {}", type_name(v)))),
+            Some(Found::Json(v)) => {
+                Err(self.err(&format!("expected an object, got {}", type_name(v))))
+            }
             Some(Found::Text(_)) => Err(self.err("expected an object, got a header")),
         }
     }
@@ -670,7 +680,11 @@ enum FieldSet {
 }
 
 impl FieldSet {
-    fn compile(section: &str, name: &'static str, f: &Option<Fields>) -> Result<Option<FieldSet>, String> {
+    fn compile(
+        section: &str,
+        name: &'static str,
+        f: &Option<Fields>,
+    ) -> Result<Option<FieldSet>, String> {
         let at = format!("{section}.{name}");
         match f {
             None => Ok(None),
@@ -680,7 +694,9 @@ impl FieldSet {
             }))),
             Some(Fields::List(list)) => {
                 if list.is_empty() {
-                    return Err(format!("{at} is an empty list, expected at least one source"));
+                    return Err(format!(
+                        "{at} is an empty list, expected at least one source"
+                    ));
                 }
                 let mut out: Vec<(String, Src)> = Vec::with_capacity(list.len());
                 for (i, s) in list.iter().enumerate() {
@@ -700,7 +716,11 @@ impl FieldSet {
 
     /// Features: members or listed sources; absent ones are left out, null
     /// is a null feature value, nested objects and arrays are refused.
-    fn features(&self, r: &Value, h: &[(&str, &[u8])]) -> Result<Entries<FeatureValue>, DecodeError> {
+    fn features(
+        &self,
+        r: &Value,
+        h: &[(&str, &[u8])],
+    ) -> Result<Entries<FeatureValue>, DecodeError> {
         let mut out = Vec::new();
         match self {
             FieldSet::Object(f) => {
@@ -754,7 +774,10 @@ impl FieldSet {
                             continue;
                         }
                         let s = scalar_string(v).ok_or_else(|| {
-                            f.err(&format!("member {k:?}: expected a string, got {}", type_name(v)))
+                            f.err(&format!(
+                                "member {k:?}: expected a string, got {}",
+                                type_name(v)
+                            ))
                         })?;
                         out.push((k.clone(), s));
                     }
@@ -767,7 +790,11 @@ impl FieldSet {
                         None | Some(Found::Json(Value::Null)) => continue,
                         Some(Found::Text(s)) => s.to_owned(),
                         Some(Found::Json(v)) => scalar_string(v).ok_or_else(|| {
-                            mapping(&field, src, &format!("expected a string, got {}", type_name(v)))
+                            mapping(
+                                &field,
+                                src,
+                                &format!("expected a string, got {}", type_name(v)),
+                            )
                         })?,
                     };
                     out.push((name.clone(), s));
@@ -816,7 +843,12 @@ impl CompiledPrediction {
         let c = CompiledPrediction {
             request_id: required(Field::compile(section, "request_id", &m.request_id, true))?,
             model_id: required(Field::compile(section, "model_id", &m.model_id, true))?,
-            model_version: required(Field::compile(section, "model_version", &m.model_version, true))?,
+            model_version: required(Field::compile(
+                section,
+                "model_version",
+                &m.model_version,
+                true,
+            ))?,
             timestamp: required(Field::compile(section, "timestamp", &m.timestamp, true))?,
             timestamp_unit: m.timestamp_unit,
             features: FieldSet::compile(section, "features", &m.features)?,
@@ -1149,7 +1181,11 @@ actual_value = "/amount"
         seg.sort();
         assert_eq!(
             seg,
-            vec![(s("beta"), s("false")), (s("country"), s("NO")), (s("tier"), s("2"))]
+            vec![
+                (s("beta"), s("false")),
+                (s("country"), s("NO")),
+                (s("tier"), s("2"))
+            ]
         );
         assert_eq!(p.latency_ms, None);
     }
@@ -1158,7 +1194,10 @@ actual_value = "/amount"
     fn labels_map_with_rfc3339_and_optional_fields() {
         let m = label(NESTED);
         let g = m
-            .map(&json!({"id":"a1","resolved_at":"2024-12-02T11:00:00Z","outcome":1}), &[])
+            .map(
+                &json!({"id":"a1","resolved_at":"2024-12-02T11:00:00Z","outcome":1}),
+                &[],
+            )
             .unwrap();
         assert_eq!(
             g,
@@ -1179,39 +1218,63 @@ actual_value = "/amount"
         let m = label(&format!(
             "[labels]\nrequest_id = \"/id\"\ntimestamp = \"/t\"\ntimestamp_unit = \"{unit}\"\nactual_label = \"/l\"\n"
         ));
-        m.map(&json!({"id": "x", "t": v, "l": "1"}), &[]).map(|g| g.timestamp)
+        m.map(&json!({"id": "x", "t": v, "l": "1"}), &[])
+            .map(|g| g.timestamp)
     }
 
     #[test]
     fn timestamp_units() {
-        assert_eq!(ts("ms", json!(1_733_140_000_123i64)).unwrap(), 1_733_140_000_123);
+        assert_eq!(
+            ts("ms", json!(1_733_140_000_123i64)).unwrap(),
+            1_733_140_000_123
+        );
         assert_eq!(ts("ms", json!("1733140000123")).unwrap(), 1_733_140_000_123);
-        assert_eq!(ts("ms", json!(1.7331400001234e12)).unwrap(), 1_733_140_000_123);
+        assert_eq!(
+            ts("ms", json!(1.7331400001234e12)).unwrap(),
+            1_733_140_000_123
+        );
         assert_eq!(ts("s", json!(1_733_140_000)).unwrap(), 1_733_140_000_000);
         assert_eq!(ts("s", json!(1_733_140_000.1)).unwrap(), 1_733_140_000_100);
         assert_eq!(ts("s", json!("1733140000.5")).unwrap(), 1_733_140_000_500);
-        assert_eq!(ts("us", json!(1_733_140_000_123_999i64)).unwrap(), 1_733_140_000_123);
-        assert_eq!(ts("µs", json!(1_733_140_000_123_000i64)).unwrap(), 1_733_140_000_123);
-        assert_eq!(ts("rfc3339", json!("2024-12-02T12:00:00Z")).unwrap(), 1_733_140_800_000);
+        assert_eq!(
+            ts("us", json!(1_733_140_000_123_999i64)).unwrap(),
+            1_733_140_000_123
+        );
+        assert_eq!(
+            ts("µs", json!(1_733_140_000_123_000i64)).unwrap(),
+            1_733_140_000_123
+        );
+        assert_eq!(
+            ts("rfc3339", json!("2024-12-02T12:00:00Z")).unwrap(),
+            1_733_140_800_000
+        );
         assert_eq!(
             ts("rfc3339", json!("2024-12-02T12:00:00.123456-02:30")).unwrap(),
             1_733_149_800_123
         );
         // Failures name our field and the path, never the value.
         let e = err_of(ts("rfc3339", json!("yesterday-secret")));
-        assert!(e.contains("timestamp (path \"/t\")") && !e.contains("secret"), "{e}");
-        assert!(err_of(ts("rfc3339", json!(17))).contains("expected an RFC 3339 string, got number"));
+        assert!(
+            e.contains("timestamp (path \"/t\")") && !e.contains("secret"),
+            "{e}"
+        );
+        assert!(
+            err_of(ts("rfc3339", json!(17))).contains("expected an RFC 3339 string, got number")
+        );
         assert!(err_of(ts("s", json!(true))).contains("expected a number of seconds, got boolean"));
         assert!(err_of(ts("s", json!("soon"))).contains("expected a number of seconds"));
         assert!(err_of(ts("s", json!(i64::MAX))).contains("out of range"));
         assert!(err_of(ts("ms", json!(1e300))).contains("out of range"));
-        assert!(err_of(ts("ms", json!(null))).contains("timestamp (path \"/t\") is missing or null"));
+        assert!(
+            err_of(ts("ms", json!(null))).contains("timestamp (path \"/t\") is missing or null")
+        );
     }
 
     #[test]
     fn a_missing_required_path_names_the_field_and_the_path() {
         let m = pred(NESTED);
-        let rec = json!({"meta": {"id": "a", "time": "2024-12-02T12:00:00Z"}, "output": {"p": 0.5}});
+        let rec =
+            json!({"meta": {"id": "a", "time": "2024-12-02T12:00:00Z"}, "output": {"p": 0.5}});
         let e = err_of(m.map(&rec, &[]));
         assert_eq!(
             e,
@@ -1235,7 +1298,13 @@ actual_value = "/amount"
         );
         // The last header of a name wins.
         let p = m
-            .map(&rec, &[("x-request-id", b"a".as_slice()), ("x-request-id", b"b".as_slice())])
+            .map(
+                &rec,
+                &[
+                    ("x-request-id", b"a".as_slice()),
+                    ("x-request-id", b"b".as_slice()),
+                ],
+            )
             .unwrap();
         assert_eq!(p.request_id, "b");
     }
@@ -1250,7 +1319,11 @@ actual_value = "/amount"
         let with = |ptr: &str, v: Value| {
             let mut r = base();
             let (parent, key) = ptr.rsplit_once('/').unwrap();
-            let obj = if parent.is_empty() { &mut r } else { r.pointer_mut(parent).unwrap() };
+            let obj = if parent.is_empty() {
+                &mut r
+            } else {
+                r.pointer_mut(parent).unwrap()
+            };
             obj.as_object_mut().unwrap().insert(key.into(), v);
             err_of(m.map(&r, &[]))
         };
@@ -1262,13 +1335,16 @@ actual_value = "/amount"
             with("/output/p", json!("high-secret")),
             "field mapping: score (path \"/output/p\") expected a number or numeric string, got a non-numeric string"
         );
-        assert!(with("/inputs", json!([1, 2])).contains("features (path \"/inputs\") expected an object, got array"));
+        assert!(with("/inputs", json!([1, 2]))
+            .contains("features (path \"/inputs\") expected an object, got array"));
         assert_eq!(
             with("/inputs", json!({"emb": [1, 2]})),
             "field mapping: features (path \"/inputs\") member \"emb\": expected null, boolean, number or string, got array"
         );
-        assert!(with("/ctx", json!({"c": {"x": 1}})).contains("segments (path \"/ctx\") member \"c\": expected a string, got object"));
-        assert!(with("/output/probs", json!({"a": "x"})).contains("class_probabilities (path \"/output/probs\") member \"a\""));
+        assert!(with("/ctx", json!({"c": {"x": 1}}))
+            .contains("segments (path \"/ctx\") member \"c\": expected a string, got object"));
+        assert!(with("/output/probs", json!({"a": "x"}))
+            .contains("class_probabilities (path \"/output/probs\") member \"a\""));
         // Listed features and segments.
         let m = pred(FLAT);
         let h = [("x-request-id", b"a1".as_slice())];
@@ -1282,7 +1358,10 @@ actual_value = "/amount"
         // Absent and null list entries: features absent or null, segments left out.
         let r = json!({"svc":"fraud","ver":"3","ts":1,"p":0.5,"country":null});
         let p = m.map(&r, &h).unwrap();
-        assert_eq!(p.features, Entries(vec![(s("country"), FeatureValue::Null)]));
+        assert_eq!(
+            p.features,
+            Entries(vec![(s("country"), FeatureValue::Null)])
+        );
         assert!(p.segments.is_empty());
     }
 
@@ -1317,7 +1396,11 @@ segments = [{ header = "region", name = "r" }]
             ])
         );
         assert_eq!(p.segments, Entries(vec![(s("r"), s("eu"))]));
-        let h2 = [("model", b"m".as_slice()), ("ts", b"1".as_slice()), ("score", b"hi".as_slice())];
+        let h2 = [
+            ("model", b"m".as_slice()),
+            ("ts", b"1".as_slice()),
+            ("score", b"hi".as_slice()),
+        ];
         assert_eq!(
             err_of(m.map(&json!({"id": "a"}), &h2)),
             "field mapping: score (header \"score\") expected a number, got a non-numeric header"
@@ -1340,42 +1423,86 @@ segments = [{ header = "region", name = "r" }]
         for p in ["/a~1b/m~0n/1", "/a~1b/m~0n/01", "/", "/x/01", "", "/nope"] {
             assert_eq!(at(p).as_ref(), doc.pointer(p), "{p}");
         }
-        assert!(Pointer::parse("a/b").unwrap_err().contains("starting with /"));
-        assert!(Pointer::parse("/a~2").unwrap_err().contains("~ must be followed"));
+        assert!(Pointer::parse("a/b")
+            .unwrap_err()
+            .contains("starting with /"));
+        assert!(Pointer::parse("/a~2")
+            .unwrap_err()
+            .contains("~ must be followed"));
         assert_eq!(Pointer::parse("/a~1b").unwrap().last_token(), Some("a/b"));
     }
 
     #[test]
     fn configuration_errors_name_the_field() {
-        let base = "request_id = \"/id\"\nmodel_id = \"/m\"\nmodel_version = \"/v\"\ntimestamp = \"/t\"\n";
+        let base =
+            "request_id = \"/id\"\nmodel_id = \"/m\"\nmodel_version = \"/v\"\ntimestamp = \"/t\"\n";
         let p = |extra: &str| compile(&format!("[predictions]\n{base}{extra}"));
         assert!(p("score = \"/s\"").is_ok());
         let cases = [
             ("", "kafka.mapping.predictions maps none of score"),
-            ("score = \"s\"", "kafka.mapping.predictions.score: \"s\" is not a JSON Pointer"),
-            ("score = \"/a~x\"", "kafka.mapping.predictions.score: \"/a~x\" is not a JSON Pointer"),
-            ("score = { path = \"/s\", header = \"h\" }", "score: expected exactly one of path, value, header"),
-            ("score = {}", "score: expected exactly one of path, value, header"),
-            ("score = { path = \"/s\", name = \"n\" }", "score: name is only for entries"),
-            ("score = { value = [1] }", "score: value must be a string, number or boolean constant"),
+            (
+                "score = \"s\"",
+                "kafka.mapping.predictions.score: \"s\" is not a JSON Pointer",
+            ),
+            (
+                "score = \"/a~x\"",
+                "kafka.mapping.predictions.score: \"/a~x\" is not a JSON Pointer",
+            ),
+            (
+                "score = { path = \"/s\", header = \"h\" }",
+                "score: expected exactly one of path, value, header",
+            ),
+            (
+                "score = {}",
+                "score: expected exactly one of path, value, header",
+            ),
+            (
+                "score = { path = \"/s\", name = \"n\" }",
+                "score: name is only for entries",
+            ),
+            (
+                "score = { value = [1] }",
+                "score: value must be a string, number or boolean constant",
+            ),
             ("score = { header = \"\" }", "score: header is empty"),
-            ("score = \"/s\"\nclass_probabilities = { value = 1 }", "class_probabilities: expected a JSON Pointer to an object"),
+            (
+                "score = \"/s\"\nclass_probabilities = { value = 1 }",
+                "class_probabilities: expected a JSON Pointer to an object",
+            ),
             ("score = \"/s\"\nfeatures = []", "features is an empty list"),
-            ("score = \"/s\"\nfeatures = [{ value = 1 }]", "features[0]: no name"),
+            (
+                "score = \"/s\"\nfeatures = [{ value = 1 }]",
+                "features[0]: no name",
+            ),
             ("score = \"/s\"\nfeatures = [\"\"]", "features[0]: no name"),
-            ("score = \"/s\"\nfeatures = [\"/a/x\", \"/b/x\"]", "features[1]: name \"x\" appears twice"),
-            ("score = \"/s\"\nsegments = \"ctx\"", "segments: \"ctx\" is not a JSON Pointer"),
+            (
+                "score = \"/s\"\nfeatures = [\"/a/x\", \"/b/x\"]",
+                "features[1]: name \"x\" appears twice",
+            ),
+            (
+                "score = \"/s\"\nsegments = \"ctx\"",
+                "segments: \"ctx\" is not a JSON Pointer",
+            ),
         ];
         for (extra, want) in cases {
             let e = p(extra).unwrap_err();
             assert!(e.contains(want), "{extra:?}: {e}");
         }
         let e = compile("[predictions]\nmodel_id = \"/m\"\nscore = \"/s\"").unwrap_err();
-        assert!(e.starts_with("kafka.mapping.predictions.request_id is missing"), "{e}");
+        assert!(
+            e.starts_with("kafka.mapping.predictions.request_id is missing"),
+            "{e}"
+        );
         let e = compile("[labels]\nrequest_id = \"/id\"\ntimestamp = \"/t\"").unwrap_err();
-        assert!(e.contains("kafka.mapping.labels maps neither actual_label nor actual_value"), "{e}");
+        assert!(
+            e.contains("kafka.mapping.labels maps neither actual_label nor actual_value"),
+            "{e}"
+        );
         let e = compile("[labels]\nrequest_id = \"/id\"\nactual_value = \"/v\"").unwrap_err();
-        assert!(e.contains("kafka.mapping.labels.timestamp is missing"), "{e}");
+        assert!(
+            e.contains("kafka.mapping.labels.timestamp is missing"),
+            "{e}"
+        );
         // Unknown keys and units are refused by serde.
         for bad in [
             "[predictions]\nscores = \"/s\"",
@@ -1395,6 +1522,86 @@ segments = [{ header = "region", name = "r" }]
         assert!(Mappings::compile(&MappingConfig::default(), Format::Avro)
             .unwrap()
             .is_empty());
+    }
+
+    /// The two worked examples of the README ("Field mapping"), verbatim.
+    #[test]
+    fn readme_examples() {
+        let m = pred(
+            r#"
+[predictions]
+request_id = { header = "x-request-id" }
+model_id = "/svc"
+model_version = "/ver"
+timestamp = "/ts"
+timestamp_unit = "s"
+features = ["/amount", "/country"]
+score = "/p"
+segments = ["/country"]
+latency_ms = "/latency"
+"#,
+        );
+        let rec: Value = serde_json::from_str(
+            r#"{"svc":"fraud","ver":"3","ts":1733140000,"amount":12.5,"country":"DE","p":0.91,"latency":3.2}"#,
+        )
+        .unwrap();
+        let p = m.map(&rec, &[("x-request-id", b"a1".as_slice())]).unwrap();
+        let want: Value = serde_json::from_str(
+            r#"{"request_id":"a1","model_id":"fraud","model_version":"3","timestamp":1733140000000,
+ "features":{"amount":12.5,"country":"DE"},"score":0.91,"segments":{"country":"DE"},"latency_ms":3.2}"#,
+        )
+        .unwrap();
+        assert_eq!(serde_json::to_value(&p).unwrap(), want);
+
+        let m = compile(
+            r#"
+[predictions]
+request_id = "/meta/id"
+model_id = { value = "credit" }         # a constant: this topic carries one model
+model_version = "/meta/model/version"
+timestamp = "/meta/time"
+timestamp_unit = "rfc3339"
+features = "/inputs"                    # every member of the object
+predicted_label = "/output/label"
+class_probabilities = "/output/probs"
+segments = "/ctx"
+
+[labels]
+request_id = "/id"
+timestamp = "/resolved_at"
+timestamp_unit = "rfc3339"
+actual_label = "/outcome"
+"#,
+        )
+        .unwrap();
+        let rec: Value = serde_json::from_str(
+            r#"{"meta":{"id":"7f3a","model":{"version":7},"time":"2024-12-02T12:00:00.250+01:00"},
+ "inputs":{"age":42,"income":1234.5,"vip":true,"city":"Oslo"},
+ "output":{"label":"approve","probs":{"approve":0.8,"reject":0.2}},
+ "ctx":{"country":"NO","tier":2}}"#,
+        )
+        .unwrap();
+        let p = m.predictions.unwrap().map(&rec, &[]).unwrap();
+        let want: Value = serde_json::from_str(
+            r#"{"request_id":"7f3a","model_id":"credit","model_version":"7","timestamp":1733137200250,
+ "features":{"age":42,"city":"Oslo","income":1234.5,"vip":true},"predicted_label":"approve",
+ "class_probabilities":{"approve":0.8,"reject":0.2},"segments":{"country":"NO","tier":"2"}}"#,
+        )
+        .unwrap();
+        assert_eq!(serde_json::to_value(&p).unwrap(), want);
+        // Member order as the README says (serde_json's map is sorted by name).
+        let names: Vec<&str> = p.features.iter().map(|(k, _)| k).collect();
+        assert_eq!(names, ["age", "city", "income", "vip"]);
+        let rec: Value = serde_json::from_str(
+            r#"{"id":"7f3a","resolved_at":"2024-12-03T09:30:00Z","outcome":"reject"}"#,
+        )
+        .unwrap();
+        let g = m.labels.unwrap().map(&rec, &[]).unwrap();
+        let want: Value = serde_json::from_str(
+            r#"{"request_id":"7f3a","timestamp":1733218200000,"actual_label":"reject"}"#,
+        )
+        .unwrap();
+        assert_eq!(serde_json::to_value(&g).unwrap(), want);
     }
 
     #[test]

@@ -100,5 +100,14 @@ mod example_config {
         assert_eq!(cfg.alerts.rules.len(), 1);
         assert_eq!(cfg.alerts.rules[0].threshold, 0.85);
         assert_eq!(cfg.kafka.properties["security.protocol"], "plaintext");
+        let mapping = &cfg.kafka.mapping;
+        assert!(mapping
+            .predictions
+            .as_ref()
+            .is_some_and(|p| p.features.is_some()));
+        assert!(mapping
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.actual_label.is_some()));
     }
 }

@@ -21,8 +21,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::{json, Map, Value};
 
 use crate::pipeline::{
-    aligned_ago, assert_matches, dataset, expected, mock_cluster, producer, read_final,
-    read_topic, run_idle, sent_first, store_reference, test_config, Dataset, Input, Key,
+    aligned_ago, assert_matches, dataset, expected, mock_cluster, producer, read_final, read_topic,
+    run_idle, sent_first, store_reference, test_config, Dataset, Input, Key,
 };
 use crate::support::clickhouse::unique_database;
 
@@ -271,7 +271,10 @@ fn malformed(shape: Shape, t0: i64) -> Vec<(Input, String, Vec<u8>, &'static str
             )
         }
         Shape::Nested => {
-            pv["meta"]["model"].as_object_mut().unwrap().remove("version");
+            pv["meta"]["model"]
+                .as_object_mut()
+                .unwrap()
+                .remove("version");
             gv.as_object_mut().unwrap().remove("resolved_at");
             (
                 "field mapping: model_version (path \"/meta/model/version\") is missing or null",
@@ -372,7 +375,10 @@ async fn foreign_shapes_give_the_window_metrics_of_the_native_shape() {
     for shape in [Shape::Flat, Shape::Nested] {
         let rows = run(shape, t0).await;
         let only = |a: &BTreeMap<Key, MetricRow>, b: &BTreeMap<Key, MetricRow>| {
-            a.keys().filter(|k| !b.contains_key(*k)).cloned().collect::<Vec<_>>()
+            a.keys()
+                .filter(|k| !b.contains_key(*k))
+                .cloned()
+                .collect::<Vec<_>>()
         };
         assert_eq!(
             (only(&rows, &native), only(&native, &rows)),

@@ -172,10 +172,7 @@ fn encode(shape: Shape, ev: &InputEvent) -> (Vec<u8>, Option<String>) {
         (Shape::Nested, InputEvent::Prediction(p)) => (nested_prediction(p), None),
         (Shape::Nested, InputEvent::GroundTruth(g)) => (nested_label(g), None),
     };
-    (
-        serde_json::to_vec(&value).expect("JSON"),
-        id.map(Clone::clone),
-    )
+    (serde_json::to_vec(&value).expect("JSON"), id.cloned())
 }
 
 async fn send(p: &FutureProducer, topic: &str, key: &str, payload: &[u8], id: Option<&str>) {

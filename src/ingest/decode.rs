@@ -1823,6 +1823,7 @@ mod tests {
                 found: "raw Avro",
             },
             DecodeError::WrongType { found: P, topic: G },
+            DecodeError::Mapping(s("x")),
             DecodeError::Validation(s("x")),
         ]
         .iter()
@@ -1838,6 +1839,7 @@ mod tests {
                 "fingerprint",
                 "format",
                 "wrong_type",
+                "mapping",
                 "validation"
             ]
         );
@@ -2163,7 +2165,47 @@ actual_label = "/outcome"
         assert_eq!(r.unwrap_err().kind(), "validation");
     }
 
+    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::json;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|i| json!(i)),
+            any::<u64>().prop_map(|u| json!(u)),
+            any::<f64>().prop_map(|f| json!(f)),
+            "[0-9a-zA-Z.:+TZ -]{0,24}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map("[a-z]{1,3}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
     proptest! {
+        /// Whatever the values at the mapped paths, the mapped decoder
+        /// returns an event or a dead-letter reason, never panics.
+        #[test]
+        fn mapped_records_of_any_values_never_panic(
+            ver in arb_json(), ts in arb_json(), amount in arb_json(), p in arb_json(),
+            id in proptest::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let rec = serde_json::json!({"ver": ver, "ts": ts, "amount": amount, "p": p});
+            let bytes = serde_json::to_vec(&rec).unwrap();
+            for f in [Format::Auto, Format::Json] {
+                let h = [("x-request-id", id.as_slice())];
+                match mapped(f).decode_with_headers(P, &bytes, &h) {
+                    Ok(ev) => prop_assert!(validate(&ev).is_ok()),
+                    Err(e) => prop_assert!(
+                        ["mapping", "validation"].contains(&e.kind()),
+                        "{}", e
+                    ),
+                }
+            }
+        }
+
         #[test]
         fn apache_avro_reads_what_we_write(p in arb_prediction()) {
             let bytes = encode_avro(&pred(p.clone()));

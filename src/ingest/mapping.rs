@@ -676,7 +676,8 @@ fn feature_value(v: &Value) -> Option<FeatureValue> {
 #[derive(Debug, Clone, PartialEq)]
 enum FieldSet {
     Object(Field),
-    List(Vec<(String, Src)>),
+    /// (`features.<name>` / `segments.<name>` for error texts, name, source).
+    List(Vec<(String, String, Src)>),
 }
 
 impl FieldSet {
@@ -698,16 +699,16 @@ impl FieldSet {
                         "{at} is an empty list, expected at least one source"
                     ));
                 }
-                let mut out: Vec<(String, Src)> = Vec::with_capacity(list.len());
+                let mut out: Vec<(String, String, Src)> = Vec::with_capacity(list.len());
                 for (i, s) in list.iter().enumerate() {
                     let (src, n) = Src::compile(&format!("{at}[{i}]"), s, true)?;
                     let n = n.expect("compile checks named entries have a name");
-                    if out.iter().any(|(k, _)| *k == n) {
+                    if out.iter().any(|(_, k, _)| *k == n) {
                         return Err(format!(
                             "{at}[{i}]: name {n:?} appears twice, expected distinct names (set name = \"...\")"
                         ));
                     }
-                    out.push((n, src));
+                    out.push((format!("{name}.{n}"), n, src));
                 }
                 Ok(Some(FieldSet::List(out)))
             }
@@ -739,14 +740,13 @@ impl FieldSet {
             }
             FieldSet::List(list) => {
                 out.reserve(list.len());
-                for (name, src) in list {
-                    let field = format!("features.{name}");
-                    let fv = match src.find(&field, r, h)? {
+                for (field, name, src) in list {
+                    let fv = match src.find(field, r, h)? {
                         None => continue,
                         Some(Found::Text(s)) => FeatureValue::String(s.to_owned()),
                         Some(Found::Json(v)) => feature_value(v).ok_or_else(|| {
                             mapping(
-                                &field,
+                                field,
                                 src,
                                 &format!(
                                     "expected null, boolean, number or string, got {}",
@@ -784,14 +784,13 @@ impl FieldSet {
                 }
             }
             FieldSet::List(list) => {
-                for (name, src) in list {
-                    let field = format!("segments.{name}");
-                    let s = match src.find(&field, r, h)? {
+                for (field, name, src) in list {
+                    let s = match src.find(field, r, h)? {
                         None | Some(Found::Json(Value::Null)) => continue,
                         Some(Found::Text(s)) => s.to_owned(),
                         Some(Found::Json(v)) => scalar_string(v).ok_or_else(|| {
                             mapping(
-                                &field,
+                                field,
                                 src,
                                 &format!("expected a string, got {}", type_name(v)),
                             )
@@ -927,7 +926,7 @@ impl CompiledPrediction {
 
     fn uses_headers(&self) -> bool {
         let set = |s: &Option<FieldSet>| match s {
-            Some(FieldSet::List(l)) => l.iter().any(|(_, s)| matches!(s, Src::Header(_))),
+            Some(FieldSet::List(l)) => l.iter().any(|(_, _, s)| matches!(s, Src::Header(_))),
             _ => false,
         };
         [

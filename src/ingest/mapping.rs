@@ -519,35 +519,34 @@ impl Field {
         let found = self
             .find(r, h)?
             .ok_or_else(|| self.err("is missing or null"))?;
-        let text = match found {
-            Found::Text(s) => Some(s),
-            Found::Json(Value::String(s)) => Some(s.as_str()),
-            Found::Json(_) => None,
+        let (text, json) = match found {
+            Found::Text(s) => (Some(s), None),
+            Found::Json(Value::String(s)) => (Some(s.as_str()), None),
+            Found::Json(v) => (None, Some(v)),
         };
-        let ms = match (unit, found, text) {
-            (TimestampUnit::Rfc3339, _, Some(s)) => chrono::DateTime::parse_from_rfc3339(s)
+        let ms = match (unit, text, json) {
+            (TimestampUnit::Rfc3339, Some(s), _) => chrono::DateTime::parse_from_rfc3339(s)
                 .map(|t| t.timestamp_millis())
                 .map_err(|_| {
                     self.err("expected an RFC 3339 time such as \"2026-12-02T12:00:00Z\"")
                 })?,
-            (TimestampUnit::Rfc3339, Found::Json(v), None) => {
+            (_, Some(s), _) => numeric_timestamp(unit, Num::parse(s))
+                .ok_or_else(|| self.err(&format!("expected a number of {}", unit.name())))?,
+            (TimestampUnit::Rfc3339, None, v) => {
                 return Err(self.err(&format!(
                     "expected an RFC 3339 string, got {}",
-                    type_name(v)
+                    v.map_or("null", type_name)
                 )))
             }
-            (_, _, Some(s)) => numeric_timestamp(unit, Num::parse(s))
-                .ok_or_else(|| self.err(&format!("expected a number of {}", unit.name())))?,
-            (_, Found::Json(Value::Number(n)), None) => numeric_timestamp(unit, Num::of(n))
+            (_, None, Some(Value::Number(n))) => numeric_timestamp(unit, Num::of(n))
                 .ok_or_else(|| self.err(&format!("out of range as {}", unit.name())))?,
-            (_, Found::Json(v), None) => {
+            (_, None, v) => {
                 return Err(self.err(&format!(
                     "expected a number of {}, got {}",
                     unit.name(),
-                    type_name(v)
+                    v.map_or("null", type_name)
                 )))
             }
-            (_, Found::Text(_), None) => unreachable!("header text is always Some"),
         };
         Ok(ms)
     }

@@ -701,7 +701,9 @@ impl FieldSet {
                 let mut out: Vec<(String, String, Src)> = Vec::with_capacity(list.len());
                 for (i, s) in list.iter().enumerate() {
                     let (src, n) = Src::compile(&format!("{at}[{i}]"), s, true)?;
-                    let n = n.expect("compile checks named entries have a name");
+                    let Some(n) = n else {
+                        return Err(format!("{at}[{i}]: no name, expected name = \"...\""));
+                    };
                     if out.iter().any(|(_, k, _)| *k == n) {
                         return Err(format!(
                             "{at}[{i}]: name {n:?} appears twice, expected distinct names (set name = \"...\")"
@@ -831,7 +833,8 @@ pub struct CompiledLabel {
 }
 
 fn required(f: Result<Option<Field>, String>) -> Result<Field, String> {
-    f.map(|f| f.expect("required fields are checked by Field::compile"))
+    // `Field::compile` with `required` already refuses a missing field.
+    f.and_then(|f| f.ok_or_else(|| "a required mapping field is missing".to_string()))
 }
 
 impl CompiledPrediction {

@@ -1,12 +1,16 @@
 //! Decode throughput of one 25-feature prediction (20 numeric, 5 categorical)
-//! in each wire format, through the same `Decoder` the consumer uses.
+//! in each wire format, through the same `Decoder` the consumer uses; and the
+//! same prediction as JSON records in two foreign shapes read through a field
+//! mapping (`[kafka.mapping]`), against our own JSON.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use modelwatch::config::Format;
 use modelwatch::ingest::decode::{
     encode_avro, encode_confluent, encode_json, encode_single_object, Decoder, EventKind,
 };
+use modelwatch::ingest::mapping::{MappingConfig, Mappings};
 use modelwatch::model::{Entries, FeatureValue, InputEvent, PredictionEvent};
+use serde_json::{json, Map, Value};
 
 fn prediction() -> InputEvent {
     let mut features = Vec::with_capacity(25);
@@ -66,5 +70,117 @@ fn bench_decode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decode);
+/// The prediction as a flat JSON object (features at the top level, the
+/// request id in a header) and as a nested record (features in an object),
+/// with the mappings that read them.
+fn foreign(ev: &InputEvent) -> [(&'static str, Vec<u8>, &'static str); 2] {
+    let InputEvent::Prediction(p) = ev else {
+        unreachable!("a prediction")
+    };
+    let features: Map<String, Value> = p
+        .features
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::to_value(v).unwrap()))
+        .collect();
+    let mut flat = features.clone();
+    flat.insert("svc".into(), json!(p.model_id));
+    flat.insert("ver".into(), json!(p.model_version));
+    flat.insert("ts".into(), json!(p.timestamp));
+    flat.insert("label".into(), json!(p.predicted_label));
+    flat.insert("p".into(), json!(p.score));
+    flat.insert("country".into(), json!("DE"));
+    flat.insert("latency".into(), json!(p.latency_ms));
+    let nested = json!({
+        "meta": {"id": p.request_id, "model": {"name": p.model_id, "version": p.model_version},
+                 "time": p.timestamp},
+        "inputs": features,
+        "output": {"label": p.predicted_label, "p": p.score},
+        "ctx": {"country": "DE"},
+        "perf": {"latency_ms": p.latency_ms},
+    });
+    [
+        (
+            "mapped_flat_listed_features_header_id",
+            serde_json::to_vec(&flat).unwrap(),
+            FLAT,
+        ),
+        (
+            "mapped_nested_feature_object",
+            serde_json::to_vec(&nested).unwrap(),
+            NESTED,
+        ),
+    ]
+}
+
+const FLAT: &str = r#"
+[predictions]
+request_id = { header = "x-request-id" }
+model_id = "/svc"
+model_version = "/ver"
+timestamp = "/ts"
+features = ["/num_00", "/num_01", "/num_02", "/num_03", "/num_04", "/num_05", "/num_06",
+  "/num_07", "/num_08", "/num_09", "/num_10", "/num_11", "/num_12", "/num_13", "/num_14",
+  "/num_15", "/num_16", "/num_17", "/num_18", "/num_19", "/cat_0", "/cat_1", "/cat_2",
+  "/cat_3", "/cat_4"]
+predicted_label = "/label"
+score = "/p"
+segments = ["/country"]
+latency_ms = "/latency"
+"#;
+
+const NESTED: &str = r#"
+[predictions]
+request_id = "/meta/id"
+model_id = "/meta/model/name"
+model_version = "/meta/model/version"
+timestamp = "/meta/time"
+features = "/inputs"
+predicted_label = "/output/label"
+score = "/output/p"
+segments = "/ctx"
+latency_ms = "/perf/latency_ms"
+"#;
+
+fn bench_mapped(c: &mut Criterion) {
+    let ev = prediction();
+    let native = encode_json(&ev);
+    let id = b"7f3c2a9e-4b1d-4c8e-9a55-0d2b7e6f1a33".as_slice();
+    let headers = [
+        (
+            "traceparent",
+            b"00-0af7651916cd43dd-b7ad6b7169203331-01".as_slice(),
+        ),
+        ("x-request-id", id),
+    ];
+    let mut group = c.benchmark_group("decode_json_prediction_25_features");
+    let plain = Decoder::new(Format::Auto);
+    group.bench_function("native_json", |b| {
+        b.iter(|| plain.decode_with_headers(EventKind::Prediction, black_box(&native), &headers))
+    });
+    for (name, bytes, mapping) in foreign(&ev) {
+        let cfg: MappingConfig = toml::from_str(mapping).unwrap();
+        let decoder = Decoder::new(Format::Auto)
+            .with_mappings(Mappings::compile(&cfg, Format::Auto).unwrap());
+        // Sanity: the mapped event is the native one (features in name
+        // order for the object form).
+        let mut got = decoder
+            .decode_with_headers(EventKind::Prediction, &bytes, &headers)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut want = ev.clone();
+        for e in [&mut got, &mut want] {
+            if let InputEvent::Prediction(p) = e {
+                p.features.0.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+        }
+        assert_eq!(got, want, "{name}");
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                decoder.decode_with_headers(EventKind::Prediction, black_box(&bytes), &headers)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_decode, bench_mapped);
 criterion_main!(benches);

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use futures::FutureExt;
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 
 use crate::config::{Config, JOIN_BYTES_PER_REQUEST};
 use crate::ingest::bounds::EventBounds;
@@ -37,6 +37,7 @@ use crate::ingest::consumer::{
     commit, group_instance_id, input_consumer, release_revoked, Assignment, InputConsumer,
 };
 use crate::ingest::decode::{Decoder, EventKind};
+use crate::ingest::mapping::Mappings;
 use crate::ingest::offsets::{Positions, Step};
 use crate::join::Source;
 use crate::metrics::aggregator::{WindowHistogram, WindowRow};
@@ -448,6 +449,10 @@ impl Service {
     /// Connects to ClickHouse (migrating it), loads reference profiles,
     /// creates the Kafka clients and subscribes.
     pub async fn start(cfg: Config) -> Result<Service> {
+        // Checked by `Config::validate` at load; a configuration built in
+        // code is checked here.
+        let mappings = Mappings::compile(&cfg.kafka.mapping, cfg.kafka.format)
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let sink = ClickHouseSink::new(&cfg.clickhouse);
         sink.ping().await.map_err(|e| {
             // Unreachable: say how to get a server; anything else (a TLS
@@ -532,7 +537,7 @@ impl Service {
             last_flush_end: Instant::now(),
             paused: None,
             p: Processing {
-                decoder: Decoder::new(cfg.kafka.format),
+                decoder: Decoder::new(cfg.kafka.format).with_mappings(mappings),
                 bounds: EventBounds::new(&cfg.limits),
                 core,
                 cold,
@@ -785,7 +790,24 @@ impl Service {
         wall_ms: i64,
     ) {
         self.p
-            .handle(topic, partition, offset, key, payload, wall_ms)
+            .handle(topic, partition, offset, key, payload, &[], wall_ms)
+    }
+
+    /// [`Service::handle`] with the message's headers (`(key, value)`), which
+    /// mapped fields may read (`[kafka.mapping]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_with_headers(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+        wall_ms: i64,
+    ) {
+        self.p
+            .handle(topic, partition, offset, key, payload, headers, wall_ms)
     }
 
     /// Advances the core (or, with `close_all`, closes every window) and
@@ -1159,6 +1181,7 @@ impl Service {
 }
 
 impl Processing {
+    #[allow(clippy::too_many_arguments)]
     fn handle(
         &mut self,
         topic: &str,
@@ -1166,6 +1189,7 @@ impl Processing {
         offset: i64,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
         wall_ms: i64,
     ) {
         match self.positions.advance(topic, partition, offset) {
@@ -1216,7 +1240,7 @@ impl Processing {
         // the wall clock, sizes by `[limits]` (crate::ingest::bounds).
         let decoded = self
             .decoder
-            .decode(kind, bytes)
+            .decode_with_headers(kind, bytes, headers)
             .and_then(|ev| self.bounds.check(&ev, wall_ms).map(|()| ev));
         if self.cold.requests > 0 {
             let id = match &decoded {
@@ -1637,12 +1661,21 @@ fn consume(
     if !changes.is_empty() {
         p.apply_assignment(changes);
     }
+    // Collected only when a mapped field reads a header (`[kafka.mapping]`);
+    // a header without a value is left out, as if absent.
+    let mut headers: Vec<(&str, &[u8])> = Vec::new();
+    if p.decoder.mappings().uses_headers() {
+        if let Some(h) = msg.headers() {
+            headers.extend(h.iter().filter_map(|h| h.value.map(|v| (h.key, v))));
+        }
+    }
     p.handle(
         msg.topic(),
         msg.partition(),
         msg.offset(),
         msg.key(),
         msg.payload(),
+        &headers,
         now,
     );
     if !p.rewinds.is_empty() {

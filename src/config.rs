@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::ingest::mapping::{MappingConfig, Mappings};
 use crate::metrics::DriftMethod;
 use crate::model::Severity;
 
@@ -265,6 +266,12 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties passed through to every client (e.g. `security.protocol`).
     #[serde(serialize_with = "masked_properties")]
     pub properties: BTreeMap<String, String>,
+    /// `[kafka.mapping.predictions]` / `[kafka.mapping.labels]`: where our
+    /// fields are in records of the user's own shape (JSON Pointer paths,
+    /// constants, headers; README, "Field mapping"). Default: none, each
+    /// topic carries our own shape.
+    #[serde(skip_serializing_if = "MappingConfig::is_empty")]
+    pub mapping: MappingConfig,
 }
 
 impl Default for KafkaConfig {
@@ -278,6 +285,7 @@ impl Default for KafkaConfig {
             dead_letter_topic: "modelwatch-dead-letter".into(),
             format: Format::Auto,
             properties: BTreeMap::new(),
+            mapping: MappingConfig::default(),
         }
     }
 }
@@ -1265,6 +1273,9 @@ impl Config {
         }
         self.validate_insert_timeout()?;
         self.validate_kafka_security()?;
+        if let Err(e) = Mappings::compile(&k.mapping, k.format) {
+            bail!("invalid configuration: {e}");
+        }
         let w = &self.windows;
         if w.sizes.is_empty() {
             bail!("invalid configuration: windows.sizes is empty, expected at least one size such as \"5m\"");
@@ -1746,6 +1757,52 @@ mod tests {
         );
         assert_eq!(c.clickhouse.password.expose(), "12345");
         assert_eq!(c.drift.bins, 20);
+    }
+
+    #[test]
+    fn field_mappings_load_and_are_checked_naming_the_field() {
+        let mapping = "[kafka.mapping.predictions]\nrequest_id = { header = \"x-request-id\" }\nmodel_id = { value = \"fraud\" }\nmodel_version = \"/ver\"\ntimestamp = \"/ts\"\ntimestamp_unit = \"s\"\nfeatures = [\"/amount\"]\nscore = \"/p\"\n[kafka.mapping.labels]\nrequest_id = \"/id\"\ntimestamp = \"/at\"\ntimestamp_unit = \"rfc3339\"\nactual_label = \"/outcome\"\n";
+        let f = write(mapping);
+        let c = load(
+            Some(f.path()),
+            &env(&[("MODELWATCH_KAFKA__MAPPING__LABELS__ACTUAL_VALUE", "/amount")]),
+        )
+        .unwrap();
+        let p = c.kafka.mapping.predictions.as_ref().unwrap();
+        assert_eq!(
+            p.model_version,
+            Some(crate::ingest::mapping::Source::path("/ver"))
+        );
+        let l = c.kafka.mapping.labels.as_ref().unwrap();
+        assert_eq!(
+            l.actual_value,
+            Some(crate::ingest::mapping::Source::path("/amount"))
+        );
+        // The configuration prints with its mapping.
+        assert!(format!("{:?}", c.kafka).contains("x-request-id"));
+        assert!(load(None, &env(&[])).unwrap().kafka.mapping.is_empty());
+        for (text, want) in [
+            (
+                "[kafka.mapping.labels]\nrequest_id = \"id\"\ntimestamp = \"/at\"\nactual_label = \"/l\"\n",
+                "invalid configuration: kafka.mapping.labels.request_id: \"id\" is not a JSON Pointer",
+            ),
+            (
+                "[kafka.mapping.labels]\nrequest_id = \"/id\"\nactual_label = \"/l\"\n",
+                "invalid configuration: kafka.mapping.labels.timestamp is missing",
+            ),
+            (
+                "[kafka.mapping.labels]\nrequest_id = \"/id\"\ntimestamp = \"/at\"\nlabel = \"/l\"\n",
+                "unknown field `label`",
+            ),
+            (
+                &format!("[kafka]\nformat = \"avro\"\n{mapping}"),
+                "invalid configuration: kafka.mapping is set with kafka.format = \"avro\"",
+            ),
+        ] {
+            let f = write(text);
+            let err = format!("{:#}", load(Some(f.path()), &env(&[])).unwrap_err());
+            assert!(err.contains(want), "{text}: {err}");
+        }
     }
 
     #[test]

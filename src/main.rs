@@ -268,6 +268,12 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
                 prop("sasl.username"),
                 prop("ssl.ca.location")
             );
+            let shape = |mapped: bool| if mapped { "mapped" } else { "ours" };
+            println!(
+                "kafka record shape ([kafka.mapping]): predictions={} labels={}",
+                shape(cfg.kafka.mapping.predictions.is_some()),
+                shape(cfg.kafka.mapping.labels.is_some())
+            );
             let or_dash = |s: &str| {
                 if s.is_empty() {
                     "-".to_owned()

@@ -24,6 +24,7 @@ use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use super::avro;
+use super::mapping::Mappings;
 use crate::config::Format;
 use crate::model::{
     AlertEvent, Entries, FeatureValue, GroundTruthEvent, InputEvent, PredictionEvent,
@@ -209,6 +210,10 @@ pub enum DecodeError {
         /// The event type the topic carries.
         topic: EventKind,
     },
+    /// A record in the user's shape (`[kafka.mapping]`) whose mapped field
+    /// is missing or of the wrong type: names our field and its source.
+    #[error("field mapping: {0}")]
+    Mapping(String),
     /// Decoded, but a field value is invalid.
     #[error("invalid event: {0}")]
     Validation(String),
@@ -244,6 +249,7 @@ impl DecodeError {
             DecodeError::Fingerprint { .. } => "fingerprint",
             DecodeError::Format { .. } => "format",
             DecodeError::WrongType { .. } => "wrong_type",
+            DecodeError::Mapping(_) => "mapping",
             DecodeError::Validation(_) => "validation",
             DecodeError::Timestamp { .. } => "timestamp",
             DecodeError::Limit { .. } => "limit",
@@ -276,6 +282,8 @@ fn invalid(msg: impl Into<String>) -> DecodeError {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     format: Format,
+    /// `[kafka.mapping]`: topics whose records are in the user's shape.
+    mappings: Mappings,
 }
 
 impl Decoder {
@@ -283,7 +291,87 @@ impl Decoder {
     pub fn new(format: Format) -> Self {
         // Parse the schemas now rather than on the first message.
         LazyLock::force(&SCHEMAS);
-        Decoder { format }
+        Decoder {
+            format,
+            mappings: Mappings::default(),
+        }
+    }
+
+    /// This decoder, reading the records of the mapped topics with `mappings`
+    /// (see [`super::mapping`]).
+    pub fn with_mappings(mut self, mappings: Mappings) -> Self {
+        self.mappings = mappings;
+        self
+    }
+
+    /// The field mappings.
+    pub fn mappings(&self) -> &Mappings {
+        &self.mappings
+    }
+
+    /// Decodes and validates one message from the topic of `kind`, with its
+    /// headers (`(key, value)`, for mapped fields read from a header). The
+    /// payload of a mapped topic must be a JSON record; other topics are
+    /// read as [`Decoder::decode`] does.
+    pub fn decode_with_headers(
+        &self,
+        kind: EventKind,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+    ) -> Result<InputEvent, DecodeError> {
+        if !self.is_mapped(kind) {
+            return self.decode(kind, payload);
+        }
+        if payload.iter().all(u8::is_ascii_whitespace) {
+            return Err(DecodeError::Empty);
+        }
+        match sniff(payload) {
+            wire @ (WireFormat::Confluent | WireFormat::SingleObject) => {
+                return Err(DecodeError::Format {
+                    expected: "a JSON record (kafka.mapping is set for this topic)",
+                    found: wire.name(),
+                })
+            }
+            WireFormat::Json | WireFormat::RawAvro => {}
+        }
+        let record: serde_json::Value =
+            serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+        self.map_record(kind, &record, headers)
+            .unwrap_or_else(|| self.decode(kind, payload))
+    }
+
+    /// True when the records of the topic of `kind` are in the user's shape.
+    pub fn is_mapped(&self, kind: EventKind) -> bool {
+        match kind {
+            EventKind::Prediction => self.mappings.predictions.is_some(),
+            EventKind::GroundTruth => self.mappings.labels.is_some(),
+        }
+    }
+
+    /// The validated event of a record in the user's shape (a parsed JSON
+    /// message, or any record turned into JSON), by the mapping of the topic
+    /// of `kind`; `None` when that topic is not mapped.
+    pub fn map_record(
+        &self,
+        kind: EventKind,
+        record: &serde_json::Value,
+        headers: &[(&str, &[u8])],
+    ) -> Option<Result<InputEvent, DecodeError>> {
+        let ev = match kind {
+            EventKind::Prediction => self
+                .mappings
+                .predictions
+                .as_ref()?
+                .map(record, headers)
+                .map(InputEvent::Prediction),
+            EventKind::GroundTruth => self
+                .mappings
+                .labels
+                .as_ref()?
+                .map(record, headers)
+                .map(InputEvent::GroundTruth),
+        };
+        Some(ev.and_then(|ev| validate(&ev).map(|()| ev)))
     }
 
     /// The configured format.
@@ -1735,6 +1823,7 @@ mod tests {
                 found: "raw Avro",
             },
             DecodeError::WrongType { found: P, topic: G },
+            DecodeError::Mapping(s("x")),
             DecodeError::Validation(s("x")),
         ]
         .iter()
@@ -1750,6 +1839,7 @@ mod tests {
                 "fingerprint",
                 "format",
                 "wrong_type",
+                "mapping",
                 "validation"
             ]
         );
@@ -1932,7 +2022,190 @@ mod tests {
         }
     }
 
+    // ------------------------------------------------------- field mapping
+
+    fn mapped(format: Format) -> Decoder {
+        let cfg: crate::ingest::mapping::MappingConfig = toml::from_str(
+            r#"
+[predictions]
+request_id = { header = "x-request-id" }
+model_id = { value = "fraud" }
+model_version = "/ver"
+timestamp = "/ts"
+timestamp_unit = "s"
+features = ["/amount"]
+score = "/p"
+[labels]
+request_id = "/id"
+timestamp = "/at"
+timestamp_unit = "rfc3339"
+actual_label = "/outcome"
+"#,
+        )
+        .unwrap();
+        Decoder::new(format).with_mappings(Mappings::compile(&cfg, format).unwrap())
+    }
+
+    #[test]
+    fn mapped_topics_read_json_records_in_the_users_shape() {
+        let h = [("x-request-id", b"a1".as_slice())];
+        for f in [Format::Auto, Format::Json] {
+            let d = mapped(f);
+            let ev = d
+                .decode_with_headers(
+                    P,
+                    br#" {"ver":"3","ts":1733140000,"amount":12.5,"p":0.91}"#,
+                    &h,
+                )
+                .unwrap();
+            assert_eq!(
+                ev,
+                pred(PredictionEvent {
+                    request_id: s("a1"),
+                    model_id: s("fraud"),
+                    model_version: s("3"),
+                    timestamp: 1_733_140_000_000,
+                    features: Entries(vec![(s("amount"), FeatureValue::Double(12.5))]),
+                    score: Some(0.91),
+                    ..Default::default()
+                })
+            );
+            let ev = d
+                .decode_with_headers(
+                    G,
+                    br#"{"id":7,"at":"2024-12-02T12:00:00Z","outcome":"1"}"#,
+                    &[],
+                )
+                .unwrap();
+            assert_eq!(
+                ev,
+                gt(GroundTruthEvent {
+                    request_id: s("7"),
+                    timestamp: 1_733_140_800_000,
+                    actual_label: Some(s("1")),
+                    actual_value: None,
+                })
+            );
+            // Our own shape on a mapped topic: the mapped paths are missing.
+            let native = encode_json(&pred(oracle_prediction_min()));
+            let e = d.decode_with_headers(P, &native, &h).unwrap_err();
+            assert_eq!(e.kind(), "mapping", "{e}");
+            assert_eq!(
+                e.to_string(),
+                "field mapping: model_version (path \"/ver\") is missing or null"
+            );
+            // Avro framings are refused; broken JSON is a JSON error.
+            for bytes in [
+                encode_confluent(&pred(oracle_prediction_min()), 1),
+                encode_single_object(&pred(oracle_prediction_min())),
+            ] {
+                let e = d.decode_with_headers(P, &bytes, &h).unwrap_err();
+                assert_eq!(e.kind(), "format", "{e}");
+                assert!(e.to_string().contains("kafka.mapping is set"), "{e}");
+            }
+            assert_eq!(
+                d.decode_with_headers(P, b"{\"ver\":", &h)
+                    .unwrap_err()
+                    .kind(),
+                "json"
+            );
+            assert_eq!(
+                d.decode_with_headers(P, b" \n", &h).unwrap_err(),
+                DecodeError::Empty
+            );
+            // The event rules apply to mapped events too.
+            let e = d
+                .decode_with_headers(P, br#"{"ver":"3","ts":1733140000,"p":1.5}"#, &h)
+                .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "invalid event: score 1.5 out of range [0, 1]"
+            );
+            let e = d
+                .decode_with_headers(P, br#"{"ver":"","ts":1733140000,"p":0.5}"#, &h)
+                .unwrap_err();
+            assert_eq!(e.kind(), "validation", "{e}");
+            let e = d
+                .decode_with_headers(P, br#"{"ver":"3","ts":-5,"p":0.5}"#, &h)
+                .unwrap_err();
+            assert_eq!(e.kind(), "validation", "{e}");
+        }
+    }
+
+    #[test]
+    fn unmapped_topics_decode_as_before() {
+        let cfg: crate::ingest::mapping::MappingConfig = toml::from_str(
+            "[labels]\nrequest_id = \"/id\"\ntimestamp = \"/at\"\nactual_value = \"/v\"\n",
+        )
+        .unwrap();
+        let d = auto().with_mappings(Mappings::compile(&cfg, Format::Auto).unwrap());
+        assert!(d.is_mapped(G) && !d.is_mapped(P));
+        assert!(!d.mappings().uses_headers());
+        for (_, bytes) in all_encodings(&pred(oracle_prediction_min())) {
+            assert_eq!(
+                d.decode_with_headers(P, &bytes, &[]).unwrap(),
+                pred(oracle_prediction_min())
+            );
+        }
+        assert_eq!(
+            d.decode_with_headers(G, br#"{"id":"x","at":5,"v":2}"#, &[])
+                .unwrap(),
+            gt(GroundTruthEvent {
+                request_id: s("x"),
+                timestamp: 5,
+                actual_label: None,
+                actual_value: Some(2.0),
+            })
+        );
+        // map_record: the entry point for records decoded elsewhere.
+        assert!(d.map_record(P, &serde_json::json!({}), &[]).is_none());
+        let r = d
+            .map_record(G, &serde_json::json!({"id":"x","at":5}), &[])
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), "validation");
+    }
+
+    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::json;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|i| json!(i)),
+            any::<u64>().prop_map(|u| json!(u)),
+            any::<f64>().prop_map(|f| json!(f)),
+            "[0-9a-zA-Z.:+TZ -]{0,24}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map("[a-z]{1,3}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
     proptest! {
+        /// Whatever the values at the mapped paths, the mapped decoder
+        /// returns an event or a dead-letter reason, never panics.
+        #[test]
+        fn mapped_records_of_any_values_never_panic(
+            ver in arb_json(), ts in arb_json(), amount in arb_json(), p in arb_json(),
+            id in proptest::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let rec = serde_json::json!({"ver": ver, "ts": ts, "amount": amount, "p": p});
+            let bytes = serde_json::to_vec(&rec).unwrap();
+            for f in [Format::Auto, Format::Json] {
+                let h = [("x-request-id", id.as_slice())];
+                match mapped(f).decode_with_headers(P, &bytes, &h) {
+                    Ok(ev) => prop_assert!(validate(&ev).is_ok()),
+                    Err(e) => prop_assert!(
+                        ["mapping", "validation"].contains(&e.kind()),
+                        "{}", e
+                    ),
+                }
+            }
+        }
+
         #[test]
         fn apache_avro_reads_what_we_write(p in arb_prediction()) {
             let bytes = encode_avro(&pred(p.clone()));

@@ -10,6 +10,8 @@
 //! - [`clickhouse_tls`]: the binary and the API over HTTPS (ClickHouse's own
 //!   `https_port`, a test-made CA, mutual TLS).
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
+//! - [`mapping`]: the same events in our shape and two foreign shapes
+//!   (`[kafka.mapping]`) give the same `window_metrics FINAL`.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
 //! - [`kafka_tls`]: the binary over SSL and SASL_SSL (SCRAM) through stunnel in front of tansu.
 //! - [`outputs`]: outputs that can never be written (rejected rows, oversized
@@ -37,6 +39,7 @@ mod hostile;
 mod http_hardening;
 mod kafka_tls;
 mod live_crash;
+mod mapping;
 mod outputs;
 mod pipeline;
 mod rebalance;
@@ -100,5 +103,14 @@ mod example_config {
         assert_eq!(cfg.alerts.rules.len(), 1);
         assert_eq!(cfg.alerts.rules[0].threshold, 0.85);
         assert_eq!(cfg.kafka.properties["security.protocol"], "plaintext");
+        let mapping = &cfg.kafka.mapping;
+        assert!(mapping
+            .predictions
+            .as_ref()
+            .is_some_and(|p| p.features.is_some()));
+        assert!(mapping
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.actual_label.is_some()));
     }
 }

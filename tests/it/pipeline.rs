@@ -592,7 +592,7 @@ pub(crate) async fn send(p: &FutureProducer, topic: &str, key: &str, payload: &[
 }
 
 /// True for the labels the dataset sends before every prediction.
-fn sent_first(l: &GroundTruthEvent) -> bool {
+pub(crate) fn sent_first(l: &GroundTruthEvent) -> bool {
     l.request_id
         .strip_prefix('r')
         .and_then(|i| i.parse::<i64>().ok())
@@ -676,7 +676,7 @@ pub(crate) fn aligned_ago(ago_ms: i64) -> i64 {
     t - t.rem_euclid(WINDOW_MS)
 }
 
-async fn run_idle(service: &mut Service) {
+pub(crate) async fn run_idle(service: &mut Service) {
     tokio::time::timeout(
         Duration::from_secs(90),
         service.run_until_idle(std::future::pending()),
@@ -806,7 +806,7 @@ pub(crate) fn assert_committed_to_end(brokers: &str, group: &str) {
 
 /// Builds the `clf` reference from the dataset's reference events (through
 /// `reference import`'s function) and stores it for the service to load.
-async fn store_reference(cfg: &Config, d: &Dataset) {
+pub(crate) async fn store_reference(cfg: &Config, d: &Dataset) {
     let file = reference_file(&d.reference);
     let profile = build_reference_from_file(file.path(), CLF, "v1", &drift_config(cfg))
         .expect("reference profile");

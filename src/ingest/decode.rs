@@ -12,18 +12,24 @@
 //! closed set by definition); `severity` is a string (`warning` | `critical`)
 //! so that a new level does not break existing readers.
 //!
-//! Confluent framing: the schema id is skipped, not looked up in a registry;
-//! the datum is read with our own schema, so producers must register a schema
-//! with the same fields in the same order (the `.avsc` in `schemas/`).
+//! Confluent framing without a Schema Registry (`kafka.schema_registry.url`
+//! empty): the schema id is skipped; the datum is read with our own schema,
+//! so producers must register a schema with the same fields in the same
+//! order (the `.avsc` in `schemas/`). With a registry, the writer schema of
+//! the id is taken from a [`SchemaCache`] the service fills before the
+//! message is decoded, and resolved against ours ([`super::resolve`]); an id
+//! the registry does not know, or a schema ours cannot read, is an error of
+//! kind `schema`.
 
 use std::fmt;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use apache_avro::Schema;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use super::avro;
+use super::resolve::{self, Plan, ResolveError, SchemaCache};
 use crate::config::Format;
 use crate::model::{
     AlertEvent, Entries, FeatureValue, GroundTruthEvent, InputEvent, PredictionEvent,
@@ -209,6 +215,10 @@ pub enum DecodeError {
         /// The event type the topic carries.
         topic: EventKind,
     },
+    /// A Confluent frame whose writer schema (from the Schema Registry) is
+    /// unknown, not Avro, or cannot be read as our event.
+    #[error("schema: {0}")]
+    Schema(String),
     /// Decoded, but a field value is invalid.
     #[error("invalid event: {0}")]
     Validation(String),
@@ -242,6 +252,7 @@ impl DecodeError {
             DecodeError::Avro(_) => "avro",
             DecodeError::Framing(_) => "framing",
             DecodeError::Fingerprint { .. } => "fingerprint",
+            DecodeError::Schema(_) => "schema",
             DecodeError::Format { .. } => "format",
             DecodeError::WrongType { .. } => "wrong_type",
             DecodeError::Validation(_) => "validation",
@@ -276,6 +287,8 @@ fn invalid(msg: impl Into<String>) -> DecodeError {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     format: Format,
+    /// Writer schemas of Confluent frames, when a Schema Registry is set.
+    registry: Option<Arc<SchemaCache>>,
 }
 
 impl Decoder {
@@ -283,7 +296,17 @@ impl Decoder {
     pub fn new(format: Format) -> Self {
         // Parse the schemas now rather than on the first message.
         LazyLock::force(&SCHEMAS);
-        Decoder { format }
+        Decoder {
+            format,
+            registry: None,
+        }
+    }
+
+    /// Confluent frames resolved with the writer schemas in `cache` (filled
+    /// from the Schema Registry by the service) instead of read as ours.
+    pub fn with_registry(mut self, cache: Arc<SchemaCache>) -> Self {
+        self.registry = Some(cache);
+        self
     }
 
     /// The configured format.
@@ -309,9 +332,10 @@ impl Decoder {
                     other => other?,
                 }
             }
-            (Format::Auto | Format::ConfluentAvro, WireFormat::Confluent) => {
-                decode_confluent(kind, payload)?
-            }
+            (Format::Auto | Format::ConfluentAvro, WireFormat::Confluent) => match &self.registry {
+                Some(cache) => decode_registry(kind, payload, cache)?,
+                None => decode_confluent(kind, payload)?,
+            },
             (Format::Auto | Format::Avro, WireFormat::SingleObject) => {
                 decode_single_object(kind, payload)?
             }
@@ -377,6 +401,46 @@ fn decode_confluent(kind: EventKind, payload: &[u8]) -> Result<InputEvent, Decod
     match payload.get(5..) {
         Some(datum) => decode_raw(kind, datum),
         None => Err(DecodeError::Framing(payload.len())),
+    }
+}
+
+/// A Confluent frame read with the writer schema of its id (module doc).
+fn decode_registry(
+    kind: EventKind,
+    payload: &[u8],
+    cache: &SchemaCache,
+) -> Result<InputEvent, DecodeError> {
+    let (Some(id), Some(datum)) = (resolve::confluent_id(payload), payload.get(5..)) else {
+        return Err(DecodeError::Framing(payload.len()));
+    };
+    let Some(entry) = cache.get(id) else {
+        // The service fetches every id before decoding: not reached.
+        return Err(DecodeError::Schema(format!(
+            "schema id {id} was not fetched from the registry"
+        )));
+    };
+    let ws = match &*entry {
+        Ok(ws) => ws,
+        Err(reason) => return Err(DecodeError::Schema(format!("schema id {id}: {reason}"))),
+    };
+    match ws.plan(kind) {
+        Plan::Ours => decode_raw(kind, datum),
+        Plan::Incompatible(reason) => Err(DecodeError::Schema(format!(
+            "schema id {id} on the {kind} topic: {reason}"
+        ))),
+        Plan::Resolve { writer, names } => {
+            let reader = match kind {
+                EventKind::Prediction => &SCHEMAS.prediction,
+                EventKind::GroundTruth => &SCHEMAS.ground_truth,
+            };
+            match resolve::resolve_datum(writer, names, reader, datum) {
+                Ok(ours) => read_datum(kind, &ours).map_err(Into::into),
+                Err(ResolveError::Datum(e)) => Err(e.into()),
+                Err(ResolveError::Resolve(e)) => Err(DecodeError::Schema(format!(
+                    "schema id {id}: a value does not resolve against the {kind} schema: {e}"
+                ))),
+            }
+        }
     }
 }
 
@@ -1629,7 +1693,7 @@ mod tests {
         let e = auto().decode(P, &b).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "invalid Avro datum: features: map block of 2199023255552 entries in 0 bytes"
+            "invalid Avro datum: features: block of 2199023255552 items in 0 bytes"
         );
         // A string announcing 2^62 bytes.
         let e = auto()
@@ -1736,6 +1800,7 @@ mod tests {
             },
             DecodeError::WrongType { found: P, topic: G },
             DecodeError::Validation(s("x")),
+            DecodeError::Schema(s("x")),
         ]
         .iter()
         .map(DecodeError::kind)
@@ -1750,7 +1815,8 @@ mod tests {
                 "fingerprint",
                 "format",
                 "wrong_type",
-                "validation"
+                "validation",
+                "schema"
             ]
         );
     }

@@ -113,7 +113,8 @@ impl EventKind {
         }
     }
 
-    fn other(self) -> EventKind {
+    /// The event type of the other input topic.
+    pub(crate) fn other(self) -> EventKind {
         match self {
             EventKind::Prediction => EventKind::GroundTruth,
             EventKind::GroundTruth => EventKind::Prediction,
@@ -425,6 +426,10 @@ fn decode_registry(
     };
     match ws.plan(kind) {
         Plan::Ours => decode_raw(kind, datum),
+        Plan::OtherType => Err(DecodeError::WrongType {
+            found: kind.other(),
+            topic: kind,
+        }),
         Plan::Incompatible(reason) => Err(DecodeError::Schema(format!(
             "schema id {id} on the {kind} topic: {reason}"
         ))),

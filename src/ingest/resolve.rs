@@ -16,6 +16,8 @@
 //!   fields we do not know skipped, our fields missing in the writer filled
 //!   by their defaults, int -> long -> float -> double and string <-> bytes
 //!   promotions, union branches matched by type), and converted;
+//! - our schema of the other input topic: a `wrong_type` dead letter, as
+//!   without a registry;
 //! - incompatible (e.g. a field of ours without a default that the writer
 //!   lacks, a type that does not promote): every message written with it is
 //!   a dead letter of kind `schema` with the reason.
@@ -53,6 +55,9 @@ pub enum Plan {
         /// Its named types, for references.
         names: HashMap<Name, Schema>,
     },
+    /// Our schema of the other input topic (a label on the predictions
+    /// topic, or the reverse).
+    OtherType,
     /// Cannot be read as our event: why.
     Incompatible(String),
 }
@@ -119,6 +124,9 @@ fn our_canonical(kind: EventKind) -> &'static str {
 fn plan(writer: &Schema, canonical: Option<&str>, kind: EventKind) -> Plan {
     if canonical == Some(our_canonical(kind)) {
         return Plan::Ours;
+    }
+    if canonical == Some(our_canonical(kind.other())) {
+        return Plan::OtherType;
     }
     plan_against(writer, reader(kind))
 }
@@ -299,5 +307,322 @@ pub fn confluent_id(payload: &[u8]) -> Option<u32> {
     match payload {
         [super::decode::CONFLUENT_MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Format;
+    use crate::ingest::decode::{encode_confluent, Decoder, PREDICTION_SCHEMA};
+    use crate::model::{Entries, FeatureValue, GroundTruthEvent, InputEvent, PredictionEvent};
+    use apache_avro::types::Value;
+
+    const P: EventKind = EventKind::Prediction;
+    const G: EventKind = EventKind::GroundTruth;
+
+    /// A producer's own prediction schema: other name, other field order,
+    /// fields we do not know (one a nested record), `predicted_label` and
+    /// `class_probabilities` missing (our defaults fill them), the
+    /// timestamp a plain long, the latency a float, the score required.
+    const FOREIGN: &str = r#"{"type":"record","name":"Inference","namespace":"com.acme","fields":[
+        {"name":"trace_id","type":"string"},
+        {"name":"timestamp","type":"long"},
+        {"name":"model_version","type":"string"},
+        {"name":"model_id","type":"string"},
+        {"name":"host","type":{"type":"record","name":"Host","fields":[{"name":"name","type":"string"},{"name":"cpus","type":"int"}]}},
+        {"name":"request_id","type":"string"},
+        {"name":"segments","type":{"type":"map","values":"string"}},
+        {"name":"score","type":"double"},
+        {"name":"features","type":{"type":"map","values":["string","double","null","boolean","int"]}},
+        {"name":"latency_ms","type":["null","float"],"default":null},
+        {"name":"predicted_value","type":["double","null"]}
+    ]}"#;
+
+    fn event() -> PredictionEvent {
+        PredictionEvent {
+            request_id: "r-1".into(),
+            model_id: "clf".into(),
+            model_version: "v1".into(),
+            timestamp: 1_700_000_000_000,
+            features: Entries(vec![
+                ("x".into(), FeatureValue::Double(2.5)),
+                ("n".into(), FeatureValue::Long(7)),
+                ("c".into(), FeatureValue::String("red".into())),
+                ("missing".into(), FeatureValue::Null),
+            ]),
+            score: Some(0.25),
+            segments: Entries(vec![("country".into(), "DE".into())]),
+            latency_ms: Some(12.5),
+            ..Default::default()
+        }
+    }
+
+    fn s(x: &str) -> Value {
+        Value::String(x.into())
+    }
+
+    /// `event()` written with [`FOREIGN`].
+    fn foreign_datum() -> Vec<u8> {
+        let schema = Schema::parse_str(FOREIGN).unwrap();
+        let e = event();
+        let v = Value::Record(vec![
+            ("trace_id".into(), s("t-9")),
+            ("timestamp".into(), Value::Long(e.timestamp)),
+            ("model_version".into(), s("v1")),
+            ("model_id".into(), s("clf")),
+            (
+                "host".into(),
+                Value::Record(vec![("name".into(), s("h1")), ("cpus".into(), Value::Int(8))]),
+            ),
+            ("request_id".into(), s("r-1")),
+            (
+                "segments".into(),
+                Value::Map([("country".to_string(), s("DE"))].into()),
+            ),
+            ("score".into(), Value::Double(0.25)),
+            (
+                "features".into(),
+                Value::Map(
+                    [
+                        ("x".to_string(), Value::Union(1, Box::new(Value::Double(2.5)))),
+                        ("n".to_string(), Value::Union(4, Box::new(Value::Int(7)))),
+                        ("c".to_string(), Value::Union(0, Box::new(s("red")))),
+                        ("missing".to_string(), Value::Union(2, Box::new(Value::Null))),
+                    ]
+                    .into(),
+                ),
+            ),
+            ("latency_ms".into(), Value::Union(1, Box::new(Value::Float(12.5)))),
+            ("predicted_value".into(), Value::Union(1, Box::new(Value::Null))),
+        ]);
+        apache_avro::to_avro_datum(&schema, v).unwrap()
+    }
+
+    fn framed(id: u32, datum: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8];
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(datum);
+        out
+    }
+
+    fn sorted(p: &PredictionEvent) -> PredictionEvent {
+        let mut p = p.clone();
+        p.features.0.sort_by(|a, b| a.0.cmp(&b.0));
+        p.segments.0.sort_by(|a, b| a.0.cmp(&b.0));
+        p
+    }
+
+    fn decoder(cache: &Arc<SchemaCache>) -> Decoder {
+        Decoder::new(Format::Auto).with_registry(cache.clone())
+    }
+
+    #[test]
+    fn a_producer_schema_with_other_order_extra_fields_and_defaults_decodes_to_the_same_event() {
+        let cache = Arc::new(SchemaCache::new(10));
+        let ws = WriterSchema::parse(FOREIGN).unwrap();
+        assert!(matches!(ws.prediction, Plan::Resolve { .. }), "{ws:?}");
+        // Avro-wise it is a ground-truth event too (request_id and
+        // timestamp, both of ours with defaults missing): one without a
+        // label, which validation refuses.
+        assert!(matches!(ws.ground_truth, Plan::Resolve { .. }));
+        cache.insert(41, Ok(ws));
+        let got = decoder(&cache).decode(P, &framed(41, &foreign_datum())).unwrap();
+        let InputEvent::Prediction(got) = got else {
+            panic!("{got:?}")
+        };
+        // int -> long (feature n), float -> double (latency), our defaults
+        // for predicted_label and class_probabilities.
+        assert_eq!(sorted(&got), sorted(&event()));
+        let e = decoder(&cache)
+            .decode(G, &framed(41, &foreign_datum()))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid event: ground-truth event has neither actual_label nor actual_value"
+        );
+    }
+
+    #[test]
+    fn our_own_schema_takes_the_fast_path() {
+        let ws = WriterSchema::parse(PREDICTION_SCHEMA).unwrap();
+        assert!(matches!(ws.prediction, Plan::Ours));
+        let cache = Arc::new(SchemaCache::new(10));
+        cache.insert(1, Ok(ws));
+        let ev = InputEvent::Prediction(event());
+        assert_eq!(
+            decoder(&cache).decode(P, &encode_confluent(&ev, 1)).unwrap(),
+            ev
+        );
+        // Ours on the other topic: named as the other event type.
+        let e = decoder(&cache).decode(G, &encode_confluent(&ev, 1)).unwrap_err();
+        assert_eq!(e.kind(), "wrong_type");
+    }
+
+    #[test]
+    fn a_reader_alias_matches_a_writer_field() {
+        let reader = Schema::parse_str(
+            r#"{"type":"record","name":"R","fields":[
+                {"name":"request_id","type":"string","aliases":["req","rid"]},
+                {"name":"value","type":"double","default":0.5}
+            ]}"#,
+        )
+        .unwrap();
+        let writer = Schema::parse_str(
+            r#"{"type":"record","name":"W","fields":[{"name":"x","type":"int"},{"name":"rid","type":"string"}]}"#,
+        )
+        .unwrap();
+        let Plan::Resolve { writer: w, names } = plan_against(&writer, &reader) else {
+            panic!()
+        };
+        let datum = apache_avro::to_avro_datum(
+            &writer,
+            Value::Record(vec![("x".into(), Value::Int(3)), ("rid".into(), s("abc"))]),
+        )
+        .unwrap();
+        let out = resolve_datum(&w, &names, &reader, &datum).unwrap();
+        let v = apache_avro::from_avro_datum(&reader, &mut &out[..], None).unwrap();
+        assert_eq!(
+            v,
+            Value::Record(vec![
+                ("request_id".into(), s("abc")),
+                ("value".into(), Value::Double(0.5))
+            ])
+        );
+        // Without the alias, the field is missing and has no default.
+        let plain = Schema::parse_str(
+            r#"{"type":"record","name":"R","fields":[{"name":"request_id","type":"string"}]}"#,
+        )
+        .unwrap();
+        assert!(matches!(plan_against(&writer, &plain), Plan::Incompatible(_)));
+    }
+
+    #[test]
+    fn promotions_resolve() {
+        let reader = Schema::parse_str(
+            r#"{"type":"record","name":"R","fields":[{"name":"a","type":"long"},{"name":"b","type":"double"},{"name":"c","type":"double"},{"name":"d","type":"bytes"}]}"#,
+        )
+        .unwrap();
+        let writer = Schema::parse_str(
+            r#"{"type":"record","name":"R","fields":[{"name":"a","type":"int"},{"name":"b","type":"float"},{"name":"c","type":"long"},{"name":"d","type":"string"}]}"#,
+        )
+        .unwrap();
+        let Plan::Resolve { writer: w, names } = plan_against(&writer, &reader) else {
+            panic!()
+        };
+        let datum = apache_avro::to_avro_datum(
+            &writer,
+            Value::Record(vec![
+                ("a".into(), Value::Int(-5)),
+                ("b".into(), Value::Float(0.5)),
+                ("c".into(), Value::Long(1 << 40)),
+                ("d".into(), s("hi")),
+            ]),
+        )
+        .unwrap();
+        let out = resolve_datum(&w, &names, &reader, &datum).unwrap();
+        let v = apache_avro::from_avro_datum(&reader, &mut &out[..], None).unwrap();
+        assert_eq!(
+            v,
+            Value::Record(vec![
+                ("a".into(), Value::Long(-5)),
+                ("b".into(), Value::Double(0.5)),
+                ("c".into(), Value::Double((1u64 << 40) as f64)),
+                ("d".into(), Value::Bytes(b"hi".to_vec())),
+            ])
+        );
+    }
+
+    #[test]
+    fn incompatible_and_unknown_schemas_are_schema_errors() {
+        let cache = Arc::new(SchemaCache::new(10));
+        // request_id missing, and ours has no default for it.
+        let missing = r#"{"type":"record","name":"P","fields":[{"name":"model_id","type":"string"}]}"#;
+        let ws = WriterSchema::parse(missing).unwrap();
+        let Plan::Incompatible(why) = &ws.prediction else {
+            panic!("{ws:?}")
+        };
+        assert!(why.contains("request_id"), "{why}");
+        cache.insert(5, Ok(ws));
+        // A type that does not promote: timestamp as a string.
+        let wrong = FOREIGN.replace(
+            r#"{"name":"timestamp","type":"long"}"#,
+            r#"{"name":"timestamp","type":"string"}"#,
+        );
+        cache.insert(6, Ok(WriterSchema::parse(&wrong).unwrap()));
+        cache.insert(7, Err("not found in the registry (40403)".into()));
+        for id in [5, 6, 7, 8] {
+            let e = decoder(&cache)
+                .decode(P, &framed(id, &foreign_datum()))
+                .unwrap_err();
+            assert_eq!(e.kind(), "schema", "{id}: {e}");
+            assert!(e.to_string().contains(&format!("schema id {id}")), "{e}");
+        }
+        assert!(WriterSchema::parse("{\"type\":\"recrd\"}").is_err());
+        // A truncated datum of a known schema is an Avro error.
+        let d = foreign_datum();
+        let e = decoder(&cache)
+            .decode(P, &framed(9, &d[..d.len() - 1]))
+            .unwrap_err();
+        assert_eq!(e.kind(), "schema"); // id 9 unknown
+        cache.insert(9, WriterSchema::parse(FOREIGN));
+        let e = decoder(&cache)
+            .decode(P, &framed(9, &d[..d.len() - 1]))
+            .unwrap_err();
+        assert_eq!(e.kind(), "avro", "{e}");
+        // Without a registry, the id is skipped and the datum read as ours.
+        let e = Decoder::new(Format::Auto)
+            .decode(P, &framed(9, &d))
+            .unwrap_err();
+        assert_eq!(e.kind(), "avro");
+    }
+
+    #[test]
+    fn a_label_schema_of_its_own_resolves_on_the_label_topic() {
+        let text = r#"{"type":"record","name":"Outcome","fields":[
+            {"name":"actual_value","type":["null","double"],"default":null},
+            {"name":"request_id","type":"string"},
+            {"name":"note","type":"string"},
+            {"name":"timestamp","type":"long"},
+            {"name":"actual_label","type":["null","string"],"default":null}]}"#;
+        let schema = Schema::parse_str(text).unwrap();
+        let cache = Arc::new(SchemaCache::new(10));
+        cache.insert(3, WriterSchema::parse(text));
+        let datum = apache_avro::to_avro_datum(
+            &schema,
+            Value::Record(vec![
+                ("actual_value".into(), Value::Union(0, Box::new(Value::Null))),
+                ("request_id".into(), s("r-1")),
+                ("note".into(), s("ok")),
+                ("timestamp".into(), Value::Long(1_700_000_000_500)),
+                ("actual_label".into(), Value::Union(1, Box::new(s("1")))),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            decoder(&cache).decode(G, &framed(3, &datum)).unwrap(),
+            InputEvent::GroundTruth(GroundTruthEvent {
+                request_id: "r-1".into(),
+                timestamp: 1_700_000_000_500,
+                actual_label: Some("1".into()),
+                actual_value: None,
+            })
+        );
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_evicts_the_oldest() {
+        let c = SchemaCache::new(2);
+        for id in 0..5 {
+            c.insert(id, Err("x".into()));
+        }
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.evicted(), 3);
+        assert!(!c.contains(2) && c.contains(3) && c.contains(4));
+        // Re-inserting a held id does not evict.
+        c.insert(4, Err("y".into()));
+        assert_eq!((c.len(), c.evicted()), (2, 3));
+        assert_eq!(confluent_id(&[0, 0, 0, 1, 2, 9]), Some(258));
+        assert_eq!(confluent_id(&[0, 0, 0, 1]), None);
     }
 }

@@ -265,6 +265,93 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties passed through to every client (e.g. `security.protocol`).
     #[serde(serialize_with = "masked_properties")]
     pub properties: BTreeMap<String, String>,
+    /// `[kafka.schema_registry]`: a Confluent Schema Registry for the writer
+    /// schemas of Confluent-framed Avro. Default: none (`url` empty).
+    pub schema_registry: SchemaRegistryConfig,
+}
+
+/// How alerts are framed on the alerts topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlertFraming {
+    /// The raw Avro `AlertEvent` datum (the contract without a registry).
+    #[default]
+    Raw,
+    /// The Confluent wire format: `0x00`, the id the registry gave our
+    /// `AlertEvent` schema under `<alerts_topic>-value`, the datum.
+    Confluent,
+}
+
+/// `[kafka.schema_registry]` (its `Debug` and `Serialize` mask the password
+/// and any credentials in the URL).
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaRegistryConfig {
+    /// Base URL of the registry's REST API (`http://` or `https://`).
+    /// Empty: no registry, the schema id of a Confluent frame is skipped and
+    /// the datum read with our schema. Default empty.
+    #[serde(serialize_with = "masked_url")]
+    pub url: String,
+    /// Basic-auth user (Confluent Cloud: the API key). Default empty (no auth).
+    pub username: String,
+    /// Basic-auth password (or `MODELWATCH_KAFKA__SCHEMA_REGISTRY__PASSWORD`);
+    /// never logged. Default empty.
+    pub password: Secret,
+    /// PEM file of a private CA trusted for an `https://` URL, besides the
+    /// built-in roots. Default empty (built-in roots only).
+    pub ca_file: String,
+    /// Longest one registry request may take. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long a registry that fails transiently (unreachable, timeout,
+    /// 5xx, 429) is retried, with backoff, for a schema id the service has
+    /// not seen yet, before the service stops with an error (nothing is lost:
+    /// a restart resumes from the last checkpoint). Must be less than
+    /// `max.poll.interval.ms`. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub retry_for: Duration,
+    /// Most schema ids held (writer schemas, and ids the registry does not
+    /// know); beyond, the oldest is evicted and fetched again when seen
+    /// (`modelwatch_registry_schemas_evicted_total`). Default 1000.
+    pub max_schemas: usize,
+    /// Alerts topic framing: `raw` (the Avro datum) or `confluent` (our
+    /// `AlertEvent` schema registered at startup under the subject
+    /// `<alerts_topic>-value`, each alert framed with its id; needs `url`).
+    /// Default `raw`.
+    pub alerts: AlertFraming,
+}
+
+impl Default for SchemaRegistryConfig {
+    fn default() -> Self {
+        SchemaRegistryConfig {
+            url: String::new(),
+            username: String::new(),
+            password: Secret::default(),
+            ca_file: String::new(),
+            timeout: Duration::from_secs(10),
+            retry_for: Duration::from_secs(60),
+            max_schemas: 1000,
+            alerts: AlertFraming::Raw,
+        }
+    }
+}
+
+impl SchemaRegistryConfig {
+    /// Whether a registry is configured.
+    pub fn enabled(&self) -> bool {
+        !self.url.trim().is_empty()
+    }
+
+    /// The URL for messages: credentials in it replaced by `***`.
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for SchemaRegistryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_via_serialize("SchemaRegistryConfig", self, f)
+    }
 }
 
 impl Default for KafkaConfig {
@@ -278,6 +365,7 @@ impl Default for KafkaConfig {
             dead_letter_topic: "modelwatch-dead-letter".into(),
             format: Format::Auto,
             properties: BTreeMap::new(),
+            schema_registry: SchemaRegistryConfig::default(),
         }
     }
 }
@@ -1138,6 +1226,8 @@ const STRING_KEYS: &[&str] = &[
     "ground_truth_topic",
     "alerts_topic",
     "dead_letter_topic",
+    "username",
+    "ca_file",
     "listen",
     "tokens",
     "allowed_hosts",
@@ -1194,6 +1284,7 @@ impl Config {
         }
         self.validate_insert_timeout()?;
         self.validate_kafka_security()?;
+        self.validate_schema_registry()?;
         let w = &self.windows;
         if w.sizes.is_empty() {
             bail!("invalid configuration: windows.sizes is empty, expected at least one size such as \"5m\"");
@@ -1357,19 +1448,81 @@ impl Config {
     /// than that would make the broker evict the consumer from its group.
     fn validate_insert_timeout(&self) -> Result<()> {
         let t = self.clickhouse.insert_timeout;
-        let poll_ms: u64 = match self.kafka.properties.get("max.poll.interval.ms") {
-            Some(v) => v.trim().parse().map_err(|_| {
-                anyhow::anyhow!(
-                    "invalid configuration: kafka.properties.\"max.poll.interval.ms\" = {v:?}, expected milliseconds"
-                )
-            })?,
-            None => 300_000,
-        };
+        let poll_ms = self.max_poll_interval_ms()?;
         if t.is_zero() || t.as_millis() >= u128::from(poll_ms) {
             bail!(
                 "invalid configuration: clickhouse.insert_timeout = {:?}, expected more than 0 and less than max.poll.interval.ms ({poll_ms} ms), e.g. \"30s\"",
                 humantime::format_duration(t).to_string()
             );
+        }
+        Ok(())
+    }
+
+    /// The consumer's `max.poll.interval.ms` (librdkafka default 300 s, or
+    /// the `[kafka.properties]` override).
+    fn max_poll_interval_ms(&self) -> Result<u64> {
+        match self.kafka.properties.get("max.poll.interval.ms") {
+            Some(v) => v.trim().parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "invalid configuration: kafka.properties.\"max.poll.interval.ms\" = {v:?}, expected milliseconds"
+                )
+            }),
+            None => Ok(300_000),
+        }
+    }
+
+    /// Checks `[kafka.schema_registry]`: URL scheme, credentials in pairs,
+    /// a readable `ca_file`, positive timeouts, `retry_for` under
+    /// `max.poll.interval.ms`, `max_schemas` at least 1, and a URL when
+    /// alerts are Confluent-framed.
+    fn validate_schema_registry(&self) -> Result<()> {
+        let r = &self.kafka.schema_registry;
+        let bad =
+            |what: &str| anyhow::anyhow!("invalid configuration: kafka.schema_registry.{what}");
+        if !r.enabled() {
+            if r.alerts == AlertFraming::Confluent {
+                return Err(bad(
+                    "alerts = \"confluent\" needs kafka.schema_registry.url (the registry that gives the AlertEvent schema its id)",
+                ));
+            }
+            return Ok(());
+        }
+        let url = r.url.trim();
+        if !(url.starts_with("http://") || url.starts_with("https://"))
+            || url.contains(char::is_whitespace)
+        {
+            return Err(bad(&format!(
+                "url = {:?}, expected an http:// or https:// URL",
+                r.display_url()
+            )));
+        }
+        if r.username.is_empty() != r.password.expose().is_empty() {
+            return Err(bad(
+                "username and password: set both (basic auth) or neither",
+            ));
+        }
+        if !r.ca_file.is_empty() {
+            if !url.starts_with("https://") {
+                return Err(bad(&format!(
+                    "ca_file = {:?} is set but url is not https://",
+                    r.ca_file
+                )));
+            }
+            std::fs::read(&r.ca_file)
+                .map_err(|e| bad(&format!("ca_file = {:?} is not readable: {e}", r.ca_file)))?;
+        }
+        if r.timeout.is_zero() {
+            return Err(bad("timeout = \"0s\", expected more than 0, e.g. \"10s\""));
+        }
+        let poll_ms = self.max_poll_interval_ms()?;
+        if r.retry_for.is_zero() || r.retry_for.as_millis() >= u128::from(poll_ms) {
+            return Err(bad(&format!(
+                "retry_for = {:?}, expected more than 0 and less than max.poll.interval.ms ({poll_ms} ms), e.g. \"60s\"",
+                humantime::format_duration(r.retry_for).to_string()
+            )));
+        }
+        if r.max_schemas == 0 {
+            return Err(bad("max_schemas = 0, expected at least 1, e.g. 1000"));
         }
         Ok(())
     }

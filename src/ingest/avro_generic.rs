@@ -24,8 +24,8 @@ use apache_avro::schema::{
 use apache_avro::types::Value;
 use apache_avro::Schema;
 
-use super::avro::{Reader, MAX_RESERVE};
 pub use super::avro::AvroError;
+use super::avro::{Reader, MAX_RESERVE};
 
 type Result<T> = std::result::Result<T, AvroError>;
 
@@ -73,7 +73,11 @@ pub fn value_to_json(v: &Value) -> serde_json::Value {
     match v {
         Value::Union(_, b) => value_to_json(b),
         Value::Array(items) => J::Array(items.iter().map(value_to_json).collect()),
-        Value::Map(m) => J::Object(m.iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect()),
+        Value::Map(m) => J::Object(
+            m.iter()
+                .map(|(k, v)| (k.clone(), value_to_json(v)))
+                .collect(),
+        ),
         Value::Record(fields) => J::Object(
             fields
                 .iter()
@@ -384,7 +388,11 @@ mod tests {
             ),
             Schema::Union(u) => {
                 // Deep down, the first branch (null) ends recursion.
-                let i = if depth > 3 { 0 } else { rng.gen_range(0..u.variants().len()) };
+                let i = if depth > 3 {
+                    0
+                } else {
+                    rng.gen_range(0..u.variants().len())
+                };
                 let v = gen(&u.variants()[i], names, ns, rng, depth + 1);
                 Value::Union(i as u32, Box::new(v))
             }
@@ -499,8 +507,11 @@ mod tests {
         b.push(0);
         assert!(read_value(&s, &b).unwrap_err().0.contains("take no bytes"));
         // A string announcing 2^62 bytes.
-        let e = read_value(&Schema::String, &[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01])
-            .unwrap_err();
+        let e = read_value(
+            &Schema::String,
+            &[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01],
+        )
+        .unwrap_err();
         assert!(e.0.contains("needs"), "{e}");
     }
 
@@ -535,7 +546,10 @@ mod tests {
                 "m".into(),
                 Value::Map([("k".to_string(), Value::String("v".into()))].into()),
             ),
-            ("arr".into(), Value::Array(vec![Value::Null, Value::Boolean(true)])),
+            (
+                "arr".into(),
+                Value::Array(vec![Value::Null, Value::Boolean(true)]),
+            ),
         ]);
         assert_eq!(
             value_to_json(&v),

@@ -914,6 +914,16 @@ pub fn encode_alert(a: &AlertEvent) -> Vec<u8> {
     out
 }
 
+/// An alert in the Confluent wire format: `0x00`, `schema_id` (big-endian),
+/// the raw Avro datum (`kafka.schema_registry.alerts = "confluent"`).
+pub fn encode_alert_confluent(a: &AlertEvent, schema_id: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.push(CONFLUENT_MAGIC);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    avro::write_alert(a, &mut out);
+    out
+}
+
 /// Reads a raw Avro `AlertEvent` datum (the whole of `bytes`).
 pub fn decode_alert(bytes: &[u8]) -> Result<AlertEvent, DecodeError> {
     if bytes.is_empty() {

@@ -305,7 +305,9 @@ impl SchemaCache {
 /// The schema id of a Confluent frame (`0x00` + big-endian u32 + datum).
 pub fn confluent_id(payload: &[u8]) -> Option<u32> {
     match payload {
-        [super::decode::CONFLUENT_MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        [super::decode::CONFLUENT_MAGIC, a, b, c, d, ..] => {
+            Some(u32::from_be_bytes([*a, *b, *c, *d]))
+        }
         _ => None,
     }
 }
@@ -373,7 +375,10 @@ mod tests {
             ("model_id".into(), s("clf")),
             (
                 "host".into(),
-                Value::Record(vec![("name".into(), s("h1")), ("cpus".into(), Value::Int(8))]),
+                Value::Record(vec![
+                    ("name".into(), s("h1")),
+                    ("cpus".into(), Value::Int(8)),
+                ]),
             ),
             ("request_id".into(), s("r-1")),
             (
@@ -385,16 +390,28 @@ mod tests {
                 "features".into(),
                 Value::Map(
                     [
-                        ("x".to_string(), Value::Union(1, Box::new(Value::Double(2.5)))),
+                        (
+                            "x".to_string(),
+                            Value::Union(1, Box::new(Value::Double(2.5))),
+                        ),
                         ("n".to_string(), Value::Union(4, Box::new(Value::Int(7)))),
                         ("c".to_string(), Value::Union(0, Box::new(s("red")))),
-                        ("missing".to_string(), Value::Union(2, Box::new(Value::Null))),
+                        (
+                            "missing".to_string(),
+                            Value::Union(2, Box::new(Value::Null)),
+                        ),
                     ]
                     .into(),
                 ),
             ),
-            ("latency_ms".into(), Value::Union(1, Box::new(Value::Float(12.5)))),
-            ("predicted_value".into(), Value::Union(1, Box::new(Value::Null))),
+            (
+                "latency_ms".into(),
+                Value::Union(1, Box::new(Value::Float(12.5))),
+            ),
+            (
+                "predicted_value".into(),
+                Value::Union(1, Box::new(Value::Null)),
+            ),
         ]);
         apache_avro::to_avro_datum(&schema, v).unwrap()
     }
@@ -427,7 +444,9 @@ mod tests {
         // label, which validation refuses.
         assert!(matches!(ws.ground_truth, Plan::Resolve { .. }));
         cache.insert(41, Ok(ws));
-        let got = decoder(&cache).decode(P, &framed(41, &foreign_datum())).unwrap();
+        let got = decoder(&cache)
+            .decode(P, &framed(41, &foreign_datum()))
+            .unwrap();
         let InputEvent::Prediction(got) = got else {
             panic!("{got:?}")
         };
@@ -451,11 +470,15 @@ mod tests {
         cache.insert(1, Ok(ws));
         let ev = InputEvent::Prediction(event());
         assert_eq!(
-            decoder(&cache).decode(P, &encode_confluent(&ev, 1)).unwrap(),
+            decoder(&cache)
+                .decode(P, &encode_confluent(&ev, 1))
+                .unwrap(),
             ev
         );
         // Ours on the other topic: named as the other event type.
-        let e = decoder(&cache).decode(G, &encode_confluent(&ev, 1)).unwrap_err();
+        let e = decoder(&cache)
+            .decode(G, &encode_confluent(&ev, 1))
+            .unwrap_err();
         assert_eq!(e.kind(), "wrong_type");
     }
 
@@ -494,7 +517,10 @@ mod tests {
             r#"{"type":"record","name":"R","fields":[{"name":"request_id","type":"string"}]}"#,
         )
         .unwrap();
-        assert!(matches!(plan_against(&writer, &plain), Plan::Incompatible(_)));
+        assert!(matches!(
+            plan_against(&writer, &plain),
+            Plan::Incompatible(_)
+        ));
     }
 
     #[test]
@@ -537,7 +563,8 @@ mod tests {
     fn incompatible_and_unknown_schemas_are_schema_errors() {
         let cache = Arc::new(SchemaCache::new(10));
         // request_id missing, and ours has no default for it.
-        let missing = r#"{"type":"record","name":"P","fields":[{"name":"model_id","type":"string"}]}"#;
+        let missing =
+            r#"{"type":"record","name":"P","fields":[{"name":"model_id","type":"string"}]}"#;
         let ws = WriterSchema::parse(missing).unwrap();
         let Plan::Incompatible(why) = &ws.prediction else {
             panic!("{ws:?}")
@@ -591,7 +618,10 @@ mod tests {
         let datum = apache_avro::to_avro_datum(
             &schema,
             Value::Record(vec![
-                ("actual_value".into(), Value::Union(0, Box::new(Value::Null))),
+                (
+                    "actual_value".into(),
+                    Value::Union(0, Box::new(Value::Null)),
+                ),
                 ("request_id".into(), s("r-1")),
                 ("note".into(), s("ok")),
                 ("timestamp".into(), Value::Long(1_700_000_000_500)),

@@ -8,6 +8,8 @@
 //!   check, escaped notification bodies and unfollowed webhook redirects.
 //! - [`clickhouse`]: the ClickHouse sink against a real `clickhouse-server`.
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
+//! - [`registry`]: Confluent-framed input written with a producer's own
+//!   schema, resolved through an in-test Schema Registry; framed alerts.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
 //! - [`kafka_tls`]: the binary over SSL and SASL_SSL (SCRAM) through stunnel in front of tansu.
 //! - [`outputs`]: outputs that can never be written (rejected rows, oversized
@@ -37,6 +39,7 @@ mod live_crash;
 mod outputs;
 mod pipeline;
 mod rebalance;
+mod registry;
 mod state;
 
 mod example_config {

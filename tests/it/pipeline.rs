@@ -806,7 +806,7 @@ pub(crate) fn assert_committed_to_end(brokers: &str, group: &str) {
 
 /// Builds the `clf` reference from the dataset's reference events (through
 /// `reference import`'s function) and stores it for the service to load.
-async fn store_reference(cfg: &Config, d: &Dataset) {
+pub(crate) async fn store_reference(cfg: &Config, d: &Dataset) {
     let file = reference_file(&d.reference);
     let profile = build_reference_from_file(file.path(), CLF, "v1", &drift_config(cfg))
         .expect("reference profile");

@@ -2153,4 +2153,47 @@ mod tests {
             assert!(err.contains(expected), "{key}={value}: {err}");
         }
     }
+
+    #[test]
+    fn schema_registry_settings_are_checked_at_load() {
+        let c = load(None, &env(&[])).unwrap();
+        let r = &c.kafka.schema_registry;
+        assert!(!r.enabled());
+        assert_eq!(r.alerts, AlertFraming::Raw);
+        assert_eq!(
+            (r.max_schemas, r.timeout, r.retry_for),
+            (1000, Duration::from_secs(10), Duration::from_secs(60))
+        );
+        let reg = |body: &str| format!("[kafka.schema_registry]\n{body}");
+        for (body, expected) in [
+            ("url = \"ftp://r\"", "kafka.schema_registry.url = \"ftp://r\", expected an http:// or https:// URL"),
+            ("alerts = \"confluent\"", "kafka.schema_registry.alerts = \"confluent\" needs kafka.schema_registry.url"),
+            ("url = \"http://r\"\nusername = \"u\"", "kafka.schema_registry.username and password: set both"),
+            ("url = \"https://r\"\nca_file = \"/nonexistent/ca.pem\"", "kafka.schema_registry.ca_file = \"/nonexistent/ca.pem\" is not readable"),
+            ("url = \"http://r\"\nca_file = \"/etc/hostname\"", "ca_file = \"/etc/hostname\" is set but url is not https://"),
+            ("url = \"http://r\"\ntimeout = \"0s\"", "kafka.schema_registry.timeout"),
+            ("url = \"http://r\"\nretry_for = \"10m\"", "kafka.schema_registry.retry_for = \"10m\", expected more than 0 and less than max.poll.interval.ms (300000 ms)"),
+            ("url = \"http://r\"\nmax_schemas = 0", "kafka.schema_registry.max_schemas = 0, expected at least 1"),
+            ("url = \"http://r\"\nalerts = \"avro\"", "unknown variant `avro`"),
+        ] {
+            let f = write(&reg(body));
+            let err = format!("{:#}", load(Some(f.path()), &env(&[])).unwrap_err());
+            assert!(err.contains(expected), "{body}: {err}");
+        }
+        // The password from the environment; never printed.
+        let f = write(&reg(
+            "url = \"https://reg.example:8081/\"\nusername = \"key\"\nalerts = \"confluent\"",
+        ));
+        let c = load(
+            Some(f.path()),
+            &env(&[("MODELWATCH_KAFKA__SCHEMA_REGISTRY__PASSWORD", "reg-pw-77")]),
+        )
+        .unwrap();
+        let r = &c.kafka.schema_registry;
+        assert!(r.enabled());
+        assert_eq!(r.password.expose(), "reg-pw-77");
+        assert_eq!(r.alerts, AlertFraming::Confluent);
+        assert!(!format!("{:?}", c.kafka).contains("reg-pw-77"));
+        assert!(!toml::to_string(&c).unwrap().contains("reg-pw-77"));
+    }
 }

@@ -433,19 +433,13 @@ fn decode_registry(
         Plan::Incompatible(reason) => Err(DecodeError::Schema(format!(
             "schema id {id} on the {kind} topic: {reason}"
         ))),
-        Plan::Resolve { writer, names } => {
-            let reader = match kind {
-                EventKind::Prediction => &SCHEMAS.prediction,
-                EventKind::GroundTruth => &SCHEMAS.ground_truth,
-            };
-            match resolve::resolve_datum(writer, names, reader, datum) {
-                Ok(ours) => read_datum(kind, &ours).map_err(Into::into),
-                Err(ResolveError::Datum(e)) => Err(e.into()),
-                Err(ResolveError::Resolve(e)) => Err(DecodeError::Schema(format!(
-                    "schema id {id}: a value does not resolve against the {kind} schema: {e}"
-                ))),
-            }
-        }
+        Plan::Resolve { writer, names } => match resolve::read_event(writer, names, kind, datum) {
+            Ok(ev) => Ok(ev),
+            Err(ResolveError::Datum(e)) => Err(e.into()),
+            Err(ResolveError::Resolve(e)) => Err(DecodeError::Schema(format!(
+                "schema id {id}: a value does not resolve against the {kind} schema: {e}"
+            ))),
+        },
     }
 }
 

@@ -37,11 +37,13 @@ use std::sync::{Arc, RwLock};
 
 use apache_avro::schema::{Name, RecordSchema, ResolvedSchema};
 use apache_avro::schema_compatibility::SchemaCompatibility;
+use apache_avro::types::Value;
 use apache_avro::Schema;
 
 use super::avro;
 use super::avro_generic;
 use super::decode::{EventKind, SCHEMAS};
+use crate::model::{Entries, FeatureValue, GroundTruthEvent, InputEvent, PredictionEvent};
 
 /// How datums written with one writer schema are read on one input topic.
 #[derive(Debug)]
@@ -190,9 +192,9 @@ fn rename_fields(w: &mut RecordSchema, r: &RecordSchema) {
 }
 
 /// Reads the datum `datum` written with `writer` and resolves it against
-/// `reader`, into the reader schema's Avro binary encoding (which our own
-/// reader then reads). `Err` texts: an invalid datum starts with
-/// "invalid datum", a value that does not resolve with "does not resolve".
+/// `reader` with apache-avro's `Value::resolve`, into the reader schema's
+/// Avro binary encoding: the general route, for any reader (the service
+/// uses the faster [`read_event`] for ours).
 pub fn resolve_datum(
     writer: &Schema,
     names: &HashMap<Name, Schema>,
@@ -206,7 +208,194 @@ pub fn resolve_datum(
     apache_avro::to_avro_datum(reader, v).map_err(|e| ResolveError::Resolve(e.to_string()))
 }
 
-/// Why [`resolve_datum`] failed.
+/// Reads the datum `datum` written with `writer` (renamed by
+/// [`plan_against`] against our schema of `kind`) as our event: the bounded
+/// generic reader, then a direct conversion by field name that applies the
+/// resolution rules for our fixed field types (union branches by type,
+/// promotions, our defaults for missing fields). Equivalent to
+/// [`resolve_datum`] then our reader (checked by the tests) and about
+/// three times faster (`benches/decode.rs`). Map entries come out sorted by
+/// key (apache-avro's map value is a hash map).
+pub fn read_event(
+    writer: &Schema,
+    names: &HashMap<Name, Schema>,
+    kind: EventKind,
+    datum: &[u8],
+) -> Result<InputEvent, ResolveError> {
+    let v = avro_generic::read_value_with(writer, names, datum).map_err(ResolveError::Datum)?;
+    let Value::Record(fields) = v else {
+        return Err(ResolveError::Resolve("the datum is not a record".into()));
+    };
+    match kind {
+        EventKind::Prediction => to_prediction(fields).map(InputEvent::Prediction),
+        EventKind::GroundTruth => to_ground_truth(fields).map(InputEvent::GroundTruth),
+    }
+    .map_err(ResolveError::Resolve)
+}
+
+fn to_prediction(fields: Vec<(String, Value)>) -> Result<PredictionEvent, String> {
+    let mut p = PredictionEvent::default();
+    let mut seen = [false; 5];
+    for (name, v) in fields {
+        let v = unwrap(v);
+        match name.as_str() {
+            "request_id" => (p.request_id, seen[0]) = (string(&name, v)?, true),
+            "model_id" => (p.model_id, seen[1]) = (string(&name, v)?, true),
+            "model_version" => (p.model_version, seen[2]) = (string(&name, v)?, true),
+            "timestamp" => (p.timestamp, seen[3]) = (long(&name, v)?, true),
+            "features" => {
+                p.features = Entries(map(&name, v, |k, v| feature(k, unwrap(v)))?);
+                seen[4] = true;
+            }
+            "predicted_label" => p.predicted_label = opt(v, |v| string(&name, v))?,
+            "predicted_value" => p.predicted_value = opt(v, |v| double(&name, v))?,
+            "score" => p.score = opt(v, |v| double(&name, v))?,
+            "class_probabilities" => {
+                p.class_probabilities = opt(v, |v| {
+                    map(&name, v, |k, v| double(&format!("{name}.{k}"), unwrap(v))).map(Entries)
+                })?
+            }
+            "segments" => {
+                p.segments = Entries(map(&name, v, |k, v| {
+                    string(&format!("{name}.{k}"), unwrap(v))
+                })?)
+            }
+            "latency_ms" => p.latency_ms = opt(v, |v| double(&name, v))?,
+            _ => {}
+        }
+    }
+    // The compatibility check saw to it; a datum cannot lack a field.
+    if let Some(i) = seen.iter().position(|s| !s) {
+        let f = [
+            "request_id",
+            "model_id",
+            "model_version",
+            "timestamp",
+            "features",
+        ][i];
+        return Err(format!("{f} is missing"));
+    }
+    Ok(p)
+}
+
+fn to_ground_truth(fields: Vec<(String, Value)>) -> Result<GroundTruthEvent, String> {
+    let mut g = GroundTruthEvent::default();
+    let mut seen = [false; 2];
+    for (name, v) in fields {
+        let v = unwrap(v);
+        match name.as_str() {
+            "request_id" => (g.request_id, seen[0]) = (string(&name, v)?, true),
+            "timestamp" => (g.timestamp, seen[1]) = (long(&name, v)?, true),
+            "actual_label" => g.actual_label = opt(v, |v| string(&name, v))?,
+            "actual_value" => g.actual_value = opt(v, |v| double(&name, v))?,
+            _ => {}
+        }
+    }
+    if let Some(i) = seen.iter().position(|s| !s) {
+        return Err(format!("{} is missing", ["request_id", "timestamp"][i]));
+    }
+    Ok(g)
+}
+
+/// The value of a union branch (our unions hold no unions).
+fn unwrap(v: Value) -> Value {
+    match v {
+        Value::Union(_, b) => *b,
+        v => v,
+    }
+}
+
+fn type_error(field: &str, want: &str, got: &Value) -> String {
+    format!(
+        "{field}: expected {want}, got {:?}",
+        apache_avro::schema::SchemaKind::from(got)
+    )
+}
+
+/// `string` (a writer `bytes` promotes).
+fn string(field: &str, v: Value) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s),
+        Value::Bytes(b) => {
+            String::from_utf8(b).map_err(|_| format!("{field}: bytes are not UTF-8"))
+        }
+        other => Err(type_error(field, "string", &other)),
+    }
+}
+
+/// `long` / timestamp-millis (a writer `int` promotes).
+fn long(field: &str, v: Value) -> Result<i64, String> {
+    match v {
+        Value::Long(x) | Value::TimestampMillis(x) => Ok(x),
+        Value::Int(x) => Ok(i64::from(x)),
+        other => Err(type_error(field, "long", &other)),
+    }
+}
+
+/// `double` (writer `int`, `long`, `float` promote).
+fn double(field: &str, v: Value) -> Result<f64, String> {
+    match v {
+        Value::Double(x) => Ok(x),
+        Value::Float(x) => Ok(f64::from(x)),
+        Value::Long(x) => Ok(x as f64),
+        Value::Int(x) => Ok(f64::from(x)),
+        other => Err(type_error(field, "double", &other)),
+    }
+}
+
+/// An optional value: `null` is `None`.
+fn opt<T>(v: Value, f: impl FnOnce(Value) -> Result<T, String>) -> Result<Option<T>, String> {
+    match v {
+        Value::Null => Ok(None),
+        v => f(v).map(Some),
+    }
+}
+
+/// A map's entries, sorted by key.
+fn map<T>(
+    field: &str,
+    v: Value,
+    mut f: impl FnMut(&str, Value) -> Result<T, String>,
+) -> Result<Vec<(String, T)>, String> {
+    let Value::Map(m) = v else {
+        return Err(type_error(field, "map", &v));
+    };
+    let mut out = Vec::with_capacity(m.len());
+    for (k, v) in m {
+        let x = f(&k, v)?;
+        out.push((k, x));
+    }
+    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// A feature value: the first branch of our union
+/// `["null","boolean","long","double","string"]` the writer's value
+/// resolves to (Avro's rule for a non-union writer: `int` -> long, `float`
+/// -> double, `bytes` -> string).
+fn feature(name: &str, v: Value) -> Result<FeatureValue, String> {
+    Ok(match v {
+        Value::Null => FeatureValue::Null,
+        Value::Boolean(b) => FeatureValue::Bool(b),
+        Value::Long(x) => FeatureValue::Long(x),
+        Value::Int(x) => FeatureValue::Long(i64::from(x)),
+        Value::Double(x) => FeatureValue::Double(x),
+        Value::Float(x) => FeatureValue::Double(f64::from(x)),
+        Value::String(s) => FeatureValue::String(s),
+        Value::Bytes(b) => FeatureValue::String(
+            String::from_utf8(b).map_err(|_| format!("features.{name}: bytes are not UTF-8"))?,
+        ),
+        other => {
+            return Err(type_error(
+                &format!("features.{name}"),
+                "null|boolean|long|double|string",
+                &other,
+            ))
+        }
+    })
+}
+
+/// Why [`resolve_datum`] or [`read_event`] failed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResolveError {
     /// The datum is not valid for the writer schema.
@@ -317,8 +506,6 @@ mod tests {
     use super::*;
     use crate::config::Format;
     use crate::ingest::decode::{encode_confluent, Decoder, PREDICTION_SCHEMA};
-    use crate::model::{Entries, FeatureValue, GroundTruthEvent, InputEvent, PredictionEvent};
-    use apache_avro::types::Value;
 
     const P: EventKind = EventKind::Prediction;
     const G: EventKind = EventKind::GroundTruth;
@@ -459,6 +646,29 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "invalid event: ground-truth event has neither actual_label nor actual_value"
+        );
+    }
+
+    #[test]
+    fn the_direct_conversion_agrees_with_apache_avro_resolution() {
+        let Plan::Resolve { writer, names } =
+            plan_against(&Schema::parse_str(FOREIGN).unwrap(), &SCHEMAS.prediction)
+        else {
+            panic!()
+        };
+        let datum = foreign_datum();
+        let ours = resolve_datum(&writer, &names, &SCHEMAS.prediction, &datum).unwrap();
+        let via_apache = avro::read_prediction(&ours).unwrap();
+        let InputEvent::Prediction(direct) = read_event(&writer, &names, P, &datum).unwrap() else {
+            panic!()
+        };
+        assert_eq!(sorted(&direct), sorted(&via_apache));
+        assert_eq!(direct, sorted(&direct), "map entries sorted by key");
+        // A truncated datum: the same error both ways.
+        let cut = &datum[..datum.len() - 3];
+        assert_eq!(
+            read_event(&writer, &names, P, cut).unwrap_err(),
+            resolve_datum(&writer, &names, &SCHEMAS.prediction, cut).unwrap_err()
         );
     }
 

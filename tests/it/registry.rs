@@ -26,11 +26,13 @@ use modelwatch::telemetry::Counters;
 use rdkafka::message::{Headers, Message};
 use tokio::net::TcpListener;
 
+use crate::kafka_tls::{Certs, Proc};
 use crate::pipeline::{
     aligned_ago, assert_dead_letters, assert_matches, dataset, expected, mock_cluster, produce,
     read_final, read_topic, store_reference, test_config, Input, Key,
 };
 use crate::support::clickhouse::unique_database;
+use crate::support::free_ports;
 
 /// The producer's prediction schema (registry id 101).
 const PRODUCER_PREDICTION: &str = r#"{"type":"record","name":"Inference","namespace":"com.acme.ml","fields":[
@@ -490,4 +492,93 @@ async fn an_unreachable_registry_stops_the_service_instead_of_dead_lettering() {
     assert_eq!(Counters::get(&counters.dead_lettered_total), 0);
     assert_eq!(Counters::get(&counters.decode_failures_total), 0);
     assert!(Counters::get(&counters.registry_fetch_failures_total) >= 2);
+}
+
+/// The registry behind TLS (Debian's `stunnel4` in front of the in-test
+/// server, a CA made by `openssl` at run time): `https://` with `ca_file`
+/// and basic auth registers the alert schema at startup; another CA, or a
+/// wrong password, stops the start with the reason and no password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_a_private_ca_and_basic_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = Certs::make(dir.path());
+    let (url, seen) = fake_registry().await;
+    let plain: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    let tls_port = free_ports(1)[0];
+    let conf = dir.path().join("stunnel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "foreground = yes\npid =\n[registry]\naccept = 127.0.0.1:{tls_port}\nconnect = 127.0.0.1:{plain}\ncert = {}\nkey = {}\n",
+            certs.cert.display(),
+            certs.key.display()
+        ),
+    )
+    .expect("stunnel.conf");
+    let _stunnel = tokio::task::block_in_place(|| {
+        Proc::spawn(
+            std::process::Command::new("stunnel4").arg(&conf),
+            &dir.path().join("stunnel.log"),
+            "stunnel4",
+            tls_port,
+        )
+    });
+    let database = unique_database("mw_registry_tls");
+    let cluster = mock_cluster();
+    let brokers = cluster.bootstrap_servers();
+    let base = {
+        let mut cfg = test_config(&brokers, &database);
+        let r = &mut cfg.kafka.schema_registry;
+        r.url = format!("https://127.0.0.1:{tls_port}");
+        r.username = "mw".into();
+        r.password = modelwatch::config::Secret("s3cret".into());
+        r.alerts = AlertFraming::Confluent;
+        r.retry_for = Duration::from_secs(3);
+        cfg
+    };
+
+    let mut cfg = base.clone();
+    cfg.kafka.schema_registry.ca_file = certs.ca.display().to_string();
+    cfg.validate().expect("valid config");
+    let service = Service::start(cfg).await.expect("starts over https");
+    drop(service);
+    assert_eq!(seen.registered.lock().unwrap().len(), 1);
+
+    let mut cfg = base.clone();
+    cfg.kafka.schema_registry.ca_file = certs.other_ca.display().to_string();
+    let err = format!(
+        "{:#}",
+        Service::start(cfg)
+            .await
+            .err()
+            .expect("another CA is refused")
+    );
+    assert!(
+        err.contains("registering the schema") && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+
+    let mut cfg = base;
+    cfg.kafka.schema_registry.ca_file = certs.ca.display().to_string();
+    cfg.kafka.schema_registry.password = modelwatch::config::Secret("wrong-pw-31".into());
+    let started = std::time::Instant::now();
+    let err = format!(
+        "{:#}",
+        Service::start(cfg)
+            .await
+            .err()
+            .expect("a wrong password is refused")
+    );
+    assert!(
+        err.contains("HTTP 401") && err.contains("Unauthorized"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-pw-31"), "{err}");
+    // Refused for good: not retried for retry_for.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(seen.registered.lock().unwrap().len(), 1);
 }

@@ -676,7 +676,7 @@ pub(crate) fn aligned_ago(ago_ms: i64) -> i64 {
     t - t.rem_euclid(WINDOW_MS)
 }
 
-async fn run_idle(service: &mut Service) {
+pub(crate) async fn run_idle(service: &mut Service) {
     tokio::time::timeout(
         Duration::from_secs(90),
         service.run_until_idle(std::future::pending()),

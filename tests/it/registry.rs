@@ -29,7 +29,7 @@ use tokio::net::TcpListener;
 use crate::kafka_tls::{Certs, Proc};
 use crate::pipeline::{
     aligned_ago, assert_dead_letters, assert_matches, dataset, expected, mock_cluster, produce,
-    read_final, read_topic, store_reference, test_config, Input, Key,
+    read_final, read_topic, run_idle, store_reference, test_config, Input, Key,
 };
 use crate::support::clickhouse::unique_database;
 use crate::support::free_ports;
@@ -233,16 +233,6 @@ async fn fake_registry() -> (String, Arc<Seen>) {
         let _ = axum::serve(listener, app).await;
     });
     (url, seen)
-}
-
-async fn run_idle(service: &mut Service) {
-    tokio::time::timeout(
-        Duration::from_secs(90),
-        service.run_until_idle(std::future::pending()),
-    )
-    .await
-    .expect("run_until_idle did not return within 90 s")
-    .expect("service failed");
 }
 
 /// The rows' content, without their revision numbers.

@@ -268,6 +268,28 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
                 prop("sasl.username"),
                 prop("ssl.ca.location")
             );
+            let r = &cfg.kafka.schema_registry;
+            if r.enabled() {
+                // Builds the client: a ca_file without a certificate fails here.
+                modelwatch::ingest::registry::Registry::new(r, Default::default())?;
+                println!(
+                    "schema registry: url={} username={} ca_file={} alerts={:?}",
+                    r.display_url(),
+                    if r.username.is_empty() {
+                        "-"
+                    } else {
+                        &r.username
+                    },
+                    if r.ca_file.is_empty() {
+                        "-"
+                    } else {
+                        &r.ca_file
+                    },
+                    r.alerts
+                );
+            } else {
+                println!("schema registry: none (Confluent frames are read with our schema)");
+            }
             println!(
                 "clickhouse: url={} database={} user={}",
                 cfg.clickhouse.display_url(),

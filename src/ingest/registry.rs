@@ -16,9 +16,10 @@
 //!   [`Registry::prefetch`] fails and the service stops with the error:
 //!   consuming on would dead-letter good data, and a restart resumes from
 //!   the last checkpoint, so nothing is lost;
-//! - anything else (401 or 403: wrong credentials; another 4xx): the
-//!   service stops at once with the status and the registry's message, as
-//!   no retry can fix it and every message would otherwise be lost.
+//! - anything else (401 or 403: wrong credentials; another 4xx; an answer
+//!   beyond 8 MiB): the service stops at once with the status and the
+//!   registry's message, as no retry can fix it and every message would
+//!   otherwise be lost.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,10 @@ use crate::telemetry::Counters;
 
 /// The content type of the registry's API.
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+/// Largest registry answer read (a schema is a few KB; Confluent's own
+/// limit on a schema is far below this): a larger one is an error.
+const MAX_ANSWER_BYTES: usize = 8 << 20;
 
 /// First and longest pause between attempts of a transient failure.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
@@ -263,12 +268,20 @@ impl Registry {
             .await
             .map_err(|e| Failure::Transient(error_chain(&e)))?;
         let status = resp.status();
-        let body = resp
-            .bytes()
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| Failure::Transient(error_chain(&e)))?;
-        // Bounded by the request timeout; cut for messages.
-        let body = body.to_vec();
+            .map_err(|e| Failure::Transient(error_chain(&e)))?
+        {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(Failure::Fatal(format!(
+                    "HTTP {status}: answer larger than {MAX_ANSWER_BYTES} bytes"
+                )));
+            }
+            body.extend_from_slice(&chunk);
+        }
         if status.is_success() || status == reqwest::StatusCode::NOT_FOUND {
             Ok((status, body))
         } else if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {

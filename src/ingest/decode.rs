@@ -217,8 +217,9 @@ pub enum DecodeError {
         topic: EventKind,
     },
     /// A Confluent frame whose writer schema (from the Schema Registry) is
-    /// unknown, not Avro, or cannot be read as our event.
-    #[error("schema: {0}")]
+    /// unknown, not Avro, or cannot be read as our event; the text starts
+    /// with `schema id N`.
+    #[error("{0}")]
     Schema(String),
     /// Decoded, but a field value is invalid.
     #[error("invalid event: {0}")]

@@ -614,6 +614,9 @@ mod tests {
         let mut p = p.clone();
         p.features.0.sort_by(|a, b| a.0.cmp(&b.0));
         p.segments.0.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some(cp) = &mut p.class_probabilities {
+            cp.0.sort_by(|a, b| a.0.cmp(&b.0));
+        }
         p
     }
 
@@ -670,6 +673,82 @@ mod tests {
             read_event(&writer, &names, P, cut).unwrap_err(),
             resolve_datum(&writer, &names, &SCHEMAS.prediction, cut).unwrap_err()
         );
+    }
+
+    /// Our prediction schema with the fields in reverse order, an unknown
+    /// field first, another record name.
+    fn reversed_schema() -> String {
+        let mut json: serde_json::Value = serde_json::from_str(PREDICTION_SCHEMA).unwrap();
+        json["name"] = "Reversed".into();
+        let fields = json["fields"].as_array_mut().unwrap();
+        fields.reverse();
+        fields.insert(
+            0,
+            serde_json::json!({"name": "extra", "type": ["null", "long"]}),
+        );
+        json.to_string()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_prediction_in_another_field_order_decodes_to_itself(seed in proptest::prelude::any::<u64>()) {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let opt = |rng: &mut rand::rngs::StdRng, v: f64| rng.gen_bool(0.5).then_some(v);
+            let features = (0..rng.gen_range(0..6))
+                .map(|i| {
+                    let v = match rng.gen_range(0..5) {
+                        0 => FeatureValue::Null,
+                        1 => FeatureValue::Bool(rng.gen()),
+                        2 => FeatureValue::Long(rng.gen()),
+                        3 => FeatureValue::Double(rng.gen_range(-1e9..1e9)),
+                        _ => FeatureValue::String(format!("c{}", rng.gen_range(0..9))),
+                    };
+                    (format!("f{i}"), v)
+                })
+                .collect();
+            let p = PredictionEvent {
+                request_id: format!("r{}", rng.gen::<u32>()),
+                model_id: "m".into(),
+                model_version: "v".into(),
+                timestamp: rng.gen_range(1..4_000_000_000_000),
+                features: Entries(features),
+                predicted_label: rng.gen_bool(0.5).then(|| "yes".to_string()),
+                predicted_value: opt(&mut rng, 2.5),
+                score: opt(&mut rng, 0.125),
+                class_probabilities: rng
+                    .gen_bool(0.5)
+                    .then(|| Entries(vec![("a".into(), 0.25), ("b".into(), 0.75)])),
+                segments: Entries(vec![("country".into(), "DE".into())]),
+                latency_ms: opt(&mut rng, 3.0),
+            };
+            let ours = Schema::parse_str(PREDICTION_SCHEMA).unwrap();
+            let text = reversed_schema();
+            let theirs = Schema::parse_str(&text).unwrap();
+            let Value::Record(mut v) = apache_avro::from_avro_datum(
+                &ours,
+                &mut &crate::ingest::decode::encode_avro(&InputEvent::Prediction(p.clone()))[..],
+                None,
+            )
+            .unwrap() else {
+                unreachable!()
+            };
+            v.reverse();
+            v.insert(0, ("extra".into(), Value::Union(1, Box::new(Value::Long(5)))));
+            let datum = apache_avro::to_avro_datum(&theirs, Value::Record(v)).unwrap();
+            let Plan::Resolve { writer, names } = plan_against(&theirs, &SCHEMAS.prediction) else {
+                panic!()
+            };
+            let InputEvent::Prediction(direct) = read_event(&writer, &names, P, &datum).unwrap() else {
+                unreachable!()
+            };
+            let via_apache = avro::read_prediction(
+                &resolve_datum(&writer, &names, &SCHEMAS.prediction, &datum).unwrap(),
+            )
+            .unwrap();
+            proptest::prop_assert_eq!(sorted(&direct), sorted(&via_apache));
+            proptest::prop_assert_eq!(direct, sorted(&p));
+        }
     }
 
     #[test]

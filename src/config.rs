@@ -533,20 +533,24 @@ impl fmt::Debug for ClickHouseConfig {
 }
 
 impl Config {
-    /// Every secret value of this configuration (ClickHouse password and URL
-    /// credentials, API tokens, secret Kafka properties, webhook URLs given
+    /// Every secret value of this configuration (ClickHouse and Schema
+    /// Registry passwords and URL credentials, API tokens, secret Kafka properties, webhook URLs given
     /// inline), for [`redact`] to take out of error messages.
     pub fn secret_values(&self) -> Vec<String> {
-        let mut out = vec![self.clickhouse.password.expose().to_owned()];
-        let url = &self.clickhouse.url;
-        if let (Some(start), redacted) = (url.find("://"), redact_url(url)) {
-            if redacted != *url {
-                let authority = &url[start + 3..];
-                if let Some(at) = authority.rfind('@') {
-                    let userinfo = &authority[..at];
-                    out.push(userinfo.to_owned());
-                    if let Some((_, pw)) = userinfo.split_once(':') {
-                        out.push(pw.to_owned());
+        let mut out = vec![
+            self.clickhouse.password.expose().to_owned(),
+            self.kafka.schema_registry.password.expose().to_owned(),
+        ];
+        for url in [&self.clickhouse.url, &self.kafka.schema_registry.url] {
+            if let (Some(start), redacted) = (url.find("://"), redact_url(url)) {
+                if redacted != *url {
+                    let authority = &url[start + 3..];
+                    if let Some(at) = authority.rfind('@') {
+                        let userinfo = &authority[..at];
+                        out.push(userinfo.to_owned());
+                        if let Some((_, pw)) = userinfo.split_once(':') {
+                            out.push(pw.to_owned());
+                        }
                     }
                 }
             }
@@ -2195,5 +2199,15 @@ mod tests {
         assert_eq!(r.alerts, AlertFraming::Confluent);
         assert!(!format!("{:?}", c.kafka).contains("reg-pw-77"));
         assert!(!toml::to_string(&c).unwrap().contains("reg-pw-77"));
+        let clean = redact("401 for key:reg-pw-77", &c.secret_values());
+        assert_eq!(clean, "401 for key:***");
+        // Credentials in the URL too.
+        let f = write(&reg("url = \"https://u:url-pw-88@reg.example/\""));
+        let c = load(Some(f.path()), &env(&[])).unwrap();
+        assert!(!format!("{c:?}").contains("url-pw-88"));
+        assert_eq!(
+            redact("GET https://u:url-pw-88@reg.example/", &c.secret_values()),
+            "GET https://***@reg.example/"
+        );
     }
 }

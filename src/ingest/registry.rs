@@ -326,3 +326,115 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::ingest::decode::PREDICTION_SCHEMA;
+
+    /// A registry on 127.0.0.1: id 1 answers 429 once, then our schema;
+    /// id 2 a body that is not JSON; id 3 HTTP 400; id 4 a JSON Schema;
+    /// id 5 an answer of 9 MiB; anything else 404.
+    async fn server() -> (String, Arc<AtomicUsize>) {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let first = hits.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let first = first.clone();
+            async move {
+                let (status, body) = match uri.path() {
+                    "/schemas/ids/1" if first.fetch_add(1, Ordering::SeqCst) == 0 => {
+                        (429, "{\"message\":\"slow down\"}".to_string())
+                    }
+                    "/schemas/ids/1" => (
+                        200,
+                        serde_json::json!({ "schema": PREDICTION_SCHEMA }).to_string(),
+                    ),
+                    "/schemas/ids/2" => (200, "<html>".to_string()),
+                    "/schemas/ids/3" => (400, "{\"error_code\":400,\"message\":\"bad\"}".into()),
+                    "/schemas/ids/4" => (
+                        200,
+                        serde_json::json!({"schema": "{}", "schemaType": "JSON"}).to_string(),
+                    ),
+                    "/schemas/ids/5" => (200, " ".repeat(9 << 20)),
+                    _ => (
+                        404,
+                        "{\"error_code\":40403,\"message\":\"Schema not found\"}".into(),
+                    ),
+                };
+                let mut resp = axum::http::Response::new(axum::body::Body::from(body));
+                *resp.status_mut() = axum::http::StatusCode::from_u16(status).unwrap();
+                resp
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (url, hits)
+    }
+
+    fn frame(id: u32) -> Vec<u8> {
+        let mut f = vec![0];
+        f.extend_from_slice(&id.to_be_bytes());
+        f.push(2);
+        f
+    }
+
+    #[tokio::test]
+    async fn answers_are_cached_retried_or_fatal_by_kind() {
+        let (url, hits) = server().await;
+        let cfg = SchemaRegistryConfig {
+            url,
+            retry_for: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let counters = Arc::new(Counters::default());
+        let r = Registry::new(&cfg, counters.clone()).unwrap();
+        let cache = r.cache();
+        // 429, retried: our schema.
+        r.prefetch(&frame(1)).await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        assert!(cache.get(1).unwrap().is_ok());
+        // Cached: not asked again.
+        r.prefetch(&frame(1)).await.unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        // Permanent answers, cached as such.
+        for (id, why) in [
+            (2, "not JSON"),
+            (4, "schema type JSON is not supported"),
+            (
+                404,
+                "not found in the schema registry (Schema not found (error code 40403))",
+            ),
+        ] {
+            r.prefetch(&frame(id)).await.unwrap();
+            let entry = cache.get(id).unwrap();
+            let err = entry.as_ref().as_ref().unwrap_err();
+            assert!(err.contains(why), "{id}: {err}");
+        }
+        assert_eq!(Counters::get(&counters.registry_unknown_ids_total), 3);
+        assert_eq!(Counters::get(&counters.registry_fetches_total), 4);
+        assert_eq!(Counters::get(&counters.registry_fetch_failures_total), 1);
+        // No retry can fix a 400 or an oversized answer: errors at once.
+        for (id, why) in [
+            (3, "HTTP 400 Bad Request: bad (error code 400)"),
+            (5, "larger than"),
+        ] {
+            let started = Instant::now();
+            let err = format!("{:#}", r.prefetch(&frame(id)).await.unwrap_err());
+            assert!(
+                err.contains(why) && err.contains(&format!("schema id {id}")),
+                "{err}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(2));
+            assert!(!cache.contains(id));
+        }
+        // Not a Confluent frame: nothing to fetch.
+        r.prefetch(b"{\"a\":1}").await.unwrap();
+        r.prefetch(&[0, 0, 0]).await.unwrap();
+        assert_eq!(cache.len(), 4);
+    }
+}

@@ -31,14 +31,15 @@ use anyhow::{bail, Context, Result};
 use futures::FutureExt;
 use rdkafka::message::{Headers, Message};
 
-use crate::config::{Config, JOIN_BYTES_PER_REQUEST};
+use crate::config::{AlertFraming, Config, Format, JOIN_BYTES_PER_REQUEST};
 use crate::ingest::bounds::EventBounds;
 use crate::ingest::consumer::{
     commit, group_instance_id, input_consumer, release_revoked, Assignment, InputConsumer,
 };
-use crate::ingest::decode::{Decoder, EventKind};
+use crate::ingest::decode::{Decoder, EventKind, ALERT_SCHEMA};
 use crate::ingest::mapping::Mappings;
 use crate::ingest::offsets::{Positions, Step};
+use crate::ingest::registry::Registry;
 use crate::join::Source;
 use crate::metrics::aggregator::{WindowHistogram, WindowRow};
 use crate::metrics::ReferenceProfile;
@@ -253,6 +254,9 @@ pub struct Service {
     /// Consumption is paused because the output held exceeds
     /// `service.max_pending_output` (since then).
     paused: Option<Instant>,
+    /// The Schema Registry client (`kafka.schema_registry.url` set): fills
+    /// the decoder's schema cache before a message with a new id is handled.
+    registry: Option<Registry>,
     p: Processing,
 }
 
@@ -512,8 +516,25 @@ impl Service {
         }
         let consumer = input_consumer(&cfg.kafka, instance_id.as_deref())?;
         let telemetry = Arc::new(Telemetry::for_config(&cfg));
+        let mut decoder = Decoder::new(cfg.kafka.format).with_mappings(mappings);
+        let mut alerts = AlertPublisher::new(producer.clone(), &cfg.kafka.alerts_topic);
+        let registry = if cfg.kafka.schema_registry.enabled() {
+            let r = Registry::new(&cfg.kafka.schema_registry, telemetry.counters.clone())?;
+            decoder = decoder.with_registry(r.cache());
+            if cfg.kafka.schema_registry.alerts == AlertFraming::Confluent {
+                let subject = format!("{}-value", cfg.kafka.alerts_topic);
+                let id = r.register(&subject, ALERT_SCHEMA).await?;
+                tracing::info!(subject = %subject, schema_id = id, "AlertEvent schema registered: alerts are Confluent-framed");
+                alerts = alerts.confluent(id);
+            }
+            tracing::info!(registry = %cfg.kafka.schema_registry.display_url(), "Confluent-framed input is read with the writer schema from the Schema Registry");
+            Some(r)
+        } else {
+            None
+        };
         Ok(Service {
-            alerts: AlertPublisher::new(producer.clone(), &cfg.kafka.alerts_topic),
+            alerts,
+            registry,
             dlq: DeadLetterQueue::new(
                 producer,
                 &cfg.kafka.dead_letter_topic,
@@ -537,7 +558,7 @@ impl Service {
             last_flush_end: Instant::now(),
             paused: None,
             p: Processing {
-                decoder: Decoder::new(cfg.kafka.format).with_mappings(mappings),
+                decoder,
                 bounds: EventBounds::new(&cfg.limits),
                 core,
                 cold,
@@ -654,13 +675,17 @@ impl Service {
                 m = self.consumer.recv() => match m {
                     Ok(msg) => {
                         let now = now_ms();
+                        prefetch_schema(self.registry.as_ref(), &self.p, &msg).await?;
                         consume(&self.consumer, &mut self.p, &msg, now);
                         drop(msg);
                         // Drain what is already buffered without going back
                         // through the select (bounded, so flushes stay timely).
                         for _ in 0..MAX_DRAIN {
                             match self.consumer.recv().now_or_never() {
-                                Some(Ok(m)) => consume(&self.consumer, &mut self.p, &m, now),
+                                Some(Ok(m)) => {
+                                    prefetch_schema(self.registry.as_ref(), &self.p, &m).await?;
+                                    consume(&self.consumer, &mut self.p, &m, now)
+                                }
                                 Some(Err(e)) => { self.log_consumer_error(&e); break; }
                                 None => break,
                             }
@@ -1680,6 +1705,28 @@ fn consume(
     );
     if !p.rewinds.is_empty() {
         rewind(consumer, p);
+    }
+}
+
+/// Fetches the writer schema of a Confluent-framed message from the Schema
+/// Registry if its id is not cached yet, so that the (pure) decoder finds
+/// it. An error (the registry refused, or stayed unreachable for
+/// `kafka.schema_registry.retry_for`) stops the service before the message
+/// is handled: nothing is dead-lettered or committed for it.
+async fn prefetch_schema(
+    registry: Option<&Registry>,
+    p: &Processing,
+    msg: &rdkafka::message::BorrowedMessage<'_>,
+) -> Result<()> {
+    let Some(r) = registry else {
+        return Ok(());
+    };
+    if !matches!(p.cfg.kafka.format, Format::Auto | Format::ConfluentAvro) {
+        return Ok(());
+    }
+    match msg.payload() {
+        Some(payload) => r.prefetch(payload).await,
+        None => Ok(()),
     }
 }
 

@@ -272,6 +272,93 @@ pub struct KafkaConfig {
     /// topic carries our own shape.
     #[serde(skip_serializing_if = "MappingConfig::is_empty")]
     pub mapping: MappingConfig,
+    /// `[kafka.schema_registry]`: a Confluent Schema Registry for the writer
+    /// schemas of Confluent-framed Avro. Default: none (`url` empty).
+    pub schema_registry: SchemaRegistryConfig,
+}
+
+/// How alerts are framed on the alerts topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlertFraming {
+    /// The raw Avro `AlertEvent` datum (the contract without a registry).
+    #[default]
+    Raw,
+    /// The Confluent wire format: `0x00`, the id the registry gave our
+    /// `AlertEvent` schema under `<alerts_topic>-value`, the datum.
+    Confluent,
+}
+
+/// `[kafka.schema_registry]` (its `Debug` and `Serialize` mask the password
+/// and any credentials in the URL).
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchemaRegistryConfig {
+    /// Base URL of the registry's REST API (`http://` or `https://`).
+    /// Empty: no registry, the schema id of a Confluent frame is skipped and
+    /// the datum read with our schema. Default empty.
+    #[serde(serialize_with = "masked_url")]
+    pub url: String,
+    /// Basic-auth user (Confluent Cloud: the API key). Default empty (no auth).
+    pub username: String,
+    /// Basic-auth password (or `MODELWATCH_KAFKA__SCHEMA_REGISTRY__PASSWORD`);
+    /// never logged. Default empty.
+    pub password: Secret,
+    /// PEM file of a private CA trusted for an `https://` URL, besides the
+    /// built-in roots. Default empty (built-in roots only).
+    pub ca_file: String,
+    /// Longest one registry request may take. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long a registry that fails transiently (unreachable, timeout,
+    /// 5xx, 429) is retried, with backoff, for a schema id the service has
+    /// not seen yet, before the service stops with an error (nothing is lost:
+    /// a restart resumes from the last checkpoint). Must be less than
+    /// `max.poll.interval.ms`. Default `60s`.
+    #[serde(with = "humantime_serde")]
+    pub retry_for: Duration,
+    /// Most schema ids held (writer schemas, and ids the registry does not
+    /// know); beyond, the oldest is evicted and fetched again when seen
+    /// (`modelwatch_registry_schemas_evicted_total`). Default 1000.
+    pub max_schemas: usize,
+    /// Alerts topic framing: `raw` (the Avro datum) or `confluent` (our
+    /// `AlertEvent` schema registered at startup under the subject
+    /// `<alerts_topic>-value`, each alert framed with its id; needs `url`).
+    /// Default `raw`.
+    pub alerts: AlertFraming,
+}
+
+impl Default for SchemaRegistryConfig {
+    fn default() -> Self {
+        SchemaRegistryConfig {
+            url: String::new(),
+            username: String::new(),
+            password: Secret::default(),
+            ca_file: String::new(),
+            timeout: Duration::from_secs(10),
+            retry_for: Duration::from_secs(60),
+            max_schemas: 1000,
+            alerts: AlertFraming::Raw,
+        }
+    }
+}
+
+impl SchemaRegistryConfig {
+    /// Whether a registry is configured.
+    pub fn enabled(&self) -> bool {
+        !self.url.trim().is_empty()
+    }
+
+    /// The URL for messages: credentials in it replaced by `***`.
+    pub fn display_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl fmt::Debug for SchemaRegistryConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        debug_via_serialize("SchemaRegistryConfig", self, f)
+    }
 }
 
 impl Default for KafkaConfig {
@@ -286,6 +373,7 @@ impl Default for KafkaConfig {
             format: Format::Auto,
             properties: BTreeMap::new(),
             mapping: MappingConfig::default(),
+            schema_registry: SchemaRegistryConfig::default(),
         }
     }
 }
@@ -520,20 +608,24 @@ impl fmt::Debug for ClickHouseConfig {
 }
 
 impl Config {
-    /// Every secret value of this configuration (ClickHouse password and URL
-    /// credentials, API tokens, secret Kafka properties, webhook URLs given
+    /// Every secret value of this configuration (ClickHouse and Schema
+    /// Registry passwords and URL credentials, API tokens, secret Kafka properties, webhook URLs given
     /// inline), for [`redact`] to take out of error messages.
     pub fn secret_values(&self) -> Vec<String> {
-        let mut out = vec![self.clickhouse.password.expose().to_owned()];
-        let url = &self.clickhouse.url;
-        if let (Some(start), redacted) = (url.find("://"), redact_url(url)) {
-            if redacted != *url {
-                let authority = &url[start + 3..];
-                if let Some(at) = authority.rfind('@') {
-                    let userinfo = &authority[..at];
-                    out.push(userinfo.to_owned());
-                    if let Some((_, pw)) = userinfo.split_once(':') {
-                        out.push(pw.to_owned());
+        let mut out = vec![
+            self.clickhouse.password.expose().to_owned(),
+            self.kafka.schema_registry.password.expose().to_owned(),
+        ];
+        for url in [&self.clickhouse.url, &self.kafka.schema_registry.url] {
+            if let (Some(start), redacted) = (url.find("://"), redact_url(url)) {
+                if redacted != *url {
+                    let authority = &url[start + 3..];
+                    if let Some(at) = authority.rfind('@') {
+                        let userinfo = &authority[..at];
+                        out.push(userinfo.to_owned());
+                        if let Some((_, pw)) = userinfo.split_once(':') {
+                            out.push(pw.to_owned());
+                        }
                     }
                 }
             }
@@ -1223,6 +1315,8 @@ const STRING_KEYS: &[&str] = &[
     "ground_truth_topic",
     "alerts_topic",
     "dead_letter_topic",
+    "username",
+    "ca_file",
     "listen",
     "tokens",
     "allowed_hosts",
@@ -1276,6 +1370,7 @@ impl Config {
         if let Err(e) = Mappings::compile(&k.mapping, k.format) {
             bail!("invalid configuration: {e}");
         }
+        self.validate_schema_registry()?;
         let w = &self.windows;
         if w.sizes.is_empty() {
             bail!("invalid configuration: windows.sizes is empty, expected at least one size such as \"5m\"");
@@ -1439,19 +1534,81 @@ impl Config {
     /// than that would make the broker evict the consumer from its group.
     fn validate_insert_timeout(&self) -> Result<()> {
         let t = self.clickhouse.insert_timeout;
-        let poll_ms: u64 = match self.kafka.properties.get("max.poll.interval.ms") {
-            Some(v) => v.trim().parse().map_err(|_| {
-                anyhow::anyhow!(
-                    "invalid configuration: kafka.properties.\"max.poll.interval.ms\" = {v:?}, expected milliseconds"
-                )
-            })?,
-            None => 300_000,
-        };
+        let poll_ms = self.max_poll_interval_ms()?;
         if t.is_zero() || t.as_millis() >= u128::from(poll_ms) {
             bail!(
                 "invalid configuration: clickhouse.insert_timeout = {:?}, expected more than 0 and less than max.poll.interval.ms ({poll_ms} ms), e.g. \"30s\"",
                 humantime::format_duration(t).to_string()
             );
+        }
+        Ok(())
+    }
+
+    /// The consumer's `max.poll.interval.ms` (librdkafka default 300 s, or
+    /// the `[kafka.properties]` override).
+    fn max_poll_interval_ms(&self) -> Result<u64> {
+        match self.kafka.properties.get("max.poll.interval.ms") {
+            Some(v) => v.trim().parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "invalid configuration: kafka.properties.\"max.poll.interval.ms\" = {v:?}, expected milliseconds"
+                )
+            }),
+            None => Ok(300_000),
+        }
+    }
+
+    /// Checks `[kafka.schema_registry]`: URL scheme, credentials in pairs,
+    /// a readable `ca_file`, positive timeouts, `retry_for` under
+    /// `max.poll.interval.ms`, `max_schemas` at least 1, and a URL when
+    /// alerts are Confluent-framed.
+    fn validate_schema_registry(&self) -> Result<()> {
+        let r = &self.kafka.schema_registry;
+        let bad =
+            |what: &str| anyhow::anyhow!("invalid configuration: kafka.schema_registry.{what}");
+        if !r.enabled() {
+            if r.alerts == AlertFraming::Confluent {
+                return Err(bad(
+                    "alerts = \"confluent\" needs kafka.schema_registry.url (the registry that gives the AlertEvent schema its id)",
+                ));
+            }
+            return Ok(());
+        }
+        let url = r.url.trim();
+        if !(url.starts_with("http://") || url.starts_with("https://"))
+            || url.contains(char::is_whitespace)
+        {
+            return Err(bad(&format!(
+                "url = {:?}, expected an http:// or https:// URL",
+                r.display_url()
+            )));
+        }
+        if r.username.is_empty() != r.password.expose().is_empty() {
+            return Err(bad(
+                "username and password: set both (basic auth) or neither",
+            ));
+        }
+        if !r.ca_file.is_empty() {
+            if !url.starts_with("https://") {
+                return Err(bad(&format!(
+                    "ca_file = {:?} is set but url is not https://",
+                    r.ca_file
+                )));
+            }
+            std::fs::read(&r.ca_file)
+                .map_err(|e| bad(&format!("ca_file = {:?} is not readable: {e}", r.ca_file)))?;
+        }
+        if r.timeout.is_zero() {
+            return Err(bad("timeout = \"0s\", expected more than 0, e.g. \"10s\""));
+        }
+        let poll_ms = self.max_poll_interval_ms()?;
+        if r.retry_for.is_zero() || r.retry_for.as_millis() >= u128::from(poll_ms) {
+            return Err(bad(&format!(
+                "retry_for = {:?}, expected more than 0 and less than max.poll.interval.ms ({poll_ms} ms), e.g. \"60s\"",
+                humantime::format_duration(r.retry_for).to_string()
+            )));
+        }
+        if r.max_schemas == 0 {
+            return Err(bad("max_schemas = 0, expected at least 1, e.g. 1000"));
         }
         Ok(())
     }
@@ -2302,5 +2459,58 @@ mod tests {
                 assert!(!err.contains(line.as_str()), "{err}");
             }
         }
+    }
+
+    #[test]
+    fn schema_registry_settings_are_checked_at_load() {
+        let c = load(None, &env(&[])).unwrap();
+        let r = &c.kafka.schema_registry;
+        assert!(!r.enabled());
+        assert_eq!(r.alerts, AlertFraming::Raw);
+        assert_eq!(
+            (r.max_schemas, r.timeout, r.retry_for),
+            (1000, Duration::from_secs(10), Duration::from_secs(60))
+        );
+        let reg = |body: &str| format!("[kafka.schema_registry]\n{body}");
+        for (body, expected) in [
+            ("url = \"ftp://r\"", "kafka.schema_registry.url = \"ftp://r\", expected an http:// or https:// URL"),
+            ("alerts = \"confluent\"", "kafka.schema_registry.alerts = \"confluent\" needs kafka.schema_registry.url"),
+            ("url = \"http://r\"\nusername = \"u\"", "kafka.schema_registry.username and password: set both"),
+            ("url = \"https://r\"\nca_file = \"/nonexistent/ca.pem\"", "kafka.schema_registry.ca_file = \"/nonexistent/ca.pem\" is not readable"),
+            ("url = \"http://r\"\nca_file = \"/etc/hostname\"", "ca_file = \"/etc/hostname\" is set but url is not https://"),
+            ("url = \"http://r\"\ntimeout = \"0s\"", "kafka.schema_registry.timeout"),
+            ("url = \"http://r\"\nretry_for = \"10m\"", "kafka.schema_registry.retry_for = \"10m\", expected more than 0 and less than max.poll.interval.ms (300000 ms)"),
+            ("url = \"http://r\"\nmax_schemas = 0", "kafka.schema_registry.max_schemas = 0, expected at least 1"),
+            ("url = \"http://r\"\nalerts = \"avro\"", "unknown variant `avro`"),
+        ] {
+            let f = write(&reg(body));
+            let err = format!("{:#}", load(Some(f.path()), &env(&[])).unwrap_err());
+            assert!(err.contains(expected), "{body}: {err}");
+        }
+        // The password from the environment; never printed.
+        let f = write(&reg(
+            "url = \"https://reg.example:8081/\"\nusername = \"key\"\nalerts = \"confluent\"",
+        ));
+        let c = load(
+            Some(f.path()),
+            &env(&[("MODELWATCH_KAFKA__SCHEMA_REGISTRY__PASSWORD", "reg-pw-77")]),
+        )
+        .unwrap();
+        let r = &c.kafka.schema_registry;
+        assert!(r.enabled());
+        assert_eq!(r.password.expose(), "reg-pw-77");
+        assert_eq!(r.alerts, AlertFraming::Confluent);
+        assert!(!format!("{:?}", c.kafka).contains("reg-pw-77"));
+        assert!(!toml::to_string(&c).unwrap().contains("reg-pw-77"));
+        let clean = redact("401 for key:reg-pw-77", &c.secret_values());
+        assert_eq!(clean, "401 for key:***");
+        // Credentials in the URL too.
+        let f = write(&reg("url = \"https://u:url-pw-88@reg.example/\""));
+        let c = load(Some(f.path()), &env(&[])).unwrap();
+        assert!(!format!("{c:?}").contains("url-pw-88"));
+        assert_eq!(
+            redact("GET https://u:url-pw-88@reg.example/", &c.secret_values()),
+            "GET https://***@reg.example/"
+        );
     }
 }

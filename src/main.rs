@@ -269,6 +269,28 @@ async fn dispatch(command: Command, cfg: Config) -> Result<()> {
                 prop("ssl.ca.location")
             );
             let shape = |mapped: bool| if mapped { "mapped" } else { "ours" };
+            let r = &cfg.kafka.schema_registry;
+            if r.enabled() {
+                // Builds the client: a ca_file without a certificate fails here.
+                modelwatch::ingest::registry::Registry::new(r, Default::default())?;
+                println!(
+                    "schema registry: url={} username={} ca_file={} alerts={:?}",
+                    r.display_url(),
+                    if r.username.is_empty() {
+                        "-"
+                    } else {
+                        &r.username
+                    },
+                    if r.ca_file.is_empty() {
+                        "-"
+                    } else {
+                        &r.ca_file
+                    },
+                    r.alerts
+                );
+            } else {
+                println!("schema registry: none (Confluent frames are read with our schema)");
+            }
             println!(
                 "kafka record shape ([kafka.mapping]): predictions={} labels={}",
                 shape(cfg.kafka.mapping.predictions.is_some()),

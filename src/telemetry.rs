@@ -147,6 +147,17 @@ pub struct Counters {
     pub output_dropped_total: AtomicU64,
     /// Dead letters whose key or payload was cut to fit `message.max.bytes`.
     pub dead_letters_truncated_total: AtomicU64,
+    /// Schema ids fetched from the Schema Registry (an answer, found or not).
+    pub registry_fetches_total: AtomicU64,
+    /// Schema Registry requests that failed (each attempt: unreachable,
+    /// timeout, 5xx, 429, or a refusal such as 401).
+    pub registry_fetch_failures_total: AtomicU64,
+    /// Schema ids the registry answered for good without a usable Avro
+    /// schema (not found, another schema type, unparseable): their
+    /// messages are dead letters of kind `schema`.
+    pub registry_unknown_ids_total: AtomicU64,
+    /// Schema ids evicted from the cache (`kafka.schema_registry.max_schemas`).
+    pub registry_schemas_evicted_total: AtomicU64,
 }
 
 /// The `[limits]` bounds a single event is checked against
@@ -164,6 +175,11 @@ impl Counters {
     #[inline]
     pub fn add(c: &AtomicU64, n: u64) {
         c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Sets a counter kept elsewhere (e.g. by a cache) to its total.
+    pub fn set(c: &AtomicU64, total: u64) {
+        c.store(total, Ordering::Relaxed);
     }
 
     /// Reads a counter.
@@ -789,6 +805,30 @@ impl Collector for SnapshotCollector {
             "Messages written to the dead-letter topic",
             Counters::get(&c.dead_lettered_total),
         )?;
+        for (name, help, c) in [
+            (
+                "registry_fetches",
+                "Schema ids fetched from the Schema Registry (found or not)",
+                &c.registry_fetches_total,
+            ),
+            (
+                "registry_fetch_failures",
+                "Schema Registry requests that failed (unreachable, timeout, 5xx, 429, refused)",
+                &c.registry_fetch_failures_total,
+            ),
+            (
+                "registry_unknown_ids",
+                "Schema ids without a usable Avro schema in the registry (their messages are dead letters of kind schema)",
+                &c.registry_unknown_ids_total,
+            ),
+            (
+                "registry_schemas_evicted",
+                "Schema ids evicted from the cache (kafka.schema_registry.max_schemas)",
+                &c.registry_schemas_evicted_total,
+            ),
+        ] {
+            counter(&mut enc, name, help, Counters::get(c))?;
+        }
         counter(
             &mut enc,
             "dead_letters_truncated",

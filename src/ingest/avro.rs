@@ -20,7 +20,9 @@ use crate::model::{
 /// Why an Avro datum could not be read: truncated, trailing bytes, bad union
 /// index, invalid UTF-8... The text names the field.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct AvroError(pub(crate) String);
+pub struct AvroError(pub(crate) String);
+
+impl std::error::Error for AvroError {}
 
 impl fmt::Display for AvroError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -32,7 +34,7 @@ type Result<T> = std::result::Result<T, AvroError>;
 
 /// At most this many map entries are reserved up front; larger maps grow as
 /// they are read, so the allocation always follows the bytes really present.
-const MAX_RESERVE: usize = 256;
+pub(crate) const MAX_RESERVE: usize = 256;
 
 /// A cursor over one Avro binary datum.
 pub(crate) struct Reader<'a> {
@@ -46,12 +48,23 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
 
-    fn remaining(&self) -> usize {
+    /// Bytes read so far.
+    pub(crate) fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// The bytes read since position `start`.
+    pub(crate) fn since(&self, start: usize) -> &'a [u8] {
+        &self.buf[start..self.pos]
+    }
+
+    /// Bytes not read yet.
+    pub(crate) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
 
     /// A zig-zag varint `long`.
-    fn long(&mut self, field: &str) -> Result<i64> {
+    pub(crate) fn long(&mut self, field: &str) -> Result<i64> {
         let mut z: u64 = 0;
         for i in 0..10 {
             let Some(&b) = self.buf.get(self.pos) else {
@@ -70,7 +83,8 @@ impl<'a> Reader<'a> {
         Err(AvroError(format!("{field}: long overflows 64 bits")))
     }
 
-    fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8]> {
+    /// The next `n` bytes (an error if fewer are left).
+    pub(crate) fn take(&mut self, n: usize, field: &str) -> Result<&'a [u8]> {
         if n > self.remaining() {
             return Err(AvroError(format!(
                 "{field}: needs {n} bytes, only {} left",
@@ -82,14 +96,16 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
 
-    fn double(&mut self, field: &str) -> Result<f64> {
+    /// An 8-byte little-endian `double`.
+    pub(crate) fn double(&mut self, field: &str) -> Result<f64> {
         let b = self.take(8, field)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(f64::from_le_bytes(a))
     }
 
-    fn boolean(&mut self, field: &str) -> Result<bool> {
+    /// A one-byte `boolean` (0 or 1).
+    pub(crate) fn boolean(&mut self, field: &str) -> Result<bool> {
         match self.take(1, field)? {
             [0] => Ok(false),
             [1] => Ok(true),
@@ -98,19 +114,26 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn string(&mut self, field: &str) -> Result<String> {
-        let len = self.long(field)?;
-        let len = usize::try_from(len)
-            .map_err(|_| AvroError(format!("{field}: negative string length {len}")))?;
-        let b = self.take(len, field)?;
+    /// A length-prefixed UTF-8 `string`.
+    pub(crate) fn string(&mut self, field: &str) -> Result<String> {
+        let b = self.bytes(field)?;
         match std::str::from_utf8(b) {
             Ok(s) => Ok(s.to_owned()),
             Err(_) => Err(AvroError(format!("{field}: string is not valid UTF-8"))),
         }
     }
 
+    /// A length-prefixed `bytes`, borrowed from the datum (the length is
+    /// checked against the bytes left before anything is allocated).
+    pub(crate) fn bytes(&mut self, field: &str) -> Result<&'a [u8]> {
+        let len = self.long(field)?;
+        let len = usize::try_from(len)
+            .map_err(|_| AvroError(format!("{field}: negative length {len}")))?;
+        self.take(len, field)
+    }
+
     /// A union branch index, checked against the number of branches.
-    fn union(&mut self, field: &str, branches: usize) -> Result<usize> {
+    pub(crate) fn union(&mut self, field: &str, branches: usize) -> Result<usize> {
         let i = self.long(field)?;
         match usize::try_from(i) {
             Ok(i) if i < branches => Ok(i),
@@ -143,23 +166,12 @@ impl<'a> Reader<'a> {
     ) -> Result<Vec<(String, T)>> {
         let mut out = Vec::new();
         loop {
-            let count = self.long(field)?;
+            // Each entry takes at least two bytes (key length, value), so a
+            // count beyond that is a lie whatever the value type.
+            let count = self.block(field, 2)?;
             if count == 0 {
                 return Ok(out);
             }
-            if count < 0 {
-                self.long(field)?;
-            }
-            let count = count.unsigned_abs();
-            // Each entry takes at least two bytes (key length, value), so a
-            // count beyond that is a lie whatever the value type.
-            if count > (self.remaining() / 2) as u64 {
-                return Err(AvroError(format!(
-                    "{field}: map block of {count} entries in {} bytes",
-                    self.remaining()
-                )));
-            }
-            let count = count as usize;
             out.reserve(count.min(MAX_RESERVE));
             for _ in 0..count {
                 let key = self.string(field)?;
@@ -168,6 +180,26 @@ impl<'a> Reader<'a> {
                 out.push((key, v));
             }
         }
+    }
+
+    /// The item count of the next block of an array or map (0 ends it); a
+    /// negative count is followed by the block's byte size (read, ignored:
+    /// every item is read). A count of items of at least `min_item` bytes
+    /// each that cannot fit in the bytes left is an error (`min_item` 0
+    /// checks nothing: the caller caps zero-byte items itself).
+    pub(crate) fn block(&mut self, field: &str, min_item: usize) -> Result<usize> {
+        let count = self.long(field)?;
+        if count < 0 {
+            self.long(field)?;
+        }
+        let count = count.unsigned_abs();
+        if min_item > 0 && count > (self.remaining() / min_item) as u64 {
+            return Err(AvroError(format!(
+                "{field}: block of {count} items in {} bytes",
+                self.remaining()
+            )));
+        }
+        usize::try_from(count).map_err(|_| AvroError(format!("{field}: block of {count} items")))
     }
 
     /// Fails unless the whole buffer was consumed.

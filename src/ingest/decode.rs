@@ -12,12 +12,17 @@
 //! closed set by definition); `severity` is a string (`warning` | `critical`)
 //! so that a new level does not break existing readers.
 //!
-//! Confluent framing: the schema id is skipped, not looked up in a registry;
-//! the datum is read with our own schema, so producers must register a schema
-//! with the same fields in the same order (the `.avsc` in `schemas/`).
+//! Confluent framing without a Schema Registry (`kafka.schema_registry.url`
+//! empty): the schema id is skipped; the datum is read with our own schema,
+//! so producers must register a schema with the same fields in the same
+//! order (the `.avsc` in `schemas/`). With a registry, the writer schema of
+//! the id is taken from a [`SchemaCache`] the service fills before the
+//! message is decoded, and resolved against ours ([`super::resolve`]); an id
+//! the registry does not know, or a schema ours cannot read, is an error of
+//! kind `schema`.
 
 use std::fmt;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use apache_avro::Schema;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -25,6 +30,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::avro;
 use super::mapping::Mappings;
+use super::resolve::{self, Plan, ResolveError, SchemaCache};
 use crate::config::Format;
 use crate::model::{
     AlertEvent, Entries, FeatureValue, GroundTruthEvent, InputEvent, PredictionEvent,
@@ -108,7 +114,8 @@ impl EventKind {
         }
     }
 
-    fn other(self) -> EventKind {
+    /// The event type of the other input topic.
+    pub(crate) fn other(self) -> EventKind {
         match self {
             EventKind::Prediction => EventKind::GroundTruth,
             EventKind::GroundTruth => EventKind::Prediction,
@@ -214,6 +221,11 @@ pub enum DecodeError {
     /// is missing or of the wrong type: names our field and its source.
     #[error("field mapping: {0}")]
     Mapping(String),
+    /// A Confluent frame whose writer schema (from the Schema Registry) is
+    /// unknown, not Avro, or cannot be read as our event; the text starts
+    /// with `schema id N`.
+    #[error("{0}")]
+    Schema(String),
     /// Decoded, but a field value is invalid.
     #[error("invalid event: {0}")]
     Validation(String),
@@ -247,6 +259,7 @@ impl DecodeError {
             DecodeError::Avro(_) => "avro",
             DecodeError::Framing(_) => "framing",
             DecodeError::Fingerprint { .. } => "fingerprint",
+            DecodeError::Schema(_) => "schema",
             DecodeError::Format { .. } => "format",
             DecodeError::WrongType { .. } => "wrong_type",
             DecodeError::Mapping(_) => "mapping",
@@ -284,6 +297,8 @@ pub struct Decoder {
     format: Format,
     /// `[kafka.mapping]`: topics whose records are in the user's shape.
     mappings: Mappings,
+    /// Writer schemas of Confluent frames, when a Schema Registry is set.
+    registry: Option<Arc<SchemaCache>>,
 }
 
 impl Decoder {
@@ -293,6 +308,7 @@ impl Decoder {
         LazyLock::force(&SCHEMAS);
         Decoder {
             format,
+            registry: None,
             mappings: Mappings::default(),
         }
     }
@@ -374,6 +390,13 @@ impl Decoder {
         Some(ev.and_then(|ev| validate(&ev).map(|()| ev)))
     }
 
+    /// Confluent frames resolved with the writer schemas in `cache` (filled
+    /// from the Schema Registry by the service) instead of read as ours.
+    pub fn with_registry(mut self, cache: Arc<SchemaCache>) -> Self {
+        self.registry = Some(cache);
+        self
+    }
+
     /// The configured format.
     pub fn format(&self) -> Format {
         self.format
@@ -397,9 +420,10 @@ impl Decoder {
                     other => other?,
                 }
             }
-            (Format::Auto | Format::ConfluentAvro, WireFormat::Confluent) => {
-                decode_confluent(kind, payload)?
-            }
+            (Format::Auto | Format::ConfluentAvro, WireFormat::Confluent) => match &self.registry {
+                Some(cache) => decode_registry(kind, payload, cache)?,
+                None => decode_confluent(kind, payload)?,
+            },
             (Format::Auto | Format::Avro, WireFormat::SingleObject) => {
                 decode_single_object(kind, payload)?
             }
@@ -465,6 +489,44 @@ fn decode_confluent(kind: EventKind, payload: &[u8]) -> Result<InputEvent, Decod
     match payload.get(5..) {
         Some(datum) => decode_raw(kind, datum),
         None => Err(DecodeError::Framing(payload.len())),
+    }
+}
+
+/// A Confluent frame read with the writer schema of its id (module doc).
+fn decode_registry(
+    kind: EventKind,
+    payload: &[u8],
+    cache: &SchemaCache,
+) -> Result<InputEvent, DecodeError> {
+    let (Some(id), Some(datum)) = (resolve::confluent_id(payload), payload.get(5..)) else {
+        return Err(DecodeError::Framing(payload.len()));
+    };
+    let Some(entry) = cache.get(id) else {
+        // The service fetches every id before decoding: not reached.
+        return Err(DecodeError::Schema(format!(
+            "schema id {id} was not fetched from the registry"
+        )));
+    };
+    let ws = match &*entry {
+        Ok(ws) => ws,
+        Err(reason) => return Err(DecodeError::Schema(format!("schema id {id}: {reason}"))),
+    };
+    match ws.plan(kind) {
+        Plan::Ours => decode_raw(kind, datum),
+        Plan::OtherType => Err(DecodeError::WrongType {
+            found: kind.other(),
+            topic: kind,
+        }),
+        Plan::Incompatible(reason) => Err(DecodeError::Schema(format!(
+            "schema id {id} on the {kind} topic: {reason}"
+        ))),
+        Plan::Resolve { writer, names } => match resolve::read_event(writer, names, kind, datum) {
+            Ok(ev) => Ok(ev),
+            Err(ResolveError::Datum(e)) => Err(e.into()),
+            Err(ResolveError::Resolve(e)) => Err(DecodeError::Schema(format!(
+                "schema id {id}: a value does not resolve against the {kind} schema: {e}"
+            ))),
+        },
     }
 }
 
@@ -929,6 +991,16 @@ pub fn encode_single_object(ev: &InputEvent) -> Vec<u8> {
 /// The raw Avro datum of an alert (`schemas/AlertEvent.avsc`), as published to the alerts topic.
 pub fn encode_alert(a: &AlertEvent) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
+    avro::write_alert(a, &mut out);
+    out
+}
+
+/// An alert in the Confluent wire format: `0x00`, `schema_id` (big-endian),
+/// the raw Avro datum (`kafka.schema_registry.alerts = "confluent"`).
+pub fn encode_alert_confluent(a: &AlertEvent, schema_id: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.push(CONFLUENT_MAGIC);
+    out.extend_from_slice(&schema_id.to_be_bytes());
     avro::write_alert(a, &mut out);
     out
 }
@@ -1717,7 +1789,7 @@ mod tests {
         let e = auto().decode(P, &b).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "invalid Avro datum: features: map block of 2199023255552 entries in 0 bytes"
+            "invalid Avro datum: features: block of 2199023255552 items in 0 bytes"
         );
         // A string announcing 2^62 bytes.
         let e = auto()
@@ -1825,6 +1897,7 @@ mod tests {
             DecodeError::WrongType { found: P, topic: G },
             DecodeError::Mapping(s("x")),
             DecodeError::Validation(s("x")),
+            DecodeError::Schema(s("x")),
         ]
         .iter()
         .map(DecodeError::kind)
@@ -1840,7 +1913,8 @@ mod tests {
                 "format",
                 "wrong_type",
                 "mapping",
-                "validation"
+                "validation",
+                "schema"
             ]
         );
     }

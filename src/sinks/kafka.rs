@@ -25,7 +25,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
 use crate::ingest::consumer::client_config;
-use crate::ingest::decode::encode_alert;
+use crate::ingest::decode::{encode_alert, encode_alert_confluent};
 use crate::model::AlertEvent;
 
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -213,6 +213,9 @@ pub async fn check_output_topics(cfg: &KafkaConfig) -> Result<()> {
 pub struct AlertPublisher {
     producer: FutureProducer,
     topic: String,
+    /// The registry's id of our `AlertEvent` schema: alerts are
+    /// Confluent-framed with it (else raw datums).
+    schema_id: Option<u32>,
 }
 
 impl AlertPublisher {
@@ -221,13 +224,27 @@ impl AlertPublisher {
         AlertPublisher {
             producer,
             topic: topic.to_string(),
+            schema_id: None,
         }
     }
 
-    /// Sends the alerts (Avro `AlertEvent`, key = model id) and waits for
-    /// every delivery; see [`SendReport`] for what became of each.
+    /// Alerts framed in the Confluent wire format with `schema_id`.
+    pub fn confluent(mut self, schema_id: u32) -> Self {
+        self.schema_id = Some(schema_id);
+        self
+    }
+
+    /// Sends the alerts (Avro `AlertEvent`, raw or Confluent-framed, key =
+    /// model id) and waits for every delivery; see [`SendReport`] for what
+    /// became of each.
     pub async fn publish(&self, alerts: &[AlertEvent]) -> SendReport {
-        let payloads: Vec<Vec<u8>> = alerts.iter().map(encode_alert).collect();
+        let payloads: Vec<Vec<u8>> = match self.schema_id {
+            Some(id) => alerts
+                .iter()
+                .map(|a| encode_alert_confluent(a, id))
+                .collect(),
+            None => alerts.iter().map(encode_alert).collect(),
+        };
         send_each(&self.producer, alerts.len(), |i| {
             let a = &alerts[i];
             let headers = OwnedHeaders::new()

@@ -56,15 +56,15 @@ fn must(cmd: &mut Command, what: &str) -> Output {
 
 /// A CA, a server certificate for 127.0.0.1 signed by it, and an unrelated
 /// second CA, made with the `openssl` CLI in `dir`.
-struct Certs {
-    ca: PathBuf,
-    other_ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+pub(crate) struct Certs {
+    pub(crate) ca: PathBuf,
+    pub(crate) other_ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 impl Certs {
-    fn make(dir: &Path) -> Certs {
+    pub(crate) fn make(dir: &Path) -> Certs {
         let p = |n: &str| dir.join(n);
         let ec = [
             "-newkey",
@@ -122,13 +122,13 @@ impl Certs {
 }
 
 /// A child process killed on drop (with a watchdog for a test that aborts).
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     watchdog: Option<Child>,
 }
 
 impl Proc {
-    fn spawn(cmd: &mut Command, log: &Path, what: &str, port: u16) -> Proc {
+    pub(crate) fn spawn(cmd: &mut Command, log: &Path, what: &str, port: u16) -> Proc {
         let out = std::fs::File::create(log).expect("log file");
         let err = out.try_clone().expect("log file");
         let mut child = cmd

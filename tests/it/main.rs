@@ -12,6 +12,8 @@
 //! - [`pipeline`]: the service on MockCluster + ClickHouse, exact metric values.
 //! - [`mapping`]: the same events in our shape and two foreign shapes
 //!   (`[kafka.mapping]`) give the same `window_metrics FINAL`.
+//! - [`registry`]: Confluent-framed input written with a producer's own
+//!   schema, resolved through an in-test Schema Registry; framed alerts.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
 //! - [`kafka_tls`]: the binary over SSL and SASL_SSL (SCRAM) through stunnel in front of tansu.
 //! - [`outputs`]: outputs that can never be written (rejected rows, oversized
@@ -43,6 +45,7 @@ mod mapping;
 mod outputs;
 mod pipeline;
 mod rebalance;
+mod registry;
 mod state;
 
 mod example_config {

@@ -167,7 +167,7 @@ fn bench_mapped(c: &mut Criterion) {
     for (name, bytes, mapping) in foreign(&ev) {
         let cfg: MappingConfig = toml::from_str(mapping).unwrap();
         let decoder = Decoder::new(Format::Auto)
-            .with_mappings(Mappings::compile(&cfg, Format::Auto).unwrap());
+            .with_mappings(Mappings::compile(&cfg, Format::Auto, false).unwrap());
         // Sanity: the mapped event is the native one (features in name
         // order for the object form).
         let mut got = decoder

@@ -455,8 +455,12 @@ impl Service {
     pub async fn start(cfg: Config) -> Result<Service> {
         // Checked by `Config::validate` at load; a configuration built in
         // code is checked here.
-        let mappings = Mappings::compile(&cfg.kafka.mapping, cfg.kafka.format)
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let mappings = Mappings::compile(
+            &cfg.kafka.mapping,
+            cfg.kafka.format,
+            cfg.kafka.schema_registry.enabled(),
+        )
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
         let sink = ClickHouseSink::new(&cfg.clickhouse);
         sink.ping().await.map_err(|e| {
             // Unreachable: say how to get a server; anything else (a TLS

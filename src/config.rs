@@ -1367,7 +1367,7 @@ impl Config {
         }
         self.validate_insert_timeout()?;
         self.validate_kafka_security()?;
-        if let Err(e) = Mappings::compile(&k.mapping, k.format) {
+        if let Err(e) = Mappings::compile(&k.mapping, k.format, k.schema_registry.enabled()) {
             bail!("invalid configuration: {e}");
         }
         self.validate_schema_registry()?;

@@ -341,17 +341,30 @@ impl Decoder {
         if payload.iter().all(u8::is_ascii_whitespace) {
             return Err(DecodeError::Empty);
         }
-        match sniff(payload) {
-            wire @ (WireFormat::Confluent | WireFormat::SingleObject) => {
+        let record = match (self.format, sniff(payload), &self.registry) {
+            // The producer's own Avro record, read with its writer schema
+            // from the registry, then mapped like a JSON record.
+            (Format::Auto | Format::ConfluentAvro, WireFormat::Confluent, Some(cache)) => {
+                registry_record(payload, cache)?
+            }
+            (Format::ConfluentAvro, wire, _) => {
                 return Err(DecodeError::Format {
-                    expected: "a JSON record (kafka.mapping is set for this topic)",
+                    expected: "Confluent-framed Avro",
                     found: wire.name(),
                 })
             }
-            WireFormat::Json | WireFormat::RawAvro => {}
-        }
-        let record: serde_json::Value =
-            serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+            (_, wire @ (WireFormat::Confluent | WireFormat::SingleObject), registry) => {
+                return Err(DecodeError::Format {
+                    expected: if registry.is_some() {
+                        "a JSON record or Confluent-framed Avro (kafka.mapping is set for this topic)"
+                    } else {
+                        "a JSON record (kafka.mapping is set for this topic; Confluent-framed Avro needs kafka.schema_registry.url)"
+                    },
+                    found: wire.name(),
+                });
+            }
+            _ => serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?,
+        };
         self.map_record(kind, &record, headers)
             .unwrap_or_else(|| self.decode(kind, payload))
     }
@@ -492,21 +505,49 @@ fn decode_confluent(kind: EventKind, payload: &[u8]) -> Result<InputEvent, Decod
     }
 }
 
+/// The writer schema of a Confluent frame's id, from the cache the service
+/// filled from the registry.
+fn writer_schema(
+    payload: &[u8],
+    cache: &SchemaCache,
+) -> Result<(u32, resolve::Entry), DecodeError> {
+    let Some(id) = resolve::confluent_id(payload) else {
+        return Err(DecodeError::Framing(payload.len()));
+    };
+    match cache.get(id) {
+        Some(entry) => Ok((id, entry)),
+        // The service fetches every id before decoding: not reached.
+        None => Err(DecodeError::Schema(format!(
+            "schema id {id} was not fetched from the registry"
+        ))),
+    }
+}
+
+/// A Confluent frame's datum as the producer wrote it, as a JSON tree for
+/// a field mapping: read with the writer schema of its id by the bounded
+/// generic reader.
+fn registry_record(payload: &[u8], cache: &SchemaCache) -> Result<serde_json::Value, DecodeError> {
+    let (id, entry) = writer_schema(payload, cache)?;
+    let datum = payload.get(5..).unwrap_or_default();
+    let (schema, names) = match &*entry {
+        Ok(ws) => ws
+            .record
+            .as_ref()
+            .map_err(|reason| DecodeError::Schema(format!("schema id {id}: {reason}")))?,
+        Err(reason) => return Err(DecodeError::Schema(format!("schema id {id}: {reason}"))),
+    };
+    let value = super::avro_generic::read_value_with(schema, names, datum)?;
+    Ok(super::avro_generic::value_to_json(&value))
+}
+
 /// A Confluent frame read with the writer schema of its id (module doc).
 fn decode_registry(
     kind: EventKind,
     payload: &[u8],
     cache: &SchemaCache,
 ) -> Result<InputEvent, DecodeError> {
-    let (Some(id), Some(datum)) = (resolve::confluent_id(payload), payload.get(5..)) else {
-        return Err(DecodeError::Framing(payload.len()));
-    };
-    let Some(entry) = cache.get(id) else {
-        // The service fetches every id before decoding: not reached.
-        return Err(DecodeError::Schema(format!(
-            "schema id {id} was not fetched from the registry"
-        )));
-    };
+    let (id, entry) = writer_schema(payload, cache)?;
+    let datum = payload.get(5..).unwrap_or_default();
     let ws = match &*entry {
         Ok(ws) => ws,
         Err(reason) => return Err(DecodeError::Schema(format!("schema id {id}: {reason}"))),
@@ -2117,7 +2158,7 @@ actual_label = "/outcome"
 "#,
         )
         .unwrap();
-        Decoder::new(format).with_mappings(Mappings::compile(&cfg, format).unwrap())
+        Decoder::new(format).with_mappings(Mappings::compile(&cfg, format, false).unwrap())
     }
 
     #[test]
@@ -2206,13 +2247,152 @@ actual_label = "/outcome"
         }
     }
 
+    /// A producer's own nested Avro record, Confluent-framed with the id
+    /// of its schema in the registry, read on a mapped topic: the writer
+    /// schema's record is mapped field by field like a JSON record.
+    #[test]
+    fn mapped_topics_read_the_producers_own_avro_records_through_the_registry() {
+        const SCHEMA: &str = r#"{"type":"record","name":"Scored","namespace":"com.acme","fields":[
+          {"name":"meta","type":{"type":"record","name":"Meta","fields":[
+            {"name":"id","type":"string"},
+            {"name":"at","type":{"type":"long","logicalType":"timestamp-millis"}},
+            {"name":"model","type":{"type":"record","name":"Model","fields":[
+              {"name":"name","type":"string"},{"name":"version","type":"int"}]}}]}},
+          {"name":"inputs","type":{"type":"map","values":["null","double","string"]}},
+          {"name":"out","type":["null",{"type":"record","name":"Out","fields":[
+            {"name":"p","type":"float"},{"name":"label","type":"string"}]}]},
+          {"name":"ctx","type":{"type":"array","items":"string"}}]}"#;
+        let cfg: crate::ingest::mapping::MappingConfig = toml::from_str(
+            r#"
+[predictions]
+request_id = "/meta/id"
+model_id = "/meta/model/name"
+model_version = "/meta/model/version"
+timestamp = "/meta/at"
+features = "/inputs"
+score = "/out/p"
+predicted_label = "/out/label"
+segments = [{ path = "/ctx/0", name = "country" }]
+"#,
+        )
+        .unwrap();
+        let schema = Schema::parse_str(SCHEMA).unwrap();
+        let record = |fields: Vec<(&str, Value)>| {
+            Value::Record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+        };
+        let datum = apache_avro::to_avro_datum(
+            &schema,
+            record(vec![
+                (
+                    "meta",
+                    record(vec![
+                        ("id", Value::String("r-1".into())),
+                        ("at", Value::TimestampMillis(1_733_140_000_123)),
+                        (
+                            "model",
+                            record(vec![
+                                ("name", Value::String("fraud".into())),
+                                ("version", Value::Int(3)),
+                            ]),
+                        ),
+                    ]),
+                ),
+                (
+                    "inputs",
+                    Value::Map(HashMap::from([
+                        (
+                            "amount".to_owned(),
+                            Value::Union(1, Box::new(Value::Double(12.5))),
+                        ),
+                        (
+                            "channel".to_owned(),
+                            Value::Union(2, Box::new(Value::String("web".into()))),
+                        ),
+                        ("age".to_owned(), Value::Union(0, Box::new(Value::Null))),
+                    ])),
+                ),
+                (
+                    "out",
+                    Value::Union(
+                        1,
+                        Box::new(record(vec![
+                            ("p", Value::Float(0.75)),
+                            ("label", Value::String("1".into())),
+                        ])),
+                    ),
+                ),
+                ("ctx", Value::Array(vec![Value::String("DE".into())])),
+            ]),
+        )
+        .unwrap();
+        let mut framed = vec![CONFLUENT_MAGIC];
+        framed.extend_from_slice(&42u32.to_be_bytes());
+        framed.extend_from_slice(&datum);
+        let cache = Arc::new(SchemaCache::new(8));
+        cache.insert(42, resolve::WriterSchema::parse(SCHEMA));
+        cache.insert(43, Err("the registry does not know schema id 43".into()));
+        for format in [Format::Auto, Format::ConfluentAvro] {
+            let d = Decoder::new(format)
+                .with_mappings(Mappings::compile(&cfg, format, true).unwrap())
+                .with_registry(cache.clone());
+            let ev = d.decode_with_headers(P, &framed, &[]).unwrap();
+            assert_eq!(
+                ev,
+                pred(PredictionEvent {
+                    request_id: s("r-1"),
+                    model_id: s("fraud"),
+                    model_version: s("3"),
+                    timestamp: 1_733_140_000_123,
+                    // In name order (module doc of mapping).
+                    features: Entries(vec![
+                        (s("age"), FeatureValue::Null),
+                        (s("amount"), FeatureValue::Double(12.5)),
+                        (s("channel"), FeatureValue::String(s("web"))),
+                    ]),
+                    score: Some(0.75),
+                    predicted_label: Some(s("1")),
+                    segments: Entries(vec![(s("country"), s("DE"))]),
+                    ..Default::default()
+                }),
+                "{format:?}"
+            );
+            // An id the registry does not know is a schema dead letter.
+            let mut unknown = framed.clone();
+            unknown[1..5].copy_from_slice(&43u32.to_be_bytes());
+            let e = d.decode_with_headers(P, &unknown, &[]).unwrap_err();
+            assert_eq!(e.kind(), "schema", "{e}");
+            assert!(e.to_string().starts_with("schema id 43: "), "{e}");
+            // A datum cut short is an Avro error, not a panic.
+            let e = d
+                .decode_with_headers(P, &framed[..framed.len() - 3], &[])
+                .unwrap_err();
+            assert_eq!(e.kind(), "avro", "{e}");
+        }
+        // confluent-avro takes no JSON, even on a mapped topic.
+        let d = Decoder::new(Format::ConfluentAvro)
+            .with_mappings(Mappings::compile(&cfg, Format::ConfluentAvro, true).unwrap())
+            .with_registry(cache.clone());
+        let e = d
+            .decode_with_headers(P, br#"{"meta":{}}"#, &[])
+            .unwrap_err();
+        assert_eq!(e.kind(), "format", "{e}");
+        // Without a registry a frame has no writer schema to map with.
+        let d = Decoder::new(Format::Auto)
+            .with_mappings(Mappings::compile(&cfg, Format::Auto, false).unwrap());
+        let e = d.decode_with_headers(P, &framed, &[]).unwrap_err();
+        assert!(
+            e.to_string().contains("needs kafka.schema_registry.url"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn unmapped_topics_decode_as_before() {
         let cfg: crate::ingest::mapping::MappingConfig = toml::from_str(
             "[labels]\nrequest_id = \"/id\"\ntimestamp = \"/at\"\nactual_value = \"/v\"\n",
         )
         .unwrap();
-        let d = auto().with_mappings(Mappings::compile(&cfg, Format::Auto).unwrap());
+        let d = auto().with_mappings(Mappings::compile(&cfg, Format::Auto, false).unwrap());
         assert!(d.is_mapped(G) && !d.is_mapped(P));
         assert!(!d.mappings().uses_headers());
         for (_, bytes) in all_encodings(&pred(oracle_prediction_min())) {

@@ -1009,15 +1009,15 @@ impl Mappings {
     /// Checks and compiles `[kafka.mapping]` for input `format`; the error
     /// names the field and what was expected (without the
     /// `invalid configuration: ` prefix).
-    pub fn compile(m: &MappingConfig, format: Format) -> Result<Mappings, String> {
-        if !m.is_empty() && matches!(format, Format::Avro | Format::ConfluentAvro) {
-            return Err(format!(
-                "kafka.mapping is set with kafka.format = {:?}, expected \"json\" or \"auto\" (a mapping reads JSON records: raw Avro carries no writer schema to read a foreign record with)",
-                match format {
-                    Format::Avro => "avro",
-                    _ => "confluent-avro",
-                }
-            ));
+    ///
+    /// `registry`: a Schema Registry is set, so Confluent-framed Avro
+    /// records can be read with their writer schema and mapped too.
+    pub fn compile(m: &MappingConfig, format: Format, registry: bool) -> Result<Mappings, String> {
+        if !m.is_empty() && format == Format::Avro {
+            return Err("kafka.mapping is set with kafka.format = \"avro\", expected \"json\", \"auto\" or (with kafka.schema_registry.url) \"confluent-avro\" (a mapping reads records by their field names: raw Avro carries no writer schema to read a foreign record with)".to_owned());
+        }
+        if !m.is_empty() && format == Format::ConfluentAvro && !registry {
+            return Err("kafka.mapping is set with kafka.format = \"confluent-avro\" but kafka.schema_registry.url is empty, expected a Schema Registry to read the producer's records with their writer schema (or kafka.format = \"json\" / \"auto\")".to_owned());
         }
         Ok(Mappings {
             predictions: m
@@ -1060,7 +1060,7 @@ mod tests {
 
     fn compile(toml_text: &str) -> Result<Mappings, String> {
         let c: MappingConfig = toml::from_str(toml_text).map_err(|e| e.to_string())?;
-        Mappings::compile(&c, Format::Auto)
+        Mappings::compile(&c, Format::Auto, false)
     }
 
     fn pred(toml_text: &str) -> CompiledPrediction {
@@ -1513,16 +1513,25 @@ segments = [{ header = "region", name = "r" }]
         ] {
             assert!(toml::from_str::<MappingConfig>(bad).is_err(), "{bad}");
         }
-        // Formats without a record schema are refused.
+        // Formats without a record schema are refused: raw Avro always,
+        // Confluent-framed Avro without a registry.
         let m = cfg(FLAT);
-        for f in [Format::Avro, Format::ConfluentAvro] {
-            let e = Mappings::compile(&m, f).unwrap_err();
-            assert!(e.contains("expected \"json\" or \"auto\""), "{e}");
+        for registry in [false, true] {
+            let e = Mappings::compile(&m, Format::Avro, registry).unwrap_err();
+            assert!(
+                e.contains("kafka.format = \"avro\", expected \"json\""),
+                "{e}"
+            );
         }
-        assert!(Mappings::compile(&m, Format::Json).is_ok());
-        assert!(Mappings::compile(&MappingConfig::default(), Format::Avro)
-            .unwrap()
-            .is_empty());
+        let e = Mappings::compile(&m, Format::ConfluentAvro, false).unwrap_err();
+        assert!(e.contains("kafka.schema_registry.url is empty"), "{e}");
+        assert!(Mappings::compile(&m, Format::ConfluentAvro, true).is_ok());
+        assert!(Mappings::compile(&m, Format::Json, false).is_ok());
+        assert!(
+            Mappings::compile(&MappingConfig::default(), Format::Avro, false)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// The two worked examples of the README ("Field mapping"), verbatim.

@@ -73,6 +73,11 @@ pub struct WriterSchema {
     pub prediction: Plan,
     /// For the ground-truth topic.
     pub ground_truth: Plan,
+    /// The schema as the producer wrote it, with its named types, for
+    /// topics whose records are mapped field by field (`[kafka.mapping]`)
+    /// rather than resolved against ours; why not, when its named types do
+    /// not resolve.
+    pub record: Result<(Schema, HashMap<Name, Schema>), String>,
 }
 
 impl WriterSchema {
@@ -85,9 +90,18 @@ impl WriterSchema {
         let json: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
         let canonical = avro::canonical_form(&json).ok();
+        let record = match ResolvedSchema::try_from(&schema) {
+            Ok(rs) => Ok(rs
+                .get_names()
+                .iter()
+                .map(|(n, s)| (n.clone(), (*s).clone()))
+                .collect()),
+            Err(e) => Err(format!("the writer schema does not resolve: {e}")),
+        };
         Ok(WriterSchema {
             prediction: plan(&schema, canonical.as_deref(), EventKind::Prediction),
             ground_truth: plan(&schema, canonical.as_deref(), EventKind::GroundTruth),
+            record: record.map(|names| (schema, names)),
         })
     }
 

@@ -1,14 +1,18 @@
 //! Field mapping (`[kafka.mapping]`) through the whole service: the event set
-//! of the pipeline tests produced in our own shape and in two foreign shapes
-//! (a flat log line with the request id in a message header, and a nested
-//! record with RFC 3339 times), each through `Service` on a MockCluster into
-//! a real ClickHouse. `window_metrics FINAL` must be the same row for row,
-//! and a record missing a required path must be a dead letter of kind
-//! `mapping`.
+//! of the pipeline tests produced in our own shape and in three foreign
+//! shapes (a flat log line with the request id in a message header, a nested
+//! JSON record with RFC 3339 times, and the same nested record as the
+//! producer's own Avro schema, Confluent-framed and read with its writer
+//! schema from a Schema Registry, mapped by the very same mapping), each
+//! through `Service` on a MockCluster into a real ClickHouse.
+//! `window_metrics FINAL` must be the same row for row, and a record missing
+//! a required path must be a dead letter of kind `mapping`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use apache_avro::types::Value as AvroValue;
+use apache_avro::Schema;
 use chrono::{DateTime, FixedOffset, SecondsFormat};
 use modelwatch::app::Service;
 use modelwatch::config::Config;
@@ -37,6 +41,99 @@ enum Shape {
     /// A nested record: `meta`, `inputs`, `output`, `ctx`, `perf`; times as
     /// RFC 3339 strings with a +02:00 offset, the score as a string.
     Nested,
+    /// [`Shape::Nested`]'s records in the producer's own Avro schemas
+    /// ([`NESTED_PREDICTION_AVSC`], [`NESTED_LABEL_AVSC`]), Confluent-framed
+    /// with their registry ids, read with [`NESTED_MAPPING`] too.
+    NestedAvro,
+}
+
+/// The producer's Avro schema of [`Shape::Nested`] predictions.
+const NESTED_PREDICTION_AVSC: &str = r#"{"type": "record", "name": "ScoredRequest", "namespace": "com.example.inference", "fields": [
+  {"name": "meta", "type": {"type": "record", "name": "Meta", "fields": [
+    {"name": "id", "type": "string"},
+    {"name": "model", "type": {"type": "record", "name": "ModelRef", "fields": [
+      {"name": "name", "type": "string"},
+      {"name": "version", "type": ["null", "string"], "default": null}]}},
+    {"name": "time", "type": "string"}]}},
+  {"name": "inputs", "type": {"type": "map", "values": ["null", "boolean", "long", "double", "string"]}},
+  {"name": "output", "type": {"type": "record", "name": "Output", "fields": [
+    {"name": "score", "type": ["null", "string"], "default": null},
+    {"name": "value", "type": ["null", "double"], "default": null}]}},
+  {"name": "ctx", "type": {"type": "map", "values": "string"}},
+  {"name": "perf", "type": {"type": "record", "name": "Perf", "fields": [
+    {"name": "latency_ms", "type": ["null", "double"], "default": null}]}}]}"#;
+
+/// The producer's Avro schema of [`Shape::Nested`] labels.
+const NESTED_LABEL_AVSC: &str = r#"{"type": "record", "name": "Outcome", "namespace": "com.example.inference", "fields": [
+  {"name": "meta", "type": {"type": "record", "name": "OutcomeMeta", "fields": [{"name": "id", "type": "string"}]}},
+  {"name": "resolved_at", "type": ["null", "string"], "default": null},
+  {"name": "outcome", "type": {"type": "record", "name": "OutcomeValue", "fields": [
+    {"name": "label", "type": ["null", "string"], "default": null},
+    {"name": "value", "type": ["null", "double"], "default": null}]}}]}"#;
+
+/// Registry ids of the two schemas.
+const NESTED_PREDICTION_ID: u32 = 31;
+const NESTED_LABEL_ID: u32 = 32;
+
+/// The Avro value of the JSON record `v` in `schema` (records by field
+/// name, a missing member as null, a union's first branch that fits).
+fn avro_of(schema: &Schema, v: &Value) -> AvroValue {
+    let fits = |s: &Schema| match (s, v) {
+        (Schema::Null, Value::Null)
+        | (Schema::Boolean, Value::Bool(_))
+        | (Schema::Double, Value::Number(_))
+        | (Schema::String, Value::String(_))
+        | (Schema::Record(_) | Schema::Map(_), Value::Object(_)) => true,
+        (Schema::Long, Value::Number(n)) => n.is_i64(),
+        _ => false,
+    };
+    match schema {
+        Schema::Record(r) => AvroValue::Record(
+            r.fields
+                .iter()
+                .map(|f| {
+                    let member = v.get(&f.name).unwrap_or(&Value::Null);
+                    (f.name.clone(), avro_of(&f.schema, member))
+                })
+                .collect(),
+        ),
+        Schema::Map(m) => AvroValue::Map(
+            v.as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, x)| (k.clone(), avro_of(&m.types, x)))
+                .collect(),
+        ),
+        Schema::Union(u) => {
+            let (i, branch) = u
+                .variants()
+                .iter()
+                .enumerate()
+                .find(|(_, b)| fits(b))
+                .unwrap_or_else(|| panic!("no union branch for {v}"));
+            AvroValue::Union(i as u32, Box::new(avro_of(branch, v)))
+        }
+        Schema::Null => AvroValue::Null,
+        Schema::Boolean => AvroValue::Boolean(v.as_bool().expect("boolean")),
+        Schema::Long => AvroValue::Long(v.as_i64().expect("long")),
+        Schema::Double => AvroValue::Double(v.as_f64().expect("double")),
+        Schema::String => AvroValue::String(v.as_str().expect("string").to_owned()),
+        other => panic!("not used here: {other:?}"),
+    }
+}
+
+/// The nested record `v` of `kind` in the producer's Avro schema,
+/// Confluent-framed with its registry id.
+fn nested_avro(kind: Input, v: &Value) -> Vec<u8> {
+    let (id, text) = match kind {
+        Input::Predictions => (NESTED_PREDICTION_ID, NESTED_PREDICTION_AVSC),
+        Input::GroundTruth => (NESTED_LABEL_ID, NESTED_LABEL_AVSC),
+    };
+    let schema = Schema::parse_str(text).expect("producer schema");
+    let mut out = vec![0u8];
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend(apache_avro::to_avro_datum(&schema, avro_of(&schema, v)).expect("valid datum"));
+    out
 }
 
 const FLAT_MAPPING: &str = r#"
@@ -171,6 +268,12 @@ fn encode(shape: Shape, ev: &InputEvent) -> (Vec<u8>, Option<String>) {
         (Shape::Flat, InputEvent::GroundTruth(g)) => (flat_label(g), Some(&g.request_id)),
         (Shape::Nested, InputEvent::Prediction(p)) => (nested_prediction(p), None),
         (Shape::Nested, InputEvent::GroundTruth(g)) => (nested_label(g), None),
+        (Shape::NestedAvro, InputEvent::Prediction(p)) => {
+            return (nested_avro(Input::Predictions, &nested_prediction(p)), None)
+        }
+        (Shape::NestedAvro, InputEvent::GroundTruth(g)) => {
+            return (nested_avro(Input::GroundTruth, &nested_label(g)), None)
+        }
     };
     (serde_json::to_vec(&value).expect("JSON"), id.cloned())
 }
@@ -249,7 +352,7 @@ fn malformed(shape: Shape, t0: i64) -> Vec<(Input, String, Vec<u8>, &'static str
             )
         }
         Shape::Flat => (flat_prediction(&p), flat_label(&g)),
-        Shape::Nested => (nested_prediction(&p), nested_label(&g)),
+        Shape::Nested | Shape::NestedAvro => (nested_prediction(&p), nested_label(&g)),
     };
     let reasons = match shape {
         Shape::Native => {
@@ -267,7 +370,7 @@ fn malformed(shape: Shape, t0: i64) -> Vec<(Input, String, Vec<u8>, &'static str
                 "field mapping: timestamp (path \"/ts\") is missing or null",
             )
         }
-        Shape::Nested => {
+        Shape::Nested | Shape::NestedAvro => {
             pv["meta"]["model"]
                 .as_object_mut()
                 .unwrap()
@@ -279,17 +382,21 @@ fn malformed(shape: Shape, t0: i64) -> Vec<(Input, String, Vec<u8>, &'static str
             )
         }
     };
+    let bytes = |kind: Input, v: &Value| match shape {
+        Shape::NestedAvro => nested_avro(kind, v),
+        _ => serde_json::to_vec(v).unwrap(),
+    };
     vec![
         (
             Input::Predictions,
             "bad-p".into(),
-            serde_json::to_vec(&pv).unwrap(),
+            bytes(Input::Predictions, &pv),
             reasons.0,
         ),
         (
             Input::GroundTruth,
             "bad-l".into(),
-            serde_json::to_vec(&gv).unwrap(),
+            bytes(Input::GroundTruth, &gv),
             reasons.1,
         ),
     ]
@@ -305,8 +412,17 @@ async fn run(shape: Shape, t0: i64) -> BTreeMap<Key, MetricRow> {
     cfg.kafka.mapping = match shape {
         Shape::Native => MappingConfig::default(),
         Shape::Flat => toml::from_str(FLAT_MAPPING).expect("flat mapping"),
-        Shape::Nested => toml::from_str(NESTED_MAPPING).expect("nested mapping"),
+        Shape::Nested | Shape::NestedAvro => {
+            toml::from_str(NESTED_MAPPING).expect("nested mapping")
+        }
     };
+    if shape == Shape::NestedAvro {
+        cfg.kafka.schema_registry.url = crate::support::registry::serve(vec![
+            (NESTED_PREDICTION_ID, NESTED_PREDICTION_AVSC.to_owned()),
+            (NESTED_LABEL_ID, NESTED_LABEL_AVSC.to_owned()),
+        ])
+        .await;
+    }
     cfg.validate().expect("valid configuration");
     let mut d = dataset(t0);
     let bad = malformed(shape, t0);
@@ -369,7 +485,7 @@ async fn foreign_shapes_give_the_window_metrics_of_the_native_shape() {
     let t0 = aligned_ago(3 * 86_400_000);
     let native = run(Shape::Native, t0).await;
     assert!(native.len() > 130, "{}", native.len());
-    for shape in [Shape::Flat, Shape::Nested] {
+    for shape in [Shape::Flat, Shape::Nested, Shape::NestedAvro] {
         let rows = run(shape, t0).await;
         let only = |a: &BTreeMap<Key, MetricRow>, b: &BTreeMap<Key, MetricRow>| {
             a.keys()

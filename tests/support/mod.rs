@@ -14,6 +14,7 @@
 #![allow(dead_code)]
 
 pub mod clickhouse;
+pub mod registry;
 pub mod tansu;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};

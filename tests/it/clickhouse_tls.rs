@@ -57,17 +57,17 @@ fn must(cmd: &mut Command, what: &str) {
 /// A CA, an unrelated second CA, a server certificate for `localhost` only
 /// (so `https://127.0.0.1` does not match it) and a client certificate,
 /// both signed by the CA; EC P-256 keys, made with the `openssl` CLI.
-struct Certs {
-    ca: PathBuf,
-    other_ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
+pub(crate) struct Certs {
+    pub(crate) ca: PathBuf,
+    pub(crate) other_ca: PathBuf,
+    pub(crate) server_cert: PathBuf,
+    pub(crate) server_key: PathBuf,
+    pub(crate) client_cert: PathBuf,
+    pub(crate) client_key: PathBuf,
 }
 
 impl Certs {
-    fn make(dir: &Path) -> Certs {
+    pub(crate) fn make(dir: &Path) -> Certs {
         let p = |n: &str| dir.join(n);
         let ec = [
             "-newkey",

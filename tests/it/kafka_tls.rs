@@ -37,8 +37,8 @@ use crate::support::{free_ports, kill_child, port_open, spawn_watchdog, wait_unt
 
 /// Longest a `modelwatch` child may run before it is killed.
 const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
-const USER: &str = "modelwatch-svc";
-const PASSWORD: &str = "scram-Pw-4711";
+pub(crate) const USER: &str = "modelwatch-svc";
+pub(crate) const PASSWORD: &str = "scram-Pw-4711";
 
 /// Runs `cmd` and panics with its output unless it succeeds.
 fn must(cmd: &mut Command, what: &str) -> Output {
@@ -162,7 +162,7 @@ impl Drop for Proc {
 
 /// tansu on a SQLite file behind stunnel: `tls_port` is the only address
 /// clients learn.
-struct SecureBroker {
+pub(crate) struct SecureBroker {
     tls_port: u16,
     _tansu: Proc,
     _stunnel: Proc,
@@ -171,7 +171,7 @@ struct SecureBroker {
 impl SecureBroker {
     /// Creates modelwatch's topics (and, with `authentication`, the SCRAM
     /// user) on a plain broker, then restarts it advertising the TLS port.
-    fn start(dir: &Path, certs: &Certs, authentication: bool) -> SecureBroker {
+    pub(crate) fn start(dir: &Path, certs: &Certs, authentication: bool) -> SecureBroker {
         let bin = tansu_bin();
         let ports = free_ports(2);
         let (plain, tls_port) = (ports[0], ports[1]);
@@ -252,7 +252,7 @@ impl SecureBroker {
         }
     }
 
-    fn bootstrap(&self) -> String {
+    pub(crate) fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.tls_port)
     }
 }
@@ -272,7 +272,7 @@ fn properties(ca: &Path, sasl_password: Option<&str>) -> Vec<(&'static str, Stri
     p
 }
 
-fn client(brokers: &str, props: &[(&str, String)]) -> ClientConfig {
+pub(crate) fn client(brokers: &str, props: &[(&str, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers);
     for (k, v) in props {
@@ -318,7 +318,7 @@ async fn produce(brokers: &str, props: &[(&str, String)], d: &Dataset) {
 }
 
 /// Every message of `topic` over TLS, until `n` arrived or 20 s passed.
-fn read_topic(
+pub(crate) fn read_topic(
     brokers: &str,
     props: &[(&str, String)],
     topic: &str,
@@ -344,7 +344,11 @@ fn read_topic(
 /// Runs the binary with `args`, its configuration file `config` and `env`
 /// (nothing else of this process's `MODELWATCH_*`), killing it after
 /// [`CHILD_TIMEOUT`]. Returns (success, log, seconds taken).
-fn run_binary(args: &[&str], env: &[(String, String)], log: &Path) -> (bool, String, f64) {
+pub(crate) fn run_binary(
+    args: &[&str],
+    env: &[(String, String)],
+    log: &Path,
+) -> (bool, String, f64) {
     let out = std::fs::File::create(log).expect("log file");
     let err = out.try_clone().expect("log file");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelwatch"));

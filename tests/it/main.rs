@@ -16,6 +16,9 @@
 //!   schema, resolved through an in-test Schema Registry; framed alerts.
 //! - [`e2e`]: the `modelwatch` binary against a `tansu` broker + ClickHouse.
 //! - [`kafka_tls`]: the binary over SSL and SASL_SSL (SCRAM) through stunnel in front of tansu.
+//! - [`production`]: issue #12's whole production setup at once, configured
+//!   only by a TOML file and env vars: the binary over SASL_SSL Kafka, HTTPS
+//!   ClickHouse and an HTTPS registry with a producer's own Avro schemas.
 //! - [`outputs`]: outputs that can never be written (rejected rows, oversized
 //!   or refused dead letters, a missing topic) are dropped or cut and counted.
 //! - [`crash`]: the binary killed and restarted, against an uninterrupted run.
@@ -44,6 +47,7 @@ mod live_crash;
 mod mapping;
 mod outputs;
 mod pipeline;
+mod production;
 mod rebalance;
 mod registry;
 mod state;

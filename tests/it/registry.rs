@@ -35,7 +35,7 @@ use crate::support::clickhouse::unique_database;
 use crate::support::free_ports;
 
 /// The producer's prediction schema (registry id 101).
-const PRODUCER_PREDICTION: &str = r#"{"type":"record","name":"Inference","namespace":"com.acme.ml","fields":[
+pub(crate) const PRODUCER_PREDICTION: &str = r#"{"type":"record","name":"Inference","namespace":"com.acme.ml","fields":[
     {"name":"trace_id","type":"string"},
     {"name":"timestamp","type":"long"},
     {"name":"segments","type":{"type":"map","values":"string"}},
@@ -50,7 +50,7 @@ const PRODUCER_PREDICTION: &str = r#"{"type":"record","name":"Inference","namesp
 ]}"#;
 
 /// The producer's label schema (registry id 102).
-const PRODUCER_LABEL: &str = r#"{"type":"record","name":"Outcome","namespace":"com.acme.ml","fields":[
+pub(crate) const PRODUCER_LABEL: &str = r#"{"type":"record","name":"Outcome","namespace":"com.acme.ml","fields":[
     {"name":"actual_value","type":["null","double"],"default":null},
     {"name":"source","type":"string"},
     {"name":"request_id","type":"string"},
@@ -58,13 +58,13 @@ const PRODUCER_LABEL: &str = r#"{"type":"record","name":"Outcome","namespace":"c
     {"name":"timestamp","type":"long"}
 ]}"#;
 
-const PREDICTION_ID: u32 = 101;
-const LABEL_ID: u32 = 102;
+pub(crate) const PREDICTION_ID: u32 = 101;
+pub(crate) const LABEL_ID: u32 = 102;
 const PROTOBUF_ID: u32 = 103;
-const UNKNOWN_ID: u32 = 999;
-const ALERT_ID: u32 = 77;
+pub(crate) const UNKNOWN_ID: u32 = 999;
+pub(crate) const ALERT_ID: u32 = 77;
 /// Basic auth `mw:s3cret`.
-const AUTH: &str = "Basic bXc6czNjcmV0";
+pub(crate) const AUTH: &str = "Basic bXc6czNjcmV0";
 
 fn s(x: &str) -> Value {
     Value::String(x.to_owned())
@@ -78,7 +78,7 @@ fn opt_double(v: Option<f64>, null_index: u32, double_index: u32) -> Value {
 }
 
 /// `p` as the producer writes it.
-fn producer_prediction(p: &PredictionEvent, n: usize) -> Value {
+pub(crate) fn producer_prediction(p: &PredictionEvent, n: usize) -> Value {
     let features = p
         .features
         .iter()
@@ -129,7 +129,7 @@ fn producer_prediction(p: &PredictionEvent, n: usize) -> Value {
 }
 
 /// `g` as the producer writes it.
-fn producer_label(g: &GroundTruthEvent) -> Value {
+pub(crate) fn producer_label(g: &GroundTruthEvent) -> Value {
     Value::Record(vec![
         ("actual_value".into(), opt_double(g.actual_value, 0, 1)),
         ("source".into(), s("crm")),
@@ -145,7 +145,7 @@ fn producer_label(g: &GroundTruthEvent) -> Value {
     ])
 }
 
-fn framed(id: u32, schema: &Schema, v: Value) -> Vec<u8> {
+pub(crate) fn framed(id: u32, schema: &Schema, v: Value) -> Vec<u8> {
     let mut out = vec![0u8];
     out.extend_from_slice(&id.to_be_bytes());
     out.extend_from_slice(&apache_avro::to_avro_datum(schema, v).expect("valid producer datum"));
@@ -154,11 +154,11 @@ fn framed(id: u32, schema: &Schema, v: Value) -> Vec<u8> {
 
 /// What the fake registry saw.
 #[derive(Default)]
-struct Seen {
+pub(crate) struct Seen {
     /// (method, path) of every request.
-    requests: Mutex<Vec<(String, String)>>,
+    pub(crate) requests: Mutex<Vec<(String, String)>>,
     /// Bodies of the schema registrations.
-    registered: Mutex<Vec<serde_json::Value>>,
+    pub(crate) registered: Mutex<Vec<serde_json::Value>>,
     /// Requests for id 101 so far (the first one gets a 503).
     prediction_gets: AtomicUsize,
 }
@@ -173,7 +173,7 @@ fn json(status: StatusCode, body: serde_json::Value) -> axum::http::Response<axu
 /// (the producer's predictions), 102 (its labels), 103 (a Protobuf
 /// schema), 404 / 40403 for any other; `POST /subjects/{s}/versions` gives
 /// id 77. Basic auth required; the first request for id 101 fails with 503.
-async fn fake_registry() -> (String, Arc<Seen>) {
+pub(crate) async fn fake_registry() -> (String, Arc<Seen>) {
     let seen = Arc::new(Seen::default());
     let state = seen.clone();
     let app = axum::Router::new().fallback(

@@ -9,8 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use modelwatch::ingest::decode::{decode_alert, encode_avro, encode_confluent, encode_json};
 use modelwatch::model::{AlertStatus, InputEvent, Severity};
@@ -24,9 +22,6 @@ use crate::pipeline::{
 use crate::support::clickhouse::unique_database;
 use crate::support::tansu::TansuBroker;
 
-/// Longest a `modelwatch` child may run before it is killed.
-const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// Every third event JSON, every third raw Avro, every third Confluent Avro.
 fn mixed_encoding(n: usize, ev: &InputEvent) -> Vec<u8> {
     match n % 3 {
@@ -36,43 +31,11 @@ fn mixed_encoding(n: usize, ev: &InputEvent) -> Vec<u8> {
     }
 }
 
-/// Runs the binary with `args` and `env`, killing it after
-/// [`CHILD_TIMEOUT`]; panics with its log when it fails. Returns its output.
+/// Runs the binary ([`crate::support::run_binary`]); panics with its log
+/// when it fails. Returns its output.
 fn run_binary(args: &[&str], env: &[(String, String)], log: &Path) -> String {
-    let out = std::fs::File::create(log).expect("log file");
-    let err = out.try_clone().expect("log file");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelwatch"));
-    cmd.args(args)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    // Only this test's settings apply.
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("MODELWATCH_")) {
-        cmd.env_remove(k);
-    }
-    let mut child = cmd.spawn().expect("spawn modelwatch");
-    let deadline = Instant::now() + CHILD_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for modelwatch") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "modelwatch {args:?} still running after {CHILD_TIMEOUT:?}; log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    assert!(
-        status.success(),
-        "modelwatch {args:?} failed ({status}):\n{text}"
-    );
+    let (ok, text, _) = crate::support::run_binary(args, env, log);
+    assert!(ok, "modelwatch {args:?} failed:\n{text}");
     text
 }
 

@@ -33,10 +33,8 @@ use crate::pipeline::{
 };
 use crate::support::clickhouse::unique_database;
 use crate::support::tansu::tansu_bin;
-use crate::support::{free_ports, kill_child, port_open, spawn_watchdog, wait_until};
+use crate::support::{free_ports, kill_child, port_open, run_binary, spawn_watchdog, wait_until};
 
-/// Longest a `modelwatch` child may run before it is killed.
-const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
 pub(crate) const USER: &str = "modelwatch-svc";
 pub(crate) const PASSWORD: &str = "scram-Pw-4711";
 
@@ -339,45 +337,6 @@ pub(crate) fn read_topic(
         }
     }
     out
-}
-
-/// Runs the binary with `args`, its configuration file `config` and `env`
-/// (nothing else of this process's `MODELWATCH_*`), killing it after
-/// [`CHILD_TIMEOUT`]. Returns (success, log, seconds taken).
-pub(crate) fn run_binary(
-    args: &[&str],
-    env: &[(String, String)],
-    log: &Path,
-) -> (bool, String, f64) {
-    let out = std::fs::File::create(log).expect("log file");
-    let err = out.try_clone().expect("log file");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelwatch"));
-    cmd.args(args)
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("MODELWATCH_")) {
-        cmd.env_remove(k);
-    }
-    let started = Instant::now();
-    let mut child = cmd.spawn().expect("spawn modelwatch");
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for modelwatch") {
-            break status;
-        }
-        if started.elapsed() >= CHILD_TIMEOUT {
-            kill_child(&mut child);
-            panic!(
-                "modelwatch {args:?} still running after {CHILD_TIMEOUT:?}; log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    (status.success(), text, started.elapsed().as_secs_f64())
 }
 
 /// A configuration file with `props` as `[kafka.properties]` and the e2e

@@ -38,7 +38,7 @@ use modelwatch::model::InputEvent;
 use modelwatch::sinks::clickhouse::ClickHouseSink;
 
 use crate::clickhouse_tls::Certs as ClickHouseCerts;
-use crate::kafka_tls::{client, read_topic, run_binary, Certs, Proc, SecureBroker, PASSWORD, USER};
+use crate::kafka_tls::{client, read_topic, Certs, Proc, SecureBroker, PASSWORD, USER};
 use crate::pipeline::{
     aligned_ago, assert_matches, dataset, expected, key, read_final, reference_file, send,
     sent_first, Dataset, Input, CLF,
@@ -49,6 +49,7 @@ use crate::registry::{
 };
 use crate::support::clickhouse::{unique_database, ClickHouseServer, TlsSettings};
 use crate::support::free_ports;
+use crate::support::run_binary;
 
 /// The registry's basic-auth user and password (what `registry::AUTH` encodes).
 const REGISTRY_USER: &str = "mw";

@@ -17,8 +17,7 @@
 //!   a permanent error, never retried.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,94 +36,7 @@ use crate::pipeline::{
 use crate::support::clickhouse::{unique_database, ClickHouseServer, TlsSettings};
 use crate::support::run_binary;
 use crate::support::tansu::TansuBroker;
-
-/// Runs `cmd` and panics with its output unless it succeeds.
-fn must(cmd: &mut Command, what: &str) {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, an unrelated second CA, a server certificate for `localhost` only
-/// (so `https://127.0.0.1` does not match it) and a client certificate,
-/// both signed by the CA; EC P-256 keys, made with the `openssl` CLI.
-pub(crate) struct Certs {
-    pub(crate) ca: PathBuf,
-    pub(crate) other_ca: PathBuf,
-    pub(crate) server_cert: PathBuf,
-    pub(crate) server_key: PathBuf,
-    pub(crate) client_cert: PathBuf,
-    pub(crate) client_key: PathBuf,
-}
-
-impl Certs {
-    pub(crate) fn make(dir: &Path) -> Certs {
-        let p = |n: &str| dir.join(n);
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        for (name, cn) in [("ca", "modelwatch-test-ca"), ("other-ca", "someone-else")] {
-            must(
-                Command::new("openssl")
-                    .args(["req", "-x509"])
-                    .args(ec)
-                    .arg("-keyout")
-                    .arg(p(&format!("{name}.key")))
-                    .arg("-out")
-                    .arg(p(&format!("{name}.pem")))
-                    .args(["-days", "2", "-subj", &format!("/CN={cn}")]),
-                "openssl req -x509",
-            );
-        }
-        std::fs::write(p("server.ext"), "subjectAltName=DNS:localhost\n").expect("server.ext");
-        std::fs::write(p("client.ext"), "extendedKeyUsage=clientAuth\n").expect("client.ext");
-        for (name, cn) in [("server", "localhost"), ("client", "modelwatch")] {
-            must(
-                Command::new("openssl")
-                    .arg("req")
-                    .args(ec)
-                    .arg("-keyout")
-                    .arg(p(&format!("{name}.key")))
-                    .arg("-out")
-                    .arg(p(&format!("{name}.csr")))
-                    .args(["-subj", &format!("/CN={cn}")]),
-                "openssl req",
-            );
-            must(
-                Command::new("openssl")
-                    .args(["x509", "-req", "-in"])
-                    .arg(p(&format!("{name}.csr")))
-                    .arg("-CA")
-                    .arg(p("ca.pem"))
-                    .arg("-CAkey")
-                    .arg(p("ca.key"))
-                    .args(["-CAcreateserial", "-days", "2", "-out"])
-                    .arg(p(&format!("{name}.pem")))
-                    .arg("-extfile")
-                    .arg(p(&format!("{name}.ext"))),
-                "openssl x509 -req",
-            );
-        }
-        Certs {
-            ca: p("ca.pem"),
-            other_ca: p("other-ca.pem"),
-            server_cert: p("server.pem"),
-            server_key: p("server.key"),
-            client_cert: p("client.pem"),
-            client_key: p("client.key"),
-        }
-    }
-}
+use crate::support::tls::Certs;
 
 fn path(p: &Path) -> String {
     p.to_str().expect("utf-8 path").to_owned()
@@ -173,7 +85,7 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 #[test]
 fn binary_writes_and_the_api_reads_over_https_and_an_untrusted_server_stops_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let certs = Certs::make(dir.path());
+    let certs = Certs::make(dir.path(), "DNS:localhost");
     let server = ClickHouseServer::start_with_tls(&TlsSettings {
         cert: certs.server_cert.clone(),
         key: certs.server_key.clone(),
@@ -375,7 +287,7 @@ fn metric_rows(n: u32, model: &str) -> Vec<MetricRow> {
 #[test]
 fn a_server_requiring_client_certificates_accepts_ours_and_refuses_none() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let certs = Certs::make(dir.path());
+    let certs = Certs::make(dir.path(), "DNS:localhost");
     let server = ClickHouseServer::start_with_tls(&TlsSettings {
         cert: certs.server_cert.clone(),
         key: certs.server_key.clone(),

@@ -14,8 +14,8 @@
 //! first without authentication to create the topics and the user, then
 //! restarted with `--authentication`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -33,91 +33,11 @@ use crate::pipeline::{
 };
 use crate::support::clickhouse::unique_database;
 use crate::support::tansu::tansu_bin;
+use crate::support::tls::{must, Certs};
 use crate::support::{free_ports, kill_child, port_open, run_binary, spawn_watchdog, wait_until};
 
 pub(crate) const USER: &str = "modelwatch-svc";
 pub(crate) const PASSWORD: &str = "scram-Pw-4711";
-
-/// Runs `cmd` and panics with its output unless it succeeds.
-fn must(cmd: &mut Command, what: &str) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A CA, a server certificate for 127.0.0.1 signed by it, and an unrelated
-/// second CA, made with the `openssl` CLI in `dir`.
-pub(crate) struct Certs {
-    pub(crate) ca: PathBuf,
-    pub(crate) other_ca: PathBuf,
-    pub(crate) cert: PathBuf,
-    pub(crate) key: PathBuf,
-}
-
-impl Certs {
-    pub(crate) fn make(dir: &Path) -> Certs {
-        let p = |n: &str| dir.join(n);
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        for (name, cn) in [("ca", "modelwatch-test-ca"), ("other-ca", "someone-else")] {
-            must(
-                Command::new("openssl")
-                    .args(["req", "-x509"])
-                    .args(ec)
-                    .arg("-keyout")
-                    .arg(p(&format!("{name}.key")))
-                    .arg("-out")
-                    .arg(p(&format!("{name}.pem")))
-                    .args(["-days", "2", "-subj", &format!("/CN={cn}")]),
-                "openssl req -x509",
-            );
-        }
-        must(
-            Command::new("openssl")
-                .arg("req")
-                .args(ec)
-                .arg("-keyout")
-                .arg(p("server.key"))
-                .arg("-out")
-                .arg(p("server.csr"))
-                .args(["-subj", "/CN=127.0.0.1"]),
-            "openssl req",
-        );
-        std::fs::write(p("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("san.ext");
-        must(
-            Command::new("openssl")
-                .args(["x509", "-req", "-in"])
-                .arg(p("server.csr"))
-                .arg("-CA")
-                .arg(p("ca.pem"))
-                .arg("-CAkey")
-                .arg(p("ca.key"))
-                .args(["-CAcreateserial", "-days", "2", "-out"])
-                .arg(p("server.pem"))
-                .arg("-extfile")
-                .arg(p("san.ext")),
-            "openssl x509 -req",
-        );
-        Certs {
-            ca: p("ca.pem"),
-            other_ca: p("other-ca.pem"),
-            cert: p("server.pem"),
-            key: p("server.key"),
-        }
-    }
-}
 
 /// A child process killed on drop (with a watchdog for a test that aborts).
 pub(crate) struct Proc {
@@ -232,8 +152,8 @@ impl SecureBroker {
             &conf,
             format!(
                 "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls_port}\nconnect = 127.0.0.1:{plain}\ncert = {}\nkey = {}\n",
-                certs.cert.display(),
-                certs.key.display()
+                certs.server_cert.display(),
+                certs.server_key.display()
             ),
         )
         .expect("stunnel.conf");
@@ -358,7 +278,7 @@ fn write_config(path: &Path, props: &[(&str, String)]) {
 /// startup with the reason.
 fn binary_over_secured_kafka(name: &str, sasl: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let certs = Certs::make(dir.path());
+    let certs = Certs::make(dir.path(), "IP:127.0.0.1");
     let broker = SecureBroker::start(dir.path(), &certs, sasl);
     let brokers = broker.bootstrap();
     let props = properties(&certs.ca, sasl.then_some(PASSWORD));
@@ -601,7 +521,7 @@ fn binary_with_oauthbearer_oidc_fetches_its_token_from_the_identity_provider() {
     use base64::Engine;
     const CLIENT_SECRET: &str = "oidc-Secret-0042";
     let dir = tempfile::tempdir().expect("tempdir");
-    let certs = Certs::make(dir.path());
+    let certs = Certs::make(dir.path(), "IP:127.0.0.1");
     let broker = SecureBroker::start(dir.path(), &certs, true);
     let brokers = broker.bootstrap();
     let config_path = dir.path().join("modelwatch.toml");

@@ -37,8 +37,7 @@ use modelwatch::ingest::decode::{decode_alert, ALERT_SCHEMA};
 use modelwatch::model::InputEvent;
 use modelwatch::sinks::clickhouse::ClickHouseSink;
 
-use crate::clickhouse_tls::Certs as ClickHouseCerts;
-use crate::kafka_tls::{client, read_topic, Certs, Proc, SecureBroker, PASSWORD, USER};
+use crate::kafka_tls::{client, read_topic, Proc, SecureBroker, PASSWORD, USER};
 use crate::pipeline::{
     aligned_ago, assert_matches, dataset, expected, key, read_final, reference_file, send,
     sent_first, Dataset, Input, CLF,
@@ -50,6 +49,7 @@ use crate::registry::{
 use crate::support::clickhouse::{unique_database, ClickHouseServer, TlsSettings};
 use crate::support::free_ports;
 use crate::support::run_binary;
+use crate::support::tls::Certs;
 
 /// The registry's basic-auth user and password (what `registry::AUTH` encodes).
 const REGISTRY_USER: &str = "mw";
@@ -194,7 +194,7 @@ fn sasl_ssl_kafka_https_clickhouse_and_a_registry_configured_only_by_file_and_en
     }
 
     // Kafka: SASL_SSL (SCRAM-SHA-512) with a private CA, through stunnel.
-    let certs = Certs::make(&kafka_dir);
+    let certs = Certs::make(&kafka_dir, "IP:127.0.0.1");
     let broker = SecureBroker::start(&kafka_dir, &certs, true);
     let brokers = broker.bootstrap();
     // The test's own clients, secured the same way.
@@ -207,7 +207,7 @@ fn sasl_ssl_kafka_https_clickhouse_and_a_registry_configured_only_by_file_and_en
     ];
 
     // ClickHouse over HTTPS, its certificate for `localhost` from another CA.
-    let ch_certs = ClickHouseCerts::make(&clickhouse_dir);
+    let ch_certs = Certs::make(&clickhouse_dir, "DNS:localhost");
     let server = ClickHouseServer::start_with_tls(&TlsSettings {
         cert: ch_certs.server_cert.clone(),
         key: ch_certs.server_key.clone(),
@@ -232,8 +232,8 @@ fn sasl_ssl_kafka_https_clickhouse_and_a_registry_configured_only_by_file_and_en
         &conf,
         format!(
             "foreground = yes\npid =\n[registry]\naccept = 127.0.0.1:{registry_port}\nconnect = 127.0.0.1:{plain}\ncert = {}\nkey = {}\n",
-            certs.cert.display(),
-            certs.key.display()
+            certs.server_cert.display(),
+            certs.server_key.display()
         ),
     )
     .expect("stunnel.conf");

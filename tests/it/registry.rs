@@ -26,13 +26,14 @@ use modelwatch::telemetry::Counters;
 use rdkafka::message::{Headers, Message};
 use tokio::net::TcpListener;
 
-use crate::kafka_tls::{Certs, Proc};
+use crate::kafka_tls::Proc;
 use crate::pipeline::{
     aligned_ago, assert_dead_letters, assert_matches, dataset, expected, mock_cluster, produce,
     read_final, read_topic, run_idle, store_reference, test_config, Input, Key,
 };
 use crate::support::clickhouse::unique_database;
 use crate::support::free_ports;
+use crate::support::tls::Certs;
 
 /// The producer's prediction schema (registry id 101).
 pub(crate) const PRODUCER_PREDICTION: &str = r#"{"type":"record","name":"Inference","namespace":"com.acme.ml","fields":[
@@ -491,7 +492,7 @@ async fn an_unreachable_registry_stops_the_service_instead_of_dead_lettering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_a_private_ca_and_basic_auth() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let certs = Certs::make(dir.path());
+    let certs = Certs::make(dir.path(), "IP:127.0.0.1");
     let (url, seen) = fake_registry().await;
     let plain: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
     let tls_port = free_ports(1)[0];
@@ -500,8 +501,8 @@ async fn https_with_a_private_ca_and_basic_auth() {
         &conf,
         format!(
             "foreground = yes\npid =\n[registry]\naccept = 127.0.0.1:{tls_port}\nconnect = 127.0.0.1:{plain}\ncert = {}\nkey = {}\n",
-            certs.cert.display(),
-            certs.key.display()
+            certs.server_cert.display(),
+            certs.server_key.display()
         ),
     )
     .expect("stunnel.conf");

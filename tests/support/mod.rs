@@ -16,6 +16,7 @@
 pub mod clickhouse;
 pub mod registry;
 pub mod tansu;
+pub mod tls;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

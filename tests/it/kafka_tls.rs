@@ -259,6 +259,33 @@ pub(crate) fn read_topic(
     out
 }
 
+/// The exact window metrics of `d` (read from `sink`) and its malformed
+/// messages, by key, on the dead-letter topic; returns the dead letters.
+pub(crate) fn assert_metrics_and_dead_letters(
+    runtime: &tokio::runtime::Runtime,
+    sink: &ClickHouseSink,
+    d: &Dataset,
+    t0: i64,
+    brokers: &str,
+    props: &[(&str, String)],
+) -> Vec<rdkafka::message::OwnedMessage> {
+    let rows = runtime.block_on(read_final(sink));
+    let (exact, approx) = expected(d, true);
+    assert!(exact.len() > 130, "{}", exact.len());
+    assert_matches(&rows, &exact, &approx);
+    assert!(rows.contains_key(&key(CLF, "", t0, "prediction_count", "")));
+    let dead = read_topic(brokers, props, "modelwatch-dead-letter", d.malformed.len());
+    let mut keys: Vec<String> = dead
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
+        .collect();
+    keys.sort();
+    let mut want: Vec<String> = d.malformed.iter().map(|(_, k, _)| k.clone()).collect();
+    want.sort();
+    assert_eq!(keys, want, "dead letters");
+    dead
+}
+
 /// A configuration file with `props` as `[kafka.properties]` and the e2e
 /// test's accuracy rule (fires on the dataset's `clf`).
 fn write_config(path: &Path, props: &[(&str, String)]) {
@@ -341,28 +368,9 @@ fn binary_over_secured_kafka(name: &str, sasl: bool) {
     assert!(ok, "modelwatch run over {name} failed:\n{log}");
     assert!(log.contains("input idle"), "{log}");
 
-    let sink = ClickHouseSink::new(&cfg.clickhouse);
-    let rows = runtime.block_on(read_final(&sink));
-    let (exact, approx) = expected(&d, true);
-    assert!(exact.len() > 130, "{}", exact.len());
-    assert_matches(&rows, &exact, &approx);
-    assert!(rows.contains_key(&key(CLF, "", t0, "prediction_count", "")));
-
     // Dead letters and alerts went out over the same secured connection.
-    let dead = read_topic(
-        &brokers,
-        &props,
-        "modelwatch-dead-letter",
-        d.malformed.len(),
-    );
-    let mut keys: Vec<String> = dead
-        .iter()
-        .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
-        .collect();
-    keys.sort();
-    let mut want: Vec<String> = d.malformed.iter().map(|(_, k, _)| k.clone()).collect();
-    want.sort();
-    assert_eq!(keys, want, "dead letters");
+    let sink = ClickHouseSink::new(&cfg.clickhouse);
+    assert_metrics_and_dead_letters(&runtime, &sink, &d, t0, &brokers, &props);
     let alerts = read_topic(&brokers, &props, "model-alerts", 1);
     assert!(!alerts.is_empty(), "no alert over {name}");
     let a = decode_alert(alerts[0].payload().unwrap_or_default()).expect("AlertEvent");

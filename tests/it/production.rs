@@ -37,10 +37,11 @@ use modelwatch::ingest::decode::{decode_alert, ALERT_SCHEMA};
 use modelwatch::model::InputEvent;
 use modelwatch::sinks::clickhouse::ClickHouseSink;
 
-use crate::kafka_tls::{client, read_topic, Proc, SecureBroker, PASSWORD, USER};
+use crate::kafka_tls::{
+    assert_metrics_and_dead_letters, client, read_topic, Proc, SecureBroker, PASSWORD, USER,
+};
 use crate::pipeline::{
-    aligned_ago, assert_matches, dataset, expected, key, read_final, reference_file, send,
-    sent_first, Dataset, Input, CLF,
+    aligned_ago, dataset, reference_file, send, sent_first, Dataset, Input, CLF,
 };
 use crate::registry::{
     fake_registry, framed, producer_label, producer_prediction, ALERT_ID, AUTH, LABEL_ID,
@@ -338,28 +339,9 @@ fn sasl_ssl_kafka_https_clickhouse_and_a_registry_configured_only_by_file_and_en
         ca_file: path(&ch_certs.ca),
         ..ClickHouseConfig::default()
     });
-    let rows = runtime.block_on(read_final(&sink));
-    let (exact, approx) = expected(&d, true);
-    assert!(exact.len() > 130, "{}", exact.len());
-    assert_matches(&rows, &exact, &approx);
-    assert!(rows.contains_key(&key(CLF, "", t0, "prediction_count", "")));
-
-    // Dead letters: exactly the malformed messages; the unknown id's of
-    // kind `schema`.
-    let dead = read_topic(
-        &brokers,
-        &props,
-        "modelwatch-dead-letter",
-        d.malformed.len(),
-    );
-    let mut keys: Vec<String> = dead
-        .iter()
-        .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned())
-        .collect();
-    keys.sort();
-    let mut want: Vec<String> = d.malformed.iter().map(|(_, k, _)| k.clone()).collect();
-    want.sort();
-    assert_eq!(keys, want, "dead letters");
+    // The exact metrics, read over HTTPS; dead letters: exactly the
+    // malformed messages, the unknown id's of kind `schema`.
+    let dead = assert_metrics_and_dead_letters(&runtime, &sink, &d, t0, &brokers, &props);
     let unknown = dead
         .iter()
         .find(|m| m.key() == Some(b"bad-unknown-id".as_slice()))

@@ -539,7 +539,9 @@ fn validate_oauthbearer<'a>(get: &impl Fn(&str) -> Option<&'a str>) -> Result<()
         needed.push("sasl.oauthbearer.client.secret");
     }
     for key in needed {
-        if get(key).is_none() {
+        // librdkafka also takes `sasl.oauthbearer.client.credentials.client.*`.
+        let alias = key.replace(".client.", ".client.credentials.client.");
+        if get(key).is_none() && get(&alias).is_none() {
             bail!(
                 "invalid configuration: kafka.properties.\"sasl.oauthbearer.method\" = \"oidc\" needs kafka.properties.\"{key}\", expected a non-empty string"
             );
@@ -1696,6 +1698,7 @@ impl Config {
             "ssl.key.location",
             "ssl.crl.location",
             "ssl.keystore.location",
+            "https.ca.location",
         ] {
             // `probe`: librdkafka looks for the system's CA store itself.
             if let Some(path) = get(key).filter(|p| *p != "probe") {
@@ -2038,6 +2041,10 @@ mod tests {
             "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"scram-sha-256\"\n\"sasl.username\" = \"svc\"\n\"sasl.password\" = \"hunter2-secret\"\n",
             "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"enable.sasl.oauthbearer.unsecure.jwt\" = \"true\"\n",
             "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"sasl.oauthbearer.method\" = \"oidc\"\n\"sasl.oauthbearer.token.endpoint.url\" = \"https://idp.example.org/oauth2/token\"\n\"sasl.oauthbearer.client.id\" = \"svc\"\n\"sasl.oauthbearer.client.secret\" = \"hunter2-secret\"\n\"sasl.oauthbearer.scope\" = \"kafka\"\n",
+            // librdkafka's alias names of the client id and secret.
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"sasl.oauthbearer.method\" = \"oidc\"\n\"sasl.oauthbearer.token.endpoint.url\" = \"https://idp.example.org/oauth2/token\"\n\"sasl.oauthbearer.client.credentials.client.id\" = \"svc\"\n\"sasl.oauthbearer.client.credentials.client.secret\" = \"hunter2-secret\"\n",
+            // The JWT-bearer grant signs an assertion instead of a secret.
+            "\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"OAUTHBEARER\"\n\"sasl.oauthbearer.method\" = \"oidc\"\n\"sasl.oauthbearer.token.endpoint.url\" = \"https://idp.example.org/oauth2/token\"\n\"sasl.oauthbearer.client.id\" = \"svc\"\n\"sasl.oauthbearer.grant.type\" = \"urn:ietf:params:oauth:grant-type:jwt-bearer\"\n",
         ] {
             let f = write(&props(body));
             let c = load(Some(f.path()), &env(&[])).unwrap_or_else(|e| panic!("{body}: {e:#}"));

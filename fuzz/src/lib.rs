@@ -577,6 +577,9 @@ pub fn check_registry_decode(data: &[u8]) {
     let json = bounded_generic("value_to_json", datum.len(), || value_to_json(&v));
     let written = match apache_avro::to_avro_datum(schema, v) {
         Ok(w) => w,
+        // apache-avro's writer refuses a decimal of zero bytes, which its
+        // own reader (and ours, the same) returns: not re-encoded.
+        Err(e) if e.to_string().contains("decimal sign extension 0") => return,
         Err(e) => panic!("apache-avro does not write a value read_value returned: {e}"),
     };
     // No length property: a logical type may re-encode longer (a uuid read

@@ -2,7 +2,9 @@
 //! events of the synthetic traffic generator and hand-made edge cases (every
 //! feature type, NaN / infinities, Unicode and escapes in identifiers, the
 //! timestamp bounds), each in every encoding under every format that reads it,
-//! plus a few near misses (truncated, wrong topic, wrong format).
+//! plus a few near misses (truncated, wrong topic, wrong format). For
+//! `registry_decode`: a valid datum of each registered writer schema,
+//! written with apache-avro (ours with our encoder), and a few near misses.
 //!
 //! `cargo run --manifest-path fuzz/Cargo.toml --example gen_corpus`
 //!
@@ -10,6 +12,9 @@
 //! found (named by their SHA-1) are kept.
 
 use std::path::{Path, PathBuf};
+
+use apache_avro::types::Value;
+use apache_avro::Schema;
 
 use modelwatch::config::Format;
 use modelwatch::generate::{Generator, Scenario};
@@ -21,7 +26,10 @@ use modelwatch::model::{
     AlertEvent, AlertStatus, Entries, FeatureValue, GroundTruthEvent, InputEvent, PredictionEvent,
     Severity,
 };
-use modelwatch_fuzz::{avro_input, decode_input};
+use modelwatch_fuzz::{
+    avro_input, decode_input, registry_input, LINKED_LIST, PRODUCER_LABEL, PRODUCER_NESTED,
+    PRODUCER_PREDICTION,
+};
 
 fn events() -> Vec<InputEvent> {
     let mut out = Vec::new();
@@ -345,6 +353,43 @@ fn main() {
         &avro_input(0, &negative_block_prediction()),
     );
 
+    // registry_decode: a datum of each writer schema under its id, in both
+    // formats; ours; then ids the registry does not know and near misses.
+    let mut c = Corpus::new(&root, "registry_decode");
+    let datums = registry_datums();
+    for (i, name, d) in &datums {
+        for confluent_avro in [false, true] {
+            c.add(name, &registry_input(*i, confluent_avro, d));
+        }
+    }
+    let ours = [
+        &events[0],
+        events
+            .iter()
+            .find(|e| kind_of(e) == EventKind::GroundTruth)
+            .expect("the generator makes labels"),
+    ];
+    c.add(
+        "ours-prediction",
+        &registry_input(4, false, &encode_avro(ours[0])),
+    );
+    c.add(
+        "ours-label",
+        &registry_input(5, true, &encode_avro(ours[1])),
+    );
+    let (_, _, nested) = &datums[4];
+    c.add("unknown-id", &registry_input(6, false, nested));
+    c.add("not-fetched-id", &registry_input(7, true, nested));
+    c.add(
+        "nested-truncated",
+        &registry_input(2, false, &nested[..nested.len() / 2]),
+    );
+    c.add("nested-as-list", &registry_input(3, false, nested));
+    c.add(
+        "ours-as-producer",
+        &registry_input(0, false, &encode_avro(ours[0])),
+    );
+
     // decode_alert: every alert, and a few truncations.
     let mut c = Corpus::new(&root, "decode_alert");
     for a in &alerts {
@@ -354,6 +399,205 @@ fn main() {
     for cut in [1, datum.len() / 3, datum.len() - 1] {
         c.add("truncated", &datum[..cut]);
     }
+}
+
+fn record(fields: Vec<(&str, Value)>) -> Value {
+    Value::Record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+}
+
+fn s(x: &str) -> Value {
+    Value::String(x.to_owned())
+}
+
+fn map(entries: Vec<(&str, Value)>) -> Value {
+    Value::Map(
+        entries
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    )
+}
+
+/// `v` (plain values: unions, enums and logical types are found by
+/// apache-avro's resolution) as a datum of `schema`.
+fn datum(schema: &str, v: Value) -> Vec<u8> {
+    let schema = Schema::parse_str(schema).expect("a registry seed schema parses");
+    let v = v.resolve(&schema).expect("a seed value resolves");
+    apache_avro::to_avro_datum(&schema, v).expect("a seed value writes")
+}
+
+/// Valid datums of the producer schemas in `REGISTRY_IDS` order (0–3), by name.
+fn registry_datums() -> Vec<(usize, &'static str, Vec<u8>)> {
+    let prediction = |score: Value, features: Vec<(&str, Value)>| {
+        record(vec![
+            ("trace_id", s("t-1")),
+            ("timestamp", Value::Long(1_733_140_000_123)),
+            ("segments", map(vec![("country", s("DE"))])),
+            ("model_version", s("v2")),
+            ("model_id", s("fraud")),
+            ("features", map(features)),
+            ("score", score),
+            (
+                "host",
+                record(vec![("name", s("scorer-1")), ("region", s("eu"))]),
+            ),
+            ("request_id", s("r-1")),
+            ("predicted_value", Value::Null),
+            ("latency_ms", Value::Double(3.5)),
+        ])
+    };
+    let label = |label: Value, value: Value| {
+        record(vec![
+            ("actual_value", value),
+            ("source", s("chargebacks")),
+            ("request_id", s("r-1")),
+            ("actual_label", label),
+            ("timestamp", Value::Long(1_733_140_060_000)),
+        ])
+    };
+    let nested = |out: Value, label_tail: usize| {
+        record(vec![
+            (
+                "meta",
+                record(vec![
+                    ("id", s("r-1")),
+                    ("at", Value::Long(1_733_140_000_123)),
+                    ("day", Value::Int(20_059)),
+                    (
+                        "model",
+                        record(vec![
+                            ("name", s("fraud")),
+                            ("version", Value::Int(3)),
+                            ("stage", Value::Enum(2, "PROD".to_owned())),
+                        ]),
+                    ),
+                ]),
+            ),
+            (
+                "inputs",
+                map(vec![
+                    ("amount", Value::Double(12.5)),
+                    ("channel", s("web")),
+                    ("age", Value::Null),
+                    ("vip", Value::Boolean(true)),
+                    ("n", Value::Int(-7)),
+                    ("big", Value::Long(1 << 40)),
+                    ("f", Value::Float(0.5)),
+                    (
+                        "vec",
+                        Value::Array(vec![Value::Double(1.0), Value::Double(-2.0)]),
+                    ),
+                ]),
+            ),
+            ("out", out),
+            (
+                "ctx",
+                Value::Array(
+                    (0..label_tail)
+                        .map(|i| s(["DE", "mobile"][i % 2]))
+                        .collect(),
+                ),
+            ),
+            ("us", Value::Long(1_733_140_060_000_000)),
+            ("digest", Value::Fixed(4, vec![0xde, 0xad, 0xbe, 0xef])),
+            ("blob", Value::Bytes(vec![0, 1, 255])),
+            // 12.34 (apache-avro's resolution wants at least as many bytes
+            // as the precision could need).
+            ("amount", Value::Bytes(vec![0, 0, 0, 0, 0x04, 0xd2])),
+            ("uid", s("67e55044-10b1-426f-9247-bb680e5fe0c8")),
+            // 1.23: length 1, unscaled 123, scale 2.
+            ("big", Value::Bytes(vec![2, 123, 4])),
+            ("t", Value::Int(45_000)),
+            (
+                "dur",
+                Value::Fixed(12, vec![1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]),
+            ),
+            (
+                "stages",
+                Value::Array(vec![map(vec![("a", Value::Enum(0, "DEV".to_owned()))])]),
+            ),
+            ("empties", Value::Array(vec![record(vec![]); 3])),
+            ("nulls", Value::Array(vec![Value::Null; 2])),
+        ])
+    };
+    let out = |label: Value| {
+        record(vec![
+            ("p", Value::Float(0.75)),
+            ("label", label),
+            (
+                "probs",
+                map(vec![("0", Value::Double(0.25)), ("1", Value::Double(0.75))]),
+            ),
+            ("value", Value::Null),
+        ])
+    };
+    let node = |value: i64, kids: Vec<Value>, next: Value| {
+        record(vec![
+            ("value", Value::Long(value)),
+            (
+                "label",
+                if value % 2 == 0 {
+                    s("even")
+                } else {
+                    Value::Null
+                },
+            ),
+            ("kids", Value::Array(kids)),
+            ("next", next),
+        ])
+    };
+    let list = node(
+        1,
+        vec![node(10, vec![], Value::Null), node(11, vec![], Value::Null)],
+        node(
+            2,
+            vec![],
+            node(3, vec![node(30, vec![], Value::Null)], Value::Null),
+        ),
+    );
+    vec![
+        (
+            0,
+            "producer-prediction",
+            datum(
+                PRODUCER_PREDICTION,
+                prediction(
+                    Value::Double(0.9),
+                    vec![("amount", Value::Double(12.5)), ("channel", s("web"))],
+                ),
+            ),
+        ),
+        (
+            0,
+            "producer-prediction-nulls",
+            datum(
+                PRODUCER_PREDICTION,
+                prediction(Value::Null, vec![("age", Value::Null)]),
+            ),
+        ),
+        (
+            1,
+            "producer-label",
+            datum(PRODUCER_LABEL, label(s("1"), Value::Null)),
+        ),
+        (
+            1,
+            "producer-label-value",
+            datum(PRODUCER_LABEL, label(Value::Null, Value::Double(-2.5))),
+        ),
+        (2, "nested", datum(PRODUCER_NESTED, nested(out(s("1")), 2))),
+        (
+            2,
+            "nested-long-label",
+            datum(PRODUCER_NESTED, nested(out(Value::Long(7)), 1)),
+        ),
+        (
+            2,
+            "nested-no-out",
+            datum(PRODUCER_NESTED, nested(Value::Null, 0)),
+        ),
+        (3, "linked-list", datum(LINKED_LIST, list)),
+    ]
 }
 
 /// A prediction whose `features` map is written as one block with a

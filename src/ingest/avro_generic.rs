@@ -185,7 +185,12 @@ impl<S: Borrow<Schema>> Ctx<'_, '_, S> {
             // bytes are bounded here, then its decoder reads just them.
             Schema::Uuid | Schema::BigDecimal => {
                 let start = r.pos();
-                r.bytes("uuid/big-decimal")?;
+                let inner = r.bytes("uuid/big-decimal")?;
+                if matches!(schema, Schema::BigDecimal) {
+                    // Its digits' length, checked here: apache-avro allocates
+                    // it (up to 512 MiB) before reading (found by fuzzing).
+                    Reader::new(inner).bytes("big-decimal digits")?;
+                }
                 let mut slice = r.since(start);
                 apache_avro::from_avro_datum(schema, &mut slice, None)
                     .map_err(|e| AvroError(format!("{}: {e}", kind_name(schema))))?
@@ -513,6 +518,22 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("needs"), "{e}");
+    }
+
+    #[test]
+    fn big_decimal_digits_are_bounded_by_the_value() {
+        let s = Schema::BigDecimal;
+        // 2^28 digit bytes announced inside a 6-byte value: refused before
+        // apache-avro would allocate them.
+        let e = read_value(&s, &[12, 0x80, 0x80, 0x80, 0x80, 0x02, 0x00]).unwrap_err();
+        assert!(
+            e.0.contains("big-decimal digits: needs 268435456 bytes, only 1 left"),
+            "{e}"
+        );
+        // 1.23: length 1, unscaled 123, scale 2; as apache-avro reads it.
+        let datum = [6, 2, 123, 4];
+        let theirs = apache_avro::from_avro_datum(&s, &mut &datum[..], None).unwrap();
+        assert_eq!(read_value(&s, &datum).unwrap(), theirs);
     }
 
     #[test]

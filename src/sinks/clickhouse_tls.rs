@@ -273,18 +273,10 @@ impl tower_service::Service<Uri> for Connector {
 /// When a request failed because its TLS handshake timed out (see
 /// [`HandshakeTimeout`]): the message. Callers retry it.
 pub fn handshake_timeout(err: &(dyn StdError + 'static)) -> Option<String> {
-    if let Some(t) = err.downcast_ref::<HandshakeTimeout>() {
-        return Some(t.to_string());
-    }
-    if let Some(inner) = err
-        .downcast_ref::<std::io::Error>()
-        .and_then(std::io::Error::get_ref)
-    {
-        if let Some(found) = handshake_timeout(inner) {
-            return Some(found);
-        }
-    }
-    err.source().and_then(handshake_timeout)
+    find_in_chain(err, &|e| {
+        e.downcast_ref::<HandshakeTimeout>()
+            .map(ToString::to_string)
+    })
 }
 
 /// When a request failed because of the TLS setup (a handshake the
@@ -295,24 +287,35 @@ pub fn handshake_timeout(err: &(dyn StdError + 'static)) -> Option<String> {
 /// permanent. Other TLS errors (a record that fails to decrypt, an internal
 /// error alert) are left to the caller's usual network handling.
 pub fn tls_failure(err: &(dyn StdError + 'static)) -> Option<String> {
-    if let Some(setup) = err.downcast_ref::<TlsSetupError>() {
-        return Some(setup.to_string());
+    find_in_chain(err, &|e| {
+        if let Some(setup) = e.downcast_ref::<TlsSetupError>() {
+            return Some(setup.to_string());
+        }
+        e.downcast_ref::<rustls::Error>()
+            .and_then(|tls| is_setup_error(tls).then(|| describe(tls)))
+    })
+}
+
+/// The first answer of `found` along `err`'s chain of causes.
+/// `io::Error::source` skips the error an io::Error wraps (hyper-rustls
+/// wraps tokio-rustls' io::Error, which wraps the rustls error, in another
+/// io::Error): those are looked inside too.
+fn find_in_chain(
+    err: &(dyn StdError + 'static),
+    found: &dyn Fn(&(dyn StdError + 'static)) -> Option<String>,
+) -> Option<String> {
+    if let Some(hit) = found(err) {
+        return Some(hit);
     }
-    if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-        return is_setup_error(tls).then(|| describe(tls));
-    }
-    // `io::Error::source` skips the error an io::Error wraps (hyper-rustls
-    // wraps tokio-rustls' io::Error, which wraps the rustls error, in
-    // another io::Error): look inside.
     if let Some(inner) = err
         .downcast_ref::<std::io::Error>()
         .and_then(std::io::Error::get_ref)
     {
-        if let Some(found) = tls_failure(inner) {
-            return Some(found);
+        if let Some(hit) = find_in_chain(inner, found) {
+            return Some(hit);
         }
     }
-    err.source().and_then(tls_failure)
+    err.source().and_then(|cause| find_in_chain(cause, found))
 }
 
 /// True for the rustls errors that only a change of certificates or

@@ -46,6 +46,33 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
+    /// Debian's `stunnel4` terminating TLS on 127.0.0.1:`accept` with the
+    /// server certificate of `certs`, in front of the plain 127.0.0.1:`connect`.
+    pub(crate) fn stunnel(
+        dir: &Path,
+        name: &str,
+        accept: u16,
+        connect: u16,
+        certs: &Certs,
+    ) -> Proc {
+        let conf = dir.join(format!("stunnel-{name}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "foreground = yes\npid =\n[{name}]\naccept = 127.0.0.1:{accept}\nconnect = 127.0.0.1:{connect}\ncert = {}\nkey = {}\n",
+                certs.server_cert.display(),
+                certs.server_key.display()
+            ),
+        )
+        .expect("stunnel.conf");
+        Proc::spawn(
+            Command::new("stunnel4").arg(&conf),
+            &dir.join(format!("stunnel-{name}.log")),
+            "stunnel4",
+            accept,
+        )
+    }
+
     pub(crate) fn spawn(cmd: &mut Command, log: &Path, what: &str, port: u16) -> Proc {
         let out = std::fs::File::create(log).expect("log file");
         let err = out.try_clone().expect("log file");
@@ -147,22 +174,7 @@ impl SecureBroker {
             "tansu",
             plain,
         );
-        let conf = dir.join("stunnel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "foreground = yes\npid =\n[kafka]\naccept = 127.0.0.1:{tls_port}\nconnect = 127.0.0.1:{plain}\ncert = {}\nkey = {}\n",
-                certs.server_cert.display(),
-                certs.server_key.display()
-            ),
-        )
-        .expect("stunnel.conf");
-        let stunnel = Proc::spawn(
-            Command::new("stunnel4").arg(&conf),
-            &dir.join("stunnel.log"),
-            "stunnel4",
-            tls_port,
-        );
+        let stunnel = Proc::stunnel(dir, "kafka", tls_port, plain, certs);
         SecureBroker {
             tls_port,
             _tansu: tansu,

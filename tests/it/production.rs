@@ -228,22 +228,7 @@ fn sasl_ssl_kafka_https_clickhouse_and_a_registry_configured_only_by_file_and_en
         .and_then(|p| p.parse().ok())
         .expect("registry port");
     let registry_port = free_ports(1)[0];
-    let conf = dir.path().join("registry-stunnel.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "foreground = yes\npid =\n[registry]\naccept = 127.0.0.1:{registry_port}\nconnect = 127.0.0.1:{plain}\ncert = {}\nkey = {}\n",
-            certs.server_cert.display(),
-            certs.server_key.display()
-        ),
-    )
-    .expect("stunnel.conf");
-    let _registry_tls = Proc::spawn(
-        std::process::Command::new("stunnel4").arg(&conf),
-        &dir.path().join("registry-stunnel.log"),
-        "stunnel4 (registry)",
-        registry_port,
-    );
+    let _registry_tls = Proc::stunnel(dir.path(), "registry", registry_port, plain, &certs);
     let registry_url = format!("https://127.0.0.1:{registry_port}");
 
     // The producer's events, in its own schemas, plus a message whose

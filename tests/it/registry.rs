@@ -496,23 +496,8 @@ async fn https_with_a_private_ca_and_basic_auth() {
     let (url, seen) = fake_registry().await;
     let plain: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
     let tls_port = free_ports(1)[0];
-    let conf = dir.path().join("stunnel.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "foreground = yes\npid =\n[registry]\naccept = 127.0.0.1:{tls_port}\nconnect = 127.0.0.1:{plain}\ncert = {}\nkey = {}\n",
-            certs.server_cert.display(),
-            certs.server_key.display()
-        ),
-    )
-    .expect("stunnel.conf");
     let _stunnel = tokio::task::block_in_place(|| {
-        Proc::spawn(
-            std::process::Command::new("stunnel4").arg(&conf),
-            &dir.path().join("stunnel.log"),
-            "stunnel4",
-            tls_port,
-        )
+        Proc::stunnel(dir.path(), "registry", tls_port, plain, &certs)
     });
     let database = unique_database("mw_registry_tls");
     let cluster = mock_cluster();

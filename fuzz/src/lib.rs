@@ -337,30 +337,15 @@ pub fn check_decode_alert(data: &[u8]) {
 
 // ------------------------------------------------- the registry's schemas
 
-/// A producer's prediction schema (tests/it/registry.rs): our fields in
-/// another order, extra fields (a nested record), unions in another order.
-pub const PRODUCER_PREDICTION: &str = r#"{"type":"record","name":"Inference","namespace":"com.acme.ml","fields":[
-    {"name":"trace_id","type":"string"},
-    {"name":"timestamp","type":"long"},
-    {"name":"segments","type":{"type":"map","values":"string"}},
-    {"name":"model_version","type":"string"},
-    {"name":"model_id","type":"string"},
-    {"name":"features","type":{"type":"map","values":["null","double","string"]}},
-    {"name":"score","type":["double","null"]},
-    {"name":"host","type":{"type":"record","name":"Host","fields":[{"name":"name","type":"string"},{"name":"region","type":"string","default":"eu"}]}},
-    {"name":"request_id","type":"string"},
-    {"name":"predicted_value","type":["null","double"],"default":null},
-    {"name":"latency_ms","type":"double"}
-]}"#;
+/// A producer's prediction schema (tests/fixtures/registry/, the one of
+/// tests/it/registry.rs): our fields in another order, extra fields (a
+/// nested record), unions in another order.
+pub const PRODUCER_PREDICTION: &str =
+    include_str!("../../tests/fixtures/registry/producer_prediction.avsc");
 
-/// A producer's label schema (tests/it/registry.rs).
-pub const PRODUCER_LABEL: &str = r#"{"type":"record","name":"Outcome","namespace":"com.acme.ml","fields":[
-    {"name":"actual_value","type":["null","double"],"default":null},
-    {"name":"source","type":"string"},
-    {"name":"request_id","type":"string"},
-    {"name":"actual_label","type":["null","string"],"default":null},
-    {"name":"timestamp","type":"long"}
-]}"#;
+/// A producer's label schema (tests/fixtures/registry/, the one of
+/// tests/it/registry.rs).
+pub const PRODUCER_LABEL: &str = include_str!("../../tests/fixtures/registry/producer_label.avsc");
 
 /// A producer's own nested shape, read through [`registry_mapping`]: nested
 /// records, maps, unions, arrays, an enum (and a reference to it), fixed,

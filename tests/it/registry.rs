@@ -36,28 +36,11 @@ use crate::support::free_ports;
 use crate::support::tls::Certs;
 
 /// The producer's prediction schema (registry id 101).
-pub(crate) const PRODUCER_PREDICTION: &str = r#"{"type":"record","name":"Inference","namespace":"com.acme.ml","fields":[
-    {"name":"trace_id","type":"string"},
-    {"name":"timestamp","type":"long"},
-    {"name":"segments","type":{"type":"map","values":"string"}},
-    {"name":"model_version","type":"string"},
-    {"name":"model_id","type":"string"},
-    {"name":"features","type":{"type":"map","values":["null","double","string"]}},
-    {"name":"score","type":["double","null"]},
-    {"name":"host","type":{"type":"record","name":"Host","fields":[{"name":"name","type":"string"},{"name":"region","type":"string","default":"eu"}]}},
-    {"name":"request_id","type":"string"},
-    {"name":"predicted_value","type":["null","double"],"default":null},
-    {"name":"latency_ms","type":"double"}
-]}"#;
+pub(crate) const PRODUCER_PREDICTION: &str =
+    include_str!("../fixtures/registry/producer_prediction.avsc");
 
 /// The producer's label schema (registry id 102).
-pub(crate) const PRODUCER_LABEL: &str = r#"{"type":"record","name":"Outcome","namespace":"com.acme.ml","fields":[
-    {"name":"actual_value","type":["null","double"],"default":null},
-    {"name":"source","type":"string"},
-    {"name":"request_id","type":"string"},
-    {"name":"actual_label","type":["null","string"],"default":null},
-    {"name":"timestamp","type":"long"}
-]}"#;
+pub(crate) const PRODUCER_LABEL: &str = include_str!("../fixtures/registry/producer_label.avsc");
 
 pub(crate) const PREDICTION_ID: u32 = 101;
 pub(crate) const LABEL_ID: u32 = 102;
